@@ -1,0 +1,209 @@
+"""The benchmark's configuration and the grid it expands to.
+
+A :class:`BenchConfig` is what ``dpo-bench run`` resolves from a preset, a TOML file and CLI
+flags; it is frozen, validated on construction (every error names its field), and saved with
+every run.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from reward.train import RewardTrainConfig
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .configs import ConfigError, field, from_dict, non_negative, to_dict
+from .methods.base import METHODS, get_method
+from .methods.sft import SFTConfig
+from .policy_eval import EvalConfig
+from .preferences import PreferenceConfig
+from .tasks import TASK_CONFIGS
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """One method of the grid: its strength values, seeds and config overrides."""
+
+    method: str = field("", "registered method name (see `dpo-bench methods`)")
+    values: tuple[float, ...] = field((), "values of the method's strength parameter to sweep (empty: its default)")
+    seeds: tuple[int, ...] = field((0,), "seeds; each (value, seed) is one cell")
+    config: dict[str, Any] = field(default_factory=dict, doc="overrides of the method's config fields")
+
+    def __post_init__(self) -> None:
+        if not self.method:
+            raise ConfigError("method: every grid entry needs a method name")
+        method = get_method(self.method)
+        if self.values and method.strength is None:
+            raise ConfigError(f"values: method '{self.method}' has no strength parameter to sweep")
+        if not self.seeds:
+            raise ConfigError("seeds: need at least one seed")
+        # Validate the overrides and every value now, before anything runs.
+        for value in self.values or (None,):
+            method.make_config(self.config, value)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained policy of the grid: (method, strength value, seed)."""
+
+    method: str
+    value: float | None
+    seed: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        method = get_method(self.method)
+        parts = [self.method]
+        if method.strength is not None:
+            symbol = {"beta": "β"}.get(method.strength, method.strength)
+            parts.append(f"{symbol}={self.strength_value:g}")
+        parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+    def config(self) -> Any:
+        return get_method(self.method).make_config(dict(self.overrides), self.value)
+
+    @property
+    def strength_value(self) -> float:
+        """The value the metrics record in their ``beta`` column (NaN for methods without one)."""
+        method = get_method(self.method)
+        if method.strength is None:
+            return float("nan")
+        return float(getattr(self.config(), method.strength))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run needs; `dpo-bench run --config FILE.toml` reads this structure."""
+
+    preset: str = field("custom", "name of the preset this config came from")
+    task: str = field("sentiment", "benchmark task: sentiment (default, offline) or bandit (exact, tabular)")
+    seed: int = field(0, "run seed; every stage and cell derives its own seed from it")
+    device: str = field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    threads: int = field(0, "torch threads per stage (0 = torch's default)")
+    freeze_blocks: int = field(0, "fix the first n transformer blocks of every trained policy")
+    freeze_embeddings: bool = field(False, "fix the token and position embeddings of every trained policy")
+    sentiment: Any = field(default_factory=lambda: TASK_CONFIGS["sentiment"](), doc="the sentiment task")
+    bandit: Any = field(default_factory=lambda: TASK_CONFIGS["bandit"](), doc="the exact bandit task")
+    sft: SFTConfig = field(default_factory=SFTConfig, doc="training the reference (SFT) model")
+    preferences: PreferenceConfig = field(default_factory=PreferenceConfig, doc="the preference data")
+    reward_model: RewardTrainConfig = field(default_factory=RewardTrainConfig, doc="the Bradley-Terry reward model")
+    evaluation: EvalConfig = field(default_factory=EvalConfig, doc="evaluation of every policy")
+    grid: tuple[GridEntry, ...] = field((), "the methods to run")
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_CONFIGS:
+            raise ConfigError(f"task: unknown task '{self.task}'; known tasks: {', '.join(sorted(TASK_CONFIGS))}")
+        non_negative("threads", self.threads)
+        non_negative("freeze_blocks", self.freeze_blocks)
+        if not self.grid:
+            raise ConfigError("grid: the grid is empty; add at least one [[grid]] entry with a method")
+        labels = [c.label for c in self.cells()]
+        duplicates = sorted({x for x in labels if labels.count(x) > 1})
+        if duplicates:
+            raise ConfigError(f"grid: cells appear twice: {', '.join(duplicates)}")
+
+    @property
+    def task_config(self) -> Any:
+        return getattr(self, self.task)
+
+    def cells(self) -> list[Cell]:
+        out = []
+        for entry in self.grid:
+            overrides = tuple(sorted(entry.config.items()))
+            for value in entry.values or (None,):
+                for seed in entry.seeds:
+                    out.append(Cell(entry.method, value, seed, overrides))
+        return out
+
+    def needs(self) -> set[str]:
+        needed: set[str] = set()
+        for entry in self.grid:
+            needed |= get_method(entry.method).needs
+        return needed
+
+    def with_methods(self, names: list[str]) -> "BenchConfig":
+        """Keep only the grid entries of ``names`` (each must be registered; absent ones get defaults)."""
+        for name in names:
+            get_method(name)
+        kept = [e for e in self.grid if e.method in names]
+        kept += [GridEntry(method=n) for n in names if n not in {e.method for e in kept}]
+        return replace(self, grid=tuple(kept))
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def _parse(cls: type, data: dict) -> Any:
+    # Task sections are typed by the task registry, which the dataclass annotation cannot name.
+    data = dict(data)
+    for name, config_cls in TASK_CONFIGS.items():
+        if name in data and not isinstance(data[name], config_cls):
+            data[name] = from_dict(config_cls, data[name], name)
+    if "grid" in data:
+        data["grid"] = [e if isinstance(e, GridEntry) else from_dict(GridEntry, e, f"grid[{i}]") for i, e in enumerate(data["grid"])]
+    return from_dict(cls, data)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge plain config data; tables merge key by key, everything else is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "config":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("dpo_bench.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def preset_data(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"preset: unknown preset '{name}'; known presets: {', '.join(names)}")
+    data = tomllib.loads(resources.files("dpo_bench.presets").joinpath(f"{name}.toml").read_text())
+    data.setdefault("preset", name)
+    return data
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> BenchConfig:
+    """Preset, then the TOML file, then ``overrides`` (e.g. from CLI flags), merged in that order."""
+    data: dict = preset_data(preset) if preset else {}
+    if path:
+        file_data = read_toml(path)
+        # A file that names its own preset starts from it.
+        if not preset and "preset" in file_data:
+            data = preset_data(file_data["preset"])
+        data = merge(data, file_data)
+        if "grid" in file_data:
+            data["grid"] = file_data["grid"]
+    if overrides:
+        data = merge(data, overrides)
+    try:
+        return _parse(BenchConfig, data)
+    except ConfigError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def known_methods() -> list[str]:
+    get_method("sft")  # loads plug-ins
+    return sorted(METHODS)

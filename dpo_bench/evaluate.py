@@ -1,0 +1,287 @@
+"""Evaluation: statistics first, policy evaluation after.
+
+Every number a report shows carries its uncertainty. The top section holds pure numpy/scipy
+functions (no torch, no models): estimates with standard errors and 95% intervals, win rates,
+significance and equivalence tests, KL estimates. Policy evaluation built on them lives below it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence, Union
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "Estimate",
+    "mean_stderr",
+    "estimate_from_samples",
+    "estimate_from_mean_stderr",
+    "wilson_interval",
+    "win_outcomes",
+    "win_rate",
+    "win_rate_test",
+    "difference_test",
+    "tost_equivalence",
+    "sequence_kl",
+    "within_prompt_spearman",
+    "exact_kl",
+]
+
+ArrayLike = Union[np.ndarray, Sequence[float]]
+
+# =============================================================================================
+# Statistics (pure functions over numpy arrays)
+# =============================================================================================
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its standard error and a confidence interval (95% by default)."""
+
+    value: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        """The metrics.parquet columns value, stderr, ci_low, ci_high, n."""
+        return asdict(self)
+
+
+def _as_1d(x: ArrayLike, name: str = "x") -> np.ndarray:
+    arr = np.asarray(x, dtype=float).ravel()
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    return arr
+
+
+def mean_stderr(x: ArrayLike) -> tuple[float, float, int]:
+    """(mean, stderr, n) of a sample; stderr = std(ddof=1)/sqrt(n), nan when n = 1."""
+    arr = _as_1d(x)
+    n = arr.size
+    mean = float(arr.mean())
+    stderr = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return mean, stderr, n
+
+
+def estimate_from_mean_stderr(
+    value: float, stderr: float, n: int, df: float | None = None, confidence: float = CONFIDENCE
+) -> Estimate:
+    """Estimate with the interval value +- q * stderr; q is Student-t with `df` degrees of freedom
+    (default n - 1), or normal when df is inf. A nan stderr gives a nan interval."""
+    if df is None:
+        df = n - 1
+    if not math.isfinite(stderr) or df <= 0:
+        return Estimate(float(value), float(stderr), float("nan"), float("nan"), int(n))
+    q = float(stats.t.ppf(0.5 + confidence / 2, df)) if math.isfinite(df) else float(stats.norm.ppf(0.5 + confidence / 2))
+    return Estimate(float(value), float(stderr), float(value - q * stderr), float(value + q * stderr), int(n))
+
+
+def estimate_from_samples(x: ArrayLike, confidence: float = CONFIDENCE) -> Estimate:
+    """Sample mean with its stderr and a Student-t interval (df = n - 1)."""
+    mean, stderr, n = mean_stderr(x)
+    return estimate_from_mean_stderr(mean, stderr, n, confidence=confidence)
+
+
+def wilson_interval(p_hat: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval for a proportion p_hat observed over n trials (Wilson 1927)."""
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    denom = 1.0 + z * z / n
+    centre = (p_hat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p_hat * (1.0 - p_hat) / n + z * z / (4 * n * n), 0.0)) / denom
+    # at p_hat = 0 or 1 one bound equals p_hat exactly in real arithmetic; keep it so in floats
+    return max(0.0, min(centre - half, p_hat)), min(1.0, max(centre + half, p_hat))
+
+
+def win_outcomes(scores_a: ArrayLike, scores_b: ArrayLike) -> np.ndarray:
+    """Per-prompt outcome of a against b: 1 if a > b, 0.5 on a tie, 0 otherwise. (n,) -> (n,)."""
+    a = _as_1d(scores_a, "scores_a")
+    b = _as_1d(scores_b, "scores_b")
+    if a.shape != b.shape:
+        raise ValueError(f"scores_a and scores_b must be paired (same length), got {a.size} and {b.size}")
+    return (a > b) + 0.5 * (a == b)
+
+
+def win_rate(scores_a: ArrayLike, scores_b: ArrayLike, confidence: float = CONFIDENCE) -> Estimate:
+    """Paired win rate of a over b (ties count 1/2) with a 95% Wilson score interval.
+
+    scores_a, scores_b: (n,) gold scores of the two completions for the same n prompts.
+    value: mean outcome; stderr: sample std of the outcomes / sqrt(n).
+    Interval: Wilson score interval on the outcome mean with n trials. Why Wilson: it stays inside
+    [0, 1] and keeps a sensible width at win rates of 0 or 1, where a t-interval collapses to a
+    point. With ties the outcomes lie in [0, 1] with mean p, so their variance is at most
+    p(1 - p), the Bernoulli variance Wilson assumes: the interval is then conservative, never
+    too narrow.
+    """
+    outcomes = win_outcomes(scores_a, scores_b)
+    value, stderr, n = mean_stderr(outcomes)
+    if n > 1 and np.all(outcomes == outcomes[0]):
+        stderr = 0.0  # exact zero rather than float noise
+    low, high = wilson_interval(value, n, confidence)
+    return Estimate(value, stderr, low, high, n)
+
+
+def win_rate_test(scores_a: ArrayLike, scores_b: ArrayLike) -> float:
+    """Two-sided sign test that the win rate differs from 1/2: exact binomial test on the
+    non-tied pairs (ties carry no sign). 1.0 when every pair is tied."""
+    a = _as_1d(scores_a, "scores_a")
+    b = _as_1d(scores_b, "scores_b")
+    if a.shape != b.shape:
+        raise ValueError(f"scores_a and scores_b must be paired (same length), got {a.size} and {b.size}")
+    wins = int(np.sum(a > b))
+    losses = int(np.sum(a < b))
+    if wins + losses == 0:
+        return 1.0
+    return float(stats.binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
+
+
+def _welch(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(mean(x) - mean(y), its stderr, Welch-Satterthwaite df)."""
+    if x.size < 2 or y.size < 2:
+        raise ValueError("Welch's test needs at least 2 observations in each sample")
+    vx = x.var(ddof=1) / x.size
+    vy = y.var(ddof=1) / y.size
+    se = math.sqrt(vx + vy)
+    diff = float(x.mean() - y.mean())
+    if se == 0.0:
+        return diff, 0.0, float(x.size + y.size - 2)
+    df = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
+    return diff, se, float(df)
+
+
+def _two_sided_p(diff: float, se: float, df: float) -> float:
+    if se == 0.0:
+        # no sampling noise at all: the difference is either exactly zero or certain
+        return 1.0 if diff == 0.0 else 0.0
+    return float(2.0 * stats.t.sf(abs(diff) / se, df))
+
+
+def difference_test(
+    x: ArrayLike, y: ArrayLike, paired: bool, confidence: float = CONFIDENCE
+) -> tuple[Estimate, float]:
+    """Difference of means mean(x) - mean(y) with a t-interval and a two-sided p-value.
+
+    paired=True: paired t-test on d = x - y (same prompts / seeds), n = len(d), df = n - 1.
+    paired=False: Welch's unequal-variance t-test, n = len(x) + len(y), Welch-Satterthwaite df.
+    """
+    xa = _as_1d(x, "x")
+    ya = _as_1d(y, "y")
+    if paired:
+        if xa.shape != ya.shape:
+            raise ValueError(f"paired samples must have the same length, got {xa.size} and {ya.size}")
+        if xa.size < 2:
+            raise ValueError("a paired t-test needs at least 2 pairs")
+        d = xa - ya
+        diff, se, n = mean_stderr(d)
+        df = float(n - 1)
+    else:
+        diff, se, df = _welch(xa, ya)
+        n = xa.size + ya.size
+    est = estimate_from_mean_stderr(diff, se, n, df=df, confidence=confidence)
+    if se == 0.0:
+        est = Estimate(diff, 0.0, diff, diff, n)
+    return est, _two_sided_p(diff, se, df)
+
+
+def tost_equivalence(x: ArrayLike, y: ArrayLike, margin: float) -> float:
+    """Two one-sided Welch t-tests (Schuirmann 1987) of H0: |mean(x) - mean(y)| >= margin.
+
+    Returns the TOST p-value max(p_lower, p_upper); p < 0.05 means the means are shown equivalent
+    within +-margin at the 5% level (the 90% interval of the difference lies inside the margin).
+    """
+    if not (math.isfinite(margin) and margin > 0):
+        raise ValueError(f"margin must be a finite number > 0, got {margin}")
+    diff, se, df = _welch(_as_1d(x, "x"), _as_1d(y, "y"))
+    if se == 0.0:
+        return 0.0 if abs(diff) < margin else 1.0
+    p_lower = stats.t.sf((diff + margin) / se, df)  # H0: diff <= -margin
+    p_upper = stats.t.cdf((diff - margin) / se, df)  # H0: diff >= +margin
+    return float(max(p_lower, p_upper))
+
+
+def sequence_kl(policy_logps: ArrayLike, ref_logps: ArrayLike, confidence: float = CONFIDENCE) -> Estimate:
+    """Sequence-level KL(pi || pi_ref) from completions y ~ pi(.|x).
+
+    policy_logps, ref_logps: (n,) log pi(y|x) and log pi_ref(y|x) summed over completion tokens,
+    for samples drawn from the policy. KL = E_{y~pi}[log pi(y|x) - log pi_ref(y|x)], so the mean
+    of the per-sample log-ratios is unbiased; single terms can be negative, the mean estimates a
+    non-negative quantity. Returned with its stderr and a t-interval.
+    """
+    p = _as_1d(policy_logps, "policy_logps")
+    r = _as_1d(ref_logps, "ref_logps")
+    if p.shape != r.shape:
+        raise ValueError(f"policy_logps and ref_logps must have the same length, got {p.size} and {r.size}")
+    return estimate_from_samples(p - r, confidence=confidence)
+
+
+def _snap(v: np.ndarray, scale: float, rel: float = 1e-9) -> np.ndarray:
+    """Round v to a grid of spacing rel * scale."""
+    if scale == 0.0 or not math.isfinite(scale):
+        return v
+    step = rel * scale
+    return np.round(v / step) * step
+
+
+def within_prompt_spearman(prompt_ids: ArrayLike, x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman correlation of x and y within prompts.
+
+    prompt_ids, x, y: (n,). Both x and y have their per-prompt mean removed first, so any
+    function of the prompt alone (an f(x) shift, which the DPO reward-equivalence class ignores)
+    cannot create or hide correlation. Prompts with a single response carry no within-prompt
+    information and are dropped. nan when fewer than 2 responses remain or one side is constant.
+    """
+    ids = np.asarray(prompt_ids).ravel()
+    xa = np.asarray(x, dtype=float).ravel()
+    ya = np.asarray(y, dtype=float).ravel()
+    if not (ids.size == xa.size == ya.size):
+        raise ValueError(f"prompt_ids, x and y must have the same length, got {ids.size}, {xa.size}, {ya.size}")
+    _, group, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    keep = counts[group] > 1
+    group, xa, ya = group[keep], xa[keep], ya[keep]
+    if xa.size < 2:
+        return float("nan")
+    counts_kept = np.bincount(group).astype(float)
+    counts_kept[counts_kept == 0] = 1.0  # groups dropped above; never indexed
+    x_res = xa - (np.bincount(group, weights=xa) / counts_kept)[group]
+    y_res = ya - (np.bincount(group, weights=ya) / counts_kept)[group]
+    # residuals that differ only by float rounding (relative to the data's scale) must tie,
+    # not be ranked by noise that an f(x) shift would change
+    x_res = _snap(x_res, np.abs(xa).max())
+    y_res = _snap(y_res, np.abs(ya).max())
+    if np.all(x_res == x_res[0]) or np.all(y_res == y_res[0]):
+        return float("nan")
+    return float(stats.spearmanr(x_res, y_res).statistic)
+
+
+def exact_kl(p: ArrayLike, q: ArrayLike) -> Union[np.ndarray, float]:
+    """Exact KL(p || q) = sum_v p_v log(p_v / q_v) per row, with 0 log 0 = 0 and +inf where
+    q_v = 0 < p_v. p, q: (n, V) -> (n,), or (V,) -> float. Rows must be distributions."""
+    pa = np.asarray(p, dtype=float)
+    qa = np.asarray(q, dtype=float)
+    if pa.shape != qa.shape or pa.ndim not in (1, 2):
+        raise ValueError(f"p and q must share shape (V,) or (n, V), got {pa.shape} and {qa.shape}")
+    if (pa < 0).any() or (qa < 0).any():
+        raise ValueError("probabilities must be >= 0")
+    for name, arr in (("p", pa), ("q", qa)):
+        if not np.allclose(arr.sum(axis=-1), 1.0, atol=1e-6):
+            raise ValueError(f"rows of {name} must sum to 1")
+    support = pa > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(support, pa * (np.log(np.where(support, pa, 1.0)) - np.log(qa)), 0.0)
+    # where q = 0 < p the term above is +inf already (log 0 = -inf); make it explicit
+    terms = np.where(support & (qa == 0), np.inf, terms)
+    kl = terms.sum(axis=-1)
+    return float(kl) if pa.ndim == 1 else kl
+
+
+# =============================================================================================
+# Policy evaluation
+# =============================================================================================

@@ -1,0 +1,186 @@
+"""The method registry: what a method needs, its validated config, and how it trains.
+
+A method is one file: a frozen config dataclass (fields documented with ``configs.field``) and a
+``train(ctx, config) -> Policy`` function, registered with :func:`register_method`. Third-party
+packages register methods through the entry point group ``dpo_bench.methods`` (the entry point
+names a module or callable; importing it registers the method).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..configs import ConfigError, from_dict
+from ..generation import Samples, sample
+from ..logprobs import SequenceBatch, batched_sequence_logps
+from ..training import CheckpointFn, TrainLog
+
+Need = Literal["preferences", "rankings", "reward_model", "gold"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    ``strength`` names the config field a sweep varies (β, kl_coef, n, α); ``stronger_when``
+    says whether a larger value of it regularises toward the reference more ("higher", as β
+    and kl_coef) or less ("lower", as N of best-of-N).
+    """
+
+    name: str
+    description: str
+    config_cls: type
+    train: Callable[["MethodContext", Any], "Policy"]
+    needs: frozenset[str] = frozenset()
+    strength: str | None = None
+    stronger_when: Literal["higher", "lower"] = "higher"
+
+    def make_config(self, overrides: dict | None = None, strength: float | None = None) -> Any:
+        data = dict(overrides or {})
+        if strength is not None:
+            if self.strength is None:
+                raise ConfigError(f"method '{self.name}' has no strength parameter to sweep")
+            value = strength
+            # An integer strength (best-of-N's N) stays an integer.
+            if isinstance(getattr(self.config_cls(), self.strength), int) and float(value).is_integer():
+                value = int(value)
+            data[self.strength] = value
+        return from_dict(self.config_cls, data, f"methods.{self.name}")
+
+
+METHODS: dict[str, Method] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_method(
+    name: str,
+    *,
+    description: str,
+    config: type,
+    needs: Sequence[str] = (),
+    strength: str | None = None,
+    stronger_when: Literal["higher", "lower"] = "higher",
+) -> Callable[[Callable], Callable]:
+    """Decorator registering ``train(ctx, config) -> Policy`` as method ``name``."""
+
+    def wrap(train: Callable) -> Callable:
+        if strength is not None and strength not in config.__dataclass_fields__:
+            raise ValueError(f"method '{name}': strength '{strength}' is not a field of {config.__name__}")
+        METHODS[name] = Method(name, description, config, train, frozenset(needs), strength, stronger_when)
+        return train
+
+    return wrap
+
+
+def load_plugins() -> None:
+    """Import every ``dpo_bench.methods`` entry point once, so their methods register."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group="dpo_bench.methods"):
+        ep.load()
+
+
+def get_method(name: str) -> Method:
+    load_plugins()
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+# --- what a method receives -----------------------------------------------------------------
+
+
+@dataclass
+class PreferenceTensors:
+    """The preference data as token ids, with reference log-probs computed once.
+
+    Pairs: ``chosen``/``rejected`` batches (N pairs). Rankings (when K > 2 data exists):
+    ``ranked`` holds K batches, ranked best first, for the same ``ranking_prompts``.
+    """
+
+    prompts: list[str]
+    chosen: SequenceBatch
+    rejected: SequenceBatch
+    ref_chosen_logps: torch.Tensor  # (N,)
+    ref_rejected_logps: torch.Tensor  # (N,)
+    ranked: list[SequenceBatch] | None = None
+    ref_ranked_logps: torch.Tensor | None = None  # (M, K)
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class Policy(Protocol):
+    """What evaluation needs from a trained method."""
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], *, generator: torch.Generator, temperature: float) -> Samples: ...
+
+
+@dataclass
+class MethodContext:
+    """Everything a method's ``train`` may use. Methods never build these themselves."""
+
+    task: Any  # tasks.base.Task
+    reference: nn.Module  # frozen; copy it to get a trainable policy
+    device: torch.device
+    seed: int
+    generator: torch.Generator
+    checkpoint: CheckpointFn  # call at each evaluation step with the current policy
+    n_checkpoints: int
+    log: TrainLog = field(default_factory=TrainLog)
+    preferences: PreferenceTensors | None = None
+    reward_model: Any = None  # reward.model.RewardModel, scores (input_ids, attention_mask)
+    gold_scores: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None
+    freeze_blocks: int = 0
+    freeze_embeddings: bool = False
+    progress: bool = True
+    label: str = ""
+
+    def sample(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], temperature: float = 1.0) -> Samples:
+        return sample(
+            model, prompt_ids, max_new_tokens=self.task.max_new_tokens, eos_id=self.task.eos_id,
+            pad_id=self.task.pad_id, generator=self.generator, temperature=temperature,
+        )
+
+    def train_prompt_ids(self) -> list[list[int]]:
+        return [self.task.encode_prompt(p) for p in self.task.train_prompts]
+
+
+class ModelPolicy:
+    """A policy that is a language model: samples come from it, its log-probs give the KL."""
+
+    def __init__(self, model: nn.Module, task: Any):
+        self.model = model
+        self.task = task
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], *, generator: torch.Generator, temperature: float) -> Samples:
+        return sample(
+            self.model, prompt_ids, max_new_tokens=self.task.max_new_tokens, eos_id=self.task.eos_id,
+            pad_id=self.task.pad_id, generator=generator, temperature=temperature,
+        )
+
+    def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
+        return batched_sequence_logps(self.model, batch)
+
+    def analytic_kl(self) -> float | None:
+        return None
+
+    def distribution(self, context_ids: torch.Tensor) -> torch.Tensor:
+        """Exact π(·|x) for single-token contexts (the bandit's tabular policy)."""
+        with torch.inference_mode():
+            return self.model.probabilities(context_ids.to(next(self.model.parameters()).device)).cpu()
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL of best-of-N sampling from the reference: log N − (N−1)/N (Stiennon et al. 2020)."""
+    return math.log(n) - (n - 1) / n

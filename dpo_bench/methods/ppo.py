@@ -1,0 +1,244 @@
+"""PPO with a KL penalty against a reward (RLHF), written as small named steps.
+
+One iteration: sample completions for a batch of train prompts; score them (the learned reward
+model for ``ppo``, the gold reward for ``ppo_gt``); per-token reward −kl_coef·(log π − log π_ref)
+with the score added at the last token; GAE (γ, λ) with the value head; whitened advantages;
+several epochs of the clipped surrogate and clipped value loss over minibatches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..configs import ConfigError, field, non_negative, positive, probability
+from ..logprobs import SequenceBatch, forward, gather_token_logps, token_logps
+from ..training import check_finite, checkpoint_steps, make_optimizer
+from .base import MethodContext, ModelPolicy, register_method
+from .sft import trainable_copy
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO with a KL penalty (Ziegler et al. 2019; Stiennon et al. 2020)."""
+
+    kl_coef: float = field(0.1, "β of the KL penalty −kl_coef·(log π − log π_ref) per token")
+    iterations: int = field(60, "rollout/update iterations")
+    rollout_batch: int = field(64, "prompts sampled per iteration")
+    epochs: int = field(4, "passes over each rollout batch")
+    n_minibatches: int = field(2, "minibatches per epoch")
+    lr: float = field(1e-4, "learning rate (AdamW) of policy and value head")
+    clip_range: float = field(0.2, "ε of the clipped surrogate objective")
+    value_clip: float = field(0.2, "clip range of the value update")
+    vf_coef: float = field(0.1, "weight of the value loss")
+    gamma: float = field(1.0, "discount γ of GAE")
+    lam: float = field(0.95, "λ of GAE")
+    whiten_advantages: bool = field(True, "normalise advantages to mean 0, std 1 per rollout batch")
+    target_kl: float = field(0.0, "if > 0, adapt kl_coef so the rollout KL tracks this target (Ziegler et al.); 0 keeps it fixed")
+
+    def __post_init__(self) -> None:
+        non_negative("kl_coef", self.kl_coef)
+        for name in ("iterations", "rollout_batch", "epochs", "n_minibatches", "lr", "clip_range", "value_clip"):
+            positive(name, getattr(self, name))
+        non_negative("vf_coef", self.vf_coef)
+        probability("gamma", self.gamma)
+        probability("lam", self.lam)
+        non_negative("target_kl", self.target_kl)
+        if self.rollout_batch < self.n_minibatches:
+            raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be >= n_minibatches ({self.n_minibatches})")
+
+
+# --- the named steps ---------------------------------------------------------------------------
+
+
+def kl_penalised_rewards(
+    logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards −kl_coef·(log π − log π_ref), plus the sequence score at the last token.
+
+    All inputs (B, T) except ``scores`` (B,); ``mask`` marks completion tokens (contiguous per row).
+    """
+    rewards = -kl_coef * (logps - ref_logps) * mask
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * (positions + 1)).argmax(-1)
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the masked tokens; returns (advantages, returns), each (B, T).
+
+    δ_t = r_t + γ V_{t+1} − V_t with V = 0 after the last token; A_t = δ_t + γλ A_{t+1}.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(rewards.shape[0], device=rewards.device, dtype=rewards.dtype)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * m
+        # Outside the completion the recursion carries through unchanged (padding is skipped).
+        next_value = torch.where(m.bool(), values[:, t], next_value)
+        next_advantage = torch.where(m.bool(), advantage, next_advantage)
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise the masked entries to mean 0 and standard deviation 1."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> torch.Tensor:
+    """PPO's clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return masked_mean(torch.maximum(unclipped, clipped), mask)
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> torch.Tensor:
+    """½·mean of max((V − R)², (clip(V, V_old ± ε) − R)²)."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller: kl_coef ← kl_coef·(1 + clip(KL/target − 1, ±0.2)·n/horizon)."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int = 10000):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+# --- the model with a value head ------------------------------------------------------------------
+
+
+class PolicyWithValueHead(nn.Module):
+    """The policy plus a scalar value head on its last hidden state (a shared trunk)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        hidden = getattr(policy.config, "hidden_size", None) or policy.config.n_embd
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def logps_and_values(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and values aligned with input_ids[:, 1:], shape (B, T-1) each."""
+        out = forward(self.policy, batch, output_hidden_states=True)
+        mask = batch.completion_mask[:, 1:].bool()
+        logps = gather_token_logps(out.logits, batch.input_ids).masked_fill(~mask, 0.0)
+        values = self.value_head(out.hidden_states[-1][:, :-1].to(self.value_head.weight.dtype)).squeeze(-1)
+        return logps, values
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> ModelPolicy:
+    """PPO against ``score_source``: "reward_model" (RLHF) or "gold" (PPO-GT)."""
+    device = ctx.device
+    model = PolicyWithValueHead(trainable_copy(ctx)).to(device)
+    optimizer = make_optimizer(model, config.lr)
+    controller = AdaptiveKLController(config.kl_coef, config.target_kl) if config.target_kl > 0 else None
+    prompt_ids = ctx.train_prompt_ids()
+    evals = set(checkpoint_steps(config.iterations, ctx.n_checkpoints))
+    task = ctx.task
+    for iteration in tqdm(range(1, config.iterations + 1), desc=ctx.label, disable=not ctx.progress, leave=False):
+        kl_coef = controller.value if controller else config.kl_coef
+        # 1. rollouts
+        pick = torch.randint(len(prompt_ids), (config.rollout_batch,), generator=ctx.generator).tolist()
+        samples = ctx.sample(model.policy, [prompt_ids[i] for i in pick])
+        batch = samples.batch.trim().to(device)
+        mask = batch.completion_mask[:, 1:].float()
+        # 2. scores
+        prompts = [task.train_prompts[i] for i in pick]
+        completions = [task.decode_completion(c) for c in samples.completion_ids]
+        gold = torch.tensor(ctx.gold_scores(prompts, completions), dtype=torch.float32)
+        if score_source == "gold":
+            scores = gold
+        else:
+            scores = ctx.reward_model.score(batch.input_ids, batch.attention_mask)
+        scores = scores.to(device)
+        # 3. old log-probs, reference log-probs, values; rewards; advantages
+        with torch.no_grad():
+            old_logps, old_values = model.logps_and_values(batch)
+            ref_logps = token_logps(ctx.reference, batch)
+            rewards = kl_penalised_rewards(old_logps, ref_logps, scores, mask, kl_coef)
+            advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
+            if config.whiten_advantages:
+                advantages = whiten(advantages, mask)
+        kl = ((old_logps - ref_logps) * mask).sum(-1).mean().item()
+        # 4. updates
+        n = len(batch)
+        size = math.ceil(n / config.n_minibatches)
+        for _ in range(config.epochs):
+            order = torch.randperm(n, generator=ctx.generator)
+            for start in range(0, n, size):
+                idx = order[start:start + size].to(device)
+                mb = batch.select(idx)
+                logps, values = model.logps_and_values(mb)
+                pg = clipped_policy_loss(logps, old_logps[idx], advantages[idx], mask[idx], config.clip_range)
+                vf = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], config.value_clip)
+                loss = pg + config.vf_coef * vf
+                check_finite(loss, ctx.label, iteration, ctx.log)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+        if controller:
+            controller.update(kl, n)
+        ctx.log.log(
+            iteration, n,
+            **{"train/loss": loss.item(), "train/policy_loss": pg.item(), "train/value_loss": vf.item(),
+               "train/reward": scores.mean().item(), "train/gold_reward": gold.mean().item(),
+               "train/kl": kl, "train/kl_coef": kl_coef},
+        )
+        if iteration in evals:
+            model.policy.eval()
+            ctx.checkpoint(iteration, model.policy)
+            model.policy.train()
+    model.policy.eval()
+    return ModelPolicy(model.policy, task)
+
+
+@register_method(
+    "ppo",
+    description="RLHF: PPO with a KL penalty against the learned Bradley-Terry reward model",
+    config=PPOConfig,
+    needs=("reward_model",),
+    strength="kl_coef",
+)
+def train_ppo_rm(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
+    return train_ppo(ctx, config, "reward_model")
+
+
+@register_method(
+    "ppo_gt",
+    description="PPO with a KL penalty against the gold reward itself (the DPO paper's PPO-GT oracle)",
+    config=PPOConfig,
+    needs=("gold",),
+    strength="kl_coef",
+)
+def train_ppo_gold(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
+    return train_ppo(ctx, config, "gold")

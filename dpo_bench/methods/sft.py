@@ -1,0 +1,146 @@
+"""Supervised fine-tuning: next-token likelihood on completions, the prompt masked out.
+
+Used to train the reference on the task's corpus, and as two of the DPO paper's baselines:
+``sft`` (the reference itself) and ``preferred_ft`` (SFT on the chosen completions).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..configs import field, non_negative, positive
+from ..logprobs import collate, token_logps
+from ..policy import freeze_first_blocks
+from ..training import CheckpointFn, TrainLog, check_finite, checkpoint_steps, make_optimizer, minibatches, warmup_schedule
+from .base import MethodContext, ModelPolicy, register_method
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Maximum-likelihood training on (prompt, completion) pairs."""
+
+    steps: int = field(1500, "optimiser steps")
+    batch_size: int = field(64, "sequences per step")
+    lr: float = field(1e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = field(100, "linear warm-up steps")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+
+    def __post_init__(self) -> None:
+        positive("steps", self.steps)
+        positive("batch_size", self.batch_size)
+        positive("lr", self.lr)
+        non_negative("warmup_steps", self.warmup_steps)
+        non_negative("weight_decay", self.weight_decay)
+
+
+def sft_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Mean negative log-likelihood per completion token (prompt tokens carry no loss)."""
+    logps = token_logps(model, batch)
+    n_tokens = batch.completion_mask[:, 1:].sum().clamp(min=1)
+    return -logps.sum() / n_tokens
+
+
+def supervised_finetune(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    config: SFTConfig,
+    *,
+    pad_id: int,
+    generator: torch.Generator,
+    log: TrainLog,
+    checkpoint: CheckpointFn | None = None,
+    n_checkpoints: int = 0,
+    label: str = "sft",
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place to maximise log p(completion | prompt); returns it."""
+    device = next(model.parameters()).device
+    model.train()
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    schedule = warmup_schedule(optimizer, config.warmup_steps)
+    evals = set(checkpoint_steps(config.steps, n_checkpoints)) if checkpoint and n_checkpoints else set()
+    batches = minibatches(len(prompts), config.batch_size, generator)
+    for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
+        idx = next(batches).tolist()
+        batch = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id).to(device)
+        loss = sft_loss(model, batch)
+        check_finite(loss, label, step, log)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 10 == 0 or step == config.steps:
+            log.log(step, len(idx), **{"train/loss": loss.item()})
+        if step in evals:
+            model.eval()
+            checkpoint(step, model)
+            model.train()
+    model.eval()
+    return model
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The SFT model itself: no training."""
+
+
+@register_method("sft", description="the SFT model itself (the reference); every other method starts from it", config=ReferenceConfig)
+def train_reference_method(ctx: MethodContext, config: ReferenceConfig) -> ModelPolicy:
+    ctx.checkpoint(0, ctx.reference)
+    return ModelPolicy(ctx.reference, ctx.task)
+
+
+@dataclass(frozen=True)
+class PreferredFTConfig(SFTConfig):
+    """SFT on the chosen completions only (the DPO paper's "Preferred-FT")."""
+
+    steps: int = field(300, "optimiser steps")
+    lr: float = field(1e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = field(20, "linear warm-up steps")
+
+
+@register_method(
+    "preferred_ft",
+    description="maximum likelihood on the chosen completions (DPO paper's Preferred-FT baseline)",
+    config=PreferredFTConfig,
+    needs=("preferences",),
+)
+def train_preferred_ft(ctx: MethodContext, config: PreferredFTConfig) -> ModelPolicy:
+    prefs = ctx.preferences
+    prompts, completions = split_batch(prefs.chosen)
+    policy = trainable_copy(ctx)
+    supervised_finetune(
+        policy, prompts, completions, config, pad_id=ctx.task.pad_id, generator=ctx.generator, log=ctx.log,
+        checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints, label=ctx.label, progress=ctx.progress,
+    )
+    return ModelPolicy(policy, ctx.task)
+
+
+def trainable_copy(ctx: MethodContext) -> nn.Module:
+    """A trainable copy of the reference, with the context's frozen blocks fixed."""
+    policy = copy.deepcopy(ctx.reference)
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    if ctx.freeze_blocks or ctx.freeze_embeddings:
+        freeze_first_blocks(policy, ctx.freeze_blocks, ctx.freeze_embeddings)
+    policy.train()
+    return policy
+
+
+def split_batch(batch) -> tuple[list[list[int]], list[list[int]]]:
+    """Back from a collated batch to (prompt ids, completion ids) lists."""
+    prompts, completions = [], []
+    for ids, att, comp in zip(batch.input_ids, batch.attention_mask, batch.completion_mask):
+        real = att.bool()
+        is_completion = comp.bool()
+        prompts.append(ids[real & ~is_completion].tolist())
+        completions.append(ids[is_completion].tolist())
+    return prompts, completions

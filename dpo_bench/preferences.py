@@ -1,0 +1,129 @@
+"""The preference dataset every method consumes: K completions per train prompt from the
+reference, labelled by the Bradley-Terry (K = 2) or Plackett-Luce (K > 2) model on the gold reward.
+
+Temperature 0 labels deterministically by the gold reward (the DPO paper's choice); pairs whose
+gold rewards tie carry no label and are dropped, as are rows whose sampled completions repeat.
+A fraction of prompts is held out: the reward model's accuracy and the DPO policy's implicit-reward
+accuracy are measured on pairs no method trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from reward.bradley_terry import sample_bt_labels, sample_pl_rankings
+
+from .configs import ConfigError, field, non_negative
+from .data import rankings_to_pairs
+from .generation import sample
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """How the preference data is sampled and labelled."""
+
+    k: int = field(2, "completions sampled per train prompt (2 = pairs; > 2 = Plackett-Luce rankings)")
+    label_temperature: float = field(0.0, "Bradley-Terry temperature of the labels (0 = deterministic, as the DPO paper)")
+    sampling_temperature: float = field(1.0, "temperature when sampling completions from the reference")
+    pairs_from_rankings: Literal["best_vs_worst", "all_pairs", "adjacent"] = field(
+        "best_vs_worst", "how pairwise methods read K > 2 rankings"
+    )
+    heldout_fraction: float = field(0.1, "share of train prompts held out to measure reward accuracy")
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise ConfigError(f"k must be >= 2, got {self.k}")
+        non_negative("label_temperature", self.label_temperature)
+        non_negative("sampling_temperature", self.sampling_temperature)
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class PreferenceFrames:
+    """``pairs``: prompt, chosen, rejected, gold_chosen, gold_rejected, split.
+    ``rankings`` (K > 2): prompt, ranking (best first), gold (aligned with ranking), split."""
+
+    pairs: pd.DataFrame
+    rankings: pd.DataFrame | None
+    n_prompts: int
+    n_dropped_ties: int
+    n_dropped_repeats: int
+
+
+def heldout_split(prompts: list[str], fraction: float) -> list[str]:
+    """"heldout" for a stable hash-chosen share of rows, else "train".
+
+    The hash covers the row number too: the bandit task repeats each one-token prompt many times.
+    """
+    cut = int(fraction * 2**32)
+    keys = (f"{i}\x00{p}".encode() for i, p in enumerate(prompts))
+    return ["heldout" if int.from_bytes(hashlib.sha256(k).digest()[:4], "little") < cut else "train" for k in keys]
+
+
+def make_preferences(
+    task, reference: nn.Module, config: PreferenceConfig, seed: int, batch_size: int = 512
+) -> PreferenceFrames:
+    """Sample K completions per train prompt from ``reference`` and label them by the gold reward."""
+    prompts = list(task.train_prompts)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    prompt_ids = [task.encode_prompt(p) for p in prompts]
+    repeated = [ids for ids in prompt_ids for _ in range(config.k)]
+    samples = sample(
+        reference, repeated, max_new_tokens=task.max_new_tokens, eos_id=task.eos_id, pad_id=task.pad_id,
+        generator=generator, temperature=config.sampling_temperature, batch_size=batch_size,
+    )
+    completions = np.array([task.decode_completion(c) for c in samples.completion_ids], dtype=object).reshape(-1, config.k)
+    gold = task.gold.score([p for p in prompts for _ in range(config.k)], completions.ravel().tolist()).reshape(-1, config.k)
+    splits = heldout_split(prompts, config.heldout_fraction)
+
+    # Rows whose completions repeat cannot be ranked (and a pair of equal texts is no preference).
+    distinct = np.array([len(set(row)) == config.k and all(c for c in row) for row in completions])
+    n_repeats = int((~distinct).sum())
+    if config.k == 2:
+        a_wins, tie = sample_bt_labels(rng, gold[:, 0], gold[:, 1], config.label_temperature)
+        keep = distinct & ~tie
+        chosen_col = np.where(a_wins, 0, 1)
+        rows = np.arange(len(prompts))
+        pairs = pd.DataFrame({
+            "prompt": prompts,
+            "chosen": completions[rows, chosen_col],
+            "rejected": completions[rows, 1 - chosen_col],
+            "gold_chosen": gold[rows, chosen_col],
+            "gold_rejected": gold[rows, 1 - chosen_col],
+            "split": splits,
+        })[keep].reset_index(drop=True)
+        return PreferenceFrames(pairs, None, len(prompts), int((distinct & tie).sum()), n_repeats)
+
+    order, tied = sample_pl_rankings(rng, gold, config.label_temperature)
+    keep = distinct & ~tied
+    rankings = pd.DataFrame({
+        "prompt": prompts,
+        "ranking": [list(completions[i, order[i]]) for i in range(len(prompts))],
+        "gold": [list(map(float, gold[i, order[i]])) for i in range(len(prompts))],
+        "split": splits,
+    })[keep].reset_index(drop=True)
+    pairs = pairs_from_rankings(rankings, config.pairs_from_rankings)
+    return PreferenceFrames(pairs, rankings, len(prompts), int((distinct & tied).sum()), n_repeats)
+
+
+def pairs_from_rankings(rankings: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Pairs (with their gold rewards and split) read from K-wise rankings."""
+    rankings = rankings.reset_index(drop=True)
+    pairs = rankings_to_pairs(rankings[["prompt", "ranking"]], mode=mode)
+    # rankings_to_pairs keeps each pair's source row as its index.
+    rows = pairs.index.to_numpy()
+    gold_of = [dict(zip(r, g)) for r, g in zip(rankings["ranking"], rankings["gold"])]
+    pairs = pairs.reset_index(drop=True)
+    pairs["gold_chosen"] = [gold_of[i][c] for i, c in zip(rows, pairs["chosen"])]
+    pairs["gold_rejected"] = [gold_of[i][r] for i, r in zip(rows, pairs["rejected"])]
+    pairs["split"] = rankings["split"].to_numpy()[rows]
+    return pairs

@@ -1,0 +1,153 @@
+"""The report as a format-neutral document: sections of blocks that the markdown and HTML
+writers render. Keeping one document guarantees both files say the same thing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from . import tables
+from .headline import Finding, headline
+from .load import RunData
+from .tables import Table
+
+SECTION_TITLES = ("Headline", "Results", "Frontier", "Win rates", "Training curves",
+                  "Reward model", "Invariance checks", "Samples", "Provenance")
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Findings:
+    items: list[Finding]
+
+
+@dataclass(frozen=True)
+class TableBlock:
+    table: Table
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # file stem under figures/
+    caption: str
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list = field(default_factory=list)
+
+    @property
+    def anchor(self) -> str:
+        return self.title.lower().replace(" ", "-")
+
+
+@dataclass
+class Document:
+    title: str
+    sections: list[Section]
+
+
+def _figure_or_note(figures: dict[str, bytes], name: str, caption: str, absent: str) -> list:
+    return [Figure(name, caption)] if name in figures else [Paragraph(absent)]
+
+
+def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
+                   figures: dict[str, bytes]) -> Document:
+    s = {t: Section(t) for t in SECTION_TITLES}
+
+    s["Headline"].blocks.append(Findings(headline(data, final, configs)))
+
+    if final.empty:
+        s["Results"].blocks.append(Paragraph("No evaluation results at temperature 1.0."))
+    else:
+        s["Results"].blocks.append(TableBlock(tables.results_table(final)))
+        seeds = tables.seed_table(configs)
+        if seeds is not None:
+            s["Results"].blocks.append(TableBlock(seeds, "Seed-aggregated"))
+
+    has_opt = (data.metrics["method"] == "optimum").any()
+    s["Frontier"].blocks += _figure_or_note(
+        figures, "frontier",
+        "Gold reward against sequence-level KL to the reference for every checkpoint of every "
+        "cell; error bars are standard errors, a line joins each setting's checkpoints and the "
+        "large marker is its final checkpoint."
+        + (" The black line is the exact reward–KL frontier of the optimal policy π*."
+           if has_opt else ""),
+        "No checkpoint has both gold reward and KL.")
+
+    s["Win rates"].blocks += _figure_or_note(
+        figures, "win_rates",
+        "Final win rate of each cell against the SFT model's completion for the same prompt, "
+        "judged by the gold reward (ties count ½), with 95% intervals.",
+        "No win rates were recorded.")
+    if "win_rate_temperature" in figures:
+        s["Win rates"].blocks.append(Figure(
+            "win_rate_temperature", "Final win rate against the sampling temperature."))
+    if "h2h" in figures:
+        s["Win rates"].blocks.append(Figure(
+            "h2h", "Head-to-head: win rate of the row's final policy against the column's."))
+
+    s["Training curves"].blocks += _figure_or_note(
+        figures, "training_curves", "One panel per training metric, one line per cell.",
+        "No training curves were recorded.")
+
+    rm = tables.reward_model_table(data)
+    if rm is None:
+        s["Reward model"].blocks.append(Paragraph("This run trained no reward model."))
+    else:
+        s["Reward model"].blocks.append(TableBlock(rm))
+    if "rm_calibration" in figures:
+        s["Reward model"].blocks.append(Figure(
+            "rm_calibration", "Calibration: predicted against empirical probability that the "
+            "chosen response wins, per bin, with 95% intervals."))
+
+    inv = tables.invariance_table(data)
+    if inv is None:
+        s["Invariance checks"].blocks.append(Paragraph("This run recorded no invariance checks."))
+    else:
+        s["Invariance checks"].blocks.append(TableBlock(inv))
+        if "invariance" in figures:
+            s["Invariance checks"].blocks.append(Figure(
+                "invariance", "Each check's |value| relative to its tolerance."))
+
+    samples = tables.sample_tables(data)
+    if not samples:
+        s["Samples"].blocks.append(Paragraph("This run saved no samples."))
+    else:
+        s["Samples"].blocks.append(Paragraph(
+            "For each prompt, the SFT model's completion and each policy's final completion: "
+            "high gold or proxy reward with fluent = NO is the signature of reward hacking."))
+        for prompt, table in samples:
+            s["Samples"].blocks.append(TableBlock(table, f"Prompt: {prompt}"))
+
+    prov = s["Provenance"].blocks
+    for title, table in tables.provenance_tables(data).items():
+        prov.append(TableBlock(table, title))
+    config = tables.config_text(data)
+    if config:
+        prov.append(Paragraph("Resolved configuration:"))
+        prov.append(Code(config))
+    notes = tables.notes(data)
+    if notes:
+        prov.append(Paragraph("Notes:"))
+        prov.append(Bullets(notes))
+
+    return Document(f"dpo-bench report: {data.run_id}", [s[t] for t in SECTION_TITLES])
+

@@ -1,0 +1,393 @@
+"""Figures as PNG bytes. Each function returns None when its data is absent, so the report
+skips that figure cleanly.
+
+Readable in print: axes name their units, the palette is Okabe-Ito (colour-blind safe) and each
+method also has its own marker shape, so the figures survive greyscale printing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .load import REFERENCE_METHOD, RunData, policy_rows  # noqa: E402
+from .results import CELL  # noqa: E402
+
+DPI = 110
+# Okabe & Ito (2008); black is kept for the SFT model and the exact optimum.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+PASS_COLOUR, FAIL_COLOUR = "#009E73", "#D55E00"
+MAX_LABEL = 40
+
+
+def label(text: object, limit: int = MAX_LABEL) -> str:
+    """Data text made safe for matplotlib: one line, bounded length (a 5,000-character name
+    would otherwise blow up a legend and the PNG), and '$' escaped so it is not mathtext."""
+    s = " ".join(str(text).split())
+    if len(s) > limit:
+        # cut the middle: labels differ at their ends ("…(β=0.1), seed 2"), keep both ends
+        head = (limit - 1) // 2
+        s = s[:head] + "…" + s[len(s) - (limit - 1 - head):]
+    return s.replace("$", r"\$")
+
+
+class Palette:
+    """A stable colour, marker and per-strength line style for every method and config."""
+
+    def __init__(self, metrics: pd.DataFrame):
+        rows = policy_rows(metrics)
+        methods = sorted(set(rows["method"]) - {REFERENCE_METHOD})
+        self._style = {m: (OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)])
+                       for i, m in enumerate(methods)}
+        self._style[REFERENCE_METHOD] = ("#000000", "*")
+        self._betas = {m: sorted(set(g["beta"].dropna()))
+                       for m, g in rows.groupby("method")}
+
+    def colour(self, method: str) -> str:
+        return self._style.get(method, ("#777777", "o"))[0]
+
+    def marker(self, method: str) -> str:
+        return self._style.get(method, ("#777777", "o"))[1]
+
+    def linestyle(self, method: str, beta: float):
+        betas = self._betas.get(method, [])
+        if isinstance(beta, float) and math.isnan(beta) or beta not in betas:
+            return "-"
+        return LINESTYLES[betas.index(beta) % len(LINESTYLES)]
+
+
+def _render(draw: Callable[[], plt.Figure | None]) -> bytes | None:
+    # Non-ASCII method names may lack glyphs in the default font; that is cosmetic, not an error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig = draw()
+        if fig is None:
+            return None
+        try:
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight",
+                        metadata={"Software": None})
+            return buf.getvalue()
+        finally:
+            plt.close(fig)
+
+
+def _legend(ax, n_entries: int) -> None:
+    if n_entries == 0:
+        return
+    ncol = 1 + (n_entries - 1) // 18
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=ncol,
+              frameon=False, borderaxespad=0.0)
+
+
+def _asym_err(centre: pd.Series, lo: pd.Series, hi: pd.Series) -> np.ndarray:
+    c = centre.to_numpy(dtype=float)
+    low = np.nan_to_num(c - lo.to_numpy(dtype=float), nan=0.0).clip(min=0)
+    high = np.nan_to_num(hi.to_numpy(dtype=float) - c, nan=0.0).clip(min=0)
+    return np.vstack([low, high])
+
+
+def _col(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
+
+
+def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> bytes | None:
+    """Gold reward against KL for every checkpoint of every cell (DPO paper, Figure 2 left)."""
+    opt = data.metrics[data.metrics["method"] == "optimum"]
+    has_points = (not checkpoints.empty and "gold_reward" in checkpoints
+                  and "kl" in checkpoints)
+    if not has_points and opt.empty:
+        return None
+
+    def draw():
+        fig, ax = plt.subplots(figsize=(8.0, 5.2))
+        entries = 0
+        x_max = math.inf
+        if has_points:
+            kl = checkpoints["kl"] + _col(checkpoints, "kl_stderr").fillna(0)
+            if np.isfinite(kl).any():
+                x_max = 1.25 * float(np.nanmax(kl)) or math.inf
+        if not opt.empty:
+            o = opt.pivot_table(index="beta", columns="metric", values="value", aggfunc="first")
+            if {"gold_reward", "kl"} <= set(o.columns):
+                o = o.dropna(subset=["gold_reward", "kl"]).sort_values("kl")
+                # the exact frontier can run far past the methods; keep the view on them,
+                # with one point beyond the edge so the line reaches it
+                beyond = o.index[o["kl"] > x_max]
+                if len(beyond) and len(o) - len(beyond) >= 2:
+                    o = o[(o["kl"] <= x_max) | (o.index == beyond[0])]
+                else:
+                    x_max = math.inf
+                ax.plot(o["kl"], o["gold_reward"], color="#000000", lw=1.6, zorder=1,
+                        label="exact optimum π* (reward–KL frontier)")
+                entries += 1
+        if has_points:
+            pts = checkpoints.dropna(subset=["gold_reward", "kl"])
+            labelled = set()
+            for (method, beta, _seed), g in pts.groupby(CELL, dropna=False, sort=True):
+                g = g.sort_values("step")
+                colour, marker = palette.colour(method), palette.marker(method)
+                key = data.config_label(method, beta)
+                ax.errorbar(g["kl"], g["gold_reward"], xerr=_col(g, "kl_stderr").fillna(0),
+                            yerr=_col(g, "gold_reward_stderr").fillna(0), color=colour,
+                            marker=marker, ms=4, lw=1.1, ls=palette.linestyle(method, beta),
+                            elinewidth=0.8, capsize=2, alpha=0.75, zorder=2,
+                            label=label(key) if key not in labelled else None)
+                if key not in labelled:
+                    entries += 1
+                labelled.add(key)
+                last = g.iloc[-1]
+                ax.plot([last["kl"]], [last["gold_reward"]], ls="none", marker=marker, ms=10,
+                        color=colour, mec="#000000", mew=1.2, zorder=3)
+        if math.isfinite(x_max):
+            ax.set_xlim(ax.get_xlim()[0], x_max)
+        ax.set_xlabel("KL(π ‖ π_ref) [nats per sequence]")
+        ax.set_ylabel("gold reward (mean ± s.e.)")
+        ax.set_title("Reward–KL frontier (large markers: final checkpoints)", fontsize=10)
+        ax.grid(alpha=0.3)
+        _legend(ax, entries)
+        return fig
+
+    return _render(draw)
+
+
+def win_rates(final: pd.DataFrame, palette: Palette) -> bytes | None:
+    """Final win rate of every cell against the SFT model's completions, with 95% CIs."""
+    if final.empty or final["win_rate"].isna().all():
+        return None
+    f = final.dropna(subset=["win_rate"]).reset_index(drop=True)
+
+    def draw():
+        fig, ax = plt.subplots(figsize=(7.5, min(0.3 * len(f) + 1.4, 16)))
+        y = np.arange(len(f))
+        for method, g in f.groupby("method", sort=False):
+            ax.errorbar(g["win_rate"], y[g.index],
+                        xerr=_asym_err(g["win_rate"], g["win_rate_ci_low"], g["win_rate_ci_high"]),
+                        ls="none", marker=palette.marker(method), color=palette.colour(method),
+                        ms=6, capsize=3, label=label(method))
+        ax.axvline(0.5, color="#555555", ls="--", lw=1, label="0.5 (no better than SFT)")
+        ax.set_yticks(y, [label(s, 48) for s in f["label"]], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("win rate against the SFT completion (gold-reward judge, ties ½), 95% CI")
+        ax.grid(axis="x", alpha=0.3)
+        _legend(ax, f["method"].nunique() + 1)
+        return fig
+
+    return _render(draw)
+
+
+_UNITS = {"train/kl": "nats", "train/loss": "loss", "train/accuracy": "share",
+          "train/reward": "reward", "train/proxy_reward": "proxy reward",
+          "train/gold_reward": "gold reward"}
+
+
+def training_curves(data: RunData, palette: Palette) -> bytes | None:
+    """One panel per train/ metric, one line per cell."""
+    rows = policy_rows(data.metrics)
+    rows = rows[rows["metric"].str.startswith("train/")]
+    if rows.empty:
+        return None
+    names = sorted(rows["metric"].unique())
+
+    def draw():
+        ncols = min(3, len(names))
+        nrows = math.ceil(len(names) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows + 0.4),
+                                 squeeze=False)
+        handles: dict[str, object] = {}
+        for ax, name in zip(axes.flat, names):
+            sub = rows[rows["metric"] == name]
+            for (method, beta, _seed), g in sub.groupby(CELL, dropna=False, sort=True):
+                g = g.sort_values("step")
+                # seeds of one setting share a style, so the legend names settings
+                key = label(data.config_label(method, beta))
+                (line,) = ax.plot(g["step"], g["value"], color=palette.colour(method),
+                                  ls=palette.linestyle(method, beta), lw=1.2,
+                                  marker=palette.marker(method), markevery=max(1, len(g) // 6),
+                                  ms=4)
+                handles.setdefault(key, line)
+            ax.set_title(label(name), fontsize=9)
+            ax.set_xlabel("training step")
+            ax.set_ylabel(_UNITS.get(name, label(name.removeprefix("train/"))))
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(names):]:
+            ax.set_visible(False)
+        fig.legend(list(handles.values()), list(handles.keys()), loc="upper left",
+                   bbox_to_anchor=(1.0, 0.98), fontsize=8, frameon=False,
+                   ncol=1 + (len(handles) - 1) // 24)
+        fig.tight_layout()
+        return fig
+
+    return _render(draw)
+
+
+def win_rate_temperature(data: RunData, palette: Palette) -> bytes | None:
+    """Final win rate against sampling temperature, when the run swept temperatures."""
+    rows = policy_rows(data.metrics)
+    rows = rows[(rows["metric"] == "win_rate") & rows["temperature"].notna()]
+    if rows.empty or np.isclose(rows["temperature"], 1.0).all():
+        return None
+    last = rows.groupby(CELL, dropna=False)["step"].transform("max")
+    rows = rows[rows["step"] == last]
+
+    def draw():
+        fig, ax = plt.subplots(figsize=(7.5, 4.6))
+        labelled: set[str] = set()
+        for (method, beta, _seed), g in rows.groupby(CELL, dropna=False, sort=True):
+            g = g.sort_values("temperature")
+            key = label(data.config_label(method, beta))
+            ax.errorbar(g["temperature"], g["value"],
+                        yerr=_asym_err(g["value"], g["ci_low"], g["ci_high"]),
+                        color=palette.colour(method), marker=palette.marker(method),
+                        ls=palette.linestyle(method, beta), ms=5, capsize=2, lw=1.1,
+                        label=None if key in labelled else key)
+            labelled.add(key)
+        n = len(labelled)
+        ax.axhline(0.5, color="#555555", ls="--", lw=1)
+        ax.set_xlabel("sampling temperature")
+        ax.set_ylabel("win rate against SFT (95% CI)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        _legend(ax, n)
+        return fig
+
+    return _render(draw)
+
+
+def head_to_head(data: RunData) -> bytes | None:
+    """Heatmap of final head-to-head win rates: row policy against column policy."""
+    rows = policy_rows(data.metrics)
+    rows = rows[rows["metric"].str.startswith("h2h/")]
+    if rows.empty:
+        return None
+    last = rows.groupby(CELL, dropna=False)["step"].transform("max")
+    rows = rows[rows["step"] == last]
+    multi = data.multi_seed
+    rows = rows.assign(
+        row=[data.cell_label(m, b, s, multi)
+             for m, b, s in zip(rows["method"], rows["beta"], rows["seed"])],
+        col=rows["metric"].str.slice(4))
+    mat = rows.pivot_table(index="row", columns="col", values="value", aggfunc="first")
+
+    def draw():
+        nr, nc = mat.shape
+        fig, ax = plt.subplots(figsize=(min(3.0 + 0.6 * nc, 16), min(1.8 + 0.45 * nr, 16)))
+        im = ax.imshow(mat.to_numpy(dtype=float), cmap="cividis", vmin=0, vmax=1,
+                       aspect="auto")
+        ax.set_xticks(range(nc), [label(c, 30) for c in mat.columns], rotation=45, ha="right",
+                      fontsize=8)
+        ax.set_yticks(range(nr), [label(r, 30) for r in mat.index], fontsize=8)
+        if nr * nc <= 225:
+            for i in range(nr):
+                for j in range(nc):
+                    v = mat.iat[i, j]
+                    if np.isfinite(v):
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                                color="#000000" if v > 0.55 else "#FFFFFF")
+        ax.set_xlabel("opponent")
+        ax.set_ylabel("policy")
+        fig.colorbar(im, ax=ax, label="win rate of row against column")
+        return fig
+
+    return _render(draw)
+
+
+def rm_calibration(data: RunData) -> bytes | None:
+    """Reliability diagram of the reward model's preference probabilities."""
+    rows = data.metrics[(data.metrics["method"] == "reward_model")
+                        & (data.metrics["metric"] == "rm_calibration")]
+    rows = rows.dropna(subset=["value", "temperature"]).sort_values("temperature")
+    if rows.empty:
+        return None
+
+    def draw():
+        fig, ax = plt.subplots(figsize=(5.0, 5.0))
+        ax.plot([0, 1], [0, 1], color="#555555", ls="--", lw=1, label="perfect calibration")
+        ax.errorbar(rows["temperature"], rows["value"],
+                    yerr=_asym_err(rows["value"], rows["ci_low"], rows["ci_high"]),
+                    color=OKABE_ITO[3], marker="o", capsize=3, lw=1.2, label="reward model")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("mean predicted P(chosen wins) in bin")
+        ax.set_ylabel("empirical P(chosen wins), 95% CI")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+        return fig
+
+    return _render(draw)
+
+
+def invariance(data: RunData) -> bytes | None:
+    """Each check's |value| / tolerance on a log scale: left of 1 passes. Marker shape says
+    whether the negative control was detected."""
+    inv = data.invariance
+    if inv is None or inv.empty:
+        return None
+    inv = inv.reset_index(drop=True)
+
+    def draw():
+        fig, ax = plt.subplots(figsize=(7.5, min(0.32 * len(inv) + 1.4, 16)))
+        value = pd.to_numeric(inv.get("value"), errors="coerce").to_numpy(dtype=float)
+        tol = pd.to_numeric(inv.get("tolerance"), errors="coerce").to_numpy(dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.abs(value) / tol
+        ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan)
+        floor = np.nanmin(ratio) / 10 if np.isfinite(ratio).any() else 1e-3
+        ratio = np.where(np.isnan(ratio), max(min(floor, 1e-3), 1e-300), ratio)
+        passed = inv.get("passed", pd.Series(False, index=inv.index)).fillna(False).astype(bool)
+        detected = inv.get("negative_control_detected",
+                           pd.Series(False, index=inv.index)).fillna(False).astype(bool)
+        y = np.arange(len(inv))
+        for ok in (True, False):
+            for det in (True, False):
+                m = ((passed == ok) & (detected == det)).to_numpy()
+                if m.any():
+                    ax.scatter(ratio[m], y[m], color=PASS_COLOUR if ok else FAIL_COLOUR,
+                               marker="o" if det else "X", s=55, zorder=3,
+                               label=f"{'pass' if ok else 'fail'}, negative control "
+                                     f"{'detected' if det else 'NOT detected'}")
+        ax.axvline(1.0, color="#555555", ls="--", lw=1, label="tolerance")
+        names = [label(f"{c}: {q}", 48) for c, q in zip(inv.get("check", [""] * len(inv)),
+                                                        inv.get("quantity", [""] * len(inv)))]
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("|value| / tolerance (log scale; below 1 passes)")
+        ax.grid(axis="x", alpha=0.3)
+        _legend(ax, 5)
+        return fig
+
+    return _render(draw)
+
+
+def all_figures(data: RunData, final: pd.DataFrame,
+                checkpoints: pd.DataFrame) -> dict[str, bytes]:
+    """Render every figure whose data exists: name (file stem) -> PNG bytes."""
+    palette = Palette(data.metrics)
+    rendered = {
+        "frontier": frontier(data, checkpoints, palette),
+        "win_rates": win_rates(final, palette),
+        "training_curves": training_curves(data, palette),
+        "win_rate_temperature": win_rate_temperature(data, palette),
+        "h2h": head_to_head(data),
+        "rm_calibration": rm_calibration(data),
+        "invariance": invariance(data),
+    }
+    return {k: v for k, v in rendered.items() if v is not None}
+
+
+FIGURE_NAMES = ("frontier", "win_rates", "training_curves", "win_rate_temperature", "h2h",
+                "rm_calibration", "invariance")

@@ -1,0 +1,165 @@
+"""The headline: one plain-text sentence per finding, generated from the numbers.
+
+Sentences are unescaped text; the markdown and HTML renderers escape them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import fmt
+from .load import REFERENCE_METHOD, RunData
+from .results import Comparison, welch
+
+# Fluency drop (absolute share) below the SFT model that raises the reward-hacking alarm.
+FLUENCY_ALARM_DROP = 0.10
+
+
+@dataclass(frozen=True)
+class Finding:
+    text: str
+    warning: bool = False
+
+
+def _cmp(a: pd.Series, b: pd.Series, metric: str = "gold_reward") -> Comparison:
+    return welch(a[metric], a[f"{metric}_stderr"], a[f"{metric}_n"],
+                 b[metric], b[f"{metric}_stderr"], b[f"{metric}_n"])
+
+
+def _verdict(c: Comparison) -> str:
+    if c.significant:
+        return f"significant ({fmt.pvalue(c.p)}, Welch)"
+    return f"not significant ({fmt.pvalue(c.p)}, Welch)"
+
+
+def _best_per_method(configs: pd.DataFrame) -> pd.DataFrame:
+    """Each trained method's best configuration by final gold reward, best method first."""
+    trained = configs[(configs["method"] != REFERENCE_METHOD) & configs["gold_reward"].notna()]
+    if trained.empty:
+        return trained
+    best = trained.loc[trained.groupby("method")["gold_reward"].idxmax()]
+    return best.sort_values("gold_reward", ascending=False).reset_index(drop=True)
+
+
+def best_overall(configs: pd.DataFrame) -> list[Finding]:
+    best = _best_per_method(configs)
+    if best.empty:
+        return []
+    top = best.iloc[0]
+    text = (f"{top['config']} reaches the highest gold reward, {fmt.pm(top['gold_reward'], top['gold_reward_stderr'])}, "
+            f"at KL {fmt.pm(top['kl'], top['kl_stderr'])} nats")
+    if len(best) > 1:
+        runner = best.iloc[1]
+        c = _cmp(top, runner)
+        text += (f"; its lead over the runner-up {runner['config']} "
+                 f"({fmt.pm(runner['gold_reward'], runner['gold_reward_stderr'])}) is "
+                 f"{fmt.signed(c.diff)} ± {fmt.num(c.stderr)}, {_verdict(c)}.")
+    else:
+        text += "; no other trained method to compare with."
+    return [Finding(text)]
+
+
+def versus_sft(configs: pd.DataFrame) -> list[Finding]:
+    ref = configs[configs["method"] == REFERENCE_METHOD]
+    best = _best_per_method(configs)
+    if ref.empty or best.empty or not fmt.finite(ref["gold_reward"].iloc[0]):
+        return []
+    sft = ref.iloc[0]
+    out = []
+    for _, row in best.iterrows():
+        c = _cmp(row, sft)
+        if c.significant and c.diff > 0:
+            verb = "beats"
+        elif c.significant:
+            verb = "falls below"
+        else:
+            verb = "does not significantly differ from"
+        out.append(Finding(
+            f"{row['method']} {verb} the SFT model: its best setting {row['config']} changes "
+            f"gold reward by {fmt.signed(c.diff)} ± {fmt.num(c.stderr)} "
+            f"({fmt.num(row['gold_reward'])} vs {fmt.num(sft['gold_reward'])}, {fmt.pvalue(c.p)})."))
+    return out
+
+
+def matched_kl(configs: pd.DataFrame) -> list[Finding]:
+    trained = configs[(configs["method"] != REFERENCE_METHOD)
+                      & configs["gold_reward"].notna() & configs["kl"].notna()]
+    if trained["method"].nunique() < 2:
+        return []
+    median = float(np.median(trained["kl"]))
+    low = trained[trained["kl"] <= median]
+    top = low.loc[low["gold_reward"].idxmax()]
+    return [Finding(
+        f"At matched KL (final KL at or below the median of {fmt.num(median)} nats), the best is "
+        f"{top['config']}: gold reward {fmt.pm(top['gold_reward'], top['gold_reward_stderr'])} "
+        f"at KL {fmt.pm(top['kl'], top['kl_stderr'])} nats.")]
+
+
+def reward_model(data: RunData) -> list[Finding]:
+    rm = data.metrics[data.metrics["method"] == "reward_model"]
+    acc = rm[rm["metric"] == "rm_accuracy"]
+    if acc.empty:
+        return []
+    a = acc.sort_values("step").iloc[-1]
+    text = f"The reward model's held-out pairwise accuracy is {fmt.pm(a['value'], a['stderr'])}"
+    ceiling = rm[rm["metric"] == "rm_bayes_ceiling"]
+    if not ceiling.empty and fmt.finite(ceiling["value"].iloc[-1]):
+        ceil = float(ceiling["value"].iloc[-1])
+        text += (f" against a Bayes ceiling of {fmt.num(ceil)} "
+                 f"(gap {fmt.num(ceil - float(a['value']))})")
+    train = rm[rm["metric"] == "rm_train_accuracy"]
+    if not train.empty and fmt.finite(train["value"].iloc[-1]):
+        text += f"; train accuracy {fmt.num(train['value'].iloc[-1])}"
+    return [Finding(text + ".")]
+
+
+def invariance(data: RunData) -> list[Finding]:
+    inv = data.invariance
+    if inv is None or inv.empty:
+        return []
+    passed = inv["passed"].fillna(False).astype(bool) if "passed" in inv else pd.Series(dtype=bool)
+    text = f"{int(passed.sum())} of {len(inv)} invariance checks passed"
+    if "negative_control_detected" in inv:
+        detected = inv["negative_control_detected"].fillna(False).astype(bool)
+        if detected.all():
+            text += "; every negative control was detected."
+        else:
+            missed = inv.loc[~detected, "check"].astype(str).unique()
+            text += (f"; {int((~detected).sum())} negative control(s) were NOT detected "
+                     f"({', '.join(missed)}).")
+    else:
+        text += "; no negative controls were recorded."
+    return [Finding(text, warning=not bool(passed.all()))]
+
+
+def fluency_alarm(final: pd.DataFrame) -> list[Finding]:
+    ref = final[final["method"] == REFERENCE_METHOD]["fluency"].dropna()
+    if ref.empty:
+        return []
+    sft = float(ref.mean())
+    low = final[(final["method"] != REFERENCE_METHOD)
+                & (final["fluency"] < sft - FLUENCY_ALARM_DROP)]
+    if low.empty:
+        return []
+    cells = ", ".join(f"{r['label']} {fmt.num(r['fluency'])}" for _, r in low.iterrows())
+    return [Finding(
+        f"Reward-hacking alarm: fluency fell more than {FLUENCY_ALARM_DROP:.2f} below the SFT "
+        f"model's {fmt.num(sft)} for {cells}; check the samples.", warning=True)]
+
+
+def headline(data: RunData, final: pd.DataFrame, configs: pd.DataFrame) -> list[Finding]:
+    findings: list[Finding] = []
+    if not configs.empty:
+        findings += best_overall(configs)
+        findings += versus_sft(configs)
+        findings += matched_kl(configs)
+    findings += reward_model(data)
+    findings += invariance(data)
+    if not final.empty:
+        findings += fluency_alarm(final)
+    if not findings:
+        findings.append(Finding("This run recorded no evaluation results."))
+    return findings

@@ -1,0 +1,175 @@
+"""Reading a run directory: the only inputs a report is built from.
+
+A report must be rebuildable from a run directory alone (``dpo-bench report RUN_DIR``), so this
+module reads files and never imports training code. Every reader tolerates missing optional files
+and missing keys: an old or partial run should still give a report, just a shorter one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+METRIC_COLUMNS = (
+    "run_id", "task", "method", "beta", "seed", "step", "temperature",
+    "metric", "value", "stderr", "ci_low", "ci_high", "n",
+)
+_FLOAT_COLUMNS = ("beta", "temperature", "value", "stderr", "ci_low", "ci_high")
+
+# Methods that are not policies: they have rows in metrics.parquet but no cell in the results.
+NON_POLICY_METHODS = frozenset({"reward_model", "optimum"})
+REFERENCE_METHOD = "sft"
+
+# Default names of each method's strength value when run.json does not say (see DESIGN.md).
+_DEFAULT_STRENGTH = {"ppo": "kl_coef", "best_of_n": "N", "unlikelihood": "alpha"}
+_STRENGTH_SYMBOL = {"beta": "β", "alpha": "α"}
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything a report reads from one run directory."""
+
+    run_dir: Path
+    metrics: pd.DataFrame
+    samples: pd.DataFrame | None = None
+    invariance: pd.DataFrame | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        if self.run.get("run_id"):
+            return str(self.run["run_id"])
+        ids = self.metrics["run_id"].dropna().unique() if len(self.metrics) else []
+        return str(ids[0]) if len(ids) else self.run_dir.name
+
+    @property
+    def task(self) -> str:
+        if self.run.get("task"):
+            return str(self.run["task"])
+        tasks = self.metrics["task"].dropna().unique() if len(self.metrics) else []
+        return str(tasks[0]) if len(tasks) else "unknown"
+
+    def strength_name(self, method: str) -> str:
+        """Name of the method's strength value (β, kl_coef, N, α ...) for labels."""
+        info = (self.run.get("methods") or {}).get(method)
+        name = info.get("strength") if isinstance(info, dict) else None
+        name = str(name) if name else _DEFAULT_STRENGTH.get(method, "beta")
+        return _STRENGTH_SYMBOL.get(name, name)
+
+    def config_label(self, method: str, beta: float) -> str:
+        """'dpo (β=0.1)'; just the method when it has no strength value (e.g. sft)."""
+        if beta is None or (isinstance(beta, float) and math.isnan(beta)):
+            return str(method)
+        return f"{method} ({self.strength_name(method)}={format_strength(beta)})"
+
+    def cell_label(self, method: str, beta: float, seed: int, with_seed: bool) -> str:
+        label = self.config_label(method, beta)
+        return f"{label}, seed {seed}" if with_seed else label
+
+    @property
+    def multi_seed(self) -> bool:
+        """True when some (method, beta) was trained with more than one seed."""
+        ev = policy_rows(self.metrics)
+        if ev.empty:
+            return False
+        counts = ev.groupby(["method", "beta"], dropna=False)["seed"].nunique()
+        return bool((counts > 1).any())
+
+
+def format_strength(value: float) -> str:
+    return f"{value:g}"
+
+
+def policy_rows(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Rows that belong to trained or reference policies (not the RM, not the exact optimum)."""
+    return metrics[~metrics["method"].isin(NON_POLICY_METHODS)]
+
+
+def _read_parquet(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    return pd.read_parquet(path)
+
+
+def _normalise_metrics(df: pd.DataFrame | None) -> pd.DataFrame:
+    if df is None:
+        df = pd.DataFrame(columns=list(METRIC_COLUMNS))
+    df = df.copy()
+    for col in METRIC_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    for col in _FLOAT_COLUMNS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in ("seed", "step", "n"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").fillna(0).astype("int64")
+    for col in ("run_id", "task", "method", "metric"):
+        df[col] = df[col].astype("object").where(df[col].notna(), "").astype(str)
+    return df.reset_index(drop=True)
+
+
+def _read_run_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> RunData:
+    """Read metrics, samples, invariance checks and run.json from ``run_dir``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    metrics = _normalise_metrics(_read_parquet(run_dir / "metrics.parquet"))
+    samples = _read_parquet(run_dir / "samples.parquet")
+    invariance = _read_parquet(run_dir / "invariance.parquet")
+    if invariance is not None and invariance.empty:
+        invariance = None
+    if samples is not None and samples.empty:
+        samples = None
+    return RunData(
+        run_dir=run_dir,
+        metrics=metrics,
+        samples=samples,
+        invariance=invariance,
+        run=_read_run_json(run_dir / "run.json"),
+    )
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write via a temporary file in the same directory and os.replace, so that a reader never
+    sees a half-written report (a scheduled run may rebuild while someone has it open)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        # mkstemp makes the file private (0600); a report should get the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

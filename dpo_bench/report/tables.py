@@ -1,0 +1,212 @@
+"""Tables as plain data, rendered by both the markdown and the HTML writer.
+
+Cells hold unescaped text; each renderer escapes for its own format. ``best`` marks the best
+value of a column (bold in markdown, a CSS class in HTML); ``sort`` is the numeric key the HTML
+table sorter uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import fmt
+from .load import REFERENCE_METHOD, RunData
+
+# Enough prompts to see reward hacking at a glance; the rest are in samples.parquet.
+MAX_SAMPLE_PROMPTS = 5
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    best: bool = False
+    sort: float | None = None
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    caption: str = ""
+
+
+def _best_index(values: pd.Series, larger_is_better: bool = True) -> set[int]:
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(v).any():
+        return set()
+    target = np.nanmax(v) if larger_is_better else np.nanmin(v)
+    return {int(i) for i in np.flatnonzero(np.isclose(v, target, rtol=0, atol=1e-12))}
+
+
+def _num_cell(x: Any, text: str, best: bool = False) -> Cell:
+    return Cell(text, best, float(x) if fmt.finite(x) else None)
+
+
+def _results_rows(frame: pd.DataFrame, seed_text) -> list[list[Cell]]:
+    frame = frame.reset_index(drop=True)
+    best = {m: _best_index(frame[m]) for m in ("gold_reward", "win_rate", "fluency")}
+    rows = []
+    for i, r in frame.iterrows():
+        rows.append([
+            Cell(str(r["config"])),
+            Cell(seed_text(r)),
+            _num_cell(r["gold_reward"], fmt.pm(r["gold_reward"], r["gold_reward_stderr"]),
+                      i in best["gold_reward"]),
+            _num_cell(r["kl"], fmt.pm(r["kl"], r["kl_stderr"])),
+            _num_cell(r["win_rate"], fmt.ci(r["win_rate"], r["win_rate_ci_low"], r["win_rate_ci_high"]),
+                      i in best["win_rate"]),
+            _num_cell(r["fluency"], fmt.pm(r["fluency"], r["fluency_stderr"]), i in best["fluency"]),
+            _num_cell(r["proxy_reward"], fmt.pm(r["proxy_reward"], r["proxy_reward_stderr"])),
+            _num_cell(r["length"], fmt.num(r["length"], 1)),
+        ])
+    return rows
+
+
+_RESULT_HEADERS = ["policy", "seed", "gold reward ± s.e.", "KL [nats] ± s.e.",
+                   "win rate vs SFT [95% CI]", "fluency ± s.e.", "proxy reward ± s.e.",
+                   "length [tokens]"]
+
+
+def results_table(final: pd.DataFrame) -> Table:
+    rows = _results_rows(final, lambda r: f"{int(r['seed'])} (step {int(r['step'])})")
+    return Table(list(_RESULT_HEADERS), rows,
+                 "Each cell at its final checkpoint, temperature 1.0. Best gold reward, win rate "
+                 "and fluency in bold.")
+
+
+def seed_table(configs: pd.DataFrame) -> Table | None:
+    multi = configs[configs["seeds"] > 1]
+    if multi.empty:
+        return None
+    rows = _results_rows(multi, lambda r: f"mean of {int(r['seeds'])}")
+    return Table(list(_RESULT_HEADERS), rows,
+                 "Mean over seeds; ± is the between-seed standard error, the interval a t interval "
+                 "over seeds.")
+
+
+def reward_model_table(data: RunData) -> Table | None:
+    rm = data.metrics[data.metrics["method"] == "reward_model"]
+    rm = rm[rm["metric"] != "rm_calibration"]
+    if rm.empty:
+        return None
+    names = {"rm_accuracy": "held-out pairwise accuracy", "rm_bayes_ceiling": "Bayes ceiling",
+             "rm_train_accuracy": "train accuracy"}
+    rows = []
+    for _, r in rm.iterrows():
+        rows.append([Cell(names.get(r["metric"], r["metric"])),
+                     _num_cell(r["value"], fmt.pm(r["value"], r["stderr"])),
+                     _num_cell(r["n"], str(int(r["n"])))])
+    return Table(["quantity", "value ± s.e.", "n"], rows)
+
+
+def invariance_table(data: RunData) -> Table | None:
+    inv = data.invariance
+    if inv is None or inv.empty:
+        return None
+    rows = []
+    for _, r in inv.iterrows():
+        passed = bool(r.get("passed", False))
+        detected = r.get("negative_control_detected", np.nan)
+        control = "n/a" if fmt.is_nan(detected) or detected is None else (
+            "detected" if bool(detected) else "NOT detected")
+        rows.append([Cell(str(r.get("check", ""))), Cell(str(r.get("quantity", ""))),
+                     _num_cell(r.get("value"), fmt.num(r.get("value"), 4)),
+                     _num_cell(r.get("tolerance"), fmt.num(r.get("tolerance"), 4)),
+                     Cell("pass" if passed else "FAIL", best=not passed),
+                     Cell(control, best=control == "NOT detected")])
+    return Table(["check", "quantity", "value", "tolerance", "result", "negative control"], rows,
+                 "A negative control is the same check on a perturbation that depends on y; it "
+                 "must fail, and 'detected' means it did. Problems in bold.")
+
+
+def _final_samples(samples: pd.DataFrame) -> pd.DataFrame:
+    s = samples.copy()
+    for col, default in (("method", ""), ("beta", np.nan), ("seed", 0), ("prompt", ""),
+                         ("completion", ""), ("gold_reward", np.nan), ("proxy_reward", np.nan),
+                         ("fluent", np.nan)):
+        if col not in s.columns:
+            s[col] = default
+    if "step" in s.columns:  # a samples file with checkpoints: keep each cell's last one
+        last = s.groupby(["method", "beta", "seed"], dropna=False)["step"].transform("max")
+        s = s[s["step"] == last]
+    return s
+
+
+def sample_tables(data: RunData) -> list[tuple[str, Table]]:
+    """Up to five eval prompts: the SFT completion and each policy's final completion."""
+    if data.samples is None:
+        return []
+    s = _final_samples(data.samples)
+    ref = s[s["method"] == REFERENCE_METHOD]
+    prompts = list(dict.fromkeys((ref if not ref.empty else s)["prompt"].astype(str)))
+    prompts = prompts[:MAX_SAMPLE_PROMPTS]
+    s = s.assign(_prompt=s["prompt"].astype(str), _ref=s["method"] != REFERENCE_METHOD)
+    s = s.sort_values(["_ref", "method", "beta", "seed"], na_position="first", kind="stable")
+    multi = data.multi_seed
+    out = []
+    for prompt in prompts:
+        rows = []
+        per_cell = s[s["_prompt"] == prompt].drop_duplicates(["method", "beta", "seed"])
+        for _, r in per_cell.iterrows():
+            fluent = r["fluent"]
+            fluent_text = "—" if fmt.is_nan(fluent) or fluent is None else (
+                "yes" if bool(fluent) else "NO")
+            rows.append([
+                Cell(data.cell_label(str(r["method"]), float(r["beta"]), int(r["seed"]), multi)),
+                Cell(str(r["completion"])),
+                _num_cell(r["gold_reward"], fmt.num(r["gold_reward"])),
+                _num_cell(r["proxy_reward"], fmt.num(r["proxy_reward"])),
+                Cell(fluent_text, best=fluent_text == "NO"),
+            ])
+        out.append((prompt, Table(["policy", "completion", "gold reward", "proxy reward", "fluent"],
+                                  rows)))
+    return out
+
+
+def _kv(items: list[tuple[str, Any]]) -> Table:
+    return Table(["key", "value"], [[Cell(str(k)), Cell(str(v))] for k, v in items])
+
+
+def provenance_tables(data: RunData) -> dict[str, Table]:
+    run = data.run
+    out: dict[str, Table] = {}
+    out["Run"] = _kv([
+        ("run id", data.run_id), ("task", data.task), ("preset", run.get("preset", "—")),
+        ("seed", run.get("seed", "—")), ("status", run.get("status", "—")),
+        ("device", run.get("device", "—")), ("started at", run.get("started_at", "—")),
+        ("finished at", run.get("finished_at", "—")), ("run directory", str(data.run_dir)),
+    ])
+    methods = run.get("methods")
+    if isinstance(methods, dict) and methods:
+        out["Methods"] = Table(["method", "strength", "description"], [
+            [Cell(str(m)), Cell(str(info.get("strength", "—")) if isinstance(info, dict) else "—"),
+             Cell(str(info.get("description", "")) if isinstance(info, dict) else str(info))]
+            for m, info in methods.items()])
+    for key, title in (("versions", "Versions"), ("fingerprints", "Data fingerprints")):
+        value = run.get(key)
+        if isinstance(value, dict) and value:
+            out[title] = _kv(list(value.items()))
+    timings = run.get("timings")
+    if isinstance(timings, dict) and timings:
+        rows = [[Cell(str(k)), _num_cell(v, fmt.seconds(v))] for k, v in timings.items()]
+        total = sum(float(v) for v in timings.values() if fmt.finite(v))
+        rows.append([Cell("total"), _num_cell(total, fmt.seconds(total))])
+        out["Timings per stage"] = Table(["stage", "time"], rows)
+    return out
+
+
+def config_text(data: RunData) -> str:
+    config = data.run.get("config")
+    if not config:
+        return ""
+    return json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def notes(data: RunData) -> list[str]:
+    value = data.run.get("notes") or []
+    return [str(n) for n in value] if isinstance(value, list) else [str(value)]

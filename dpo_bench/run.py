@@ -1,0 +1,227 @@
+"""A whole benchmark run: the stages in order, then the run directory's files and the report.
+
+:func:`plan_stages` and :func:`finish_run` are shared by the in-process runner here and the
+Prefect flow in ``pipelines/benchmark.py``, which only adds orchestration around them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from .bench import BenchConfig, Cell
+from .configs import to_dict
+from .invariance import run_invariance_checks
+from .methods.base import get_method
+from .report import build_report
+from .stages import (
+    METRIC_COLUMNS, Bench, Stage, Upstream, build_preferences, cell_status, preference_info, prepare_task,
+    reference_eval, reference_logps, run_cell, train_rm, train_sft, write_json, write_parquet,
+)
+
+RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "run.json")
+
+
+class RunExistsError(RuntimeError):
+    """Another run with this id is in progress or finished in the same reports directory."""
+
+
+def new_run_id(preset: str) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{preset}"
+
+
+@dataclass
+class RunLock:
+    """Refuse a second run with the same id while the first is alive (a lock file with its pid)."""
+
+    run_dir: Path
+
+    def __enter__(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / ".lock"
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = self.path.read_text().strip() or "?"
+            if pid.isdigit() and not _alive(int(pid)):
+                self.path.unlink(missing_ok=True)  # a killed run's stale lock
+                return self.__enter__()
+            raise RunExistsError(
+                f"run '{self.run_dir.name}' is already running in {self.run_dir.parent} (pid {pid}); "
+                "choose another --run-id or wait for it to finish"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_writable(reports_dir: Path) -> None:
+    """Fail early, with a clear message, when the reports directory cannot be written."""
+    try:
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        probe = reports_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to the reports directory {reports_dir}: {e.strerror or e}") from None
+
+
+@dataclass
+class Timings:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def record(self, stage: Stage) -> Stage:
+        self.stages[stage.name if stage.name != "cell" else f"cell {stage.key[:8]}"] = round(stage.seconds, 3)
+        return stage
+
+
+def upstream_for(cell: Cell, stages: dict[str, Stage | None]) -> Upstream:
+    """Only the stages the method needs enter its cache key, so e.g. best-of-N ignores ref log-probs."""
+    needs = get_method(cell.method).needs
+    wants_prefs = bool(needs & {"preferences", "rankings"})
+    return Upstream(
+        task=stages["task"], sft=stages["sft"], ref_eval=stages["ref_eval"],
+        preferences=stages["preferences"] if wants_prefs else None,
+        ref_logps=stages["ref_logps"] if wants_prefs else None,
+        reward_model=stages.get("reward_model"),
+    )
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "prefect", "pandas", "numpy", "scipy", "vaderSentiment", "dpo-bench"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def finish_run(
+    bench: Bench, run_dir: Path, run_id: str, stages: dict[str, Stage | None], cells: list[tuple[Cell, Stage]],
+    timings: Timings, started: float, started_at: str, extra: dict | None = None,
+) -> dict[str, Path]:
+    """Write metrics, samples, invariance, run.json and the report into ``run_dir``."""
+    config = bench.config
+    frames = [pd.read_parquet(stages["ref_eval"].path / "metrics.parquet")]
+    if stages.get("sft") and (stages["sft"].path / "train_metrics.parquet").exists():
+        frames.append(pd.read_parquet(stages["sft"].path / "train_metrics.parquet"))
+    if stages.get("reward_model"):
+        frames.append(pd.read_parquet(stages["reward_model"].path / "metrics.parquet"))
+    samples, statuses = [], {}
+    for cell, stage in cells:
+        frames.append(pd.read_parquet(stage.path / "metrics.parquet"))
+        if (stage.path / "samples.parquet").exists():
+            samples.append(pd.read_parquet(stage.path / "samples.parquet"))
+        statuses[cell.label] = cell_status(stage)
+    metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
+    metrics.insert(0, "task", config.task)
+    metrics.insert(0, "run_id", run_id)
+    metrics = metrics[METRIC_COLUMNS]
+    write_parquet(metrics, run_dir / "metrics.parquet")
+    sample_frame = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame()
+    write_parquet(sample_frame, run_dir / "samples.parquet")
+
+    invariance = run_invariance_checks(bench, stages)
+    write_parquet(invariance, run_dir / "invariance.parquet")
+
+    fingerprints = dict(getattr(bench.task(stages["task"]), "fingerprints", {}))
+    if stages.get("preferences"):
+        info = preference_info(stages["preferences"])
+        fingerprints.update({k.removesuffix("_fingerprint"): v for k, v in info.items() if k.endswith("_fingerprint")})
+    failed = [label for label, s in statuses.items() if s["status"] != "ok"]
+    record = {
+        "run_id": run_id, "task": config.task, "preset": config.preset, "seed": config.seed,
+        "status": "completed" if not failed else "completed_with_failures",
+        "started_at": started_at, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "config": to_dict(config), "fingerprints": fingerprints, "versions": versions(),
+        "device": str(bench.device), "host": socket.gethostname(), "code_version": bench.version,
+        "cache_dir": str(Path(bench.cache_dir).resolve()), "cache_used": bench.use_cache,
+        "timings": timings.stages, "cached_stages": sorted({s.name for s in stages.values() if s and s.cached}),
+        "cells": statuses, "failed_cells": failed,
+        "preferences": preference_info(stages["preferences"]) if stages.get("preferences") else None,
+        "methods": {
+            name: {"description": get_method(name).description, "strength": get_method(name).strength}
+            for name in sorted({c.method for c, _ in cells})
+        },
+        "notes": [f"cell {label} failed: {statuses[label]['error']}" for label in failed],
+        **(extra or {}),
+    }
+    write_json(run_dir / "run.json", record)
+    return build_report(run_dir)
+
+
+def run_benchmark(
+    config: BenchConfig,
+    reports_dir: Path,
+    run_id: str | None = None,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+) -> Path:
+    """Run every stage in this process and write ``reports_dir/<run_id>/``; returns that directory."""
+    reports_dir = Path(reports_dir)
+    check_writable(reports_dir)
+    run_id = run_id or new_run_id(config.preset)
+    run_dir = reports_dir / run_id
+    bench = Bench(config, Path(cache_dir) if cache_dir else reports_dir / ".cache", use_cache=use_cache, progress=progress)
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    timings = Timings()
+    say = on_stage or (lambda _msg: None)
+    with RunLock(run_dir):
+        stages = plan_stages(bench, timings, say)
+        cells = []
+        for cell in config.cells():
+            say(f"training {cell.label}")
+            cells.append((cell, timings.record(run_cell(bench, cell, upstream_for(cell, stages)))))
+        say("writing the report")
+        finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at)
+    return run_dir
+
+
+def plan_stages(bench: Bench, timings: Timings, say: Callable[[str], None] = lambda _m: None) -> dict[str, Stage | None]:
+    """The shared stages, in dependency order, skipping those no method of the grid needs."""
+    needs = bench.config.needs()
+    stages: dict[str, Stage | None] = {}
+    say("preparing the task")
+    stages["task"] = timings.record(prepare_task(bench))
+    say("training the SFT model")
+    stages["sft"] = timings.record(train_sft(bench, stages["task"]))
+    say("evaluating the reference")
+    stages["ref_eval"] = timings.record(reference_eval(bench, stages["task"], stages["sft"]))
+    say("sampling the preference data")
+    stages["preferences"] = timings.record(build_preferences(bench, stages["task"], stages["sft"]))
+    stages["ref_logps"] = timings.record(reference_logps(bench, stages["task"], stages["sft"], stages["preferences"])) \
+        if needs & {"preferences", "rankings"} else None
+    say("training the reward model")
+    stages["reward_model"] = timings.record(train_rm(bench, stages["task"], stages["sft"], stages["preferences"]))
+    return stages
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "run.json").read_text())

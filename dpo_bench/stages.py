@@ -1,0 +1,508 @@
+"""The benchmark's stages as plain functions over a content-addressed store.
+
+Every expensive stage (task data, SFT, preference data, reference log-probs, reward model,
+reference evaluation, each grid cell) writes its outputs to ``<cache>/<stage>/<key>/``. The key
+hashes the stage's resolved config, the keys of its upstream stages and the library's code
+version, so a second run recomputes nothing, changing one method's β retrains only that cell,
+and changing the SFT config retrains everything downstream. Outputs are built in a temporary
+directory and renamed into place, so a run killed at any point leaves nothing half-written that
+a later run would trust. Stages pass :class:`Stage` handles (a key and a path), never tensors,
+so they cross process boundaries (Dask workers) and hash the same everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from reward.bradley_terry import bayes_ceiling, pairwise_accuracy
+from reward.model import RewardModel
+from reward.train import PairTensors, evaluate_reward_model, train_reward_model
+
+from .bench import BenchConfig, Cell
+from .configs import to_dict
+from .data import write_preferences
+from .evaluate import estimate_from_samples, wilson_interval
+from .logprobs import SequenceBatch, batched_sequence_logps, collate
+from .methods.base import MethodContext, ModelPolicy, PreferenceTensors, get_method
+from .methods.sft import supervised_finetune
+from .policy import (
+    derive_seed, load_module, load_policy, load_tensors, resolve_device, save_module, save_policy, save_tensors, seed_everything,
+)
+from .policy_eval import ReferenceSamples, evaluate_policy, reference_samples
+from .preferences import make_preferences
+from .tasks import get_task_class
+from .training import NonFiniteLossError, TrainLog
+
+log = logging.getLogger("dpo_bench")
+
+METRIC_COLUMNS = ["run_id", "task", "method", "beta", "seed", "step", "temperature", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
+
+
+def code_version() -> str:
+    """Hash of the library's source: a code change invalidates every cached stage."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for base in (root, root.parent / "reward"):
+        for path in sorted(base.rglob("*.py")):
+            h.update(str(path.relative_to(base.parent)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stable_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A finished stage: its cache key and the directory holding its outputs."""
+
+    name: str
+    key: str
+    path: Path
+    cached: bool = False
+    seconds: float = 0.0
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Bench:
+    """A resolved config plus where stages are cached: everything a stage function needs.
+
+    Pickles small (config and paths); loaded models are memoised per process.
+    """
+
+    config: BenchConfig
+    cache_dir: Path
+    use_cache: bool = True
+    progress: bool = True
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_memo"] = {}
+        return state
+
+    @cached_property
+    def version(self) -> str:
+        return code_version()
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    def setup_threads(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+
+    # --- the store ---
+    def run_stage(self, name: str, key_data: dict, build: Callable[[Path], None]) -> Stage:
+        key = stable_hash({"stage": name, "code": self.version, **key_data})[:24]
+        path = Path(self.cache_dir) / name / key
+        if self.use_cache and (path / "_complete.json").exists():
+            return Stage(name, key, path, cached=True)
+        self.setup_threads()
+        start = time.perf_counter()
+        tmp = path.with_name(f".{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        seconds = time.perf_counter() - start
+        write_json(tmp / "_complete.json", {"stage": name, "key": key, "seconds": seconds, "key_data": key_data})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return Stage(name, key, path, cached=False, seconds=seconds)
+
+    def memo(self, key: str, load: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = load()
+        return self._memo[key]
+
+    # --- loading stage outputs ---
+    def task(self, stage: Stage):
+        cls = get_task_class(self.config.task)
+        return self.memo(("task", stage.key), lambda: cls(self.config.task_config, stage.path))
+
+    def reference(self, stage: Stage) -> torch.nn.Module:
+        def load():
+            model = load_policy(stage.path / "model", self.device)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model
+
+        return self.memo(("reference", stage.key), load)
+
+    def reward_model(self, stage: Stage | None, sft: Stage) -> RewardModel | None:
+        if stage is None:
+            return None
+
+        def load():
+            model = RewardModel(self.reference(sft))
+            load_module(model, stage.path / "reward_model.safetensors")
+            model.to(self.device).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model
+
+        return self.memo(("rm", stage.key), load)
+
+
+# --- stage 1: the task's data ---------------------------------------------------------------
+
+
+def prepare_task(bench: Bench) -> Stage:
+    config = bench.config
+    cls = get_task_class(config.task)
+    return bench.run_stage("task", {"task": config.task, "config": to_dict(config.task_config)},
+                           lambda out: cls.prepare(config.task_config, out))
+
+
+# --- stage 2: the reference (SFT) model -------------------------------------------------------
+
+
+def train_sft(bench: Bench, task_stage: Stage) -> Stage:
+    config = bench.config
+    seed = derive_seed(config.seed, "sft")
+
+    def build(out: Path) -> None:
+        task = bench.task(task_stage)
+        seed_everything(seed)
+        model = task.initial_model(seed).to(bench.device)
+        data = task.reference_training_data()
+        train_log = TrainLog()
+        if data is not None:
+            prompts, completions = data
+            supervised_finetune(
+                model, prompts, completions, config.sft, pad_id=task.pad_id,
+                generator=torch.Generator().manual_seed(seed), log=train_log, label="SFT", progress=bench.progress,
+            )
+        save_policy(model, out / "model")
+        write_parquet(_train_rows(train_log, "sft", float("nan"), 0), out / "train_metrics.parquet")
+
+    sft_data = to_dict(config.sft) if get_task_class(config.task).exact is False else {}
+    return bench.run_stage("sft", {"task": task_stage.key, "sft": sft_data, "seed": seed}, build)
+
+
+def _train_rows(train_log: TrainLog, method: str, beta: float, seed: int) -> pd.DataFrame:
+    rows = [
+        {"method": method, "beta": beta, "seed": seed, "step": step, "temperature": float("nan"), "metric": name,
+         "value": value, "stderr": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": n}
+        for step, name, value, n in train_log.records
+    ]
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS[2:])
+
+
+# --- stage 3: preference data -----------------------------------------------------------------
+
+
+def build_preferences(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
+    config = bench.config
+    seed = derive_seed(config.seed, "preferences")
+
+    def build(out: Path) -> None:
+        task = bench.task(task_stage)
+        frames = make_preferences(task, bench.reference(sft), config.preferences, seed)
+        if frames.pairs.empty:
+            raise ValueError("the preference data is empty: every sampled pair tied or repeated")
+        info = {
+            "pairs_fingerprint": write_preferences(frames.pairs, out / "preferences.parquet"),
+            "n_pairs": len(frames.pairs), "n_prompts": frames.n_prompts,
+            "n_dropped_ties": frames.n_dropped_ties, "n_dropped_repeats": frames.n_dropped_repeats,
+            "n_heldout_pairs": int((frames.pairs["split"] == "heldout").sum()),
+        }
+        if frames.rankings is not None:
+            info["rankings_fingerprint"] = write_preferences(frames.rankings, out / "rankings.parquet")
+            info["n_rankings"] = len(frames.rankings)
+        write_json(out / "info.json", info)
+
+    return bench.run_stage("preferences", {"sft": sft.key, "preferences": to_dict(config.preferences), "seed": seed}, build)
+
+
+def preference_info(stage: Stage) -> dict:
+    return json.loads((stage.path / "info.json").read_text())
+
+
+def _pairs_frame(stage: Stage, split: str) -> pd.DataFrame:
+    frame = pd.read_parquet(stage.path / "preferences.parquet")
+    return frame[frame["split"] == split].reset_index(drop=True)
+
+
+def _collate_texts(task, prompts, completions) -> SequenceBatch:
+    return collate([task.encode_prompt(p) for p in prompts], [task.encode_completion(c) for c in completions], task.pad_id)
+
+
+# --- stage 4: reference log-probs, computed once -----------------------------------------------
+
+
+def reference_logps(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage:
+    def build(out: Path) -> None:
+        task, reference = bench.task(task_stage), bench.reference(sft)
+        frame = _pairs_frame(prefs, "train")
+        tensors = {
+            "chosen": batched_sequence_logps(reference, _collate_texts(task, frame["prompt"], frame["chosen"])),
+            "rejected": batched_sequence_logps(reference, _collate_texts(task, frame["prompt"], frame["rejected"])),
+        }
+        if (prefs.path / "rankings.parquet").exists():
+            rankings = pd.read_parquet(prefs.path / "rankings.parquet")
+            rankings = rankings[rankings["split"] == "train"]
+            k = len(rankings["ranking"].iloc[0])
+            tensors["ranked"] = torch.stack([
+                batched_sequence_logps(reference, _collate_texts(task, rankings["prompt"], [r[j] for r in rankings["ranking"]]))
+                for j in range(k)
+            ], dim=1)
+        save_tensors(tensors, out / "ref_logps.safetensors")
+
+    return bench.run_stage("ref_logps", {"sft": sft.key, "preferences": prefs.key}, build)
+
+
+def preference_tensors(bench: Bench, task_stage: Stage, prefs: Stage, ref: Stage) -> PreferenceTensors:
+    def load() -> PreferenceTensors:
+        task = bench.task(task_stage)
+        frame = _pairs_frame(prefs, "train")
+        logps = load_tensors(ref.path / "ref_logps.safetensors")
+        ranked, ref_ranked = None, None
+        if "ranked" in logps:
+            rankings = pd.read_parquet(prefs.path / "rankings.parquet")
+            rankings = rankings[rankings["split"] == "train"]
+            k = logps["ranked"].shape[1]
+            ranked = [_collate_texts(task, rankings["prompt"], [r[j] for r in rankings["ranking"]]) for j in range(k)]
+            ref_ranked = logps["ranked"]
+        return PreferenceTensors(
+            prompts=list(frame["prompt"]),
+            chosen=_collate_texts(task, frame["prompt"], frame["chosen"]),
+            rejected=_collate_texts(task, frame["prompt"], frame["rejected"]),
+            ref_chosen_logps=logps["chosen"], ref_rejected_logps=logps["rejected"],
+            ranked=ranked, ref_ranked_logps=ref_ranked, fingerprint=preference_info(prefs)["pairs_fingerprint"],
+        )
+
+    return bench.memo(("prefs", prefs.key, ref.key), load)
+
+
+def _pair_tensors(batch_w: SequenceBatch, batch_l: SequenceBatch) -> PairTensors:
+    return PairTensors(batch_w.input_ids, batch_w.attention_mask, batch_l.input_ids, batch_l.attention_mask)
+
+
+# --- stage 5: the reward model --------------------------------------------------------------------
+
+
+def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage:
+    config = bench.config
+    seed = derive_seed(config.seed, "reward_model")
+
+    def build(out: Path) -> None:
+        task = bench.task(task_stage)
+        seed_everything(seed)
+        train = _pairs_frame(prefs, "train")
+        heldout = _pairs_frame(prefs, "heldout")
+        pairs = lambda f: _pair_tensors(_collate_texts(task, f["prompt"], f["chosen"]), _collate_texts(task, f["prompt"], f["rejected"]))  # noqa: E731
+        model = RewardModel(bench.reference(sft)).to(bench.device)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        train_log = TrainLog()
+        train_reward_model(
+            model, pairs(train), config.reward_model, pad_id=task.pad_id, generator=torch.Generator().manual_seed(seed),
+            log=train_log.log, progress=bench.progress,
+        )
+        save_module(model, out / "reward_model.safetensors")
+        rows = _train_rows(train_log, "reward_model", float("nan"), 0)
+        metric_rows = []
+        tr_w, tr_l = evaluate_reward_model(model, pairs(train), task.pad_id)
+        metric_rows.append(_accuracy_row("rm_train_accuracy", tr_w, tr_l))
+        if len(heldout):
+            r_w, r_l = evaluate_reward_model(model, pairs(heldout), task.pad_id)
+            metric_rows.append(_accuracy_row("rm_accuracy", r_w, r_l))
+            ceiling = bayes_ceiling(heldout["gold_chosen"], heldout["gold_rejected"], config.preferences.label_temperature)
+            metric_rows.append({"metric": "rm_bayes_ceiling", "value": ceiling, "stderr": float("nan"),
+                                "ci_low": float("nan"), "ci_high": float("nan"), "n": len(heldout)})
+            metric_rows += _calibration_rows(r_w.numpy() - r_l.numpy())
+        extra = pd.DataFrame([{"method": "reward_model", "beta": float("nan"), "seed": 0, "step": 0, "temperature": float("nan"), **r}
+                              for r in metric_rows])
+        write_parquet(pd.concat([rows, extra], ignore_index=True)[METRIC_COLUMNS[2:]], out / "metrics.parquet")
+
+    return bench.run_stage("reward_model", {"sft": sft.key, "preferences": prefs.key,
+                                            "reward_model": to_dict(config.reward_model), "seed": seed}, build)
+
+
+def _accuracy_row(metric: str, r_w: torch.Tensor, r_l: torch.Tensor) -> dict:
+    outcomes = ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).numpy()
+    est = estimate_from_samples(outcomes)
+    low, high = wilson_interval(float(outcomes.mean()), len(outcomes))
+    return {"metric": metric, "value": pairwise_accuracy(r_w, r_l), "stderr": est.stderr, "ci_low": low, "ci_high": high, "n": len(outcomes)}
+
+
+def _calibration_rows(margins: np.ndarray, n_bins: int = 5) -> list[dict]:
+    """Reliability of σ(r_w − r_l) as P(chosen wins): per predicted-probability bin, the share won.
+
+    Each held-out pair appears in both orders (margin and −margin), so every bin has outcomes.
+    """
+    predicted = 1 / (1 + np.exp(-np.concatenate([margins, -margins])))
+    won = np.concatenate([np.ones_like(margins), np.zeros_like(margins)])
+    edges = np.linspace(0, 1, n_bins + 1)
+    rows = []
+    for b in range(n_bins):
+        in_bin = (predicted >= edges[b]) & (predicted < edges[b + 1] if b < n_bins - 1 else predicted <= 1)
+        n = int(in_bin.sum())
+        if n == 0:
+            continue
+        p = float(won[in_bin].mean())
+        low, high = wilson_interval(p, n)
+        rows.append({"metric": "rm_calibration", "step": b, "temperature": float(predicted[in_bin].mean()),
+                     "value": p, "stderr": float("nan"), "ci_low": low, "ci_high": high, "n": n})
+    return rows
+
+
+# --- stage 6: the reference's eval samples ----------------------------------------------------------
+
+
+def reference_eval(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
+    config = bench.config
+
+    def build(out: Path) -> None:
+        task, reference = bench.task(task_stage), bench.reference(sft)
+        for t in config.evaluation.temperatures:
+            ref = reference_samples(task, reference, t, derive_seed(config.seed, "reference_eval", t))
+            write_parquet(pd.DataFrame({"completion": ref.completions, "gold": ref.gold}), out / f"reference_T{t:g}.parquet")
+        frontier = task.exact_frontier(reference, np.geomspace(0.01, 100, 60))
+        rows = [{"method": "optimum", "beta": f["beta"], "seed": 0, "step": 0, "temperature": 1.0, "metric": m,
+                 "value": f[m], "stderr": 0.0, "ci_low": f[m], "ci_high": f[m], "n": 1}
+                for f in frontier for m in ("gold_reward", "kl")]
+        write_parquet(pd.DataFrame(rows, columns=METRIC_COLUMNS[2:]), out / "metrics.parquet")
+
+    return bench.run_stage("reference_eval", {"sft": sft.key, "temperatures": list(config.evaluation.temperatures),
+                                              "seed": config.seed}, build)
+
+
+def load_reference_samples(stage: Stage, temperature: float) -> ReferenceSamples:
+    frame = pd.read_parquet(stage.path / f"reference_T{temperature:g}.parquet")
+    return ReferenceSamples(temperature, list(frame["completion"]), frame["gold"].to_numpy())
+
+
+# --- stage 7: one grid cell ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The stages a cell reads."""
+
+    task: Stage
+    sft: Stage
+    ref_eval: Stage
+    preferences: Stage | None = None
+    ref_logps: Stage | None = None
+    reward_model: Stage | None = None
+
+
+def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
+    """Train one (method, value, seed) cell and evaluate it at its checkpoints.
+
+    A non-finite loss does not fail the run: the cell records ``status: failed`` with the error,
+    keeps the metrics of its last good checkpoint, and the other cells go on.
+    """
+    config = bench.config
+    method = get_method(cell.method)
+    method_config = cell.config()
+    seed = derive_seed(config.seed, cell.method, cell.strength_value, cell.seed)
+    key = {
+        "upstream": {k: getattr(up, k).key if getattr(up, k) else None for k in ("task", "sft", "ref_eval", "preferences", "ref_logps", "reward_model")},
+        "method": cell.method, "config": to_dict(method_config), "seed": seed,
+        "evaluation": to_dict(config.evaluation), "freeze": [config.freeze_blocks, config.freeze_embeddings],
+    }
+
+    def build(out: Path) -> None:
+        task, reference = bench.task(up.task), bench.reference(up.sft)
+        reward_model = bench.reward_model(up.reward_model, up.sft)
+        prefs = preference_tensors(bench, up.task, up.preferences, up.ref_logps) if up.preferences and up.ref_logps else None
+        generator = seed_everything(seed)
+        rows: list[dict] = []
+        last_samples: dict[str, pd.DataFrame] = {}
+        strength = cell.strength_value
+
+        def checkpoint(step: int, policy: Any) -> None:
+            policy = ModelPolicy(policy, task) if isinstance(policy, torch.nn.Module) else policy
+            eval_gen = torch.Generator().manual_seed(derive_seed(seed, "eval", step))
+            metric_rows, samples = evaluate_policy(
+                policy, task=task, reference=reference, reward_model=reward_model,
+                reference_samples=load_reference_samples(up.ref_eval, 1.0), generator=eval_gen, temperature=1.0,
+            )
+            rows.extend({"step": step, "temperature": 1.0, **r} for r in metric_rows)
+            last_samples["samples"] = samples.assign(step=step)
+
+        ctx = MethodContext(
+            task=task, reference=reference, device=bench.device, seed=seed, generator=generator, checkpoint=checkpoint,
+            n_checkpoints=config.evaluation.n_checkpoints, preferences=prefs, reward_model=reward_model,
+            gold_scores=task.gold.score, freeze_blocks=config.freeze_blocks, freeze_embeddings=config.freeze_embeddings,
+            progress=bench.progress, label=cell.label,
+        )
+        status = {"status": "ok", "error": None, "label": cell.label}
+        start = time.perf_counter()
+        try:
+            policy = method.train(ctx, method_config)
+            final_step = max((r["step"] for r in rows), default=0)
+            for t in config.evaluation.temperatures:
+                if t == 1.0:
+                    continue
+                eval_gen = torch.Generator().manual_seed(derive_seed(seed, "eval", final_step, t))
+                metric_rows, _ = evaluate_policy(
+                    policy, task=task, reference=reference, reward_model=reward_model,
+                    reference_samples=load_reference_samples(up.ref_eval, t), generator=eval_gen, temperature=t,
+                )
+                rows.extend({"step": final_step, "temperature": t, **r} for r in metric_rows if r["metric"] in ("win_rate", "gold_reward"))
+            if isinstance(policy, ModelPolicy) and method.name != "sft":
+                save_policy(policy.model, out / "policy")
+        except NonFiniteLossError as e:
+            log.warning("%s failed: %s", cell.label, e)
+            status = {"status": "failed", "error": str(e), "label": cell.label}
+        except Exception as e:  # noqa: BLE001 — one broken cell must not sink the grid
+            log.error("%s failed:\n%s", cell.label, traceback.format_exc())
+            status = {"status": "failed", "error": f"{type(e).__name__}: {e}", "label": cell.label}
+        status["seconds"] = time.perf_counter() - start
+        metrics = pd.DataFrame([{"method": cell.method, "beta": strength, "seed": cell.seed, **r} for r in rows], columns=METRIC_COLUMNS[2:])
+        train = _train_rows(ctx.log, cell.method, strength, cell.seed)
+        write_parquet(pd.concat([metrics, train], ignore_index=True), out / "metrics.parquet")
+        if "samples" in last_samples:
+            n = config.evaluation.n_saved_prompts
+            write_parquet(last_samples["samples"].head(n).assign(method=cell.method, beta=strength, seed=cell.seed), out / "samples.parquet")
+        write_json(out / "status.json", status)
+
+    return bench.run_stage("cell", key, build)
+
+
+def cell_status(stage: Stage) -> dict:
+    return json.loads((stage.path / "status.json").read_text())
+
+
+def is_finite_metrics(frame: pd.DataFrame) -> bool:
+    values = frame["value"].to_numpy(dtype=float)
+    return bool(np.all(np.isfinite(values)))
+
+
+def nan_to_none(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x

@@ -1,0 +1,108 @@
+"""The task interface: what a benchmark task provides to every stage, and the task registry.
+
+A task owns its tokenizer, its train and eval prompts, its gold scorer, how to encode prompts
+and completions, and how to build the reference policy. Methods and evaluation see only this
+interface, so a method written once runs on the sentiment, bandit and hf tasks alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+TASKS: dict[str, type["Task"]] = {}
+
+
+def register_task(cls: type["Task"]) -> type["Task"]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task_class(name: str) -> type["Task"]:
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}'; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+class Task(ABC):
+    """A prepared benchmark task. Construction is cheap once :meth:`prepare` has written ``workdir``."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    #: True when expected reward, KL and the optimum are computed exactly (the bandit).
+    exact: ClassVar[bool] = False
+    #: Completion length cap when sampling.
+    max_new_tokens: int
+
+    def __init__(self, config: Any, workdir: Path):
+        self.config = config
+        self.workdir = Path(workdir)
+
+    @classmethod
+    @abstractmethod
+    def prepare(cls, config: Any, workdir: Path) -> None:
+        """Generate or load everything the task needs (corpus, tokenizer, prompts) into ``workdir``."""
+
+    # --- text <-> tokens ---
+    tokenizer: Any
+    train_prompts: list[str]
+    eval_prompts: list[str]
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @abstractmethod
+    def encode_prompt(self, prompt: str) -> list[int]: ...
+
+    @abstractmethod
+    def encode_completion(self, completion: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode_completion(self, ids: Sequence[int]) -> str: ...
+
+    # --- scoring ---
+    gold: Any  # reward.gold.GoldScorer
+
+    def fluency(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        """Share-of-grammatical alarm; tasks without a grammar report every completion as fluent."""
+        return np.ones(len(prompts), dtype=bool)
+
+    # --- the reference policy ---
+    @abstractmethod
+    def reference_training_data(self) -> tuple[list[list[int]], list[list[int]]] | None:
+        """(prompt ids, completion ids) for supervised fine-tuning of the reference, or None."""
+
+    @abstractmethod
+    def initial_model(self, seed: int) -> nn.Module:
+        """The model SFT starts from (or the reference itself when there is no SFT data)."""
+
+    def exact_evaluation(self, policy: Any, reference: nn.Module) -> dict[str, float] | None:
+        """Exact gold reward, KL and win rate when the task can compute them (the bandit)."""
+        return None
+
+    def exact_frontier(self, reference: nn.Module, betas: Sequence[float]) -> list[dict[str, float]]:
+        return []
+
+
+def fingerprint_strings(strings: Sequence[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in strings:
+        h.update(s.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def as_tensor_lists(ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    return [torch.tensor(list(x), dtype=torch.long) for x in ids]

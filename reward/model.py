@@ -1,0 +1,56 @@
+"""A scalar reward model: a linear head on a causal language model's last hidden state.
+
+The score of a sequence is the head applied at its last real token (the DPO paper's and
+InstructGPT's choice). The trunk is any model that returns ``hidden_states`` when asked, so the
+same class scores GPT-2 sequences and the bandit's tabular sequences.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding; shape (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(-1)
+
+
+class RewardModel(nn.Module):
+    """r(x, y): ``trunk`` (a causal LM) plus a linear head at the last real token."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = copy.deepcopy(trunk)
+        hidden = self.trunk.config.hidden_size if hasattr(self.trunk.config, "hidden_size") else self.trunk.config.n_embd
+        self.head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores of shape (B,)."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+            output_hidden_states=True, use_cache=False,
+        )
+        hidden = out.hidden_states[-1]
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Scores in inference mode, chunked; returned on the CPU as float32."""
+        was_training = self.training
+        self.eval()
+        device = self.head.weight.device
+        out = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start:start + batch_size].to(device)
+            mask = attention_mask[start:start + batch_size].to(device)
+            out.append(self(ids, mask).float().cpu())
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)

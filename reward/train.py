@@ -1,0 +1,114 @@
+"""Training the reward model with the Bradley-Terry loss −log σ(r(x, y_w) − r(x, y_l))."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .bradley_terry import bt_loss, pairwise_accuracy
+from .model import RewardModel
+
+
+@dataclass(frozen=True)
+class PairTensors:
+    """N preference pairs as right- or left-padded token ids with attention masks."""
+
+    chosen_ids: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor
+    rejected_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.chosen_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "PairTensors":
+        return PairTensors(self.chosen_ids[idx], self.chosen_mask[idx], self.rejected_ids[idx], self.rejected_mask[idx])
+
+
+@dataclass(frozen=True)
+class RewardTrainConfig:
+    """Bradley-Terry reward-model training."""
+
+    steps: int = field(default=300, metadata={"doc": "optimiser steps"})
+    batch_size: int = field(default=64, metadata={"doc": "preference pairs per step"})
+    lr: float = field(default=1e-4, metadata={"doc": "learning rate (AdamW)"})
+    heldout_fraction: float = field(default=0.1, metadata={"doc": "share of pairs held out to measure accuracy"})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+def _pad_pair(ids_a, mask_a, ids_b, mask_b, pad_id: int):
+    width = max(ids_a.shape[1], ids_b.shape[1])
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    return torch.cat([pad(ids_a, pad_id), pad(ids_b, pad_id)]), torch.cat([pad(mask_a, 0), pad(mask_b, 0)])
+
+
+def pair_scores(model: RewardModel, pairs: PairTensors, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(x, y_w), r(x, y_l)) with one forward pass over both."""
+    ids, mask = _pad_pair(pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids, pairs.rejected_mask, pad_id)
+    used = mask.any(0)
+    ids, mask = ids[:, used], mask[:, used]
+    scores = model(ids, mask)
+    n = len(pairs)
+    return scores[:n], scores[n:]
+
+
+def train_reward_model(
+    model: RewardModel,
+    pairs: PairTensors,
+    config: RewardTrainConfig,
+    *,
+    pad_id: int,
+    generator: torch.Generator,
+    log=None,
+    progress: bool = True,
+) -> RewardModel:
+    """Fit ``model`` to the pairs with the Bradley-Terry loss; ``log(step, **metrics)`` gets curves."""
+    device = model.head.weight.device
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    n = len(pairs)
+    batch_size = min(config.batch_size, n)
+    order = torch.randperm(n, generator=generator)
+    position = 0
+    for step in tqdm(range(1, config.steps + 1), desc="reward model", disable=not progress, leave=False):
+        if position + batch_size > n:
+            order, position = torch.randperm(n, generator=generator), 0
+        idx = order[position:position + batch_size]
+        position += batch_size
+        batch = pairs.select(idx)
+        batch = PairTensors(*(t.to(device) for t in (batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask)))
+        r_w, r_l = pair_scores(model, batch, pad_id)
+        loss = bt_loss(r_w, r_l).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"reward model: loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if log is not None and (step % 10 == 0 or step == config.steps):
+            log(step, len(idx), **{"train/loss": loss.item(), "train/accuracy": pairwise_accuracy(r_w.detach(), r_l.detach())})
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def evaluate_reward_model(model: RewardModel, pairs: PairTensors, pad_id: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of chosen and rejected for every pair, shape (N,) each, on the CPU."""
+    model.eval()
+    device = model.head.weight.device
+    out_w, out_l = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs.select(torch.arange(start, min(start + batch_size, len(pairs))))
+        batch = PairTensors(*(t.to(device) for t in (batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask)))
+        r_w, r_l = pair_scores(model, batch, pad_id)
+        out_w.append(r_w.float().cpu())
+        out_l.append(r_l.float().cpu())
+    return torch.cat(out_w), torch.cat(out_l)

@@ -1,0 +1,268 @@
+"""Statistics in dpo_bench.evaluate: hand cases, closed forms, invariances."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import stats
+
+from dpo_bench.evaluate import (
+    Estimate,
+    difference_test,
+    estimate_from_samples,
+    exact_kl,
+    mean_stderr,
+    sequence_kl,
+    tost_equivalence,
+    wilson_interval,
+    win_rate,
+    win_rate_test,
+    within_prompt_spearman,
+)
+
+QUICK = settings(max_examples=60, deadline=None)
+values = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+# multiples of 1/8: adding a shift to them loses no information to float rounding
+dyadic = st.integers(-8000, 8000).map(lambda v: v / 8)
+
+
+# --- mean and stderr -------------------------------------------------------------------------
+
+
+@QUICK
+@given(arrays(np.float64, st.integers(2, 50), elements=values))
+def test_mean_stderr_matches_numpy(x):
+    mean, stderr, n = mean_stderr(x)
+    assert n == x.size
+    assert mean == pytest.approx(np.mean(x))
+    assert stderr == pytest.approx(np.std(x, ddof=1) / math.sqrt(x.size), abs=1e-9)
+
+
+def test_mean_stderr_single_value_has_nan_stderr_and_empty_is_refused():
+    mean, stderr, n = mean_stderr([3.0])
+    assert (mean, n) == (3.0, 1) and math.isnan(stderr)
+    with pytest.raises(ValueError, match="empty"):
+        mean_stderr([])
+
+
+def test_estimate_from_samples_is_a_t_interval():
+    x = np.array([1.0, 2.0, 4.0, 7.0])
+    est = estimate_from_samples(x)
+    se = np.std(x, ddof=1) / 2.0
+    q = stats.t.ppf(0.975, 3)
+    assert est == Estimate(3.5, pytest.approx(se), pytest.approx(3.5 - q * se), pytest.approx(3.5 + q * se), 4)
+    assert set(est.to_dict()) == {"value", "stderr", "ci_low", "ci_high", "n"}
+
+
+# --- win rate --------------------------------------------------------------------------------
+
+
+def test_win_rate_hand_case_ties_count_half():
+    a = np.array([3.0, 1.0, 2.0, 0.0])
+    b = np.array([1.0, 1.0, 5.0, -1.0])
+    est = win_rate(a, b)  # outcomes 1, 0.5, 0, 1
+    assert est.value == pytest.approx(2.5 / 4) and est.n == 4
+    assert est.stderr == pytest.approx(np.std([1, 0.5, 0, 1], ddof=1) / 2)
+    assert (est.ci_low, est.ci_high) == pytest.approx(wilson_interval(0.625, 4))
+    assert est.ci_low <= est.value <= est.ci_high
+
+
+def test_win_rate_is_exactly_half_when_scores_are_equal():
+    x = np.linspace(-1, 1, 30)
+    est = win_rate(x, x.copy())
+    assert est.value == 0.5 and est.stderr == 0.0
+    assert 0.0 < est.ci_low < 0.5 < est.ci_high < 1.0
+
+
+def test_win_rate_extremes_keep_a_nondegenerate_interval_inside_unit():
+    est = win_rate(np.ones(20), np.zeros(20))
+    assert est.value == 1.0 and est.ci_high == 1.0 and 0.8 < est.ci_low < 1.0
+    est = win_rate(np.zeros(20), np.ones(20))
+    assert est.value == 0.0 and est.ci_low == 0.0 and 0.0 < est.ci_high < 0.2
+
+
+def test_wilson_interval_closed_form():
+    # p = 0.5, n = 100, z = 1.959964: centre 0.5, half-width z*sqrt(0.0025 + z^2/40000)/(1 + z^2/100)
+    z = stats.norm.ppf(0.975)
+    half = z * math.sqrt(0.25 / 100 + z * z / 40000) / (1 + z * z / 100)
+    assert wilson_interval(0.5, 100) == pytest.approx((0.5 - half, 0.5 + half))
+
+
+@QUICK
+@given(arrays(np.float64, st.integers(1, 40), elements=st.integers(-3, 3).map(float)), st.data())
+def test_win_rate_interval_contains_value_and_antisymmetric(a, data):
+    b = data.draw(arrays(np.float64, a.shape, elements=st.integers(-3, 3).map(float)))
+    ab, ba = win_rate(a, b), win_rate(b, a)
+    assert 0.0 <= ab.ci_low <= ab.value <= ab.ci_high <= 1.0
+    assert ab.value + ba.value == pytest.approx(1.0)
+    assert ab.ci_low == pytest.approx(1.0 - ba.ci_high)
+
+
+def test_win_rate_requires_paired_inputs():
+    with pytest.raises(ValueError, match="paired"):
+        win_rate([1.0, 2.0], [1.0])
+
+
+def test_win_rate_test_is_a_sign_test_on_untied_pairs():
+    a = np.array([1.0] * 9 + [0.0] * 1 + [5.0] * 4)
+    b = np.array([0.0] * 9 + [1.0] * 1 + [5.0] * 4)  # 9 wins, 1 loss, 4 ties
+    assert win_rate_test(a, b) == pytest.approx(stats.binomtest(9, 10, 0.5).pvalue)
+    assert win_rate_test(a, a) == 1.0
+
+
+# --- differences and equivalence -------------------------------------------------------------
+
+
+def test_difference_test_welch_matches_scipy():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0.3, 1.0, 40), rng.normal(0.0, 2.0, 60)
+    est, p = difference_test(x, y, paired=False)
+    ref = stats.ttest_ind(x, y, equal_var=False)
+    assert p == pytest.approx(ref.pvalue)
+    assert est.value == pytest.approx(x.mean() - y.mean()) and est.n == 100
+    ci = ref.confidence_interval(0.95)
+    assert (est.ci_low, est.ci_high) == pytest.approx((ci.low, ci.high))
+
+
+def test_difference_test_paired_matches_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=30)
+    y = x + rng.normal(0.2, 0.1, 30)
+    est, p = difference_test(x, y, paired=True)
+    ref = stats.ttest_rel(x, y)
+    assert p == pytest.approx(ref.pvalue)
+    assert est.stderr == pytest.approx(np.std(x - y, ddof=1) / math.sqrt(30)) and est.n == 30
+    ci = ref.confidence_interval(0.95)
+    assert (est.ci_low, est.ci_high) == pytest.approx((ci.low, ci.high))
+
+
+def test_difference_test_without_noise():
+    est, p = difference_test([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], paired=True)
+    assert est.value == 0.0 and p == 1.0
+    est, p = difference_test([2.0, 2.0], [1.0, 1.0], paired=False)
+    assert est.value == 1.0 and p == 0.0
+
+
+def test_tost_detects_equivalence_of_identical_large_samples():
+    x = np.random.default_rng(2).normal(size=2000)
+    # se of the difference = sqrt(2/2000) = 0.032, so t = 0.1/0.032 = 3.2 on each side
+    p = tost_equivalence(x, x.copy(), margin=0.1)
+    assert p < 0.05
+    assert p == pytest.approx(stats.t.sf(0.1 / math.sqrt(2 * np.var(x, ddof=1) / 2000), 3998))
+
+
+def test_tost_rejects_equivalence_for_shifted_samples():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=2000)
+    y = rng.normal(size=2000) + 0.5
+    assert tost_equivalence(x, y, margin=0.1) > 0.5
+
+
+def test_tost_closed_form_against_two_one_sided_scipy_tests():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(0.0, 1.0, 50), rng.normal(0.05, 1.5, 70)
+    m = 0.4
+    p_low = stats.ttest_ind(x, y - m, equal_var=False, alternative="greater").pvalue  # H0: diff <= -m
+    p_high = stats.ttest_ind(x, y + m, equal_var=False, alternative="less").pvalue  # H0: diff >= +m
+    assert tost_equivalence(x, y, m) == pytest.approx(max(p_low, p_high))
+
+
+def test_tost_requires_a_positive_margin():
+    with pytest.raises(ValueError, match="margin"):
+        tost_equivalence([1.0, 2.0], [1.0, 2.0], 0.0)
+
+
+# --- KL --------------------------------------------------------------------------------------
+
+
+def test_sequence_kl_is_the_mean_log_ratio_with_stderr():
+    pol = np.array([-3.0, -2.0, -5.0, -1.0])
+    ref = np.array([-4.0, -2.5, -5.0, -3.0])
+    est = sequence_kl(pol, ref)
+    d = pol - ref
+    assert est.value == pytest.approx(d.mean())
+    assert est.stderr == pytest.approx(d.std(ddof=1) / 2.0)
+    assert est.ci_low < est.value < est.ci_high
+
+
+def test_sequence_kl_converges_to_exact_kl_on_a_categorical():
+    rng = np.random.default_rng(5)
+    p = np.array([0.6, 0.3, 0.1])
+    q = np.array([0.2, 0.3, 0.5])
+    y = rng.choice(3, size=50_000, p=p)
+    est = sequence_kl(np.log(p[y]), np.log(q[y]))
+    assert abs(est.value - exact_kl(p, q)) < 4 * est.stderr
+
+
+def test_exact_kl_closed_form():
+    p = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    q = np.array([[0.25, 0.25, 0.5], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    np.testing.assert_allclose(exact_kl(p, q), [math.log(2.0), math.log(2.0), 0.0], atol=1e-15)
+
+
+def test_exact_kl_is_infinite_off_the_support():
+    assert exact_kl(np.array([0.5, 0.5]), np.array([1.0, 0.0])) == math.inf
+    assert exact_kl(np.array([1.0, 0.0]), np.array([0.5, 0.5])) == pytest.approx(math.log(2.0))
+
+
+def test_exact_kl_matches_scipy_entropy():
+    rng = np.random.default_rng(6)
+    p = rng.dirichlet(np.ones(7), size=5)
+    q = rng.dirichlet(np.ones(7), size=5)
+    np.testing.assert_allclose(exact_kl(p, q), stats.entropy(p, q, axis=1))
+
+
+def test_exact_kl_validates_distributions():
+    with pytest.raises(ValueError, match="sum to 1"):
+        exact_kl(np.array([0.5, 0.2]), np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match=">= 0"):
+        exact_kl(np.array([1.5, -0.5]), np.array([0.5, 0.5]))
+
+
+# --- within-prompt Spearman ------------------------------------------------------------------
+
+
+def test_within_prompt_spearman_removes_prompt_effects():
+    # Across prompts x and y are anti-correlated through the prompt means; within prompts they agree.
+    ids = np.repeat(np.arange(4), 3)
+    within = np.tile([0.0, 1.0, 2.0], 4)
+    x = within + np.repeat([0.0, 10.0, 20.0, 30.0], 3)
+    y = 0.5 * within + np.repeat([30.0, 20.0, 10.0, 0.0], 3)
+    assert stats.spearmanr(x, y).statistic < 0
+    assert within_prompt_spearman(ids, x, y) == pytest.approx(1.0)
+
+
+@QUICK
+@given(
+    st.integers(2, 6).flatmap(
+        lambda g: st.tuples(
+            st.lists(st.integers(0, g - 1), min_size=6, max_size=30),
+            st.lists(dyadic, min_size=g, max_size=g),
+            st.lists(dyadic, min_size=g, max_size=g),
+        )
+    ),
+    st.data(),
+)
+def test_within_prompt_spearman_invariant_to_prompt_constants(case, data):
+    ids, fx, gx = case
+    ids = np.array(ids)
+    n = ids.size
+    x = np.array(data.draw(st.lists(dyadic, min_size=n, max_size=n)))
+    y = np.array(data.draw(st.lists(dyadic, min_size=n, max_size=n)))
+    base = within_prompt_spearman(ids, x, y)
+    shifted = within_prompt_spearman(ids, x + np.array(fx)[ids], y + np.array(gx)[ids])
+    if math.isnan(base):
+        assert math.isnan(shifted)
+    else:
+        assert shifted == pytest.approx(base, abs=1e-9)
+
+
+def test_within_prompt_spearman_drops_singleton_prompts_and_handles_degenerate_input():
+    ids = np.array([0, 0, 1, 1, 2])
+    x = np.array([0.0, 1.0, 5.0, 7.0, 100.0])
+    y = np.array([0.0, 2.0, 1.0, 4.0, -100.0])
+    assert within_prompt_spearman(ids, x, y) == pytest.approx(1.0)
+    assert math.isnan(within_prompt_spearman(np.arange(5), x, y))  # every prompt has one response
