@@ -17,7 +17,7 @@ from reward.train import RewardTrainConfig
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .configs import ConfigError, field, from_dict, non_negative, to_dict
-from .methods.base import METHODS, get_method
+from .methods.base import METHODS, get_method, load_plugins
 from .methods.sft import SFTConfig
 from .policy_eval import EvalConfig
 from .preferences import PreferenceConfig
@@ -139,7 +139,8 @@ class BenchConfig:
         return to_dict(self)
 
 
-def _parse(cls: type, data: dict) -> Any:
+def from_dict_config(data: dict) -> BenchConfig:
+    """A :class:`BenchConfig` from plain data (a parsed TOML file, or ``run.json``'s config)."""
     # Task sections are typed by the task registry, which the dataclass annotation cannot name.
     data = dict(data)
     for name, config_cls in TASK_CONFIGS.items():
@@ -147,7 +148,7 @@ def _parse(cls: type, data: dict) -> Any:
             data[name] = from_dict(config_cls, data[name], name)
     if "grid" in data:
         data["grid"] = [e if isinstance(e, GridEntry) else from_dict(GridEntry, e, f"grid[{i}]") for i, e in enumerate(data["grid"])]
-    return from_dict(cls, data)
+    return from_dict(BenchConfig, data)
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -185,25 +186,42 @@ def read_toml(path: str | Path) -> dict:
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> BenchConfig:
-    """Preset, then the TOML file, then ``overrides`` (e.g. from CLI flags), merged in that order."""
+    """Preset, then the TOML file, then ``overrides`` (e.g. from CLI flags), merged in that order.
+
+    A preset or file may hold ``[task_overrides.<task>]`` tables: settings that apply only when
+    that task runs (a table policy wants a learning rate a transformer would not survive).
+    """
     data: dict = preset_data(preset) if preset else {}
     if path:
         file_data = read_toml(path)
         # A file that names its own preset starts from it.
         if not preset and "preset" in file_data:
             data = preset_data(file_data["preset"])
-        data = merge(data, file_data)
-        if "grid" in file_data:
-            data["grid"] = file_data["grid"]
-    if overrides:
-        data = merge(data, overrides)
+        data = _merge_replacing_grid(data, file_data)
+    overrides = dict(overrides or {})
+    task = overrides.get("task", data.get("task", "sentiment"))
+    task_overrides = data.pop("task_overrides", {}) or {}
+    if not isinstance(task_overrides, dict) or any(not isinstance(v, dict) for v in task_overrides.values()):
+        raise ConfigError("task_overrides: expected tables named after tasks, e.g. [task_overrides.bandit]")
+    unknown = sorted(set(task_overrides) - set(TASK_CONFIGS))
+    if unknown:
+        raise ConfigError(f"task_overrides.{unknown[0]}: unknown task; known tasks: {', '.join(sorted(TASK_CONFIGS))}")
+    data = _merge_replacing_grid(data, task_overrides.get(task, {}))
+    data = merge(data, overrides)
     try:
-        return _parse(BenchConfig, data)
+        return from_dict_config(data)
     except ConfigError as e:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{e}") from None
 
 
+def _merge_replacing_grid(base: dict, override: dict) -> dict:
+    out = merge(base, override)
+    if "grid" in override:
+        out["grid"] = override["grid"]
+    return out
+
+
 def known_methods() -> list[str]:
-    get_method("sft")  # loads plug-ins
+    load_plugins()
     return sorted(METHODS)

@@ -39,7 +39,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _sample_batch(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],

@@ -112,9 +112,9 @@ def sequence_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     return token_logps(model, batch).sum(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def batched_sequence_logps(model: nn.Module, batch: SequenceBatch, batch_size: int = 256) -> torch.Tensor:
-    """:func:`sequence_logps` in inference mode over a large batch, in chunks trimmed to their longest row."""
+    """:func:`sequence_logps` without gradients over a large batch, in chunks trimmed to their longest row."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(batch), batch_size):

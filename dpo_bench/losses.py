@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from reward.bradley_terry import pl_log_likelihood
 
+from .configs import field
+
 __all__ = [
     "LossSpec",
     "LOSSES",
@@ -67,8 +69,7 @@ class NoParams:
 class CDPOParams:
     """Conservative DPO."""
 
-    epsilon: float = 0.1
-    """Label-smoothing rate: the assumed probability that a preference label is flipped, in [0, 0.5]."""
+    epsilon: float = field(0.1, "label-smoothing rate: the assumed probability that a label is flipped, in [0, 0.5]")
 
     def __post_init__(self) -> None:
         _require_finite(self)
@@ -80,8 +81,7 @@ class CDPOParams:
 class RobustParams:
     """Robust DPO (rDPO)."""
 
-    epsilon: float = 0.1
-    """Known label-flip rate, in [0, 0.5); the loss divides by 1 - 2*epsilon."""
+    epsilon: float = field(0.1, "known label-flip rate, in [0, 0.5); the loss divides by 1 - 2*epsilon")
 
     def __post_init__(self) -> None:
         _require_finite(self)
@@ -93,8 +93,7 @@ class RobustParams:
 class SimPOParams:
     """SimPO."""
 
-    gamma: float = 0.5
-    """Target reward margin gamma (>= 0) subtracted inside the sigmoid (SimPO Eq. 6)."""
+    gamma: float = field(0.5, "target reward margin γ (>= 0) subtracted inside the sigmoid (SimPO Eq. 6)")
 
     def __post_init__(self) -> None:
         _require_finite(self)

@@ -185,8 +185,15 @@ def _commit_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars on a one-shard model are noise
+
+
 def save_policy(model: nn.Module, directory: Path) -> Path:
     """Save a policy as safetensors plus a small JSON description, atomically."""
+    _quiet_transformers()
     directory = Path(directory)
     tmp = _atomic_dir(directory)
     if isinstance(model, TabularLM):
@@ -201,6 +208,7 @@ def save_policy(model: nn.Module, directory: Path) -> Path:
 
 def load_policy(directory: Path, device: torch.device | str = "cpu", trust_remote_code: bool = False) -> nn.Module:
     """Load a policy written by :func:`save_policy` (or any transformers model directory)."""
+    _quiet_transformers()
     directory = Path(directory)
     meta_path = directory / "policy.json"
     kind = json.loads(meta_path.read_text())["kind"] if meta_path.exists() else "hf"

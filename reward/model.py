@@ -41,9 +41,9 @@ class RewardModel(nn.Module):
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Scores in inference mode, chunked; returned on the CPU as float32."""
+        """Scores without gradients, chunked; returned on the CPU as float32."""
         was_training = self.training
         self.eval()
         device = self.head.weight.device

@@ -99,7 +99,7 @@ def train_reward_model(
     return model
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate_reward_model(model: RewardModel, pairs: PairTensors, pad_id: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of chosen and rejected for every pair, shape (N,) each, on the CPU."""
     model.eval()

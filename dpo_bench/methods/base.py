@@ -31,7 +31,8 @@ class Method:
 
     ``strength`` names the config field a sweep varies (β, kl_coef, n, α); ``stronger_when``
     says whether a larger value of it regularises toward the reference more ("higher", as β
-    and kl_coef) or less ("lower", as N of best-of-N).
+    and kl_coef), less ("lower", as N of best-of-N), or whether it is no KL regulariser at all
+    (None, as SimPO's β, which has no reference to stay near).
     """
 
     name: str
@@ -40,7 +41,7 @@ class Method:
     train: Callable[["MethodContext", Any], "Policy"]
     needs: frozenset[str] = frozenset()
     strength: str | None = None
-    stronger_when: Literal["higher", "lower"] = "higher"
+    stronger_when: Literal["higher", "lower"] | None = "higher"
 
     def make_config(self, overrides: dict | None = None, strength: float | None = None) -> Any:
         data = dict(overrides or {})
@@ -56,7 +57,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
-_ENTRY_POINTS_LOADED = False
+_LOADED_ENTRY_POINTS: set[str] = set()
 
 
 def register_method(
@@ -66,7 +67,7 @@ def register_method(
     config: type,
     needs: Sequence[str] = (),
     strength: str | None = None,
-    stronger_when: Literal["higher", "lower"] = "higher",
+    stronger_when: Literal["higher", "lower"] | None = "higher",
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``train(ctx, config) -> Policy`` as method ``name``."""
 
@@ -80,17 +81,16 @@ def register_method(
 
 
 def load_plugins() -> None:
-    """Import every ``dpo_bench.methods`` entry point once, so their methods register."""
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
+    """Import every ``dpo_bench.methods`` entry point not imported yet, so their methods register."""
     for ep in entry_points(group="dpo_bench.methods"):
-        ep.load()
+        if ep.value not in _LOADED_ENTRY_POINTS:
+            _LOADED_ENTRY_POINTS.add(ep.value)
+            ep.load()
 
 
 def get_method(name: str) -> Method:
-    load_plugins()
+    if name not in METHODS:
+        load_plugins()
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
@@ -177,7 +177,7 @@ class ModelPolicy:
 
     def distribution(self, context_ids: torch.Tensor) -> torch.Tensor:
         """Exact π(·|x) for single-token contexts (the bandit's tabular policy)."""
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.model.probabilities(context_ids.to(next(self.model.parameters()).device)).cpu()
 
 

@@ -52,7 +52,7 @@ class BestOfNPolicy:
 
     def distribution(self, context_ids: torch.Tensor) -> torch.Tensor:
         """Exact best-of-N distribution for one-token responses (the bandit)."""
-        with torch.inference_mode():
+        with torch.no_grad():
             ref = self.reference.probabilities(context_ids).double()
         vocab = ref.shape[-1]
         out = torch.zeros_like(ref)

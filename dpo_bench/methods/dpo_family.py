@@ -71,23 +71,23 @@ def train_dpo_family(ctx: MethodContext, config: DPOConfig, spec: LossSpec) -> M
     optimizer = make_optimizer(policy, config.lr)
     schedule = warmup_schedule(optimizer, config.warmup_steps)
     evals = set(checkpoint_steps(config.steps, ctx.n_checkpoints))
-    if spec.listwise:
-        if not prefs.ranked:
-            raise ValueError(f"{spec.name} needs K-wise rankings; the preference data has none (set preferences.k > 2)")
-        n_items = len(prefs.ranked[0])
-    else:
-        n_items = len(prefs)
+    ranked_batches, ranked_ref = prefs.ranked, prefs.ref_ranked_logps
+    if spec.listwise and not ranked_batches:
+        # Pairs are rankings of K = 2.
+        ranked_batches = [prefs.chosen, prefs.rejected]
+        ranked_ref = torch.stack([prefs.ref_chosen_logps, prefs.ref_rejected_logps], dim=1)
+    n_items = len(ranked_batches[0]) if spec.listwise else len(prefs)
     batches = minibatches(n_items, config.batch_size, ctx.generator)
     pad = ctx.task.pad_id
     for step in tqdm(range(1, config.steps + 1), desc=ctx.label, disable=not ctx.progress, leave=False):
         idx = next(batches)
         if spec.listwise:
-            ranked = [b.select(idx) for b in prefs.ranked]
+            ranked = [b.select(idx) for b in ranked_batches]
             batch = ranked[0]
             for b in ranked[1:]:
                 batch = concat_batches(batch, b, pad)
             logps = sequence_logps(policy, batch.trim().to(device)).view(len(ranked), -1).T  # (B, K)
-            ref = prefs.ref_ranked_logps[idx].to(device)
+            ref = ranked_ref[idx].to(device)
             losses = spec.fn(logps, ref, beta=config.beta, params=params)
             chosen, rejected, ref_c, ref_r = logps[:, 0], logps[:, -1], ref[:, 0], ref[:, -1]
         else:
@@ -123,16 +123,19 @@ def train_dpo_family(ctx: MethodContext, config: DPOConfig, spec: LossSpec) -> M
     return ModelPolicy(policy, ctx.task)
 
 
-def _register(spec: LossSpec) -> None:
-    needs = ("rankings",) if spec.listwise else ("preferences",)
+def register_loss_method(name: str) -> None:
+    """Make the loss ``name`` of :data:`dpo_bench.losses.LOSSES` a method of the same name."""
+    spec = LOSSES[name]
     register_method(
         spec.name,
         description=f"{spec.description} [{spec.citation}]",
         config=config_for_loss(spec),
-        needs=needs,
+        needs=("rankings",) if spec.listwise else ("preferences",),
         strength="beta",
-    )(lambda ctx, config, _spec=spec: train_dpo_family(ctx, config, _spec))
+        # Without a reference, β scales the margin but pulls toward nothing.
+        stronger_when=None if spec.reference_free else "higher",
+    )(lambda ctx, config: train_dpo_family(ctx, config, spec))
 
 
-for _spec in LOSSES.values():
-    _register(_spec)
+for _name in list(LOSSES):
+    register_loss_method(_name)

@@ -135,7 +135,7 @@ class BanditTask(Task):
     def response_probs(self, policy: Any) -> np.ndarray:
         """π(y|x) as an (X, Y) array for a policy exposing ``distribution`` (or a TabularLM)."""
         if isinstance(policy, nn.Module):
-            with torch.inference_mode():
+            with torch.no_grad():
                 probs = policy.probabilities(self.context_ids.to(next(policy.parameters()).device)).cpu()
         else:
             probs = policy.distribution(self.context_ids)

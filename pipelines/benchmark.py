@@ -1,0 +1,152 @@
+"""The benchmark as a Prefect flow: wiring only.
+
+Each task is a few lines that call one library function from ``dpo_bench.stages``; the stage
+store there does the caching, so a task whose stage is cached returns at once. Grid cells are
+submitted together and run on the flow's task runner: in-process by default, or on a Dask
+cluster (``--workers N`` or ``--dask-address``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from dpo_bench.bench import BenchConfig, Cell, from_dict_config
+from dpo_bench.run import RunLock, Timings, check_writable, finish_run, new_run_id, upstream_for
+from dpo_bench.stages import (
+    Bench, Stage, Upstream, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, train_rm, train_sft,
+)
+
+
+def _logged(stage: Stage, label: str = "") -> Stage:
+    logger = get_run_logger()
+    name = label or stage.name
+    if stage.cached:
+        logger.info("%s: cached (%s)", name, stage.path)
+    else:
+        logger.info("%s: built in %.1f s", name, stage.seconds)
+    return stage
+
+
+# The store in dpo_bench.stages caches on content keys; Prefect's own input hashing is off.
+@task(name="prepare task", cache_policy=NONE)
+def prepare_task_task(bench: Bench) -> Stage:
+    return _logged(prepare_task(bench))
+
+
+@task(name="train SFT", cache_policy=NONE)
+def train_sft_task(bench: Bench, task_stage: Stage) -> Stage:
+    return _logged(train_sft(bench, task_stage))
+
+
+@task(name="evaluate reference", cache_policy=NONE)
+def reference_eval_task(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
+    return _logged(reference_eval(bench, task_stage, sft))
+
+
+@task(name="sample preferences", cache_policy=NONE)
+def preferences_task(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
+    return _logged(build_preferences(bench, task_stage, sft))
+
+
+@task(name="reference log-probs", cache_policy=NONE)
+def reference_logps_task(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage:
+    return _logged(reference_logps(bench, task_stage, sft, prefs))
+
+
+@task(name="train reward model", cache_policy=NONE)
+def reward_model_task(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage:
+    return _logged(train_rm(bench, task_stage, sft, prefs))
+
+
+@task(name="train", task_run_name="train[{label}]", cache_policy=NONE)
+def cell_task(bench: Bench, cell: Cell, upstream: Upstream, label: str) -> Stage:
+    return _logged(run_cell(bench, cell, upstream), label)
+
+
+@task(name="report", cache_policy=NONE)
+def report_task(bench: Bench, run_dir: Path, run_id: str, stages: dict, cells: list, timings: Timings,
+                started: float, started_at: str, extra: dict) -> dict:
+    return finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at, extra)
+
+
+def task_runner_for(workers: int, dask_address: str | None) -> Any:
+    """Prefect's default thread pool, or a Dask runner (one torch thread per worker process)."""
+    if not workers and not dask_address:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+@flow(name="dpo-bench", log_prints=True)
+def benchmark_flow(
+    config: dict,
+    reports_dir: str = "reports",
+    run_id: str | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    parallel: bool = False,
+) -> str:
+    """SFT → preferences → reward model → every method of the grid → evaluation → report."""
+    bench_config: BenchConfig = from_dict_config(config)
+    logger = get_run_logger()
+    reports = Path(reports_dir)
+    check_writable(reports)
+    run_id = run_id or new_run_id(bench_config.preset)
+    run_dir = reports / run_id
+    bench = Bench(bench_config, Path(cache_dir) if cache_dir else reports / ".cache", use_cache=use_cache, progress=progress)
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    timings = Timings()
+    with RunLock(run_dir):
+        logger.info("run %s: task %s, %d cells, cache %s", run_id, bench_config.task, len(bench_config.cells()), bench.cache_dir)
+        stages: dict[str, Stage | None] = {"task": timings.record(prepare_task_task(bench))}
+        stages["sft"] = timings.record(train_sft_task(bench, stages["task"]))
+        stages["ref_eval"] = timings.record(reference_eval_task(bench, stages["task"], stages["sft"]))
+        stages["preferences"] = timings.record(preferences_task(bench, stages["task"], stages["sft"]))
+        needs = bench_config.needs()
+        stages["ref_logps"] = (
+            timings.record(reference_logps_task(bench, stages["task"], stages["sft"], stages["preferences"]))
+            if needs & {"preferences", "rankings"} else None
+        )
+        stages["reward_model"] = timings.record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
+        cells = bench_config.cells()
+        if parallel:
+            futures = [cell_task.submit(bench, cell, upstream_for(cell, stages), cell.label) for cell in cells]
+            done = [(cell, timings.record(f.result())) for cell, f in zip(cells, futures)]
+        else:
+            # One cell at a time: torch already uses every core, and threads would share its RNG state.
+            done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label))) for cell in cells]
+        paths = report_task(bench, run_dir, run_id, stages, done, timings, started, started_at, {"orchestrator": "prefect"})
+    markdown = Path(paths["markdown"]).read_text()
+    create_markdown_artifact(markdown=markdown, key=_artifact_key(bench_config.preset, "report"), description=f"dpo-bench report {run_id}")
+    create_table_artifact(table=_results_table(run_dir), key=_artifact_key(bench_config.preset, "results"), description=f"final results {run_id}")
+    logger.info("report: %s", paths["html"])
+    return str(run_dir)
+
+
+def _artifact_key(preset: str, what: str) -> str:
+    # Prefect keys allow lowercase letters, digits and dashes only.
+    clean = "".join(c if c.isalnum() else "-" for c in preset.lower()).strip("-") or "custom"
+    return f"dpo-bench-{clean}-{what}"
+
+
+def _results_table(run_dir: Path) -> list[dict]:
+    import pandas as pd
+
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    evals = metrics[(metrics["temperature"] == 1.0) & metrics["metric"].isin(["gold_reward", "kl", "win_rate", "fluency"])]
+    evals = evals[evals["method"] != "optimum"]
+    last = evals.groupby(["method", "beta", "seed"], dropna=False)["step"].transform("max")
+    final = evals[evals["step"] == last].pivot_table(index=["method", "beta", "seed"], columns="metric", values="value", dropna=False)
+    final = final.reset_index()
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in final.to_dict("records")]

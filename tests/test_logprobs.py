@@ -1,0 +1,97 @@
+"""Log-probs with the prompt masked, padding-invariance, and KV-cached sampling."""
+
+import torch
+
+from dpo_bench.generation import sample
+from dpo_bench.logprobs import collate, concat_batches, sequence_logps, token_logps
+from dpo_bench.policy import GPT2Spec, TabularLM, build_gpt2
+
+
+class _Tok:
+    def __init__(self, n):
+        self.n = n
+        self.bos_token_id = self.eos_token_id = 1
+        self.pad_token_id = 0
+
+    def __len__(self):
+        return self.n
+
+
+def _model(seed=0):
+    model = build_gpt2(GPT2Spec(n_layer=1, n_embd=32, n_head=2, n_positions=32), _Tok(20), seed)
+    return model.eval()
+
+
+def _manual_logp(model, prompt, completion):
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0]
+    logps = torch.log_softmax(logits, -1)
+    return sum(logps[len(prompt) + i - 1, tok].item() for i, tok in enumerate(completion))
+
+
+def test_sequence_logps_counts_only_completion_tokens():
+    model = _model()
+    prompts, completions = [[1, 5, 6], [1, 7]], [[8, 9, 1], [3, 1]]
+    batch = collate(prompts, completions, pad_id=0)
+    got = sequence_logps(model, batch)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        assert abs(got[i].item() - _manual_logp(model, p, c)) < 1e-5
+    # Prompt tokens carry no log-prob: the mask marks exactly the completion.
+    assert batch.completion_mask.sum().item() == 5
+    assert (token_logps(model, batch) != 0).sum().item() == 5
+
+
+def test_logps_do_not_depend_on_padding_or_batch_mates():
+    model = _model()
+    alone = sequence_logps(model, collate([[1, 5]], [[6, 1]], pad_id=0))
+    with_long_mate = sequence_logps(model, collate([[1, 5], [1, 2, 3, 4, 5, 6]], [[6, 1], [7, 8, 9, 1]], pad_id=0))
+    assert torch.allclose(alone[0], with_long_mate[0], atol=1e-5)
+
+
+def test_left_padded_samples_score_like_right_padded_pairs():
+    model = _model()
+    s = sample(model, [[1, 5, 6], [1]], max_new_tokens=6, eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    right = collate(s.prompt_ids, s.completion_ids, pad_id=0)
+    assert torch.allclose(sequence_logps(model, s.batch), sequence_logps(model, right), atol=1e-5)
+
+
+def test_greedy_kv_cached_sampling_matches_full_forward_argmax():
+    model = _model(3)
+    prompt = [1, 4, 5]
+    s = sample(model, [prompt], max_new_tokens=8, eos_id=None, pad_id=0, generator=torch.Generator(), temperature=0)
+    ids = list(prompt)
+    for _ in range(8):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert s.completion_ids[0] == ids[len(prompt):]
+
+
+def test_sampling_stops_at_eos_and_is_seeded():
+    model = _model(1)
+    kwargs = dict(max_new_tokens=10, eos_id=1, pad_id=0)
+    a = sample(model, [[1, 2]] * 16, generator=torch.Generator().manual_seed(7), **kwargs)
+    b = sample(model, [[1, 2]] * 16, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert a.completion_ids == b.completion_ids
+    for c in a.completion_ids:
+        assert 1 <= len(c) <= 10
+        assert 1 not in c[:-1]  # nothing after eos
+
+
+def test_tabular_policy_is_a_table_behind_the_lm_interface():
+    allowed = torch.tensor([False, False, False, True, True])
+    table = torch.zeros(5, 5)
+    table[2, 3], table[2, 4] = 1.0, 0.0
+    model = TabularLM(5, allowed, table)
+    batch = collate([[2], [2]], [[3], [4]], pad_id=0)
+    got = sequence_logps(model, batch)
+    expected = torch.log_softmax(torch.tensor([1.0, 0.0]), 0)
+    assert torch.allclose(got, expected)
+    s = sample(model, [[2]] * 200, max_new_tokens=1, eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    assert {c[0] for c in s.completion_ids} <= {3, 4}
+
+
+def test_concat_batches_keeps_rows():
+    a = collate([[1]], [[2, 3]], 0)
+    b = collate([[1, 4, 5]], [[6]], 0)
+    both = concat_batches(a, b, 0)
+    assert both.input_ids.tolist() == [[1, 2, 3, 0], [1, 4, 5, 6]]
+    assert both.completion_mask.tolist() == [[0, 1, 1, 0], [0, 0, 0, 1]]
