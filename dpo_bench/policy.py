@@ -134,8 +134,8 @@ class TabularLM(nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=(), hidden_states=hidden)
 
     def probabilities(self, context_ids: torch.Tensor) -> torch.Tensor:
-        """π(·|x) for each context token id, shape (n_contexts, vocab)."""
-        return torch.softmax(self.table[context_ids].masked_fill(~self.allowed, float("-inf")), dim=-1)
+        """π(·|x) for each context token id, shape (n_contexts, vocab), in float64 for exact quantities."""
+        return torch.softmax(self.table[context_ids].double().masked_fill(~self.allowed, float("-inf")), dim=-1)
 
 
 def clone_model(model: nn.Module) -> nn.Module:

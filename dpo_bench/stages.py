@@ -233,7 +233,7 @@ def build_preferences(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
         if frames.pairs.empty:
             raise ValueError("the preference data is empty: every sampled pair tied or repeated")
         info = {
-            "pairs_fingerprint": write_preferences(frames.pairs, out / "preferences.parquet"),
+            "preferences_fingerprint": write_preferences(frames.pairs, out / "preferences.parquet"),
             "n_pairs": len(frames.pairs), "n_prompts": frames.n_prompts,
             "n_dropped_ties": frames.n_dropped_ties, "n_dropped_repeats": frames.n_dropped_repeats,
             "n_heldout_pairs": int((frames.pairs["split"] == "heldout").sum()),
@@ -300,7 +300,7 @@ def preference_tensors(bench: Bench, task_stage: Stage, prefs: Stage, ref: Stage
             chosen=_collate_texts(task, frame["prompt"], frame["chosen"]),
             rejected=_collate_texts(task, frame["prompt"], frame["rejected"]),
             ref_chosen_logps=logps["chosen"], ref_rejected_logps=logps["rejected"],
-            ranked=ranked, ref_ranked_logps=ref_ranked, fingerprint=preference_info(prefs)["pairs_fingerprint"],
+            ranked=ranked, ref_ranked_logps=ref_ranked, fingerprint=preference_info(prefs)["preferences_fingerprint"],
         )
 
     return bench.memo(("prefs", prefs.key, ref.key), load)

@@ -91,7 +91,8 @@ def seed_table(configs: pd.DataFrame) -> Table | None:
 
 def reward_model_table(data: RunData) -> Table | None:
     rm = data.metrics[data.metrics["method"] == "reward_model"]
-    rm = rm[rm["metric"] != "rm_calibration"]
+    # Its training curve belongs in the training-curves figure, its calibration in its own figure.
+    rm = rm[(rm["metric"] != "rm_calibration") & ~rm["metric"].str.startswith("train/")]
     if rm.empty:
         return None
     names = {"rm_accuracy": "held-out pairwise accuracy", "rm_bayes_ceiling": "Bayes ceiling",

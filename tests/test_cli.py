@@ -1,0 +1,58 @@
+"""The dpo-bench command: help, methods, config and data checks, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.cli import build_parser, main
+
+
+def test_run_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for action in build_parser()._subparsers._group_actions[0].choices["run"]._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+            assert action.option_strings[-1] in out
+
+
+def test_methods_lists_every_registered_method_with_its_options(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sft", "preferred_ft", "unlikelihood", "best_of_n", "ppo", "ppo_gt", "dpo", "cdpo", "robust",
+                 "ipo", "hinge", "dpo_pl", "simpo"):
+        assert f"\n{name}: " in f"\n{out}"
+    assert "beta = 0.1  # β" in out and "kl_coef = 0.1" in out
+
+
+def test_check_config_reports_cells_and_errors(tmp_path, capsys):
+    assert main(["check-config", "--preset", "quick"]) == 0
+    assert "dpo β=0.5 seed=0" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[grid]]\nmethod = "dpo"\nvalues = [-1.0]\n')
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert "beta must be > 0" in capsys.readouterr().err
+
+
+def test_run_refuses_a_bad_config_before_running(tmp_path, capsys):
+    assert main(["run", "--preset", "quick", "--methods", "dpo,nope", "--reports-dir", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_check_data(tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "the film was", "chosen": "great .", "rejected": "dull ."}) + "\n")
+    assert main(["check-data", str(good)]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "the film was", "chosen": "", "rejected": "dull ."}) + "\n")
+    assert main(["check-data", str(bad)]) == 1
+    assert "row 0, field 'chosen'" in capsys.readouterr().out
+
+
+def test_report_on_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err

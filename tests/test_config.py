@@ -1,0 +1,91 @@
+"""Configs: every bad value is a clear error naming its field, before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_bench.bench import BenchConfig, load_config, preset_names
+from dpo_bench.configs import ConfigError
+
+
+def test_presets_load_and_validate():
+    assert {"quick", "default"} <= set(preset_names())
+    for name in preset_names():
+        config = load_config(name)
+        assert config.preset == name and config.cells()
+
+
+def test_default_preset_sweeps_three_strengths_per_method():
+    config = load_config("default")
+    for entry in config.grid:
+        if entry.values:
+            assert len(entry.values) >= 3, entry.method
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sft": {"lr": -1.0}}, "sft: lr must be > 0, got -1.0"),
+    ({"sft": {"stpes": 3}}, "sft.stpes: unknown key; did you mean 'steps'?"),
+    ({"sft": {"steps": "many"}}, "sft.steps: expected an integer, got 'many'"),
+    ({"task": "imdb"}, "task: unknown task 'imdb'"),
+    ({"seed": 1.5}, "seed: expected an integer, got 1.5"),
+    ({"grid": []}, "grid: the grid is empty"),
+    ({"grid": [{"method": "dpoo"}]}, "unknown method 'dpoo'; known methods:"),
+    ({"grid": [{"method": "dpo", "values": [0.0]}]}, "beta must be > 0, got 0.0"),
+    ({"grid": [{"method": "dpo", "values": [-0.1]}]}, "beta must be > 0"),
+    ({"grid": [{"method": "sft", "values": [1.0]}]}, "values: method 'sft' has no strength parameter"),
+    ({"grid": [{"method": "ppo", "config": {"lr": -1e-5}}]}, "methods.ppo: lr must be > 0"),
+    ({"grid": [{"method": "dpo", "config": {"epsilon": 0.1}}]}, "methods.dpo.epsilon: unknown key"),
+    ({"grid": [{"method": "cdpo", "config": {"epsilon": 0.7}}]}, "epsilon must be in [0, 0.5]"),
+    ({"preferences": {"k": 1}}, "preferences: k must be >= 2, got 1"),
+    ({"evaluation": {"temperatures": [0.7]}}, "temperatures must include 1.0"),
+    ({"sentiment": {"max_new_tokens": 100}}, "exceeds model.n_positions"),
+    ({"sentiment": {"model": {"n_embd": 100, "n_head": 3}}}, "must be divisible by model.n_head"),
+    ({"grid": [{"method": "dpo", "values": [0.1, 0.1]}]}, "cells appear twice: dpo β=0.1 seed=0"),
+])
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("quick", overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_toml_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[sft]\nlr = -3\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: sft: lr must be > 0"):
+        load_config(None, path)
+    path.write_text("[sft\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(None, path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(None, tmp_path / "missing.toml")
+
+
+def test_toml_file_overrides_its_preset_and_replaces_the_grid(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('preset = "quick"\nseed = 7\n[sft]\nsteps = 5\n[[grid]]\nmethod = "ipo"\nvalues = [0.2, 0.4]\n')
+    config = load_config(None, path)
+    assert config.preset == "quick" and config.seed == 7 and config.sft.steps == 5
+    assert config.sentiment.n_sentences == 8000  # from the preset
+    assert [c.label for c in config.cells()] == ["ipo β=0.2 seed=0", "ipo β=0.4 seed=0"]
+
+
+def test_task_overrides_apply_only_to_their_task():
+    sentiment = load_config("quick")
+    bandit = load_config("quick", overrides={"task": "bandit"})
+    assert sentiment.reward_model.lr != bandit.reward_model.lr == 0.05
+    assert {c.method for c in bandit.cells()} >= {"dpo", "ppo", "best_of_n"}
+
+
+def test_with_methods_keeps_the_grid_entries_and_rejects_unknown_names():
+    config = load_config("default").with_methods(["dpo", "simpo"])
+    assert [c.method for c in config.cells()] == ["dpo"] * 3 + ["simpo"]
+    with pytest.raises(ConfigError, match="unknown method 'dpx'"):
+        load_config("default").with_methods(["dpx"])
+
+
+def test_config_round_trips_through_its_dict():
+    from dpo_bench.bench import from_dict_config
+
+    config = load_config("default")
+    assert from_dict_config(config.to_dict()) == config
+    assert isinstance(config, BenchConfig)

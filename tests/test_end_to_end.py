@@ -1,0 +1,112 @@
+"""The `quick` preset end to end: through the Prefect flow, every output file, finite metrics,
+identical metrics when run again from scratch, and a cached rerun that recomputes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpo_bench.bench import load_config
+from dpo_bench.run import run_benchmark
+from dpo_bench.stages import METRIC_COLUMNS
+
+RUN_FILES = ["report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "run.json",
+             "figures/frontier.png", "figures/win_rates.png", "figures/training_curves.png"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, prefect_harness):
+    from pipelines.benchmark import benchmark_flow
+
+    reports = tmp_path_factory.mktemp("reports")
+    cache = tmp_path_factory.mktemp("cache")
+    config = load_config("quick")
+    run_dir = benchmark_flow(config=config.to_dict(), reports_dir=str(reports), run_id="flow", cache_dir=str(cache), progress=False)
+    return config, reports, cache, run_dir
+
+
+def _metrics(run_dir) -> pd.DataFrame:
+    return pd.read_parquet(f"{run_dir}/metrics.parquet").drop(columns="run_id")
+
+
+def test_every_output_file_is_written(quick_run):
+    _, reports, _, run_dir = quick_run
+    assert run_dir == str(reports / "flow")
+    for name in RUN_FILES:
+        assert (reports / "flow" / name).is_file(), name
+
+
+def test_metrics_follow_the_contract_and_are_finite(quick_run):
+    config, _, _, run_dir = quick_run
+    metrics = pd.read_parquet(f"{run_dir}/metrics.parquet")
+    assert list(metrics.columns) == METRIC_COLUMNS
+    assert np.isfinite(metrics["value"].to_numpy(dtype=float)).all()
+    finals = metrics[(metrics["temperature"] == 1.0) & (metrics["metric"] == "gold_reward")]
+    assert {c.method for c in config.cells()} <= set(finals["method"])
+    kl = metrics[(metrics["metric"] == "kl") & (metrics["method"] == "sft")]
+    assert (kl["value"] == 0).all()
+    # Every evaluation carries its uncertainty.
+    evals = metrics[metrics["metric"].isin(["gold_reward", "kl", "win_rate"]) & (metrics["method"] != "sft")]
+    assert evals["stderr"].notna().all() and (evals["n"] > 1).all()
+    wins = metrics[metrics["metric"] == "win_rate"]
+    assert ((wins["ci_low"] <= wins["value"]) & (wins["value"] <= wins["ci_high"])).all()
+
+
+def test_run_record_has_what_reproduces_the_run(quick_run):
+    config, _, cache, run_dir = quick_run
+    record = json.loads(open(f"{run_dir}/run.json").read())
+    assert record["seed"] == config.seed and record["status"] == "completed"
+    assert record["config"] == config.to_dict()
+    assert {"preferences", "corpus", "train_prompts", "eval_prompts"} <= set(record["fingerprints"])
+    assert record["cache_dir"] == str(cache.resolve())
+    assert record["orchestrator"] == "prefect"
+    assert "torch" in record["versions"] and record["device"] == "cpu"
+
+
+def test_invariance_checks_pass_and_their_controls_fail(quick_run):
+    _, _, _, run_dir = quick_run
+    checks = pd.read_parquet(f"{run_dir}/invariance.parquet")
+    assert len(checks) >= 10
+    assert checks["passed"].all()
+    assert checks["negative_control_detected"].all()
+    assert {"lemma1_bt", "lemma1_pl", "theorem1[β=0.1]", "loss_invariance[dpo]"} <= set(checks["check"])
+
+
+def test_the_report_has_its_sections(quick_run):
+    _, _, _, run_dir = quick_run
+    markdown = open(f"{run_dir}/report.md").read()
+    for section in ("Headline", "Results", "Frontier", "Reward model", "Invariance checks", "Provenance"):
+        assert f"## {section}" in markdown
+    assert "Bayes ceiling" in markdown
+
+
+def test_same_seed_gives_the_same_metrics_from_scratch(quick_run, tmp_path):
+    config, _, _, run_dir = quick_run
+    again = run_benchmark(config, tmp_path, run_id="again", cache_dir=tmp_path / "fresh-cache", progress=False)
+    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(again))
+
+
+def test_a_second_run_comes_from_the_cache(quick_run):
+    config, reports, cache, run_dir = quick_run
+    second = run_benchmark(config, reports, run_id="second", cache_dir=cache, progress=False)
+    record = json.loads((second / "run.json").read_text())
+    assert set(record["cached_stages"]) == {"task", "sft", "ref_eval", "preferences", "ref_logps", "reward_model", "cell"}
+    assert all(seconds == 0 for seconds in record["timings"].values())
+    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(second))
+
+
+def test_report_rebuilds_from_the_run_files_alone(quick_run, tmp_path):
+    import shutil
+
+    from pipelines.cli import main
+
+    _, _, _, run_dir = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report.md").unlink()
+    (copy / "report.html").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.html").stat().st_size > 10_000
