@@ -19,6 +19,7 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from .configs import ConfigError, field, from_dict, non_negative, to_dict
 from .methods.base import METHODS, get_method, load_plugins
 from .methods.sft import SFTConfig
+from .invariance import ChecksConfig
 from .policy_eval import EvalConfig
 from .preferences import PreferenceConfig
 from .tasks import TASK_CONFIGS
@@ -32,10 +33,20 @@ class GridEntry:
     values: tuple[float, ...] = field((), "values of the method's strength parameter to sweep (empty: its default)")
     seeds: tuple[int, ...] = field((0,), "seeds; each (value, seed) is one cell")
     config: dict[str, Any] = field(default_factory=dict, doc="overrides of the method's config fields")
+    name: str = field("", "name in reports and metrics (default: the method); give variants of one method distinct names")
+    preferences: dict[str, Any] = field(
+        default_factory=dict, doc="overrides of [preferences] for this entry's own preference data (e.g. k = 4, n_prompts = 3000)"
+    )
+    freeze_blocks: int | None = field(None, "overrides the run's freeze_blocks for this entry")
+    freeze_embeddings: bool | None = field(None, "overrides the run's freeze_embeddings for this entry")
 
     def __post_init__(self) -> None:
         if not self.method:
             raise ConfigError("method: every grid entry needs a method name")
+        if self.preferences:
+            from_dict(PreferenceConfig, self.preferences, "preferences")
+        if self.freeze_blocks is not None and self.freeze_blocks < 0:
+            raise ConfigError(f"freeze_blocks must be >= 0, got {self.freeze_blocks}")
         method = get_method(self.method)
         if self.values and method.strength is None:
             raise ConfigError(f"values: method '{self.method}' has no strength parameter to sweep")
@@ -48,17 +59,26 @@ class GridEntry:
 
 @dataclass(frozen=True)
 class Cell:
-    """One trained policy of the grid: (method, strength value, seed)."""
+    """One trained policy of the grid: (method, strength value, seed), with its entry's variant settings."""
 
     method: str
     value: float | None
     seed: int
     overrides: tuple[tuple[str, Any], ...] = ()
+    name: str = ""
+    preferences: tuple[tuple[str, Any], ...] = ()
+    freeze_blocks: int | None = None
+    freeze_embeddings: bool | None = None
+
+    @property
+    def display_name(self) -> str:
+        """What metrics and reports call this cell's method (a grid entry's ``name``, else the method)."""
+        return self.name or self.method
 
     @property
     def label(self) -> str:
         method = get_method(self.method)
-        parts = [self.method]
+        parts = [self.display_name]
         if method.strength is not None:
             symbol = {"beta": "β"}.get(method.strength, method.strength)
             parts.append(f"{symbol}={self.strength_value:g}")
@@ -78,11 +98,21 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class QuestionsConfig:
+    """Which grid entries answer the open questions of the DPO reading notes (report section)."""
+
+    pl_listwise: str = field("", "grid entry (name) trained with dpo_pl on K-wise rankings")
+    pl_pairwise: str = field("", "grid entry trained pairwise on as many labelled completions")
+    freeze_frozen: str = field("", "grid entry trained with blocks frozen")
+    freeze_base: str = field("", "the same method without freezing")
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """Everything a run needs; `dpo-bench run --config FILE.toml` reads this structure."""
 
     preset: str = field("custom", "name of the preset this config came from")
-    task: str = field("sentiment", "benchmark task: sentiment (default, offline) or bandit (exact, tabular)")
+    task: str = field("sentiment", "benchmark task: sentiment (default, offline), bandit (exact, tabular) or hf (your model and data)")
     seed: int = field(0, "run seed; every stage and cell derives its own seed from it")
     device: str = field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     threads: int = field(0, "torch threads per stage (0 = torch's default)")
@@ -90,10 +120,13 @@ class BenchConfig:
     freeze_embeddings: bool = field(False, "fix the token and position embeddings of every trained policy")
     sentiment: Any = field(default_factory=lambda: TASK_CONFIGS["sentiment"](), doc="the sentiment task")
     bandit: Any = field(default_factory=lambda: TASK_CONFIGS["bandit"](), doc="the exact bandit task")
+    hf: Any = field(default_factory=lambda: TASK_CONFIGS["hf"](), doc="your own model and data (any transformers causal LM, TRL-format preferences)")
     sft: SFTConfig = field(default_factory=SFTConfig, doc="training the reference (SFT) model")
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig, doc="the preference data")
     reward_model: RewardTrainConfig = field(default_factory=RewardTrainConfig, doc="the Bradley-Terry reward model")
     evaluation: EvalConfig = field(default_factory=EvalConfig, doc="evaluation of every policy")
+    checks: ChecksConfig = field(default_factory=ChecksConfig, doc="the empirical invariance checks")
+    questions: QuestionsConfig = field(default_factory=QuestionsConfig, doc="grid entries that answer the reading notes' questions")
     grid: tuple[GridEntry, ...] = field((), "the methods to run")
 
     def __post_init__(self) -> None:
@@ -103,10 +136,19 @@ class BenchConfig:
         non_negative("freeze_blocks", self.freeze_blocks)
         if not self.grid:
             raise ConfigError("grid: the grid is empty; add at least one [[grid]] entry with a method")
+        names = {c.display_name for c in self.cells()}
+        for key in ("pl_listwise", "pl_pairwise", "freeze_frozen", "freeze_base"):
+            value = getattr(self.questions, key)
+            if value and value not in names:
+                raise ConfigError(f"questions.{key}: no grid entry is named '{value}'; entries: {', '.join(sorted(names))}")
         labels = [c.label for c in self.cells()]
         duplicates = sorted({x for x in labels if labels.count(x) > 1})
         if duplicates:
             raise ConfigError(f"grid: cells appear twice: {', '.join(duplicates)}")
+        # A task may need more than valid fields to run (hf: a model, data, a judge for PPO-GT).
+        check_runnable = getattr(self.task_config, "check_runnable", None)
+        if check_runnable is not None:
+            check_runnable(self.needs())
 
     @property
     def task_config(self) -> Any:
@@ -118,7 +160,8 @@ class BenchConfig:
             overrides = tuple(sorted(entry.config.items()))
             for value in entry.values or (None,):
                 for seed in entry.seeds:
-                    out.append(Cell(entry.method, value, seed, overrides))
+                    out.append(Cell(entry.method, value, seed, overrides, entry.name, tuple(sorted(entry.preferences.items())),
+                                    entry.freeze_blocks, entry.freeze_embeddings))
         return out
 
     def needs(self) -> set[str]:

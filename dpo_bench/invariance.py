@@ -10,14 +10,14 @@ cannot fail proves nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import pandas as pd
 import torch
 
 from reward.bradley_terry import bt_loss, bt_probability, pl_log_likelihood
 
+from .configs import field, positive
+from .evaluate import tost_equivalence, wilson_interval, within_prompt_spearman
 from .losses import LOSSES
 from .policy import derive_seed
 from .tasks.bandit import BanditConfig, bandit_tables, exact_metrics, optimal_policy
@@ -26,17 +26,46 @@ COLUMNS = ["check", "quantity", "value", "tolerance", "passed", "negative_contro
 
 
 @dataclass(frozen=True)
+class ChecksConfig:
+    """The empirical checks (they train and sample; the exact ones always run)."""
+
+    empirical: bool = field(False, "run checks 5-6: the DPO policies' implicit reward, and Lemma 2 with PPO against r, r + f(x), r + g(x, y)")
+    lemma2_kl_coef: float = field(0.1, "kl_coef of the three PPO runs of the empirical Lemma 2 check")
+    lemma2_iterations: int = field(40, "PPO iterations of each of those runs")
+    tost_margin_reward: float = field(0.1, "equivalence margin on the gold reward (TOST, 5%)")
+    tost_margin_kl: float = field(1.0, "equivalence margin on the KL in nats (TOST, 5%)")
+    spearman_completions: int = field(4, "completions per held-out prompt for the implicit-vs-gold Spearman correlation")
+    spearman_threshold: float = field(0.1, "within-prompt Spearman correlation the implicit reward must exceed")
+    label_temperatures: tuple[float, ...] = field((), "extra label temperatures at which a reward model is trained (accuracy vs Bayes ceiling)")
+
+    def __post_init__(self) -> None:
+        for name in ("lemma2_kl_coef", "lemma2_iterations", "tost_margin_reward", "tost_margin_kl", "spearman_completions"):
+            positive(name, getattr(self, name))
+        if any(t < 0 for t in self.label_temperatures):
+            raise ValueError(f"label_temperatures must be >= 0, got {self.label_temperatures}")
+
+
+@dataclass(frozen=True)
 class CheckResult:
+    """One check: ``passed`` says the property held; ``control_detected`` that its negative control failed."""
+
     check: str
     quantity: str
     value: float
     tolerance: float
     control_value: float
+    passed: bool
+    control_detected: bool
+
+    @classmethod
+    def within(cls, check: str, quantity: str, value: float, tolerance: float, control_value: float) -> "CheckResult":
+        """An identity check: the difference must be at most ``tolerance``; the control's must exceed it."""
+        return cls(check, quantity, value, tolerance, control_value, bool(value <= tolerance), bool(control_value > tolerance))
 
     def row(self) -> dict:
         return {
             "check": self.check, "quantity": self.quantity, "value": self.value, "tolerance": self.tolerance,
-            "passed": bool(self.value <= self.tolerance), "negative_control_detected": bool(self.control_value > self.tolerance),
+            "passed": bool(self.passed), "negative_control_detected": bool(self.control_detected),
             "control_value": self.control_value,
         }
 
@@ -60,10 +89,10 @@ def lemma1_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, prompt_ids:
     gw, gl = torch.tensor(g_w), torch.tensor(g_l)
     p = bt_probability(r_w, r_l)
     results = [
-        CheckResult("lemma1_bt", "max |P_r(y_w≻y_l) − P_{r+f}(y_w≻y_l)|",
+        CheckResult.within("lemma1_bt", "max |P_r(y_w≻y_l) − P_{r+f}(y_w≻y_l)|",
                     _max_abs(p, bt_probability(r_w + shift, r_l + shift)), 1e-9,
                     _max_abs(p, bt_probability(r_w + shift + gw, r_l + shift + gl))),
-        CheckResult("lemma1_bt_loss", "|BT loss(r) − BT loss(r+f)|",
+        CheckResult.within("lemma1_bt_loss", "|BT loss(r) − BT loss(r+f)|",
                     abs(bt_loss(r_w, r_l).mean().item() - bt_loss(r_w + shift, r_l + shift).mean().item()), 1e-9,
                     abs(bt_loss(r_w, r_l).mean().item() - bt_loss(r_w + shift + gw, r_l + shift + gl).mean().item())),
     ]
@@ -73,7 +102,7 @@ def lemma1_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, prompt_ids:
     shifted = ranked + shift[:, None]
     perturbed = shifted + torch.tensor(rng.normal(0, 1, ranked.shape))
     base = pl_log_likelihood(ranked)
-    results.append(CheckResult("lemma1_pl", "max |log P_PL(r) − log P_PL(r+f)| (K=3)",
+    results.append(CheckResult.within("lemma1_pl", "max |log P_PL(r) − log P_PL(r+f)| (K=3)",
                                _max_abs(base, pl_log_likelihood(shifted)), 1e-9, _max_abs(base, pl_log_likelihood(perturbed))))
     return results
 
@@ -87,10 +116,10 @@ def lemma2_and_theorem1(ref_probs: np.ndarray, rewards: np.ndarray, betas: list[
         opt = optimal_policy(ref_probs, rewards, beta)
         shifted = optimal_policy(ref_probs, rewards + f, beta)
         perturbed = optimal_policy(ref_probs, rewards + f + g, beta)
-        results.append(CheckResult(f"lemma2_policy[β={beta:g}]", "max |π*_r − π*_{r+f}|", _max_abs(opt, shifted), 1e-9,
+        results.append(CheckResult.within(f"lemma2_policy[β={beta:g}]", "max |π*_r − π*_{r+f}|", _max_abs(opt, shifted), 1e-9,
                                    _max_abs(opt, perturbed)))
         m, ms, mp = (exact_metrics(p, ref_probs, rewards) for p in (opt, shifted, perturbed))
-        results.append(CheckResult(f"lemma2_kl_reward[β={beta:g}]", "max |Δ exact KL|, |Δ exact reward|",
+        results.append(CheckResult.within(f"lemma2_kl_reward[β={beta:g}]", "max |Δ exact KL|, |Δ exact reward|",
                                    max(abs(m["kl"] - ms["kl"]), abs(m["gold_reward"] - ms["gold_reward"])), 1e-9,
                                    max(abs(m["kl"] - mp["kl"]), abs(m["gold_reward"] - mp["gold_reward"]))))
         with np.errstate(divide="ignore"):
@@ -98,7 +127,7 @@ def lemma2_and_theorem1(ref_probs: np.ndarray, rewards: np.ndarray, betas: list[
             implied_control = beta * (np.log(perturbed) - np.log(ref_probs)) - rewards
         spread = float(np.max(implied.max(1) - implied.min(1)))
         control_spread = float(np.max(implied_control.max(1) - implied_control.min(1)))
-        results.append(CheckResult(f"theorem1[β={beta:g}]", "max_x spread_y of β·log π*/π_ref − r (= −β log Z(x))",
+        results.append(CheckResult.within(f"theorem1[β={beta:g}]", "max_x spread_y of β·log π*/π_ref − r (= −β log Z(x))",
                                    spread, 1e-9, control_spread))
     return results
 
@@ -130,13 +159,69 @@ def loss_invariance(
         base, grad = loss_and_grad(torch.zeros_like(f), torch.zeros_like(f))
         shifted, grad_s = loss_and_grad(f, f)
         control, grad_c = loss_and_grad(f + g, f)
-        results.append(CheckResult(f"loss_invariance[{name}]", "max(|Δ loss|, max |Δ gradient|) under f(x)",
+        results.append(CheckResult.within(f"loss_invariance[{name}]", "max(|Δ loss|, max |Δ gradient|) under f(x)",
                                    max(abs(base - shifted), _max_abs(grad, grad_s)), 1e-9,
                                    max(abs(base - control), _max_abs(grad, grad_c))))
     return results
 
 
-def run_invariance_checks(bench, stages: dict) -> pd.DataFrame:
+def implicit_reward_checks(
+    label: str, beta: float, implicit_chosen: np.ndarray, implicit_rejected: np.ndarray,
+    prompt_ids: np.ndarray, implicit: np.ndarray, gold: np.ndarray, threshold: float,
+) -> list[CheckResult]:
+    """Check 5: the trained DPO policy's implicit reward β·log π/π_ref ranks held-out pairs better than
+    chance, and tracks the gold reward within prompts (prompt means removed: exactly removing f(x)).
+
+    Control: the y-dependent perturbation g(x, y) = −2·β·log π/π_ref, which turns the implicit
+    reward around; the same checks on it must fail.
+    """
+    n = len(implicit_chosen)
+
+    def accuracy_of(c: np.ndarray, r: np.ndarray) -> float:
+        return float(((c > r) + 0.5 * (c == r)).mean())
+
+    accuracy = accuracy_of(implicit_chosen, implicit_rejected)
+    low, _ = wilson_interval(accuracy, n)
+    control = accuracy_of(-implicit_chosen, -implicit_rejected)
+    control_low, _ = wilson_interval(control, n)
+    rho = within_prompt_spearman(prompt_ids, implicit, gold)
+    rho_control = within_prompt_spearman(prompt_ids, -implicit, gold)
+    return [
+        CheckResult(f"implicit_reward_accuracy[{label}]",
+                    f"held-out pairwise accuracy of β·log π/π_ref (β={beta:g}); tolerance: the 95% lower bound must exceed it",
+                    accuracy, 0.5, control, bool(low > 0.5), not bool(control_low > 0.5)),
+        CheckResult(f"implicit_reward_spearman[{label}]",
+                    "within-prompt Spearman(β·log π/π_ref, gold reward) on reference samples; must exceed the tolerance",
+                    float(rho), threshold, float(rho_control), bool(rho > threshold), not bool(rho_control > threshold)),
+    ]
+
+
+def lemma2_empirical(results: dict[str, pd.DataFrame], margin_reward: float, margin_kl: float) -> list[CheckResult]:
+    """Check 6: PPO against r and against r + f(x) ends at equivalent gold reward and KL (TOST, 5%),
+    while PPO against r + g(x, y) does not (g = −2r: the same prompt shift with the reward turned around).
+    ``results`` maps "r", "r+f", "r+g" to per-prompt frames."""
+    def kl_terms(frame: pd.DataFrame) -> np.ndarray:
+        return (frame["policy_logp"] - frame["ref_logp"]).to_numpy()
+
+    base, shifted, perturbed = results["r"], results["r+f"], results["r+g"]
+    out = []
+    for quantity, get, margin in (("gold_reward", lambda f: f["gold_reward"].to_numpy(), margin_reward), ("kl", kl_terms, margin_kl)):
+        p = tost_equivalence(get(base), get(shifted), margin)
+        p_control = tost_equivalence(get(base), get(perturbed), margin)
+        out.append(CheckResult(
+            f"lemma2_ppo[{quantity}]",
+            f"TOST p-value that PPO against r and r+f(x) reach the same {quantity} within ±{margin:g} (must be < tolerance)",
+            p, 0.05, p_control, bool(p < 0.05), bool(p_control >= 0.05),
+        ))
+    return out
+
+
+def prompt_shift(prompts, seed: int, scale: float = 1.0) -> np.ndarray:
+    """f(x): one N(0, scale²) value per distinct prompt, stable across processes."""
+    return np.array([np.random.default_rng(derive_seed(seed, "f(x)", p)).normal(0, scale) for p in prompts])
+
+
+def run_invariance_checks(bench, stages: dict, cells: list | None = None) -> pd.DataFrame:
     """Every check this run's data supports, as rows of ``invariance.parquet``."""
     from .stages import _collate_texts, _pairs_frame, evaluate_reward_model, load_tensors  # noqa: PLC0415
 
@@ -172,7 +257,12 @@ def run_invariance_checks(bench, stages: dict) -> pd.DataFrame:
         train = _pairs_frame(prefs, "train")
         prompt_ids = pd.factorize(train["prompt"])[0]
         results += loss_invariance(logps["chosen"], logps["rejected"], prompt_ids, 0.1, rng)
+    if config.checks.empirical and not task.exact:
+        from .stages import implicit_reward_data, lemma2_ppo  # noqa: PLC0415
+
+        for cell, stage in cells or []:
+            if cell.method == "dpo" and (stage.path / "policy").exists():
+                data = implicit_reward_data(bench, stages, cell, stage)
+                results += implicit_reward_checks(cell.label, cell.strength_value, *data, config.checks.spearman_threshold)
+        results += lemma2_empirical(lemma2_ppo(bench, stages), config.checks.tost_margin_reward, config.checks.tost_margin_kl)
     return pd.DataFrame([r.row() for r in results], columns=COLUMNS)
-
-
-CheckFn = Callable[..., list[CheckResult]]

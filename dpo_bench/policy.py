@@ -151,18 +151,163 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def freeze_first_blocks(model: nn.Module, n_blocks: int, embeddings: bool = False) -> None:
-    """Fix the first ``n_blocks`` transformer blocks (and optionally the embeddings) of a GPT-2."""
+    """Fix the first ``n_blocks`` transformer blocks (and optionally the embeddings) of a causal LM.
+
+    GPT-2 keeps its blocks in ``transformer.h``; other architectures are found by
+    :func:`transformer_blocks`.
+    """
     if n_blocks <= 0 and not embeddings:
         return
     trunk = getattr(model, "transformer", None)
-    if trunk is None:
-        raise ValueError(f"freezing blocks needs a GPT-2-like model with .transformer, got {type(model).__name__}")
-    for block in trunk.h[:n_blocks]:
+    if trunk is not None and hasattr(trunk, "h"):
+        blocks = trunk.h
+        embedding_modules = [trunk.wte, trunk.wpe]
+    else:
+        blocks = transformer_blocks(model)
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        embedding_modules = [get_embeddings()] if get_embeddings else []
+    for block in blocks[:n_blocks]:
         for p in block.parameters():
             p.requires_grad_(False)
     if embeddings:
-        for p in list(trunk.wte.parameters()) + list(trunk.wpe.parameters()):
+        for p in (p for m in embedding_modules for p in m.parameters()):
             p.requires_grad_(False)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a causal LM: the first ModuleList as long as the
+    config's layer count (``model.layers`` of Llama-likes, ``gpt_neox.layers``, ``transformer.h``)."""
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
+            return module
+    raise ValueError(f"freezing blocks needs a transformer with a list of {n_layers or '?'} blocks; "
+                     f"none found in {type(model).__name__}")
+
+
+# --- pretrained models: loading, precision, memory savers ------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """``auto``: bfloat16 on a CUDA device that supports it; float32 on the CPU and on MPS, where
+    bf16 kernels are slow or incomplete. Anything else names a dtype in :data:`DTYPES`."""
+    if dtype == "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """A tokenizer from a hub id or a local directory; a missing pad token becomes the EOS token
+    (GPT-2 has none), since batches are padded."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {name} has neither a pad nor an EOS token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str | Path,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    safetensors_only: bool = True,
+) -> nn.Module:
+    """A causal LM from a hub id or a local directory, the same code path for both.
+
+    Weights load from safetensors; with ``safetensors_only=False`` a model that has only
+    pickled ``.bin`` weights may load too (unpickling can run code: only for trusted models).
+    Custom model code runs only with ``trust_remote_code=True``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    return AutoModelForCausalLM.from_pretrained(
+        name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+        use_safetensors=True if safetensors_only else None,
+    )
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Zero every dropout probability, in the modules and in the saved config.
+
+    A policy with dropout is stochastic in train mode, which corrupts PPO's log-prob ratios
+    and DPO's reference comparison; the config is edited too so a reloaded checkpoint agrees.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in list(vars(config).items()):
+            if isinstance(value, float) and (key.endswith("dropout") or key.endswith("pdrop")):
+                setattr(config, key, 0.0)
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute activations in the backward pass instead of storing them (less memory, ~30%
+    more compute). Active only in train mode; copies made with ``copy.deepcopy`` keep it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    # Non-reentrant checkpointing also works when the first blocks or the embeddings are frozen.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Low-rank adapters (Hu et al. 2021) through ``peft``; ``r = 0`` trains all weights."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ValueError(f"lora.r must be >= 0, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (only they train); :func:`save_policy` merges them back.
+
+    Needs the optional ``peft`` package (``pip install 'dpo-bench[lora]'``).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError(
+            "LoRA needs the optional package 'peft', which is not installed: pip install 'dpo-bench[lora]' "
+            "(or set lora.r = 0 to train every weight)"
+        ) from None
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules) or None, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """The plain transformers model behind LoRA adapters, with them merged into its weights."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -200,7 +345,8 @@ def save_policy(model: nn.Module, directory: Path) -> Path:
         save_file({"table": model.table.detach().cpu().contiguous(), "allowed": model.allowed.cpu()}, tmp / "model.safetensors")
         (tmp / "policy.json").write_text(json.dumps({"kind": "tabular", "vocab_size": model.vocab_size}))
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # A checkpoint is always a plain transformers model: LoRA adapters are merged in.
+        merge_adapters(model).save_pretrained(tmp, safe_serialization=True)
         (tmp / "policy.json").write_text(json.dumps({"kind": "hf"}))
     _commit_dir(tmp, directory)
     return directory

@@ -40,7 +40,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ReferenceSamples:
-    """The reference's completions for the eval prompts at one temperature, with their gold rewards."""
+    """The reference's completions for the eval prompts at one temperature, with their judge's
+    scores (the gold reward; NaN until a judge that is the learned reward model exists)."""
 
     temperature: float
     completions: list[str]
@@ -53,7 +54,9 @@ def reference_samples(task, reference: nn.Module, temperature: float, seed: int)
     s = sample(reference, prompt_ids, max_new_tokens=task.max_new_tokens, eos_id=task.eos_id, pad_id=task.pad_id,
                generator=generator, temperature=temperature)
     completions = [task.decode_completion(c) for c in s.completion_ids]
-    return ReferenceSamples(temperature, completions, task.gold.score(task.eval_prompts, completions))
+    judge = task.judge()
+    scores = judge.score(task.eval_prompts, completions) if judge is not None else np.full(len(completions), np.nan)
+    return ReferenceSamples(temperature, completions, scores)
 
 
 def _row(metric: str, est: Estimate) -> dict[str, Any]:
@@ -73,13 +76,19 @@ def evaluate_policy(
     reward_model: Any,
     generator: torch.Generator,
     temperature: float = 1.0,
+    judge: Any = None,
 ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
-    """Metric rows (``metric, value, stderr, ci_low, ci_high, n``) and the per-prompt samples."""
+    """Metric rows (``metric, value, stderr, ci_low, ci_high, n``) and the per-prompt samples.
+
+    Completions are judged by ``judge`` (default: the task's gold scorer). Its scores are named
+    ``task.reward_metric``: ``gold_reward`` for a gold scorer, ``judge_reward`` for a proxy.
+    """
     prompts = task.eval_prompts
     prompt_ids = [task.encode_prompt(p) for p in prompts]
     samples = policy.sample(prompt_ids, generator=generator, temperature=temperature)
     completions = [task.decode_completion(c) for c in samples.completion_ids]
-    gold = task.gold.score(prompts, completions)
+    reward = task.reward_metric
+    gold = (judge or task.gold).score(prompts, completions)
     fluent = task.fluency(prompts, completions)
     lengths = np.array([len(c) for c in samples.completion_ids], dtype=float)
     ref_logps = batched_sequence_logps(reference, samples.batch).numpy()
@@ -88,11 +97,12 @@ def evaluate_policy(
     proxy = reward_model.score(samples.batch.input_ids, samples.batch.attention_mask).numpy() if reward_model is not None else np.full(len(prompts), np.nan)
 
     rows = [
-        _row("gold_reward", estimate_from_samples(gold)),
+        _row(reward, estimate_from_samples(gold)),
         _row("win_rate", win_rate(gold, reference_samples.gold)),
-        _row("fluency", estimate_from_samples(fluent.astype(float))),
+        _row("fluency", estimate_from_samples(fluent.astype(float))) if fluent is not None else None,
         _row("length", estimate_from_samples(lengths)),
     ]
+    rows = [r for r in rows if r is not None]
     if reward_model is not None:
         rows.append(_row("proxy_reward", estimate_from_samples(proxy)))
     if temperature == 1.0:
@@ -104,9 +114,9 @@ def evaluate_policy(
             # Closed forms replace the sampled estimates of the same quantities.
             rows = [r for r in rows if r["metric"] not in exact] + [_row(m, exact_estimate(v, len(prompts))) for m, v in exact.items()]
     frame = pd.DataFrame({
-        "prompt": prompts, "completion": completions, "gold_reward": gold, "proxy_reward": proxy,
-        "policy_logp": policy_logps, "ref_logp": ref_logps, "fluent": fluent,
-        "ref_completion": reference_samples.completions, "ref_gold_reward": reference_samples.gold,
+        "prompt": prompts, "completion": completions, reward: gold, "proxy_reward": proxy,
+        "policy_logp": policy_logps, "ref_logp": ref_logps, "fluent": fluent if fluent is not None else np.nan,
+        "ref_completion": reference_samples.completions, f"ref_{reward}": reference_samples.gold,
     })
     return rows, frame
 

@@ -36,8 +36,10 @@ class PreferenceConfig:
         "best_vs_worst", "how pairwise methods read K > 2 rankings"
     )
     heldout_fraction: float = field(0.1, "share of train prompts held out to measure reward accuracy")
+    n_prompts: int = field(0, "use only the first n train prompts (0 = all)")
 
     def __post_init__(self) -> None:
+        non_negative("n_prompts", self.n_prompts)
         if self.k < 2:
             raise ConfigError(f"k must be >= 2, got {self.k}")
         non_negative("label_temperature", self.label_temperature)
@@ -72,7 +74,7 @@ def make_preferences(
     task, reference: nn.Module, config: PreferenceConfig, seed: int, batch_size: int = 512
 ) -> PreferenceFrames:
     """Sample K completions per train prompt from ``reference`` and label them by the gold reward."""
-    prompts = list(task.train_prompts)
+    prompts = list(task.train_prompts[: config.n_prompts or None])
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     prompt_ids = [task.encode_prompt(p) for p in prompts]

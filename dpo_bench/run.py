@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from . import store
 from .bench import BenchConfig, Cell
 from .configs import to_dict
 from .invariance import run_invariance_checks
@@ -26,10 +27,10 @@ from .methods.base import get_method
 from .report import build_report
 from .stages import (
     METRIC_COLUMNS, Bench, Stage, Upstream, build_preferences, cell_status, preference_info, prepare_task,
-    reference_eval, reference_logps, run_cell, train_rm, train_sft, write_json, write_parquet,
+    label_temperature_rms, reference_eval, reference_logps, run_cell, train_rm, train_sft, write_json, write_parquet,
 )
 
-RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "run.json")
+RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "history.parquet", "run.json")
 
 
 class RunExistsError(RuntimeError):
@@ -110,6 +111,23 @@ def upstream_for(cell: Cell, stages: dict[str, Stage | None]) -> Upstream:
     )
 
 
+def code_links() -> dict[str, str]:
+    """Where the report's "why" questions are answered in code: file:line of each computation."""
+    import inspect
+
+    from .losses import dpo_loss
+    from .methods.ppo import kl_penalised_rewards, train_ppo
+    from reward.bradley_terry import bt_loss
+
+    root = Path(__file__).resolve().parent.parent
+    out = {}
+    for name, fn in (("log-sigmoid DPO loss", dpo_loss), ("Bradley-Terry loss", bt_loss),
+                     ("KL-penalised per-token reward", kl_penalised_rewards), ("PPO loop", train_ppo)):
+        path = Path(inspect.getsourcefile(fn)).resolve()
+        out[name] = f"{path.relative_to(root)}:{inspect.getsourcelines(fn)[1]}"
+    return out
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for package in ("torch", "transformers", "prefect", "pandas", "numpy", "scipy", "vaderSentiment", "dpo-bench"):
@@ -122,10 +140,16 @@ def versions() -> dict[str, str]:
 
 def finish_run(
     bench: Bench, run_dir: Path, run_id: str, stages: dict[str, Stage | None], cells: list[tuple[Cell, Stage]],
-    timings: Timings, started: float, started_at: str, extra: dict | None = None,
+    timings: Timings, started: float, started_at: str, extra: dict | None = None, results_db: str | None = None,
 ) -> dict[str, Path]:
-    """Write metrics, samples, invariance, run.json and the report into ``run_dir``."""
+    """Write metrics, samples, invariance, run.json and the report into ``run_dir``.
+
+    The run is also compared with the previous runs of its preset in the results store
+    (``history.parquet``, the report's History section) and appended to it; ``results_db`` is a
+    SQLAlchemy URL, by default the SQLite file ``results.db`` beside the run directory.
+    """
     config = bench.config
+    results_db = results_db or store.default_url(run_dir.parent)
     frames = [pd.read_parquet(stages["ref_eval"].path / "metrics.parquet")]
     if stages.get("sft") and (stages["sft"].path / "train_metrics.parquet").exists():
         frames.append(pd.read_parquet(stages["sft"].path / "train_metrics.parquet"))
@@ -137,6 +161,7 @@ def finish_run(
         if (stage.path / "samples.parquet").exists():
             samples.append(pd.read_parquet(stage.path / "samples.parquet"))
         statuses[cell.label] = cell_status(stage)
+    frames.append(label_temperature_rms(bench, stages))
     metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
     metrics.insert(0, "task", config.task)
     metrics.insert(0, "run_id", run_id)
@@ -145,7 +170,7 @@ def finish_run(
     sample_frame = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame()
     write_parquet(sample_frame, run_dir / "samples.parquet")
 
-    invariance = run_invariance_checks(bench, stages)
+    invariance = run_invariance_checks(bench, stages, cells)
     write_parquet(invariance, run_dir / "invariance.parquet")
 
     fingerprints = dict(getattr(bench.task(stages["task"]), "fingerprints", {}))
@@ -165,13 +190,22 @@ def finish_run(
         "cells": statuses, "failed_cells": failed,
         "preferences": preference_info(stages["preferences"]) if stages.get("preferences") else None,
         "methods": {
-            name: {"description": get_method(name).description, "strength": get_method(name).strength}
-            for name in sorted({c.method for c, _ in cells})
+            c.display_name: {"method": c.method, "description": get_method(c.method).description,
+                             "strength": get_method(c.method).strength}
+            for c, _ in sorted(cells, key=lambda cs: cs[0].display_name)
         },
         "notes": [f"cell {label} failed: {statuses[label]['error']}" for label in failed],
+        "questions": to_dict(config.questions),
+        "code_links": code_links(),
+        "results_db": store.display_url(results_db),
         **(extra or {}),
     }
     write_json(run_dir / "run.json", record)
+    error = store.record_run(run_dir, results_db)
+    if error:
+        record["results_db_error"] = error
+        record["notes"].append(f"the run was not recorded in the results store: {error}")
+        write_json(run_dir / "run.json", record)
     return build_report(run_dir)
 
 
@@ -183,8 +217,12 @@ def run_benchmark(
     use_cache: bool = True,
     progress: bool = True,
     on_stage: Callable[[str], None] | None = None,
+    results_db: str | None = None,
 ) -> Path:
-    """Run every stage in this process and write ``reports_dir/<run_id>/``; returns that directory."""
+    """Run every stage in this process and write ``reports_dir/<run_id>/``; returns that directory.
+
+    ``results_db``: the results store's SQLAlchemy URL (default: ``reports_dir/results.db``).
+    """
     reports_dir = Path(reports_dir)
     check_writable(reports_dir)
     run_id = run_id or new_run_id(config.preset)
@@ -200,7 +238,7 @@ def run_benchmark(
             say(f"training {cell.label}")
             cells.append((cell, timings.record(run_cell(bench, cell, upstream_for(cell, stages)))))
         say("writing the report")
-        finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at)
+        finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at, results_db=results_db)
     return run_dir
 
 

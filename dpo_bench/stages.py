@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +34,7 @@ from reward.model import RewardModel
 from reward.train import PairTensors, evaluate_reward_model, train_reward_model
 
 from .bench import BenchConfig, Cell
-from .configs import to_dict
+from .configs import from_dict, to_dict
 from .data import write_preferences
 from .evaluate import estimate_from_samples, wilson_interval
 from .logprobs import SequenceBatch, batched_sequence_logps, collate
@@ -44,7 +44,7 @@ from .policy import (
     derive_seed, load_module, load_policy, load_tensors, resolve_device, save_module, save_policy, save_tensors, seed_everything,
 )
 from .policy_eval import ReferenceSamples, evaluate_policy, reference_samples
-from .preferences import make_preferences
+from .preferences import PreferenceConfig
 from .tasks import get_task_class
 from .training import NonFiniteLossError, TrainLog
 
@@ -134,7 +134,9 @@ class Bench:
         tmp.mkdir(parents=True)
         build(tmp)
         seconds = time.perf_counter() - start
-        write_json(tmp / "_complete.json", {"stage": name, "key": key, "seconds": seconds, "key_data": key_data})
+        # pid and torch threads: where the stage ran (a Dask worker?) and with how many threads.
+        write_json(tmp / "_complete.json", {"stage": name, "key": key, "seconds": seconds, "key_data": key_data,
+                                            "pid": os.getpid(), "torch_threads": torch.get_num_threads()})
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -148,11 +150,17 @@ class Bench:
     # --- loading stage outputs ---
     def task(self, stage: Stage):
         cls = get_task_class(self.config.task)
-        return self.memo(("task", stage.key), lambda: cls(self.config.task_config, stage.path))
+
+        def load():
+            task = cls(self.config.task_config, stage.path)
+            task.device = self.device  # where its own models (a judge, a pretrained policy) run
+            return task
+
+        return self.memo(("task", stage.key), load)
 
     def reference(self, stage: Stage) -> torch.nn.Module:
         def load():
-            model = load_policy(stage.path / "model", self.device)
+            model = get_task_class(self.config.task).load_model(self.config.task_config, stage.path / "model", self.device)
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -181,8 +189,11 @@ class Bench:
 def prepare_task(bench: Bench) -> Stage:
     config = bench.config
     cls = get_task_class(config.task)
-    return bench.run_stage("task", {"task": config.task, "config": to_dict(config.task_config)},
-                           lambda out: cls.prepare(config.task_config, out))
+    key = {"task": config.task, "config": to_dict(config.task_config)}
+    sources = cls.source_fingerprint(config.task_config)
+    if sources:  # local files the task reads: editing them must invalidate the stage
+        key["sources"] = sources
+    return bench.run_stage("task", key, lambda out: cls.prepare(config.task_config, out))
 
 
 # --- stage 2: the reference (SFT) model -------------------------------------------------------
@@ -229,7 +240,7 @@ def build_preferences(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
 
     def build(out: Path) -> None:
         task = bench.task(task_stage)
-        frames = make_preferences(task, bench.reference(sft), config.preferences, seed)
+        frames = task.preference_frames(bench.reference(sft), config.preferences, seed)
         if frames.pairs.empty:
             raise ValueError("the preference data is empty: every sampled pair tied or repeated")
         info = {
@@ -339,11 +350,15 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
         if len(heldout):
             r_w, r_l = evaluate_reward_model(model, pairs(heldout), task.pad_id)
             metric_rows.append(_accuracy_row("rm_accuracy", r_w, r_l))
-            ceiling = bayes_ceiling(heldout["gold_chosen"], heldout["gold_rejected"], config.preferences.label_temperature)
-            metric_rows.append({"metric": "rm_bayes_ceiling", "value": ceiling, "stderr": float("nan"),
-                                "ci_low": float("nan"), "ci_high": float("nan"), "n": len(heldout)})
+            # Labels from outside (an hf dataset) carry no gold rewards, so no Bayes ceiling.
+            if heldout[["gold_chosen", "gold_rejected"]].notna().all().all():
+                ceiling = bayes_ceiling(heldout["gold_chosen"], heldout["gold_rejected"], config.preferences.label_temperature)
+                metric_rows.append({"metric": "rm_bayes_ceiling", "value": ceiling, "stderr": float("nan"),
+                                    "ci_low": float("nan"), "ci_high": float("nan"), "n": len(heldout)})
             metric_rows += _calibration_rows(r_w.numpy() - r_l.numpy())
-        extra = pd.DataFrame([{"method": "reward_model", "beta": float("nan"), "seed": 0, "step": 0, "temperature": float("nan"), **r}
+        # Reward-model rows carry their labels' Bradley-Terry temperature in the temperature column.
+        label_t = config.preferences.label_temperature
+        extra = pd.DataFrame([{"method": "reward_model", "beta": float("nan"), "seed": 0, "step": 0, "temperature": label_t, **r}
                               for r in metric_rows])
         write_parquet(pd.concat([rows, extra], ignore_index=True)[METRIC_COLUMNS[2:]], out / "metrics.parquet")
 
@@ -405,6 +420,16 @@ def load_reference_samples(stage: Stage, temperature: float) -> ReferenceSamples
     return ReferenceSamples(temperature, list(frame["completion"]), frame["gold"].to_numpy())
 
 
+def judged_reference_samples(bench: Bench, up: "Upstream", task: Any, judge: Any, temperature: float) -> ReferenceSamples:
+    """The reference's eval completions with their judge's scores. A judge that is the learned
+    reward model did not exist when the reference was evaluated, so it scores them here, once."""
+    ref = load_reference_samples(up.ref_eval, temperature)
+    if judge is None or np.isfinite(ref.gold).all():
+        return ref
+    key = ("judged_reference", up.ref_eval.key, up.reward_model.key if up.reward_model else None, temperature)
+    return bench.memo(key, lambda: ReferenceSamples(temperature, ref.completions, judge.score(task.eval_prompts, ref.completions)))
+
+
 # --- stage 7: one grid cell ------------------------------------------------------------------------
 
 
@@ -429,16 +454,22 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
     config = bench.config
     method = get_method(cell.method)
     method_config = cell.config()
-    seed = derive_seed(config.seed, cell.method, cell.strength_value, cell.seed)
+    seed = derive_seed(config.seed, cell.display_name, cell.strength_value, cell.seed)
+    if cell.preferences and up.preferences is not None:
+        up = _variant_preferences(bench, cell, up)
+    freeze_blocks = config.freeze_blocks if cell.freeze_blocks is None else cell.freeze_blocks
+    freeze_embeddings = config.freeze_embeddings if cell.freeze_embeddings is None else cell.freeze_embeddings
+    name = cell.display_name
     key = {
         "upstream": {k: getattr(up, k).key if getattr(up, k) else None for k in ("task", "sft", "ref_eval", "preferences", "ref_logps", "reward_model")},
-        "method": cell.method, "config": to_dict(method_config), "seed": seed,
-        "evaluation": to_dict(config.evaluation), "freeze": [config.freeze_blocks, config.freeze_embeddings],
+        "method": cell.method, "name": name, "config": to_dict(method_config), "seed": seed,
+        "evaluation": to_dict(config.evaluation), "freeze": [freeze_blocks, freeze_embeddings],
     }
 
     def build(out: Path) -> None:
         task, reference = bench.task(up.task), bench.reference(up.sft)
         reward_model = bench.reward_model(up.reward_model, up.sft)
+        judge = task.judge(reward_model)
         prefs = preference_tensors(bench, up.task, up.preferences, up.ref_logps) if up.preferences and up.ref_logps else None
         generator = seed_everything(seed)
         rows: list[dict] = []
@@ -446,11 +477,15 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         strength = cell.strength_value
 
         def checkpoint(step: int, policy: Any) -> None:
-            policy = ModelPolicy(policy, task) if isinstance(policy, torch.nn.Module) else policy
+            if isinstance(policy, torch.nn.Module):
+                if policy is not reference:
+                    # The last evaluated policy is kept: after a failure it is the last good checkpoint.
+                    save_policy(policy, out / "policy")
+                policy = ModelPolicy(policy, task)
             eval_gen = torch.Generator().manual_seed(derive_seed(seed, "eval", step))
             metric_rows, samples = evaluate_policy(
-                policy, task=task, reference=reference, reward_model=reward_model,
-                reference_samples=load_reference_samples(up.ref_eval, 1.0), generator=eval_gen, temperature=1.0,
+                policy, task=task, reference=reference, reward_model=reward_model, judge=judge,
+                reference_samples=judged_reference_samples(bench, up, task, judge, 1.0), generator=eval_gen, temperature=1.0,
             )
             rows.extend({"step": step, "temperature": 1.0, **r} for r in metric_rows)
             last_samples["samples"] = samples.assign(step=step)
@@ -458,7 +493,7 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         ctx = MethodContext(
             task=task, reference=reference, device=bench.device, seed=seed, generator=generator, checkpoint=checkpoint,
             n_checkpoints=config.evaluation.n_checkpoints, preferences=prefs, reward_model=reward_model,
-            gold_scores=task.gold.score, freeze_blocks=config.freeze_blocks, freeze_embeddings=config.freeze_embeddings,
+            gold_scores=judge.score if judge is not None else None, freeze_blocks=freeze_blocks, freeze_embeddings=freeze_embeddings,
             progress=bench.progress, label=cell.label,
         )
         status = {"status": "ok", "error": None, "label": cell.label}
@@ -471,28 +506,38 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
                     continue
                 eval_gen = torch.Generator().manual_seed(derive_seed(seed, "eval", final_step, t))
                 metric_rows, _ = evaluate_policy(
-                    policy, task=task, reference=reference, reward_model=reward_model,
-                    reference_samples=load_reference_samples(up.ref_eval, t), generator=eval_gen, temperature=t,
+                    policy, task=task, reference=reference, reward_model=reward_model, judge=judge,
+                    reference_samples=judged_reference_samples(bench, up, task, judge, t), generator=eval_gen, temperature=t,
                 )
-                rows.extend({"step": final_step, "temperature": t, **r} for r in metric_rows if r["metric"] in ("win_rate", "gold_reward"))
-            if isinstance(policy, ModelPolicy) and method.name != "sft":
-                save_policy(policy.model, out / "policy")
+                rows.extend({"step": final_step, "temperature": t, **r} for r in metric_rows if r["metric"] in ("win_rate", task.reward_metric))
         except NonFiniteLossError as e:
             log.warning("%s failed: %s", cell.label, e)
-            status = {"status": "failed", "error": str(e), "label": cell.label}
+            status = {"status": "failed", "error": str(e), "label": cell.label,
+                      "last_good_checkpoint": max((r["step"] for r in rows), default=None)}
         except Exception as e:  # noqa: BLE001 — one broken cell must not sink the grid
             log.error("%s failed:\n%s", cell.label, traceback.format_exc())
             status = {"status": "failed", "error": f"{type(e).__name__}: {e}", "label": cell.label}
         status["seconds"] = time.perf_counter() - start
-        metrics = pd.DataFrame([{"method": cell.method, "beta": strength, "seed": cell.seed, **r} for r in rows], columns=METRIC_COLUMNS[2:])
-        train = _train_rows(ctx.log, cell.method, strength, cell.seed)
+        metrics = pd.DataFrame([{"method": name, "beta": strength, "seed": cell.seed, **r} for r in rows], columns=METRIC_COLUMNS[2:])
+        train = _train_rows(ctx.log, name, strength, cell.seed)
+        if not task.has_gold:  # trainers log the judge's scores as train/gold_reward; name them honestly
+            train["metric"] = train["metric"].replace("train/gold_reward", "train/judge_reward")
         write_parquet(pd.concat([metrics, train], ignore_index=True), out / "metrics.parquet")
         if "samples" in last_samples:
             n = config.evaluation.n_saved_prompts
-            write_parquet(last_samples["samples"].head(n).assign(method=cell.method, beta=strength, seed=cell.seed), out / "samples.parquet")
+            write_parquet(last_samples["samples"].head(n).assign(method=name, beta=strength, seed=cell.seed), out / "samples.parquet")
         write_json(out / "status.json", status)
 
     return bench.run_stage("cell", key, build)
+
+
+def _variant_preferences(bench: Bench, cell: Cell, up: Upstream) -> Upstream:
+    """The cell's own preference data (and reference log-probs), built once and cached like any stage."""
+    config = bench.config
+    preferences = from_dict(PreferenceConfig, {**to_dict(config.preferences), **dict(cell.preferences)}, "preferences")
+    variant = Bench(replace(config, preferences=preferences), bench.cache_dir, bench.use_cache, bench.progress, bench._memo)
+    prefs = build_preferences(variant, up.task, up.sft)
+    return replace(up, preferences=prefs, ref_logps=reference_logps(variant, up.task, up.sft, prefs))
 
 
 def cell_status(stage: Stage) -> dict:
@@ -506,3 +551,86 @@ def is_finite_metrics(frame: pd.DataFrame) -> bool:
 
 def nan_to_none(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
+
+
+# --- the empirical checks' stages (invariance.py turns their outputs into checks) ----------------
+
+
+def implicit_reward_data(bench: Bench, stages: dict, cell: Cell, stage: Stage) -> tuple:
+    """For a trained DPO cell: implicit rewards β·log π/π_ref of the held-out pairs, and of K reference
+    samples per held-out prompt next to their gold rewards (for the within-prompt correlation)."""
+    config = bench.config
+    task, reference = bench.task(stages["task"]), bench.reference(stages["sft"])
+    policy = load_policy(stage.path / "policy", bench.device).eval()
+    beta = cell.strength_value
+    heldout = _pairs_frame(stages["preferences"], "heldout")
+
+    def implicit(batch: SequenceBatch) -> np.ndarray:
+        return (beta * (batched_sequence_logps(policy, batch) - batched_sequence_logps(reference, batch))).double().numpy()
+
+    chosen = implicit(_collate_texts(task, heldout["prompt"], heldout["chosen"]))
+    rejected = implicit(_collate_texts(task, heldout["prompt"], heldout["rejected"]))
+    prompts = list(dict.fromkeys(heldout["prompt"]))
+    k = config.checks.spearman_completions
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, "spearman"))
+    samples = sample_completions(task, reference, [p for p in prompts for _ in range(k)], generator)
+    gold = task.gold.score([p for p in prompts for _ in range(k)], samples["completions"])
+    prompt_ids = np.repeat(np.arange(len(prompts)), k)
+    return chosen, rejected, prompt_ids, implicit(samples["batch"]), gold
+
+
+def sample_completions(task, model, prompts: list[str], generator: torch.Generator) -> dict:
+    from .generation import sample
+
+    s = sample(model, [task.encode_prompt(p) for p in prompts], max_new_tokens=task.max_new_tokens,
+               eos_id=task.eos_id, pad_id=task.pad_id, generator=generator)
+    return {"completions": [task.decode_completion(c) for c in s.completion_ids], "batch": s.batch}
+
+
+def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
+    """Three PPO runs with the same seed schedule against r, r + f(x) and r + f(x) + g(x, y) = f(x) − r;
+    each evaluated on the eval prompts. Cached like every stage."""
+    from .invariance import prompt_shift
+
+    config = bench.config
+    seed = derive_seed(config.seed, "lemma2_ppo")
+    variants = ("r", "r+f", "r+g")
+
+    def build(out: Path) -> None:
+        task, reference = bench.task(stages["task"]), bench.reference(stages["sft"])
+        method = get_method("ppo_gt")
+        ppo_config = method.make_config({"iterations": config.checks.lemma2_iterations}, config.checks.lemma2_kl_coef)
+        ref_samples = load_reference_samples(stages["ref_eval"], 1.0)
+        for variant in variants:
+            def scores(prompts, completions, _variant=variant):
+                r = task.gold.score(prompts, completions)
+                f = prompt_shift(prompts, config.seed)
+                return {"r": r, "r+f": r + f, "r+g": f - r}[_variant]
+
+            ctx = MethodContext(
+                task=task, reference=reference, device=bench.device, seed=seed, generator=seed_everything(seed),
+                checkpoint=lambda step, policy: None, n_checkpoints=1, gold_scores=scores,
+                progress=bench.progress, label=f"lemma2 PPO vs {variant}",
+            )
+            policy = method.train(ctx, ppo_config)
+            _, samples = evaluate_policy(policy, task=task, reference=reference, reward_model=None,
+                                         reference_samples=ref_samples, generator=torch.Generator().manual_seed(seed))
+            write_parquet(samples, out / f"{variant}.parquet")
+
+    stage = bench.run_stage("lemma2_ppo", {"sft": stages["sft"].key, "ref_eval": stages["ref_eval"].key,
+                                           "checks": to_dict(config.checks), "seed": seed}, build)
+    return {v: pd.read_parquet(stage.path / f"{v}.parquet") for v in variants}
+
+
+def label_temperature_rms(bench: Bench, stages: dict) -> pd.DataFrame:
+    """Reward models trained on labels drawn at other Bradley-Terry temperatures: their held-out accuracy
+    against the Bayes ceiling at that temperature (noisy labels cap any model)."""
+    frames = []
+    for t in bench.config.checks.label_temperatures:
+        preferences = replace(bench.config.preferences, label_temperature=float(t))
+        variant = Bench(replace(bench.config, preferences=preferences), bench.cache_dir, bench.use_cache, bench.progress, bench._memo)
+        prefs = build_preferences(variant, stages["task"], stages["sft"])
+        rm = train_rm(variant, stages["task"], stages["sft"], prefs)
+        rows = pd.read_parquet(rm.path / "metrics.parquet")
+        frames.append(rows[rows["metric"].isin(["rm_accuracy", "rm_bayes_ceiling", "rm_train_accuracy"])])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS[2:])

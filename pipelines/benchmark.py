@@ -72,8 +72,8 @@ def cell_task(bench: Bench, cell: Cell, upstream: Upstream, label: str) -> Stage
 
 @task(name="report", cache_policy=NONE)
 def report_task(bench: Bench, run_dir: Path, run_id: str, stages: dict, cells: list, timings: Timings,
-                started: float, started_at: str, extra: dict) -> dict:
-    return finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at, extra)
+                started: float, started_at: str, extra: dict, results_db: str | None) -> dict:
+    return finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at, extra, results_db=results_db)
 
 
 def task_runner_for(workers: int, dask_address: str | None) -> Any:
@@ -96,8 +96,13 @@ def benchmark_flow(
     use_cache: bool = True,
     progress: bool = True,
     parallel: bool = False,
+    results_db: str | None = None,
 ) -> str:
-    """SFT → preferences → reward model → every method of the grid → evaluation → report."""
+    """SFT → preferences → reward model → every method of the grid → evaluation → report.
+
+    The run appends to the results store ``results_db`` (a SQLAlchemy URL; default
+    ``<reports_dir>/results.db``) and its report compares it with the previous runs of its preset.
+    """
     bench_config: BenchConfig = from_dict_config(config)
     logger = get_run_logger()
     reports = Path(reports_dir)
@@ -126,7 +131,8 @@ def benchmark_flow(
         else:
             # One cell at a time: torch already uses every core, and threads would share its RNG state.
             done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label))) for cell in cells]
-        paths = report_task(bench, run_dir, run_id, stages, done, timings, started, started_at, {"orchestrator": "prefect"})
+        paths = report_task(bench, run_dir, run_id, stages, done, timings, started, started_at, {"orchestrator": "prefect"},
+                            results_db)
     markdown = Path(paths["markdown"]).read_text()
     create_markdown_artifact(markdown=markdown, key=_artifact_key(bench_config.preset, "report"), description=f"dpo-bench report {run_id}")
     create_table_artifact(table=_results_table(run_dir), key=_artifact_key(bench_config.preset, "results"), description=f"final results {run_id}")

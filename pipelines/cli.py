@@ -32,9 +32,17 @@ def _parse_methods(text: str | None) -> list[str] | None:
 def resolve_config(args: argparse.Namespace):
     """Preset (or a previous run's config), then the TOML file, then flags; validated."""
     from dpo_bench.bench import from_dict_config, load_config, merge
+    from dpo_bench.configs import ConfigError
     from dpo_bench.run import read_run
 
     overrides = {flag: getattr(args, flag) for flag in ("seed", "device", "task", "threads") if getattr(args, flag, None) is not None}
+    hf = {key: getattr(args, key) for key in ("model", "data") if getattr(args, key, None)}
+    if hf:
+        # --model / --data are the hf task's; they select it unless --task names it.
+        overrides.setdefault("task", "hf")
+        if overrides["task"] != "hf":
+            raise ConfigError(f"--model and --data belong to the hf task, not to --task {overrides['task']}")
+        overrides["hf"] = hf
     if getattr(args, "from_run", None):
         config = from_dict_config(merge(read_run(Path(args.from_run))["config"], overrides))
     else:
@@ -42,6 +50,35 @@ def resolve_config(args: argparse.Namespace):
         config = load_config(preset, args.config, overrides)
     methods = _parse_methods(getattr(args, "methods", None))
     return config.with_methods(methods) if methods else config
+
+
+def dry_run_plan(config) -> str:
+    """What `run` would do: where it runs, what it would download, its stages and cells."""
+    from dpo_bench.configs import to_dict
+    from dpo_bench.policy import resolve_device
+
+    lines = [f"task {config.task}, preset {config.preset}, seed {config.seed}, "
+             f"device {config.device} (here: {resolve_device(config.device)})"]
+    downloads = getattr(config.task_config, "downloads", None)
+    items = downloads() if downloads else []
+    hub = [(what, name) for what, name, where in items if where == "hub"]
+    local = [(what, name) for what, name, where in items if where == "local"]
+    if hub:
+        lines.append("would download from the hub:")
+        lines += [f"  {what}: {name}" for what, name in hub]
+    if local:
+        lines.append("would read local files:")
+        lines += [f"  {what}: {name}" for what, name in local]
+    if not items:
+        lines.append("downloads nothing: the task is generated offline")
+    judge = to_dict(config.task_config).get("judge")
+    if judge:
+        lines.append(f"judge: {judge}" + (" (a proxy: win rates are judged by the learned reward model)" if judge == "reward_model" else ""))
+    lines.append("stages: task, reference (SFT), reference evaluation, preferences, reference log-probs, reward model")
+    cells = config.cells()
+    lines.append(f"{len(cells)} cells:")
+    lines += [f"  {cell.label}" for cell in cells]
+    return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -52,6 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dpo-bench: config error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(dry_run_plan(config))
+        return 0
     if (args.workers or args.dask_address) and not config.threads:
         from dataclasses import replace
 
@@ -64,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = run_benchmark(
             config, Path(args.reports_dir), run_id=args.run_id, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             use_cache=not args.no_cache, progress=not args.quiet,
-            on_stage=lambda m: print(f"dpo-bench: {m}", file=sys.stderr),
+            on_stage=lambda m: print(f"dpo-bench: {m}", file=sys.stderr), results_db=args.results_db,
         )
     else:
         offline_environment()
@@ -75,8 +115,118 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(flow(
             config=config.to_dict(), reports_dir=str(args.reports_dir), run_id=args.run_id,
             cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, parallel=runner is not None,
+            results_db=args.results_db,
         ))
     print(f"dpo-bench: report written to {run_dir / 'report.html'} and {run_dir / 'report.md'}")
+    return 0
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    from dpo_bench.store import default_url
+
+    return args.results_db or default_url(args.reports_dir)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from dpo_bench import store
+    from dpo_bench.report.history import format_history
+
+    url = _store_url(args)
+    try:
+        frame = store.history(url, preset=args.preset, method=args.method, task=args.task)
+    except store.StoreError as e:
+        print(f"dpo-bench: {e}", file=sys.stderr)
+        return 2
+    if args.last and not frame.empty:
+        keep = frame.drop_duplicates("run_id").sort_values("started_at")["run_id"].tail(args.last)
+        frame = frame[frame["run_id"].isin(keep)]
+    print(f"results store: {store.display_url(url)}")
+    print(format_history(frame))
+    return 0
+
+
+def _run_metrics(ref: str, args: argparse.Namespace, url: str):
+    """A run's metrics from a run directory, a run id under --reports-dir, or a run id in the store."""
+    import pandas as pd
+
+    from dpo_bench import store
+
+    for candidate in (Path(ref), Path(args.reports_dir) / ref):
+        if (candidate / "metrics.parquet").is_file():
+            return str(candidate), pd.read_parquet(candidate / "metrics.parquet")
+    metrics = store.run_metrics(url, [ref], final_only=True)
+    if metrics.empty:
+        raise LookupError(f"{ref!r} is neither a run directory, nor a run in {args.reports_dir}, "
+                          f"nor a run id in the results store {store.display_url(url)}")
+    return f"{ref} (results store)", metrics
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dpo_bench import store
+    from dpo_bench.report.history import COMPARE_METRICS, compare_summaries, final_summary, format_comparison
+
+    url = _store_url(args)
+    try:
+        (name_a, a), (name_b, b) = _run_metrics(args.run_a, args, url), _run_metrics(args.run_b, args, url)
+    except (LookupError, store.StoreError) as e:
+        print(f"dpo-bench: {e}", file=sys.stderr)
+        return 2
+    comparison = compare_summaries(final_summary(a, COMPARE_METRICS), final_summary(b, COMPARE_METRICS))
+    print(format_comparison(comparison, name_a, name_b))
+    return 0
+
+
+def _schedule_parameters(args: argparse.Namespace):
+    """(deployment name, flow parameters) from the config options, or an exit code on a config error."""
+    from dpo_bench.configs import ConfigError
+
+    try:
+        config = resolve_config(args)
+    except ConfigError as e:
+        print(f"dpo-bench: config error: {e}", file=sys.stderr)
+        return None
+    from pipelines.deploy import flow_parameters
+
+    name = args.name or (config.preset if config.task == "sentiment" else f"{config.preset}-{config.task}")
+    return name, flow_parameters(config.to_dict(), args.reports_dir, args.cache_dir, args.results_db, use_cache=not args.no_cache)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    offline_environment()
+    made = _schedule_parameters(args)
+    if made is None:
+        return 2
+    name, parameters = made
+    from pipelines.deploy import DeployError, api_url, build_deployment, serve_benchmark
+
+    try:
+        url = api_url()
+        deployment = build_deployment(name, args.cron, parameters, timezone=args.timezone)
+    except DeployError as e:
+        print(f"dpo-bench: {e}", file=sys.stderr)
+        return 2
+    print(f"dpo-bench: serving deployment '{deployment.flow_name}/{name}' on {url}, schedule '{args.cron}'"
+          f"{f' ({args.timezone})' if args.timezone else ' (UTC)'}; reports in {parameters['reports_dir']}", file=sys.stderr)
+    serve_benchmark(deployment, limit=args.limit)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    offline_environment()
+    made = _schedule_parameters(args)
+    if made is None:
+        return 2
+    name, parameters = made
+    from pipelines.deploy import FLOW_NAME, DeployError, deploy_benchmark
+
+    try:
+        deployment_id = deploy_benchmark(name, args.cron, parameters, work_pool=args.pool, timezone=args.timezone,
+                                         source=args.source, work_queue=args.queue)
+    except DeployError as e:
+        print(f"dpo-bench: {e}", file=sys.stderr)
+        return 2
+    print(f"dpo-bench: deployment '{FLOW_NAME}/{name}' ({deployment_id}) on work pool '{args.pool}', schedule '{args.cron}'; "
+          f"start a worker with `prefect worker start --pool {args.pool}`")
     return 0
 
 
@@ -145,12 +295,18 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="a named configuration shipped with dpo-bench (default: 'default' unless --config is given)")
     p.add_argument("--config", metavar="FILE.toml", help="a TOML config; its keys override the preset's (see README, 'Configuration')")
-    p.add_argument("--task", choices=["sentiment", "bandit"], help="benchmark task: sentiment (offline IMDb analogue) or bandit (exact, tabular)")
+    p.add_argument("--task", choices=["sentiment", "bandit", "hf"],
+                   help="benchmark task: sentiment (offline IMDb analogue), bandit (exact, tabular) or hf (your model and data)")
     p.add_argument("--methods", metavar="A,B,...", help="run only these methods (comma-separated; see `dpo-bench methods`)")
     p.add_argument("--seed", type=int, help="run seed; every stage and cell derives its own seed from it")
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="torch threads per stage (0 = torch's default)")
     p.add_argument("--from-run", metavar="RUN_DIR", help="repeat a run: take the resolved config from RUN_DIR/run.json")
+
+
+def _add_store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results-db", metavar="URL",
+                   help="results store as a SQLAlchemy URL, e.g. postgresql://host/db (default: <reports-dir>/results.db)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
               dpo-bench run --methods dpo,ipo,ppo          # a subset of methods
               dpo-bench methods                            # registered methods and their options
               dpo-bench report reports/<run_id>            # rebuild a report from its files
+              dpo-bench history --preset quick             # the trend over stored runs
+              dpo-bench compare RUN_A RUN_B                # which metrics differ significantly
+              dpo-bench serve --cron "0 3 * * *" --preset default   # nightly runs (needs a Prefect server)
         """),
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +341,52 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dask-address", help="run grid cells on an existing Dask scheduler, e.g. tcp://host:8786")
     run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect (debugging)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--model", metavar="ID_OR_DIR", help="hf task: the causal LM, a hub id or a local directory (implies --task hf)")
+    run.add_argument("--data", metavar="ID_OR_FILE", help="hf task: preference data, a hub dataset id or a .jsonl/.parquet/.csv file (implies --task hf)")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved plan (models and datasets to download, stages, cells) and exit")
+    _add_store_option(run)
     run.set_defaults(func=cmd_run)
+
+    for command, helptext, func in (
+        ("serve", "register the benchmark as a scheduled Prefect deployment and serve it (needs PREFECT_API_URL)", cmd_serve),
+        ("deploy", "register the benchmark as a scheduled deployment on a Prefect work pool (needs PREFECT_API_URL)", cmd_deploy),
+    ):
+        p = sub.add_parser(command, help=helptext, description=helptext + ". See README, 'Scheduled runs'.")
+        _add_config_options(p)
+        p.add_argument("--cron", required=True, help='schedule as a cron expression, e.g. "0 3 * * *" (03:00 every day)')
+        p.add_argument("--timezone", help="time zone of the cron schedule, e.g. Europe/Berlin (default: UTC)")
+        p.add_argument("--name", help="deployment name (default: the preset's name, plus the task unless sentiment)")
+        p.add_argument("--reports-dir", default="reports", help="where scheduled runs are written (default: reports)")
+        p.add_argument("--cache-dir", help="stage cache (default: <reports-dir>/.cache)")
+        p.add_argument("--no-cache", action="store_true", help="every scheduled run recomputes every stage")
+        _add_store_option(p)
+        p.set_defaults(func=func)
+        if command == "serve":
+            p.add_argument("--limit", type=int, default=1, help="at most this many runs at once (default: 1)")
+        else:
+            p.add_argument("--pool", required=True, help="the work pool whose workers run the deployment")
+            p.add_argument("--queue", help="the work pool's queue (default: its default queue)")
+            p.add_argument("--source", help="where workers find this code: a directory or git URL (default: this project)")
+
+    history = sub.add_parser("history", help="print the trend of each method's final results over stored runs",
+                             description="Print each method's final gold reward, KL and win rate over the runs in the "
+                                         "results store, oldest first, marking changes beyond their interval.")
+    history.add_argument("--preset", help="only runs of this preset")
+    history.add_argument("--task", help="only runs of this task")
+    history.add_argument("--method", help="only this method")
+    history.add_argument("--last", type=int, help="only the last N runs")
+    history.add_argument("--reports-dir", default="reports", help="its results.db is the default store (default: reports)")
+    _add_store_option(history)
+    history.set_defaults(func=cmd_history)
+
+    compare = sub.add_parser("compare", help="print which metrics differ significantly between two runs",
+                             description="Compare the final results of two runs policy by policy (Welch tests from "
+                                         "value, standard error and n; Holm-corrected p-values beside them).")
+    compare.add_argument("run_a", help="a run directory, a run id under --reports-dir, or a run id in the results store")
+    compare.add_argument("run_b", help="the same for the other run; differences are B − A")
+    compare.add_argument("--reports-dir", default="reports", help="where run ids are looked up (default: reports)")
+    _add_store_option(compare)
+    compare.set_defaults(func=cmd_compare)
 
     methods = sub.add_parser("methods", help="list registered methods with their hyper-parameters")
     methods.set_defaults(func=cmd_methods)

@@ -9,11 +9,14 @@ import pandas as pd
 
 from . import tables
 from .headline import Finding, headline
+from .history import history_section
 from .load import RunData
+from .questions import questions_blocks
+from .results import checkpoint_results
 from .tables import Table
 
-SECTION_TITLES = ("Headline", "Results", "Frontier", "Win rates", "Training curves",
-                  "Reward model", "Invariance checks", "Samples", "Provenance")
+SECTION_TITLES = ("Headline", "Results", "History", "Frontier", "Win rates", "Training curves",
+                  "Reward model", "Invariance checks", "Questions from the reading notes", "Samples", "Provenance")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,11 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
         if seeds is not None:
             s["Results"].blocks.append(TableBlock(seeds, "Seed-aggregated"))
 
+    summary, history_table = history_section(data)
+    s["History"].blocks.append(Paragraph(summary))
+    if history_table is not None:
+        s["History"].blocks.append(TableBlock(history_table))
+
     has_opt = (data.metrics["method"] == "optimum").any()
     s["Frontier"].blocks += _figure_or_note(
         figures, "frontier",
@@ -126,6 +134,8 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
         if "invariance" in figures:
             s["Invariance checks"].blocks.append(Figure(
                 "invariance", "Each check's |value| relative to its tolerance."))
+
+    s["Questions from the reading notes"].blocks += questions_blocks(data, checkpoint_results(data), Paragraph, TableBlock, Bullets)
 
     samples = tables.sample_tables(data)
     if not samples:

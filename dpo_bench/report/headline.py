@@ -150,8 +150,20 @@ def fluency_alarm(final: pd.DataFrame) -> list[Finding]:
         f"model's {fmt.num(sft)} for {cells}; check the samples.", warning=True)]
 
 
+def failed_cells(data: RunData) -> list[Finding]:
+    """Cells whose training failed are reported, never silently dropped."""
+    cells = data.run.get("cells") or {}
+    failed = [(label, c) for label, c in cells.items() if isinstance(c, dict) and c.get("status") not in (None, "ok")]
+    findings = []
+    for label, c in failed:
+        step = c.get("last_good_checkpoint")
+        kept = f"; its results are those of its last good checkpoint (step {step})" if step is not None else "; it has no results"
+        findings.append(Finding(f"Cell {label} FAILED: {c.get('error', 'unknown error')}{kept}.", warning=True))
+    return findings
+
+
 def headline(data: RunData, final: pd.DataFrame, configs: pd.DataFrame) -> list[Finding]:
-    findings: list[Finding] = []
+    findings: list[Finding] = failed_cells(data)
     if not configs.empty:
         findings += best_overall(configs)
         findings += versus_sft(configs)

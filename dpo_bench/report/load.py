@@ -42,6 +42,8 @@ class RunData:
     samples: pd.DataFrame | None = None
     invariance: pd.DataFrame | None = None
     run: dict[str, Any] = field(default_factory=dict)
+    # history.parquet: this run's and earlier runs' final results (absent in older run directories)
+    history: pd.DataFrame | None = None
 
     @property
     def run_id(self) -> str:
@@ -143,6 +145,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         samples=samples,
         invariance=invariance,
         run=_read_run_json(run_dir / "run.json"),
+        history=_read_parquet(run_dir / "history.parquet"),
     )
 
 

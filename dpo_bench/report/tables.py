@@ -98,8 +98,12 @@ def reward_model_table(data: RunData) -> Table | None:
     names = {"rm_accuracy": "held-out pairwise accuracy", "rm_bayes_ceiling": "Bayes ceiling",
              "rm_train_accuracy": "train accuracy"}
     rows = []
-    for _, r in rm.iterrows():
-        rows.append([Cell(names.get(r["metric"], r["metric"])),
+    several = rm["temperature"].nunique() > 1
+    for _, r in rm.sort_values(["temperature", "metric"]).iterrows():
+        name = names.get(r["metric"], r["metric"])
+        if several:
+            name = f"{name} (labels at T={r['temperature']:g})"
+        rows.append([Cell(name),
                      _num_cell(r["value"], fmt.pm(r["value"], r["stderr"])),
                      _num_cell(r["n"], str(int(r["n"])))])
     return Table(["quantity", "value ± s.e.", "n"], rows)

@@ -38,10 +38,30 @@ class Task(ABC):
     exact: ClassVar[bool] = False
     #: Completion length cap when sampling.
     max_new_tokens: int
+    #: True when ``gold`` is the task's ground truth. A task judged by a proxy (``hf`` with the
+    #: learned reward model, or with a judge not declared gold) sets it False, and evaluation
+    #: then names its scores ``judge_reward``: a ``gold_reward`` only ever comes from a gold scorer.
+    has_gold: bool = True
+    #: Where the task's own models (a judge, a pretrained policy) run; the stages set it.
+    device: torch.device = torch.device("cpu")
 
     def __init__(self, config: Any, workdir: Path):
         self.config = config
         self.workdir = Path(workdir)
+
+    @classmethod
+    def source_fingerprint(cls, config: Any) -> dict[str, str]:
+        """Fingerprints of local files the task reads (a data file, a model directory), so the
+        task stage's cache key changes when they do; tasks that read nothing return {}."""
+        return {}
+
+    @classmethod
+    def load_model(cls, config: Any, directory: Path, device: torch.device) -> nn.Module:
+        """Load a policy saved by :func:`~dpo_bench.policy.save_policy` (the reference); tasks with
+        runtime options that checkpoints do not keep (gradient checkpointing) apply them here."""
+        from ..policy import load_policy
+
+        return load_policy(directory, device)
 
     @classmethod
     @abstractmethod
@@ -71,11 +91,33 @@ class Task(ABC):
     def decode_completion(self, ids: Sequence[int]) -> str: ...
 
     # --- scoring ---
-    gold: Any  # reward.gold.GoldScorer
+    gold: Any  # reward.gold.GoldScorer, or None for a task without a scorer of its own
 
-    def fluency(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        """Share-of-grammatical alarm; tasks without a grammar report every completion as fluent."""
+    @property
+    def reward_metric(self) -> str:
+        """The name evaluation gives the judge's scores: ``gold_reward`` only for a gold scorer."""
+        return "gold_reward" if self.has_gold else "judge_reward"
+
+    def judge(self, reward_model: Any = None) -> Any:
+        """The scorer completions are judged by (evaluation, win rates, PPO-GT): the gold scorer
+        unless a task overrides it. None when the judge is the learned reward model and
+        ``reward_model`` is not given yet (the reference is evaluated before it is trained)."""
+        return self.gold
+
+    def fluency(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray | None:
+        """Share-of-grammatical alarm; tasks without a grammar report every completion as fluent.
+        A task that cannot judge fluency at all returns None, and no fluency is reported."""
         return np.ones(len(prompts), dtype=bool)
+
+    # --- the preference data ---
+    def preference_frames(self, reference: nn.Module, config: Any, seed: int) -> Any:
+        """The preference data every method consumes (a :class:`~dpo_bench.preferences.PreferenceFrames`):
+        by default K completions per train prompt sampled from ``reference`` and labelled by the
+        gold reward (``config`` is the run's PreferenceConfig); a task with its own preference
+        data (``hf``) returns that instead."""
+        from ..preferences import make_preferences
+
+        return make_preferences(self, reference, config, seed)
 
     # --- the reference policy ---
     @abstractmethod

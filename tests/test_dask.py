@@ -1,0 +1,81 @@
+"""The grid on a real local Dask cluster of two worker processes (`dpo-bench run --workers 2`):
+the cells run in the workers, each with its torch threads pinned, and the metrics equal those of
+the same config run in-process, exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from dpo_bench.bench import from_dict_config
+from dpo_bench.run import run_benchmark
+from pipelines.cli import main
+
+
+@pytest.fixture
+def restore_torch_threads():
+    # Stages pin the calling thread's torch threads (config.threads); later tests keep theirs.
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _markers(cache: Path, stage: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((cache / stage).glob("*/_complete.json"))]
+
+
+def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, prefect_harness, restore_torch_threads):
+    reports = tmp_path / "dask"
+    assert main(["run", "--task", "bandit", "--preset", "quick", "--workers", "2", "--reports-dir", str(reports),
+                 "--run-id", "dask", "--quiet"]) == 0
+    record = json.loads((reports / "dask" / "run.json").read_text())
+    assert record["status"] == "completed" and record["orchestrator"] == "prefect"
+    # Two workers on this machine's cores: each gets its share of torch threads.
+    assert record["config"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
+
+    # Every cell was built in a worker process, both workers took cells, and each cell ran with
+    # the pinned thread count (Dask starts workers with OMP_NUM_THREADS=1, so also check the
+    # pinning itself in test_setup_threads_pins_a_worker below).
+    cells = _markers(reports / ".cache", "cell")
+    config = from_dict_config(record["config"])
+    assert len(cells) == len(config.cells())
+    pids = {c["pid"] for c in cells}
+    assert os.getpid() not in pids and len(pids) == 2
+    assert {c["torch_threads"] for c in cells} == {config.threads}
+    assert all(c["pid"] == os.getpid() for c in _markers(reports / ".cache", "sft"))
+
+    local = run_benchmark(config, tmp_path / "local", run_id="local", progress=False)
+    dask_metrics = pd.read_parquet(reports / "dask" / "metrics.parquet").drop(columns="run_id")
+    local_metrics = pd.read_parquet(local / "metrics.parquet").drop(columns="run_id")
+    pd.testing.assert_frame_equal(dask_metrics, local_metrics, check_exact=True)
+    assert (reports / "dask" / "report.html").is_file() and (reports / "dask" / "history.parquet").is_file()
+
+
+def _probe_threads(config_data: dict, cache: str) -> tuple[int, int, int]:
+    """In a worker: (pid, torch threads before, torch threads while a stage builds)."""
+    from dpo_bench.stages import Bench
+
+    before = torch.get_num_threads()
+    seen = {}
+    bench = Bench(from_dict_config(config_data), Path(cache))
+    bench.run_stage("probe", {}, lambda out: seen.update(threads=torch.get_num_threads()))
+    return os.getpid(), before, seen["threads"]
+
+
+def test_setup_threads_pins_a_worker(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from dpo_bench.bench import load_config
+
+    config = load_config("quick", overrides={"task": "bandit", "threads": 2}).to_dict()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pid, before, during = client.submit(_probe_threads, config, str(tmp_path), pure=False).result(timeout=120)
+    assert pid != os.getpid()
+    assert before == 1  # Dask's default for worker processes
+    assert during == 2
