@@ -198,7 +198,7 @@ def implicit_reward_checks(
 
 def lemma2_empirical(results: dict[str, pd.DataFrame], margin_reward: float, margin_kl: float) -> list[CheckResult]:
     """Check 6: PPO against r and against r + f(x) ends at equivalent gold reward and KL (TOST, 5%),
-    while PPO against r + g(x, y) does not (g = −2r: the same prompt shift with the reward turned around).
+    while PPO against r + f(x) + g(x, y) does not (g = 2r: the reward tripled, which moves the optimum).
     ``results`` maps "r", "r+f", "r+g" to per-prompt frames."""
     def kl_terms(frame: pd.DataFrame) -> np.ndarray:
         return (frame["policy_logp"] - frame["ref_logp"]).to_numpy()

@@ -7,6 +7,7 @@ Prefect flow in ``pipelines/benchmark.py``, which only adds orchestration around
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -111,6 +112,46 @@ def upstream_for(cell: Cell, stages: dict[str, Stage | None]) -> Upstream:
     )
 
 
+def _cell_config_label(cell: Cell) -> str:
+    """The report's label of a (method, strength) setting, e.g. 'dpo (β=0.1)'."""
+    strength = get_method(cell.method).strength
+    if strength is None:
+        return cell.display_name
+    symbol = {"beta": "β", "alpha": "α"}.get(strength, strength)
+    return f"{cell.display_name} ({symbol}={cell.strength_value:g})"
+
+
+def head_to_head(cells: list[tuple[Cell, Stage]], frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Win rates between the best final policy of every method (ties ½, 95% Wilson interval).
+
+    Rows are ``h2h/<opponent>`` metrics of the row policy, at its final step.
+    """
+    from .evaluate import win_rate
+
+    metrics = pd.concat(frames, ignore_index=True)
+    finals = metrics[(metrics["metric"] == "gold_reward") & (metrics["temperature"] == 1.0)]
+    best: dict[str, tuple[Cell, Stage, float, int]] = {}
+    for cell, stage in cells:
+        rows = finals[(finals["method"] == cell.display_name) & (finals["seed"] == cell.seed)
+                      & ((finals["beta"] == cell.strength_value) | (finals["beta"].isna() & math.isnan(cell.strength_value)))]
+        if rows.empty or not (stage.path / "final_gold.parquet").exists():
+            continue
+        last = rows.loc[rows["step"].idxmax()]
+        if cell.display_name not in best or last["value"] > best[cell.display_name][2]:
+            best[cell.display_name] = (cell, stage, float(last["value"]), int(last["step"]))
+    out = []
+    gold = {name: pd.read_parquet(stage.path / "final_gold.parquet")["gold_reward"].to_numpy() for name, (_, stage, _, _) in best.items()}
+    for name, (cell, _, _, step) in best.items():
+        for other, (other_cell, _, _, _) in best.items():
+            if other == name or len(gold[name]) != len(gold[other]):
+                continue
+            est = win_rate(gold[name], gold[other])
+            out.append({"method": name, "beta": cell.strength_value, "seed": cell.seed, "step": step, "temperature": 1.0,
+                        "metric": f"h2h/{_cell_config_label(other_cell)}", "value": est.value, "stderr": est.stderr,
+                        "ci_low": est.ci_low, "ci_high": est.ci_high, "n": est.n})
+    return pd.DataFrame(out, columns=METRIC_COLUMNS[2:])
+
+
 def code_links() -> dict[str, str]:
     """Where the report's "why" questions are answered in code: file:line of each computation."""
     import inspect
@@ -162,6 +203,7 @@ def finish_run(
             samples.append(pd.read_parquet(stage.path / "samples.parquet"))
         statuses[cell.label] = cell_status(stage)
     frames.append(label_temperature_rms(bench, stages))
+    frames.append(head_to_head(cells, frames))
     metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
     metrics.insert(0, "task", config.task)
     metrics.insert(0, "run_id", run_id)

@@ -524,6 +524,8 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
             train["metric"] = train["metric"].replace("train/gold_reward", "train/judge_reward")
         write_parquet(pd.concat([metrics, train], ignore_index=True), out / "metrics.parquet")
         if "samples" in last_samples:
+            # Every eval prompt's final gold reward, for head-to-head win rates between cells.
+            write_parquet(last_samples["samples"][[task.reward_metric]], out / "final_gold.parquet")
             n = config.evaluation.n_saved_prompts
             write_parquet(last_samples["samples"].head(n).assign(method=name, beta=strength, seed=cell.seed), out / "samples.parquet")
         write_json(out / "status.json", status)
@@ -588,7 +590,7 @@ def sample_completions(task, model, prompts: list[str], generator: torch.Generat
 
 
 def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
-    """Three PPO runs with the same seed schedule against r, r + f(x) and r + f(x) + g(x, y) = f(x) − r;
+    """Three PPO runs with the same seed schedule against r, r + f(x) and r + f(x) + g(x, y) = f(x) + 3r;
     each evaluated on the eval prompts. Cached like every stage."""
     from .invariance import prompt_shift
 
@@ -605,7 +607,7 @@ def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
             def scores(prompts, completions, _variant=variant):
                 r = task.gold.score(prompts, completions)
                 f = prompt_shift(prompts, config.seed)
-                return {"r": r, "r+f": r + f, "r+g": f - r}[_variant]
+                return {"r": r, "r+f": r + f, "r+g": f + 3 * r}[_variant]
 
             ctx = MethodContext(
                 task=task, reference=reference, device=bench.device, seed=seed, generator=seed_everything(seed),

@@ -71,9 +71,14 @@ def dry_run_plan(config) -> str:
         lines += [f"  {what}: {name}" for what, name in local]
     if not items:
         lines.append("downloads nothing: the task is generated offline")
-    judge = to_dict(config.task_config).get("judge")
-    if judge:
-        lines.append(f"judge: {judge}" + (" (a proxy: win rates are judged by the learned reward model)" if judge == "reward_model" else ""))
+    task_config = to_dict(config.task_config)
+    judge = task_config.get("judge")
+    if judge == "reward_model":
+        lines.append("judge: the learned reward model (a proxy: no gold reward is reported)")
+    elif judge:
+        name = f"{judge} {task_config.get('judge_model', '')}".strip() if judge == "classifier" else judge
+        gold = task_config.get("judge_is_gold")
+        lines.append(f"judge: {name} ({'declared the gold reward' if gold else 'not gold: reported as judge_reward'})")
     lines.append("stages: task, reference (SFT), reference evaluation, preferences, reference log-probs, reward model")
     cells = config.cells()
     lines.append(f"{len(cells)} cells:")

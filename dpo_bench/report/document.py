@@ -76,12 +76,13 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
     s = {t: Section(t) for t in SECTION_TITLES}
 
     s["Headline"].blocks.append(Findings(headline(data, final, configs)))
+    reward = data.reward
 
     if final.empty:
         s["Results"].blocks.append(Paragraph("No evaluation results at temperature 1.0."))
     else:
-        s["Results"].blocks.append(TableBlock(tables.results_table(final)))
-        seeds = tables.seed_table(configs)
+        s["Results"].blocks.append(TableBlock(tables.results_table(final, reward)))
+        seeds = tables.seed_table(configs, reward)
         if seeds is not None:
             s["Results"].blocks.append(TableBlock(seeds, "Seed-aggregated"))
 
@@ -93,17 +94,17 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
     has_opt = (data.metrics["method"] == "optimum").any()
     s["Frontier"].blocks += _figure_or_note(
         figures, "frontier",
-        "Gold reward against sequence-level KL to the reference for every checkpoint of every "
+        f"{reward.name[:1].upper()}{reward.name[1:]} against sequence-level KL to the reference for every checkpoint of every "
         "cell; error bars are standard errors, a line joins each setting's checkpoints and the "
         "large marker is its final checkpoint."
         + (" The black line is the exact reward–KL frontier of the optimal policy π*."
            if has_opt else ""),
-        "No checkpoint has both gold reward and KL.")
+        f"No checkpoint has both {reward.name} and KL.")
 
     s["Win rates"].blocks += _figure_or_note(
         figures, "win_rates",
         "Final win rate of each cell against the SFT model's completion for the same prompt, "
-        "judged by the gold reward (ties count ½), with 95% intervals.",
+        f"judged by {reward.judge} (ties count ½), with 95% intervals.",
         "No win rates were recorded.")
     if "win_rate_temperature" in figures:
         s["Win rates"].blocks.append(Figure(
@@ -121,6 +122,11 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
         s["Reward model"].blocks.append(Paragraph("This run trained no reward model."))
     else:
         s["Reward model"].blocks.append(TableBlock(rm))
+    if "overoptimisation" in figures:
+        s["Reward model"].blocks.append(Figure(
+            "overoptimisation", "Over-optimisation (Gao et al. 2022): along each PPO run against the learned "
+            "reward, the proxy reward of its rollouts (left) and their gold reward (right) per iteration; where the "
+            "right curve flattens or falls while the left one rises, PPO is exploiting the reward model."))
     if "rm_calibration" in figures:
         s["Reward model"].blocks.append(Figure(
             "rm_calibration", "Calibration: predicted against empirical probability that the "
@@ -143,7 +149,7 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
     else:
         s["Samples"].blocks.append(Paragraph(
             "For each prompt, the SFT model's completion and each policy's final completion: "
-            "high gold or proxy reward with fluent = NO is the signature of reward hacking."))
+            f"high {'gold' if reward.is_gold else 'judge'} or proxy reward with fluent = NO is the signature of reward hacking."))
         for prompt, table in samples:
             s["Samples"].blocks.append(TableBlock(table, f"Prompt: {prompt}"))
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .load import REFERENCE_METHOD, RunData, policy_rows  # noqa: E402
+from .load import GOLD, REFERENCE_METHOD, RewardScale, RunData, policy_rows  # noqa: E402
 from .results import CELL  # noqa: E402
 
 DPI = 110
@@ -103,9 +103,10 @@ def _col(frame: pd.DataFrame, name: str) -> pd.Series:
 
 
 def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> bytes | None:
-    """Gold reward against KL for every checkpoint of every cell (DPO paper, Figure 2 left)."""
+    """Reward against KL for every checkpoint of every cell (DPO paper, Figure 2 left)."""
+    m = data.reward.metric
     opt = data.metrics[data.metrics["method"] == "optimum"]
-    has_points = (not checkpoints.empty and "gold_reward" in checkpoints
+    has_points = (not checkpoints.empty and m in checkpoints
                   and "kl" in checkpoints)
     if not has_points and opt.empty:
         return None
@@ -120,8 +121,8 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
                 x_max = 1.25 * float(np.nanmax(kl)) or math.inf
         if not opt.empty:
             o = opt.pivot_table(index="beta", columns="metric", values="value", aggfunc="first")
-            if {"gold_reward", "kl"} <= set(o.columns):
-                o = o.dropna(subset=["gold_reward", "kl"]).sort_values("kl")
+            if {m, "kl"} <= set(o.columns):
+                o = o.dropna(subset=[m, "kl"]).sort_values("kl")
                 # the exact frontier can run far past the methods; keep the view on them,
                 # with one point beyond the edge so the line reaches it
                 beyond = o.index[o["kl"] > x_max]
@@ -129,18 +130,18 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
                     o = o[(o["kl"] <= x_max) | (o.index == beyond[0])]
                 else:
                     x_max = math.inf
-                ax.plot(o["kl"], o["gold_reward"], color="#000000", lw=1.6, zorder=1,
+                ax.plot(o["kl"], o[m], color="#000000", lw=1.6, zorder=1,
                         label="exact optimum π* (reward–KL frontier)")
                 entries += 1
         if has_points:
-            pts = checkpoints.dropna(subset=["gold_reward", "kl"])
+            pts = checkpoints.dropna(subset=[m, "kl"])
             labelled = set()
             for (method, beta, _seed), g in pts.groupby(CELL, dropna=False, sort=True):
                 g = g.sort_values("step")
                 colour, marker = palette.colour(method), palette.marker(method)
                 key = data.config_label(method, beta)
-                ax.errorbar(g["kl"], g["gold_reward"], xerr=_col(g, "kl_stderr").fillna(0),
-                            yerr=_col(g, "gold_reward_stderr").fillna(0), color=colour,
+                ax.errorbar(g["kl"], g[m], xerr=_col(g, "kl_stderr").fillna(0),
+                            yerr=_col(g, f"{m}_stderr").fillna(0), color=colour,
                             marker=marker, ms=4, lw=1.1, ls=palette.linestyle(method, beta),
                             elinewidth=0.8, capsize=2, alpha=0.75, zorder=2,
                             label=label(key) if key not in labelled else None)
@@ -148,12 +149,12 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
                     entries += 1
                 labelled.add(key)
                 last = g.iloc[-1]
-                ax.plot([last["kl"]], [last["gold_reward"]], ls="none", marker=marker, ms=10,
+                ax.plot([last["kl"]], [last[m]], ls="none", marker=marker, ms=10,
                         color=colour, mec="#000000", mew=1.2, zorder=3)
         if math.isfinite(x_max):
             ax.set_xlim(ax.get_xlim()[0], x_max)
         ax.set_xlabel("KL(π ‖ π_ref) [nats per sequence]")
-        ax.set_ylabel("gold reward (mean ± s.e.)")
+        ax.set_ylabel(f"{data.reward.name} (mean ± s.e.)")
         ax.set_title("Reward–KL frontier (large markers: final checkpoints)", fontsize=10)
         ax.grid(alpha=0.3)
         _legend(ax, entries)
@@ -162,7 +163,7 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
     return _render(draw)
 
 
-def win_rates(final: pd.DataFrame, palette: Palette) -> bytes | None:
+def win_rates(final: pd.DataFrame, palette: Palette, reward: RewardScale = GOLD) -> bytes | None:
     """Final win rate of every cell against the SFT model's completions, with 95% CIs."""
     if final.empty or final["win_rate"].isna().all():
         return None
@@ -180,7 +181,8 @@ def win_rates(final: pd.DataFrame, palette: Palette) -> bytes | None:
         ax.set_yticks(y, [label(s, 48) for s in f["label"]], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
-        ax.set_xlabel("win rate against the SFT completion (gold-reward judge, ties ½), 95% CI")
+        judge = "gold-reward judge" if reward.is_gold else f"judge: {reward.judge}"
+        ax.set_xlabel(f"win rate against the SFT completion ({judge}, ties ½), 95% CI")
         ax.grid(axis="x", alpha=0.3)
         _legend(ax, f["method"].nunique() + 1)
         return fig
@@ -190,7 +192,7 @@ def win_rates(final: pd.DataFrame, palette: Palette) -> bytes | None:
 
 _UNITS = {"train/kl": "nats", "train/loss": "loss", "train/accuracy": "share",
           "train/reward": "reward", "train/proxy_reward": "proxy reward",
-          "train/gold_reward": "gold reward"}
+          "train/gold_reward": "gold reward", "train/judge_reward": "judge reward"}
 
 
 def training_curves(data: RunData, palette: Palette) -> bytes | None:
@@ -373,21 +375,59 @@ def invariance(data: RunData) -> bytes | None:
     return _render(draw)
 
 
+def overoptimisation(data: RunData, palette: Palette) -> bytes | None:
+    """Gao et al. 2022: along each PPO run against the learned reward, the proxy reward it climbs
+    and the gold reward it earns. Where the curves part, it over-optimises."""
+    rows = policy_rows(data.metrics)
+    rows = rows[rows["metric"].isin(["train/reward", "train/gold_reward"])]
+    if rows.empty:
+        return None
+    runs = []
+    for (method, beta, seed), g in rows.groupby(CELL, dropna=False, sort=True):
+        wide = g.pivot_table(index="step", columns="metric", values="value")
+        if {"train/reward", "train/gold_reward"} <= set(wide.columns) and method != "ppo_gt":
+            runs.append((method, beta, wide.sort_index()))
+    if not runs:
+        return None
+
+    def draw():
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+        for method, beta, wide in runs:
+            name = label(data.config_label(method, beta))
+            # Rollout batches are small: a running mean shows the trend, change since the start shares an axis.
+            window = max(1, len(wide) // 8)
+            for ax, metric in zip(axes, ("train/reward", "train/gold_reward")):
+                y = wide[metric].rolling(window, min_periods=1).mean().to_numpy()
+                ax.plot(wide.index, y - y[0], color=palette.colour(method), ls=palette.linestyle(method, beta),
+                        marker=palette.marker(method), markevery=max(1, len(y) // 6), ms=4, lw=1.2, label=name)
+        axes[0].set_title("learned (proxy) reward of the rollouts")
+        axes[1].set_title("gold reward of the same rollouts")
+        for ax in axes:
+            ax.set_xlabel("PPO iteration")
+            ax.set_ylabel("change since the first iteration (running mean)")
+            ax.grid(alpha=0.3)
+        _legend(axes[1], len(runs))
+        return fig
+
+    return _render(draw)
+
+
 def all_figures(data: RunData, final: pd.DataFrame,
                 checkpoints: pd.DataFrame) -> dict[str, bytes]:
     """Render every figure whose data exists: name (file stem) -> PNG bytes."""
     palette = Palette(data.metrics)
     rendered = {
         "frontier": frontier(data, checkpoints, palette),
-        "win_rates": win_rates(final, palette),
+        "win_rates": win_rates(final, palette, data.reward),
         "training_curves": training_curves(data, palette),
         "win_rate_temperature": win_rate_temperature(data, palette),
         "h2h": head_to_head(data),
         "rm_calibration": rm_calibration(data),
+        "overoptimisation": overoptimisation(data, palette),
         "invariance": invariance(data),
     }
     return {k: v for k, v in rendered.items() if v is not None}
 
 
 FIGURE_NAMES = ("frontier", "win_rates", "training_curves", "win_rate_temperature", "h2h",
-                "rm_calibration", "invariance")
+                "rm_calibration", "overoptimisation", "invariance")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import fmt
-from .load import REFERENCE_METHOD, RunData
+from .load import GOLD, REFERENCE_METHOD, RewardScale, RunData
 from .results import Comparison, welch
 
 # Fluency drop (absolute share) below the SFT model that raises the reward-hacking alarm.
@@ -35,42 +35,45 @@ def _verdict(c: Comparison) -> str:
     return f"not significant ({fmt.pvalue(c.p)}, Welch)"
 
 
-def _best_per_method(configs: pd.DataFrame) -> pd.DataFrame:
-    """Each trained method's best configuration by final gold reward, best method first."""
-    trained = configs[(configs["method"] != REFERENCE_METHOD) & configs["gold_reward"].notna()]
+def _best_per_method(configs: pd.DataFrame, reward: RewardScale = GOLD) -> pd.DataFrame:
+    """Each trained method's best configuration by final reward, best method first."""
+    m = reward.metric
+    trained = configs[(configs["method"] != REFERENCE_METHOD) & configs[m].notna()]
     if trained.empty:
         return trained
-    best = trained.loc[trained.groupby("method")["gold_reward"].idxmax()]
-    return best.sort_values("gold_reward", ascending=False).reset_index(drop=True)
+    best = trained.loc[trained.groupby("method")[m].idxmax()]
+    return best.sort_values(m, ascending=False).reset_index(drop=True)
 
 
-def best_overall(configs: pd.DataFrame) -> list[Finding]:
-    best = _best_per_method(configs)
+def best_overall(configs: pd.DataFrame, reward: RewardScale = GOLD) -> list[Finding]:
+    m = reward.metric
+    best = _best_per_method(configs, reward)
     if best.empty:
         return []
     top = best.iloc[0]
-    text = (f"{top['config']} reaches the highest gold reward, {fmt.pm(top['gold_reward'], top['gold_reward_stderr'])}, "
+    text = (f"{top['config']} reaches the highest {reward.name}, {fmt.pm(top[m], top[f'{m}_stderr'])}, "
             f"at KL {fmt.pm(top['kl'], top['kl_stderr'])} nats")
     if len(best) > 1:
         runner = best.iloc[1]
-        c = _cmp(top, runner)
+        c = _cmp(top, runner, m)
         text += (f"; its lead over the runner-up {runner['config']} "
-                 f"({fmt.pm(runner['gold_reward'], runner['gold_reward_stderr'])}) is "
+                 f"({fmt.pm(runner[m], runner[f'{m}_stderr'])}) is "
                  f"{fmt.signed(c.diff)} ± {fmt.num(c.stderr)}, {_verdict(c)}.")
     else:
         text += "; no other trained method to compare with."
     return [Finding(text)]
 
 
-def versus_sft(configs: pd.DataFrame) -> list[Finding]:
+def versus_sft(configs: pd.DataFrame, reward: RewardScale = GOLD) -> list[Finding]:
+    m = reward.metric
     ref = configs[configs["method"] == REFERENCE_METHOD]
-    best = _best_per_method(configs)
-    if ref.empty or best.empty or not fmt.finite(ref["gold_reward"].iloc[0]):
+    best = _best_per_method(configs, reward)
+    if ref.empty or best.empty or not fmt.finite(ref[m].iloc[0]):
         return []
     sft = ref.iloc[0]
     out = []
     for _, row in best.iterrows():
-        c = _cmp(row, sft)
+        c = _cmp(row, sft, m)
         if c.significant and c.diff > 0:
             verb = "beats"
         elif c.significant:
@@ -79,22 +82,23 @@ def versus_sft(configs: pd.DataFrame) -> list[Finding]:
             verb = "does not significantly differ from"
         out.append(Finding(
             f"{row['method']} {verb} the SFT model: its best setting {row['config']} changes "
-            f"gold reward by {fmt.signed(c.diff)} ± {fmt.num(c.stderr)} "
-            f"({fmt.num(row['gold_reward'])} vs {fmt.num(sft['gold_reward'])}, {fmt.pvalue(c.p)})."))
+            f"{reward.name} by {fmt.signed(c.diff)} ± {fmt.num(c.stderr)} "
+            f"({fmt.num(row[m])} vs {fmt.num(sft[m])}, {fmt.pvalue(c.p)})."))
     return out
 
 
-def matched_kl(configs: pd.DataFrame) -> list[Finding]:
+def matched_kl(configs: pd.DataFrame, reward: RewardScale = GOLD) -> list[Finding]:
+    m = reward.metric
     trained = configs[(configs["method"] != REFERENCE_METHOD)
-                      & configs["gold_reward"].notna() & configs["kl"].notna()]
+                      & configs[m].notna() & configs["kl"].notna()]
     if trained["method"].nunique() < 2:
         return []
     median = float(np.median(trained["kl"]))
     low = trained[trained["kl"] <= median]
-    top = low.loc[low["gold_reward"].idxmax()]
+    top = low.loc[low[m].idxmax()]
     return [Finding(
         f"At matched KL (final KL at or below the median of {fmt.num(median)} nats), the best is "
-        f"{top['config']}: gold reward {fmt.pm(top['gold_reward'], top['gold_reward_stderr'])} "
+        f"{top['config']}: {reward.name} {fmt.pm(top[m], top[f'{m}_stderr'])} "
         f"at KL {fmt.pm(top['kl'], top['kl_stderr'])} nats.")]
 
 
@@ -163,11 +167,14 @@ def failed_cells(data: RunData) -> list[Finding]:
 
 
 def headline(data: RunData, final: pd.DataFrame, configs: pd.DataFrame) -> list[Finding]:
-    findings: list[Finding] = failed_cells(data)
+    reward = data.reward
+    # Without a gold reward the reader must know it before reading any number.
+    findings: list[Finding] = [Finding(reward.note, warning=True)] if reward.note else []
+    findings += failed_cells(data)
     if not configs.empty:
-        findings += best_overall(configs)
-        findings += versus_sft(configs)
-        findings += matched_kl(configs)
+        findings += best_overall(configs, reward)
+        findings += versus_sft(configs, reward)
+        findings += matched_kl(configs, reward)
     findings += reward_model(data)
     findings += invariance(data)
     if not final.empty:

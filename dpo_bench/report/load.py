@@ -34,6 +34,45 @@ _STRENGTH_SYMBOL = {"beta": "β", "alpha": "α"}
 
 
 @dataclass(frozen=True)
+class RewardScale:
+    """What the report's reward numbers are: the gold reward, or a judge's scores.
+
+    ``metric`` is the metric (and wide column) name, ``name`` how tables and axes call it,
+    ``judge`` what win rates are judged by, and ``note`` the plain warning a report opens with
+    when the numbers are not a gold reward (empty for the gold reward).
+    """
+
+    metric: str = "gold_reward"
+    name: str = "gold reward"
+    judge: str = "the gold reward"
+    note: str = ""
+
+    @property
+    def is_gold(self) -> bool:
+        return self.metric == "gold_reward"
+
+
+GOLD = RewardScale()
+
+
+def judge_scale(config: dict[str, Any] | None) -> RewardScale:
+    """The scale of a run whose metrics are ``judge_reward``, described from its hf config."""
+    hf = (config or {}).get("hf") or {}
+    judge = str(hf.get("judge", "reward_model"))
+    if judge == "reward_model":
+        return RewardScale(
+            "judge_reward", "judge reward (learned RM)", "the learned reward model (a proxy)",
+            "There is no gold reward in this run: rewards and win rates are judged by the learned reward model, "
+            "a proxy. PPO optimises that same model, so these numbers flatter PPO; read them as agreement "
+            "with the reward model, not as true quality.")
+    what = f"the classifier {hf.get('judge_model', '')}".rstrip() if judge == "classifier" else f"the registered judge '{judge}'"
+    return RewardScale(
+        "judge_reward", "judge reward", f"{what} (not a gold reward)",
+        f"There is no gold reward in this run: rewards and win rates are judged by {what}, which the config "
+        "does not declare to be the ground truth; read them as that judge's opinion.")
+
+
+@dataclass(frozen=True)
 class RunData:
     """Everything a report reads from one run directory."""
 
@@ -51,6 +90,13 @@ class RunData:
             return str(self.run["run_id"])
         ids = self.metrics["run_id"].dropna().unique() if len(self.metrics) else []
         return str(ids[0]) if len(ids) else self.run_dir.name
+
+    @property
+    def reward(self) -> RewardScale:
+        """The gold reward, unless the run's evaluations are a judge's (``judge_reward``)."""
+        if (self.metrics["metric"] == "judge_reward").any():
+            return judge_scale(self.run.get("config"))
+        return GOLD
 
     @property
     def task(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from . import fmt
@@ -53,14 +54,19 @@ def _matched_kl(data: RunData, points: pd.DataFrame, a: str, b: str) -> str | No
     points = points.assign(label=[f"{data.config_label(m, beta)} at step {int(step)}"
                                   for m, beta, step in zip(points["method"], points["beta"], points["step"])])
     ra, rb = _best_within(points, a, budget), _best_within(points, b, budget)
+    scope = f"within a KL budget of {fmt.num(budget)} nats (the largest both reach), the best {{}} checkpoint is"
     if ra is None or rb is None:
-        return None
+        # No shared KL range: compare the two checkpoints closest in KL instead, and say so.
+        pa, pb = points[points["method"] == a], points[points["method"] == b]
+        gaps = np.abs(pa["kl"].to_numpy()[:, None] - pb["kl"].to_numpy()[None, :])
+        i, j = np.unravel_index(np.argmin(gaps), gaps.shape)
+        ra, rb = pa.iloc[i], pb.iloc[j]
+        scope = "the two reach no common KL; of their checkpoints closest in KL, the {} one is"
     c = welch(ra["gold_reward"], ra["gold_reward_stderr"], ra["gold_reward_n"],
               rb["gold_reward"], rb["gold_reward_stderr"], rb["gold_reward_n"])
     verdict = "a significant difference" if c.significant else "no significant difference"
-    return (f"within a KL budget of {fmt.num(budget)} nats (the largest both reach), the best {a} checkpoint, "
-            f"{ra['label']}, reaches gold reward {fmt.pm(ra['gold_reward'], ra['gold_reward_stderr'])} at KL "
-            f"{fmt.num(ra['kl'])}; the best {b} checkpoint, {rb['label']}, {fmt.pm(rb['gold_reward'], rb['gold_reward_stderr'])} "
+    return (scope.format(a) + f" {ra['label']}, with gold reward {fmt.pm(ra['gold_reward'], ra['gold_reward_stderr'])} at KL "
+            f"{fmt.num(ra['kl'])}; the {b} one is {rb['label']}, {fmt.pm(rb['gold_reward'], rb['gold_reward_stderr'])} "
             f"at KL {fmt.num(rb['kl'])}: difference {fmt.signed(c.diff)} ± {fmt.num(c.stderr)}, {verdict} ({fmt.pvalue(c.p)}).")
 
 

@@ -16,7 +16,7 @@ from scipy import stats
 
 from .load import REFERENCE_METHOD, RunData, policy_rows
 
-EVAL_METRICS = ("gold_reward", "kl", "win_rate", "fluency", "proxy_reward", "length")
+EVAL_METRICS = ("gold_reward", "judge_reward", "kl", "win_rate", "fluency", "proxy_reward", "length")
 CELL = ["method", "beta", "seed"]
 _STAT_COLUMNS = ("value", "stderr", "ci_low", "ci_high", "n")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from . import fmt
-from .load import REFERENCE_METHOD, RunData
+from .load import GOLD, REFERENCE_METHOD, RewardScale, RunData
 
 # Enough prompts to see reward hacking at a glance; the rest are in samples.parquet.
 MAX_SAMPLE_PROMPTS = 5
@@ -47,16 +47,16 @@ def _num_cell(x: Any, text: str, best: bool = False) -> Cell:
     return Cell(text, best, float(x) if fmt.finite(x) else None)
 
 
-def _results_rows(frame: pd.DataFrame, seed_text) -> list[list[Cell]]:
+def _results_rows(frame: pd.DataFrame, seed_text, reward: RewardScale = GOLD) -> list[list[Cell]]:
     frame = frame.reset_index(drop=True)
-    best = {m: _best_index(frame[m]) for m in ("gold_reward", "win_rate", "fluency")}
+    m = reward.metric
+    best = {k: _best_index(frame[k]) for k in (m, "win_rate", "fluency")}
     rows = []
     for i, r in frame.iterrows():
         rows.append([
             Cell(str(r["config"])),
             Cell(seed_text(r)),
-            _num_cell(r["gold_reward"], fmt.pm(r["gold_reward"], r["gold_reward_stderr"]),
-                      i in best["gold_reward"]),
+            _num_cell(r[m], fmt.pm(r[m], r[f"{m}_stderr"]), i in best[m]),
             _num_cell(r["kl"], fmt.pm(r["kl"], r["kl_stderr"])),
             _num_cell(r["win_rate"], fmt.ci(r["win_rate"], r["win_rate_ci_low"], r["win_rate_ci_high"]),
                       i in best["win_rate"]),
@@ -72,19 +72,30 @@ _RESULT_HEADERS = ["policy", "seed", "gold reward ± s.e.", "KL [nats] ± s.e.",
                    "length [tokens]"]
 
 
-def results_table(final: pd.DataFrame) -> Table:
-    rows = _results_rows(final, lambda r: f"{int(r['seed'])} (step {int(r['step'])})")
-    return Table(list(_RESULT_HEADERS), rows,
-                 "Each cell at its final checkpoint, temperature 1.0. Best gold reward, win rate "
-                 "and fluency in bold.")
+def _result_headers(reward: RewardScale) -> list[str]:
+    headers = list(_RESULT_HEADERS)
+    if not reward.is_gold:
+        headers[2] = f"{reward.name} ± s.e."
+        headers[4] = "win rate vs SFT, judged by the judge [95% CI]"
+    return headers
 
 
-def seed_table(configs: pd.DataFrame) -> Table | None:
+def results_table(final: pd.DataFrame, reward: RewardScale = GOLD) -> Table:
+    rows = _results_rows(final, lambda r: f"{int(r['seed'])} (step {int(r['step'])})", reward)
+    caption = ("Each cell at its final checkpoint, temperature 1.0. Best gold reward, win rate "
+               "and fluency in bold.")
+    if not reward.is_gold:
+        caption = (f"Each cell at its final checkpoint, temperature 1.0. No gold reward: the reward and the win "
+                   f"rates are judged by {reward.judge}. Best {reward.name}, win rate and fluency in bold.")
+    return Table(_result_headers(reward), rows, caption)
+
+
+def seed_table(configs: pd.DataFrame, reward: RewardScale = GOLD) -> Table | None:
     multi = configs[configs["seeds"] > 1]
     if multi.empty:
         return None
-    rows = _results_rows(multi, lambda r: f"mean of {int(r['seeds'])}")
-    return Table(list(_RESULT_HEADERS), rows,
+    rows = _results_rows(multi, lambda r: f"mean of {int(r['seeds'])}", reward)
+    return Table(_result_headers(reward), rows,
                  "Mean over seeds; ± is the between-seed standard error, the interval a t interval "
                  "over seeds.")
 
@@ -147,6 +158,9 @@ def sample_tables(data: RunData) -> list[tuple[str, Table]]:
     if data.samples is None:
         return []
     s = _final_samples(data.samples)
+    reward = data.reward
+    if reward.metric not in s.columns:
+        s[reward.metric] = np.nan
     ref = s[s["method"] == REFERENCE_METHOD]
     prompts = list(dict.fromkeys((ref if not ref.empty else s)["prompt"].astype(str)))
     prompts = prompts[:MAX_SAMPLE_PROMPTS]
@@ -164,11 +178,11 @@ def sample_tables(data: RunData) -> list[tuple[str, Table]]:
             rows.append([
                 Cell(data.cell_label(str(r["method"]), float(r["beta"]), int(r["seed"]), multi)),
                 Cell(str(r["completion"])),
-                _num_cell(r["gold_reward"], fmt.num(r["gold_reward"])),
+                _num_cell(r[reward.metric], fmt.num(r[reward.metric])),
                 _num_cell(r["proxy_reward"], fmt.num(r["proxy_reward"])),
                 Cell(fluent_text, best=fluent_text == "NO"),
             ])
-        out.append((prompt, Table(["policy", "completion", "gold reward", "proxy reward", "fluent"],
+        out.append((prompt, Table(["policy", "completion", reward.name, "proxy reward", "fluent"],
                                   rows)))
     return out
 
