@@ -176,7 +176,10 @@ class BenchConfig:
             get_method(name)
         kept = [e for e in self.grid if e.method in names]
         kept += [GridEntry(method=n) for n in names if n not in {e.method for e in kept}]
-        return replace(self, grid=tuple(kept))
+        entries = {e.name or e.method for e in kept}
+        # Questions whose grid entries are gone cannot be answered by this run.
+        questions = replace(self.questions, **{k: (v if v in entries else "") for k, v in to_dict(self.questions).items()})
+        return replace(self, grid=tuple(kept), questions=questions)
 
     def to_dict(self) -> dict:
         return to_dict(self)

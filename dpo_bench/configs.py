@@ -108,12 +108,11 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
     kwargs = {k: _check_type(v, hints[k], _join(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        prefix = f"{where}." if where else ""
+    except (ValueError, TypeError) as e:  # ConfigError included: name where it happened
         message = str(e)
-        raise ConfigError(message if message.startswith(prefix) or not where else f"{where}: {message}") from e
+        if not where or message.startswith((f"{where}.", f"{where}:")):
+            raise ConfigError(message) from e
+        raise ConfigError(f"{where}: {message}") from e
 
 
 def _join(where: str, key: str) -> str:

@@ -127,10 +127,10 @@ def benchmark_flow(
         cells = bench_config.cells()
         if parallel:
             futures = [cell_task.submit(bench, cell, upstream_for(cell, stages), cell.label) for cell in cells]
-            done = [(cell, timings.record(f.result())) for cell, f in zip(cells, futures)]
+            done = [(cell, timings.record(f.result(), cell.label)) for cell, f in zip(cells, futures)]
         else:
             # One cell at a time: torch already uses every core, and threads would share its RNG state.
-            done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label))) for cell in cells]
+            done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label)) for cell in cells]
         paths = report_task(bench, run_dir, run_id, stages, done, timings, started, started_at, {"orchestrator": "prefect"},
                             results_db)
     markdown = Path(paths["markdown"]).read_text()

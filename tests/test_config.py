@@ -78,7 +78,8 @@ def test_task_overrides_apply_only_to_their_task():
 
 def test_with_methods_keeps_the_grid_entries_and_rejects_unknown_names():
     config = load_config("default").with_methods(["dpo", "simpo"])
-    assert [c.method for c in config.cells()] == ["dpo"] * 3 + ["simpo"]
+    assert [c.display_name for c in config.cells()] == ["dpo"] * 3 + ["dpo_frozen"] * 3 + ["simpo"]
+    assert config.questions.freeze_frozen == "dpo_frozen" and config.questions.pl_listwise == ""
     with pytest.raises(ConfigError, match="unknown method 'dpx'"):
         load_config("default").with_methods(["dpx"])
 

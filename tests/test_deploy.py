@@ -148,7 +148,7 @@ def test_serve_schedules_runs_and_a_triggered_run_writes_its_report(server, clie
     assert "## History" in (run_dirs[0] / "report.md").read_text()
     assert (reports / "results.db").is_file()
     # SIGTERM to `serve` pauses its schedule: no more runs start while nobody serves them.
-    assert not any(s.active for s in client.read_deployment_by_name("dpo-bench/nightly").schedules)
+    assert client.read_deployment_by_name("dpo-bench/nightly").paused
 
 
 def test_deploy_registers_on_a_work_pool(server, client, tmp_path):

@@ -32,6 +32,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 JUDGE_MODULE = "dpo_bench_test_judges"
 JUDGE_SOURCE = '''
+def char_codes(prompts, completions):
+    """A deterministic score that rarely ties: the mean character code of the completion."""
+    return [sum(map(ord, c)) / max(1, len(c)) for c in completions]
+
+
 def good_words(prompts, completions):
     """+1 for every positive word, -1 for every negative one."""
     good, bad = {"great", "fun", "moving", "sharp", "warm"}, {"dull", "slow", "flat", "messy", "cold"}
@@ -139,7 +144,8 @@ def workspace(tmp_path_factory):
     info = plugin / f"{JUDGE_MODULE}-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {JUDGE_MODULE}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[dpo_bench.judges]\ngood_words = {JUDGE_MODULE}:good_words\n")
+    (info / "entry_points.txt").write_text(
+        f"[dpo_bench.judges]\ngood_words = {JUDGE_MODULE}:good_words\nchar_codes = {JUDGE_MODULE}:char_codes\n")
     sys.path.insert(0, str(plugin))
     (root / "small.toml").write_text(SMALL_TOML)
     yield root
@@ -190,14 +196,14 @@ def test_a_registered_judge_declared_gold_labels_sampled_text_preferences(worksp
     texts = tmp_path / "reviews.jsonl"
     _write([{"review": f"the {n} was {a} and {b} ."} for n in NOUNS for a in GOOD[:3] + BAD[:3] for b in GOOD[3:]], texts)
     config = tmp_path / "text.toml"
-    config.write_text(SMALL_TOML + """
+    config.write_text((SMALL_TOML + """
 [hf.column_map]
 review = "text"
 
 [preferences]
 k = 3
 pairs_from_rankings = "all_pairs"
-""".replace("[hf]\n", '[hf]\ndata_format = "text"\nreference = "text_ft"\njudge = "good_words"\njudge_is_gold = true\n'))
+""").replace("[hf]\n", '[hf]\ndata_format = "text"\nreference = "text_ft"\njudge = "char_codes"\njudge_is_gold = true\n'))
     code = main(["run", "--task", "hf", "--model", str(workspace / "model"), "--data", str(texts), "--preset", "quick",
                  "--config", str(config), "--no-prefect", "--quiet", "--reports-dir", str(tmp_path / "reports"), "--run-id", "r"])
     assert code == 0
@@ -262,7 +268,6 @@ def test_the_prompt_split_is_disjoint_stable_and_capped():
     prompts = [f"prompt {i}" for i in range(40)]
     train, evaluation = split_prompts(prompts, 0.25, 1000, seed=0)
     assert len(evaluation) == 10 and len(train) == 30 and not set(train) & set(evaluation)
-    assert split_prompts(prompts + ["prompt 99"], 0.25, 1000, seed=0)[1][:3] == evaluation[:3] or True
     assert split_prompts(list(reversed(prompts)), 0.25, 1000, seed=0)[1] == list(reversed(evaluation))
     assert len(split_prompts(prompts, 0.25, 4, seed=0)[1]) == 4
 
@@ -294,7 +299,7 @@ def test_judge_selection(workspace, tmp_path):
 
 def test_judge_configs_are_checked(workspace):
     model = str(workspace / "model")
-    with pytest.raises(ConfigError, match="unknown judge 'nope'; known judges: reward_model, classifier, good_words"):
+    with pytest.raises(ConfigError, match="unknown judge 'nope'; known judges: reward_model, classifier, char_codes, good_words"):
         HFConfig(model=model, data="x.jsonl", judge="nope")
     with pytest.raises(ConfigError, match="never the gold reward"):
         HFConfig(judge_is_gold=True)
@@ -319,7 +324,7 @@ def test_the_hf_config_survives_the_flow_round_trip(workspace):
         "model": str(workspace / "model"), "data": "d.jsonl", "column_map": {"question": "prompt"}, "lora": {"r": 4}}})
     assert from_dict_config(config.to_dict()) == config
     assert config.hf.lora == LoRASpec(r=4) and config.hf.column_map == {"question": "prompt"}
-    with pytest.raises(ConfigError, match="hf.eval_fraction must be in"):
+    with pytest.raises(ConfigError, match=r"hf: eval_fraction must be in \(0, 1\), got 2.0"):
         from_dict(HFConfig, {"eval_fraction": 2.0}, "hf")
 
 

@@ -414,8 +414,8 @@ def _ordered_by_hash(items: Sequence[str], seed: int) -> list[str]:
 
 def split_prompts(prompts: Sequence[str], fraction: float, max_eval: int, seed: int) -> tuple[list[str], list[str]]:
     """(train, eval): a stable, hash-chosen ``fraction`` of the distinct prompts (at least one, at
-    most ``max_eval``) is held out; both keep the data's order. Depends only on the prompt texts
-    and ``seed``, so adding rows never moves an existing prompt to the other side."""
+    most ``max_eval``) is held out; both keep the data's order. Which prompts are held out depends
+    on the prompt texts and ``seed`` only, not on the order of the rows."""
     prompts = list(dict.fromkeys(prompts))
     if len(prompts) < 2:
         raise ValueError(f"need at least 2 distinct prompts to split into train and eval, got {len(prompts)}")
