@@ -88,7 +88,7 @@ def evaluate_policy(
     samples = policy.sample(prompt_ids, generator=generator, temperature=temperature)
     completions = [task.decode_completion(c) for c in samples.completion_ids]
     reward = task.reward_metric
-    gold = (judge or task.gold).score(prompts, completions)
+    gold = (judge if judge is not None else task.gold).score(prompts, completions)
     fluent = task.fluency(prompts, completions)
     lengths = np.array([len(c) for c in samples.completion_ids], dtype=float)
     ref_logps = batched_sequence_logps(reference, samples.batch).numpy()

@@ -9,6 +9,13 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from .configs import field as cfield
+from .configs import non_negative, positive
+
+
+CheckpointFn = Callable[[int, nn.Module], None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,4 +72,64 @@ def checkpoint_steps(total: int, n_checkpoints: int) -> list[int]:
     return sorted({max(1, round(total * (i + 1) / n)) for i in range(n)})
 
 
-CheckpointFn = Callable[[int, nn.Module], None]
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser settings every gradient-trained method shares."""
+
+    steps: int = cfield(300, "optimiser steps")
+    batch_size: int = cfield(64, "examples (sequences, pairs or rankings) per step")
+    lr: float = cfield(5e-5, "peak learning rate (AdamW)")
+    warmup_steps: int = cfield(20, "linear warm-up steps")
+
+    def __post_init__(self) -> None:
+        positive("steps", self.steps)
+        positive("batch_size", self.batch_size)
+        positive("lr", self.lr)
+        non_negative("warmup_steps", self.warmup_steps)
+
+
+def optimise(
+    model: nn.Module,
+    config: OptimConfig,
+    loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    *,
+    n_items: int,
+    generator: torch.Generator,
+    log: TrainLog,
+    label: str,
+    progress: bool = True,
+    checkpoint: CheckpointFn | None = None,
+    n_checkpoints: int = 0,
+    max_grad_norm: float = 1.0,
+    weight_decay: float = 0.0,
+    log_every: int = 1,
+) -> nn.Module:
+    """The loop every method with a loss shares: minibatch indices → ``loss_fn(idx)`` → AdamW step.
+
+    ``loss_fn`` returns the mean loss and extra metrics to log (as ``train/<name>``); a non-finite
+    loss stops the run with :class:`NonFiniteLossError`; the model is evaluated through
+    ``checkpoint`` at ``n_checkpoints`` evenly spaced steps, the last one included.
+    """
+    model.train()
+    optimizer = make_optimizer(model, config.lr, weight_decay)
+    schedule = warmup_schedule(optimizer, config.warmup_steps)
+    evals = set(checkpoint_steps(config.steps, n_checkpoints)) if checkpoint and n_checkpoints else set()
+    batches = minibatches(n_items, config.batch_size, generator)
+    for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
+        idx = next(batches)
+        loss, metrics = loss_fn(idx)
+        check_finite(loss, label, step, log)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == config.steps:
+            log.log(step, len(idx), **{"train/loss": loss.item(), **{f"train/{k}": v for k, v in metrics.items()}})
+        if step in evals:
+            model.eval()
+            checkpoint(step, model)
+            model.train()
+    model.eval()
+    return model

@@ -20,7 +20,8 @@ from dpo_bench.configs import ConfigError, from_dict
 from dpo_bench.data import DataValidationError
 from dpo_bench.judges import ClassifierJudge, RewardModelJudge
 from dpo_bench.policy import (
-    LoRASpec, apply_lora, enable_gradient_checkpointing, freeze_first_blocks, load_policy, resolve_dtype, save_policy,
+    LoRASpec, apply_lora, enable_gradient_checkpointing, freeze_first_blocks, is_gradient_checkpointing, load_policy,
+    resolve_dtype, save_policy,
 )
 from dpo_bench.tasks.hf import HFConfig, HFTask, split_prompts
 from pipelines.cli import main
@@ -328,6 +329,18 @@ def test_the_hf_config_survives_the_flow_round_trip(workspace):
         from_dict(HFConfig, {"eval_fraction": 2.0}, "hf")
 
 
+def test_the_readme_example_config_is_complete_and_valid(tmp_path):
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- example-hf-config -->\s*```toml\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "example.toml").write_text(block)
+    config = load_config(path=tmp_path / "example.toml")
+    assert config.task == "hf" and config.hf.column_map == {"question": "prompt", "response_j": "chosen", "response_k": "rejected"}
+    keys = set(re.findall(r"^(\w+) =", block.split("[hf]")[1].split("[hf.column_map]")[0], re.M))
+    assert keys == set(HFConfig.__dataclass_fields__) - {"column_map"}  # every hf key is shown
+
+
 def test_paper_preset_is_valid_and_its_dry_run_lists_the_downloads(capsys):
     config = load_config("paper")
     assert config.task == "hf" and config.hf.model == "gpt2-large" and config.hf.judge_is_gold
@@ -357,10 +370,10 @@ def test_the_model_loads_like_a_hub_model_with_dropout_off(workspace, tmp_path):
     model = task.initial_model(seed=0)
     assert type(model).__name__ == "GPT2LMHeadModel" and next(model.parameters()).dtype == torch.float32
     assert model.config.resid_pdrop == 0.0 and all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    assert model.is_gradient_checkpointing and copy.deepcopy(model).is_gradient_checkpointing
+    assert is_gradient_checkpointing(model) and is_gradient_checkpointing(copy.deepcopy(model))
     save_policy(model, tmp_path / "saved")
     reloaded = HFTask.load_model(task.config, tmp_path / "saved", torch.device("cpu"))
-    assert reloaded.is_gradient_checkpointing and reloaded.config.attn_pdrop == 0.0
+    assert is_gradient_checkpointing(reloaded) and reloaded.config.attn_pdrop == 0.0
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
 
 
@@ -373,7 +386,7 @@ def test_freezing_blocks_finds_the_blocks_of_other_architectures():
     frozen = [all(not p.requires_grad for p in layer.parameters()) for layer in model.model.layers]
     assert frozen == [True, True, False] and not model.model.embed_tokens.weight.requires_grad
     enable_gradient_checkpointing(model)
-    assert model.is_gradient_checkpointing
+    assert is_gradient_checkpointing(model)
 
 
 def test_lora_without_peft_is_a_clear_error(workspace, monkeypatch):

@@ -11,32 +11,23 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
-from tqdm.auto import tqdm
-
-from ..configs import field, non_negative, positive
+from ..configs import field, positive
 from ..logprobs import concat_batches, sequence_logps
 from ..losses import LOSSES, LossSpec
-from ..training import check_finite, checkpoint_steps, make_optimizer, minibatches, warmup_schedule
+from ..training import OptimConfig, optimise
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(OptimConfig):
     """Shared hyper-parameters of the DPO-family trainer."""
 
     beta: float = field(0.1, "β: strength of the implicit KL constraint (larger stays closer to the reference)")
-    steps: int = field(300, "optimiser steps")
-    batch_size: int = field(64, "preference pairs (or rankings) per step")
-    lr: float = field(5e-5, "peak learning rate (AdamW)")
-    warmup_steps: int = field(20, "linear warm-up steps")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive("beta", self.beta)
-        positive("steps", self.steps)
-        positive("batch_size", self.batch_size)
-        positive("lr", self.lr)
-        non_negative("warmup_steps", self.warmup_steps)
 
 
 def loss_params(spec: LossSpec, config: DPOConfig):
@@ -68,58 +59,47 @@ def train_dpo_family(ctx: MethodContext, config: DPOConfig, spec: LossSpec) -> M
     policy = trainable_copy(ctx)
     device = ctx.device
     params = loss_params(spec, config)
-    optimizer = make_optimizer(policy, config.lr)
-    schedule = warmup_schedule(optimizer, config.warmup_steps)
-    evals = set(checkpoint_steps(config.steps, ctx.n_checkpoints))
+    pad = ctx.task.pad_id
     ranked_batches, ranked_ref = prefs.ranked, prefs.ref_ranked_logps
     if spec.listwise and not ranked_batches:
         # Pairs are rankings of K = 2.
         ranked_batches = [prefs.chosen, prefs.rejected]
         ranked_ref = torch.stack([prefs.ref_chosen_logps, prefs.ref_rejected_logps], dim=1)
-    n_items = len(ranked_batches[0]) if spec.listwise else len(prefs)
-    batches = minibatches(n_items, config.batch_size, ctx.generator)
-    pad = ctx.task.pad_id
-    for step in tqdm(range(1, config.steps + 1), desc=ctx.label, disable=not ctx.progress, leave=False):
-        idx = next(batches)
-        if spec.listwise:
-            ranked = [b.select(idx) for b in ranked_batches]
-            batch = ranked[0]
-            for b in ranked[1:]:
-                batch = concat_batches(batch, b, pad)
-            logps = sequence_logps(policy, batch.trim().to(device)).view(len(ranked), -1).T  # (B, K)
-            ref = ranked_ref[idx].to(device)
-            losses = spec.fn(logps, ref, beta=config.beta, params=params)
-            chosen, rejected, ref_c, ref_r = logps[:, 0], logps[:, -1], ref[:, 0], ref[:, -1]
-        else:
-            chosen_b, rejected_b = prefs.chosen.select(idx), prefs.rejected.select(idx)
-            batch = concat_batches(chosen_b, rejected_b, pad).trim().to(device)
-            logps = sequence_logps(policy, batch)
-            chosen, rejected = logps[: len(idx)], logps[len(idx):]
-            ref_c, ref_r = prefs.ref_chosen_logps[idx].to(device), prefs.ref_rejected_logps[idx].to(device)
-            losses = spec.fn(
-                chosen, rejected, ref_c, ref_r, beta=config.beta, params=params,
-                chosen_lengths=chosen_b.completion_lengths.to(device),
-                rejected_lengths=rejected_b.completion_lengths.to(device),
-            )
-        loss = losses.mean()
-        check_finite(loss, ctx.label, step, ctx.log)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-        optimizer.step()
-        schedule.step()
+
+    def listwise_loss(idx: torch.Tensor):
+        ranked = [b.select(idx) for b in ranked_batches]
+        batch = ranked[0]
+        for b in ranked[1:]:
+            batch = concat_batches(batch, b, pad)
+        # One forward over all K completions; rows regrouped to (B, K), best first.
+        logps = sequence_logps(policy, batch.trim().to(device)).view(len(ranked), -1).T
+        ref = ranked_ref[idx].to(device)
+        losses = spec.fn(logps, ref, beta=config.beta, params=params)
+        return losses, logps[:, 0], logps[:, -1], ref[:, 0], ref[:, -1]
+
+    def pairwise_loss(idx: torch.Tensor):
+        chosen_b, rejected_b = prefs.chosen.select(idx), prefs.rejected.select(idx)
+        # Chosen and rejected in one forward pass, padded to the batch's longest row.
+        logps = sequence_logps(policy, concat_batches(chosen_b, rejected_b, pad).trim().to(device))
+        chosen, rejected = logps[: len(idx)], logps[len(idx):]
+        ref_c, ref_r = prefs.ref_chosen_logps[idx].to(device), prefs.ref_rejected_logps[idx].to(device)
+        losses = spec.fn(
+            chosen, rejected, ref_c, ref_r, beta=config.beta, params=params,
+            chosen_lengths=chosen_b.completion_lengths.to(device), rejected_lengths=rejected_b.completion_lengths.to(device),
+        )
+        return losses, chosen, rejected, ref_c, ref_r
+
+    def loss_fn(idx: torch.Tensor):
+        losses, chosen, rejected, ref_c, ref_r = (listwise_loss if spec.listwise else pairwise_loss)(idx)
         with torch.no_grad():
             margin = config.beta * ((chosen - ref_c) - (rejected - ref_r))
-        ctx.log.log(
-            step, len(idx),
-            **{"train/loss": loss.item(), "train/accuracy": (margin > 0).float().mean().item(),
-               "train/margin": margin.mean().item()},
-        )
-        if step in evals:
-            policy.eval()
-            ctx.checkpoint(step, policy)
-            policy.train()
-    policy.eval()
+        return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+
+    optimise(
+        policy, config, loss_fn, n_items=len(ranked_batches[0]) if spec.listwise else len(prefs), generator=ctx.generator,
+        log=ctx.log, label=ctx.label, progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
+        max_grad_norm=10.0,
+    )
     return ModelPolicy(policy, ctx.task)
 
 

@@ -12,30 +12,24 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from ..configs import field, non_negative, positive
+from ..configs import field, non_negative
 from ..logprobs import collate, token_logps
 from ..policy import freeze_first_blocks
-from ..training import CheckpointFn, TrainLog, check_finite, checkpoint_steps, make_optimizer, minibatches, warmup_schedule
+from ..training import CheckpointFn, OptimConfig, TrainLog, optimise
 from .base import MethodContext, ModelPolicy, register_method
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(OptimConfig):
     """Maximum-likelihood training on (prompt, completion) pairs."""
 
     steps: int = field(1500, "optimiser steps")
-    batch_size: int = field(64, "sequences per step")
     lr: float = field(1e-3, "peak learning rate (AdamW)")
     warmup_steps: int = field(100, "linear warm-up steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
 
     def __post_init__(self) -> None:
-        positive("steps", self.steps)
-        positive("batch_size", self.batch_size)
-        positive("lr", self.lr)
-        non_negative("warmup_steps", self.warmup_steps)
+        super().__post_init__()
         non_negative("weight_decay", self.weight_decay)
 
 
@@ -62,29 +56,16 @@ def supervised_finetune(
 ) -> nn.Module:
     """Train ``model`` in place to maximise log p(completion | prompt); returns it."""
     device = next(model.parameters()).device
-    model.train()
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    schedule = warmup_schedule(optimizer, config.warmup_steps)
-    evals = set(checkpoint_steps(config.steps, n_checkpoints)) if checkpoint and n_checkpoints else set()
-    batches = minibatches(len(prompts), config.batch_size, generator)
-    for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
-        idx = next(batches).tolist()
+
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        idx = idx.tolist()
         batch = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id).to(device)
-        loss = sft_loss(model, batch)
-        check_finite(loss, label, step, log)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 10 == 0 or step == config.steps:
-            log.log(step, len(idx), **{"train/loss": loss.item()})
-        if step in evals:
-            model.eval()
-            checkpoint(step, model)
-            model.train()
-    model.eval()
-    return model
+        return sft_loss(model, batch), {}
+
+    return optimise(
+        model, config, loss_fn, n_items=len(prompts), generator=generator, log=log, label=label, progress=progress,
+        checkpoint=checkpoint, n_checkpoints=n_checkpoints, weight_decay=config.weight_decay, log_every=10,
+    )
 
 
 @dataclass(frozen=True)

@@ -10,31 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
-
-from ..configs import field, non_negative, positive
+from ..configs import field, non_negative
 from ..logprobs import concat_batches, token_logps
-from ..training import check_finite, checkpoint_steps, make_optimizer, minibatches, warmup_schedule
+from ..training import OptimConfig, optimise
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
 
 
 @dataclass(frozen=True)
-class UnlikelihoodConfig:
+class UnlikelihoodConfig(OptimConfig):
     """Likelihood on chosen, token-level unlikelihood on rejected completions."""
 
     alpha: float = field(0.5, "α: weight of the unlikelihood term on the rejected completion")
     steps: int = field(200, "optimiser steps")
-    batch_size: int = field(64, "preference pairs per step")
-    lr: float = field(5e-5, "peak learning rate (AdamW)")
-    warmup_steps: int = field(20, "linear warm-up steps")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         non_negative("alpha", self.alpha)
-        positive("steps", self.steps)
-        positive("batch_size", self.batch_size)
-        positive("lr", self.lr)
-        non_negative("warmup_steps", self.warmup_steps)
 
 
 def unlikelihood_loss(
@@ -60,27 +52,16 @@ def unlikelihood_loss(
 def train_unlikelihood(ctx: MethodContext, config: UnlikelihoodConfig) -> ModelPolicy:
     prefs = ctx.preferences
     policy = trainable_copy(ctx)
-    optimizer = make_optimizer(policy, config.lr)
-    schedule = warmup_schedule(optimizer, config.warmup_steps)
-    evals = set(checkpoint_steps(config.steps, ctx.n_checkpoints))
-    batches = minibatches(len(prefs), config.batch_size, ctx.generator)
-    for step in tqdm(range(1, config.steps + 1), desc=ctx.label, disable=not ctx.progress, leave=False):
-        idx = next(batches)
+
+    def loss_fn(idx: torch.Tensor):
         batch = concat_batches(prefs.chosen.select(idx), prefs.rejected.select(idx), ctx.task.pad_id).trim().to(ctx.device)
         logps = token_logps(policy, batch)
         mask = batch.completion_mask[:, 1:].float()
         n = len(idx)
-        loss = unlikelihood_loss(logps[:n], mask[:n], logps[n:], mask[n:], config.alpha).mean()
-        check_finite(loss, ctx.label, step, ctx.log)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        ctx.log.log(step, n, **{"train/loss": loss.item()})
-        if step in evals:
-            policy.eval()
-            ctx.checkpoint(step, policy)
-            policy.train()
-    policy.eval()
+        return unlikelihood_loss(logps[:n], mask[:n], logps[n:], mask[n:], config.alpha).mean(), {}
+
+    optimise(
+        policy, config, loss_fn, n_items=len(prefs), generator=ctx.generator, log=ctx.log, label=ctx.label,
+        progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
+    )
     return ModelPolicy(policy, ctx.task)
