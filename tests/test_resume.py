@@ -21,10 +21,12 @@ from dpo_bench.run import run_benchmark
 
 DPO_BENCH = str(Path(sys.executable).parent / "dpo-bench")
 
-# Every stage, tiny; one DPO cell long enough to be killed in the middle of its training.
+# Every stage, tiny; one DPO cell long enough to be killed in the middle of its training. One
+# torch thread: on a busy 2-core machine two OpenMP threads per process ran 2.5x slower.
 SMALL = """
 task = "sentiment"
 seed = 3
+threads = 1
 
 [sentiment]
 n_sentences = 2000

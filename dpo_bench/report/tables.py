@@ -76,7 +76,7 @@ def _result_headers(reward: RewardScale) -> list[str]:
     headers = list(_RESULT_HEADERS)
     if not reward.is_gold:
         headers[2] = f"{reward.name} ± s.e."
-        headers[4] = "win rate vs SFT, judged by the judge [95% CI]"
+        headers[4] = "win rate vs SFT by the judge [95% CI]"
     return headers
 
 

@@ -171,7 +171,7 @@ class HFTask(Task):
         super().__init__(config, workdir)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.workdir / "tokenizer")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.workdir / "tokenizer", trust_remote_code=config.trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         info = json.loads((self.workdir / "prompts.json").read_text())
@@ -250,12 +250,13 @@ class HFTask(Task):
             return None
         if self.config.reference == "text_ft":
             prompts, completions = [], []
+            eos = [] if self.eos_id is None else [self.eos_id]
             for text in pd.read_parquet(self.workdir / "texts.parquet")["text"]:
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.config.max_length]
                 if len(ids) >= 2:
                     # The first token is the "prompt": the model learns to continue any prefix.
                     prompts.append(ids[:1])
-                    completions.append(self.encode_completion(self.tokenizer.decode(ids[1:])))
+                    completions.append(ids[1:] + eos)
             return prompts, completions
         frame = pd.read_parquet(self.workdir / "data.parquet")
         frame = frame[frame["split"] == "train"]
