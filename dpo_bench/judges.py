@@ -20,6 +20,8 @@ other judge's scores are reported as ``judge_reward``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, Sequence
 
@@ -33,7 +35,7 @@ BUILTIN_JUDGES = {
 }
 
 
-class Judge:
+class Judge(ABC):
     """Scores completions of prompts; ``score`` returns float64 of shape (n,).
 
     ``is_gold`` is True only for a judge that is the task's ground truth; it decides whether
@@ -44,8 +46,8 @@ class Judge:
     is_gold: bool = False
     description: str = ""
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray: ...
 
 
 def as_scores(values: Any, n: int, judge: str) -> np.ndarray:

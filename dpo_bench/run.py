@@ -122,15 +122,16 @@ def _cell_config_label(cell: Cell) -> str:
     return f"{cell.display_name} ({symbol}={cell.strength_value:g})"
 
 
-def head_to_head(cells: list[tuple[Cell, Stage]], frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Win rates between the best final policy of every method (ties ½, 95% Wilson interval).
+def head_to_head(cells: list[tuple[Cell, Stage]], frames: list[pd.DataFrame], reward_metric: str = "gold_reward") -> pd.DataFrame:
+    """Win rates between the best final policy of every method (ties ½, 95% Wilson interval), judged by
+    ``reward_metric`` (the gold reward, or the task's judge when it has no gold scorer).
 
     Rows are ``h2h/<opponent>`` metrics of the row policy, at its final step.
     """
     from .evaluate import win_rate
 
     metrics = pd.concat(frames, ignore_index=True)
-    finals = metrics[(metrics["metric"] == "gold_reward") & (metrics["temperature"] == 1.0)]
+    finals = metrics[(metrics["metric"] == reward_metric) & (metrics["temperature"] == 1.0)]
     best: dict[str, tuple[Cell, Stage, float, int]] = {}
     for cell, stage in cells:
         rows = finals[(finals["method"] == cell.display_name) & (finals["seed"] == cell.seed)
@@ -141,7 +142,7 @@ def head_to_head(cells: list[tuple[Cell, Stage]], frames: list[pd.DataFrame]) ->
         if cell.display_name not in best or last["value"] > best[cell.display_name][2]:
             best[cell.display_name] = (cell, stage, float(last["value"]), int(last["step"]))
     out = []
-    gold = {name: pd.read_parquet(stage.path / "final_gold.parquet")["gold_reward"].to_numpy() for name, (_, stage, _, _) in best.items()}
+    gold = {name: pd.read_parquet(stage.path / "final_gold.parquet")[reward_metric].to_numpy() for name, (_, stage, _, _) in best.items()}
     for name, (cell, _, _, step) in best.items():
         for other, (other_cell, _, _, _) in best.items():
             if other == name or len(gold[name]) != len(gold[other]):
@@ -204,7 +205,7 @@ def finish_run(
             samples.append(pd.read_parquet(stage.path / "samples.parquet"))
         statuses[cell.label] = cell_status(stage)
     frames.append(label_temperature_rms(bench, stages))
-    frames.append(head_to_head(cells, frames))
+    frames.append(head_to_head(cells, frames, bench.task(stages["task"]).reward_metric))
     metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
     metrics.insert(0, "task", config.task)
     metrics.insert(0, "run_id", run_id)

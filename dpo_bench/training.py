@@ -81,12 +81,16 @@ class OptimConfig:
     batch_size: int = cfield(64, "examples (sequences, pairs or rankings) per step")
     lr: float = cfield(5e-5, "peak learning rate (AdamW)")
     warmup_steps: int = cfield(20, "linear warm-up steps")
+    accumulation_steps: int = cfield(1, "split each step's batch into this many micro-batches (gradient accumulation)")
 
     def __post_init__(self) -> None:
         positive("steps", self.steps)
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)
         non_negative("warmup_steps", self.warmup_steps)
+        positive("accumulation_steps", self.accumulation_steps)
+        if self.accumulation_steps > self.batch_size:
+            raise ValueError(f"accumulation_steps ({self.accumulation_steps}) must be <= batch_size ({self.batch_size})")
 
 
 def optimise(
@@ -118,10 +122,17 @@ def optimise(
     batches = minibatches(n_items, config.batch_size, generator)
     for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
         idx = next(batches)
-        loss, metrics = loss_fn(idx)
-        check_finite(loss, label, step, log)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Micro-batches weighted by their share of the batch: the gradient equals the whole batch's.
+        loss, metrics = torch.zeros(()), {}
+        for chunk in idx.chunk(config.accumulation_steps):
+            chunk_loss, chunk_metrics = loss_fn(chunk)
+            check_finite(chunk_loss, label, step, log)
+            weight = len(chunk) / len(idx)
+            (chunk_loss * weight).backward()
+            loss = loss + chunk_loss.detach().cpu() * weight
+            for k, v in chunk_metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v * weight
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         schedule.step()
