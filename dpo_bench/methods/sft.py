@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from ..configs import field, non_negative
 from ..logprobs import collate, token_logps
-from ..policy import freeze_first_blocks
+from ..policy import apply_lora, freeze_first_blocks
 from ..training import CheckpointFn, OptimConfig, TrainLog, optimise
 from .base import MethodContext, ModelPolicy, register_method
 
@@ -112,6 +112,10 @@ def trainable_copy(ctx: MethodContext) -> nn.Module:
         p.requires_grad_(True)
     if ctx.freeze_blocks or ctx.freeze_embeddings:
         freeze_first_blocks(policy, ctx.freeze_blocks, ctx.freeze_embeddings)
+    # A task that fine-tunes through LoRA adapters (the hf task's `lora`) does so in every method.
+    lora = getattr(getattr(ctx.task, "config", None), "lora", None)
+    if lora is not None and getattr(lora, "r", 0):
+        policy = apply_lora(policy, lora)
     policy.train()
     return policy
 

@@ -80,7 +80,7 @@ class HFConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "weights' precision; auto: bfloat16 on a CUDA GPU that supports it, else float32")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass: less memory, about 30% more compute")
     disable_dropout: bool = field(True, "zero the model's dropout (PPO's ratios and DPO's reference comparison assume a deterministic policy)")
-    lora: LoRASpec = field(default_factory=LoRASpec, doc="LoRA adapters (needs the optional peft package) for the reference's fine-tuning; r = 0: full fine-tuning")
+    lora: LoRASpec = field(default_factory=LoRASpec, doc="LoRA adapters (needs the optional peft package) for the reference's fine-tuning and every method's policy; r = 0: full fine-tuning")
 
     def __post_init__(self) -> None:
         for name in ("max_eval_prompts", "max_new_tokens", "max_length", "min_prompt_tokens"):
