@@ -52,6 +52,22 @@ def machine() -> dict:
     }
 
 
+def set_threads(n: int) -> int:
+    """Fix torch's intra-op threads (0 = leave torch's default); returns the count in use.
+
+    With other processes on the cores, OpenMP threads that spin while waiting for each other make
+    a 2-thread step many times slower than a 1-thread one (see ``benchmarks.threads``), so A/B
+    comparisons default to 1 thread: they then measure the code, not the contention.
+    """
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default; 1 by default, see common.set_threads)")
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -71,13 +87,20 @@ class StepClock:
 
     def __init__(self) -> None:
         self.ticks: list[float] = []
+        self.cpu_ticks: list[float] = []
 
     def tick(self) -> None:
         self.ticks.append(time.perf_counter())
+        self.cpu_ticks.append(time.process_time())
 
     def step_times(self, skip: int = 2) -> list[float]:
-        """Durations of the steps after the first ``skip`` (warm-up: allocator, lazy initialisation)."""
+        """Wall durations of the steps after the first ``skip`` (warm-up: allocator, lazy initialisation)."""
         gaps = [b - a for a, b in zip(self.ticks, self.ticks[1:])]
+        return gaps[skip:]
+
+    def cpu_times(self, skip: int = 2) -> list[float]:
+        """CPU seconds (all threads of this process) of the same steps: less sensitive to other processes."""
+        gaps = [b - a for a, b in zip(self.cpu_ticks, self.cpu_ticks[1:])]
         return gaps[skip:]
 
 

@@ -21,7 +21,7 @@ import tempfile
 import pandas as pd
 import torch
 
-from .common import StepClock, fixture, interleave, load_average, median, table, write_result
+from .common import StepClock, add_threads_argument, fixture, interleave, load_average, median, set_threads, table, write_result
 from .trl_support import common_args, order_like_ours, recording, require_trl, run_trl, step_timer
 
 TOLERANCE = 1e-5
@@ -49,8 +49,8 @@ class TickingLog:
         return self.inner.last_finite
 
 
-def ours(fx, *, steps: int, batch_size: int, beta: float, lr: float, seed: int) -> tuple[list[float], list[float]]:
-    """(step times, per-step losses) of our trainer."""
+def ours(fx, *, steps: int, batch_size: int, beta: float, lr: float, seed: int) -> tuple[StepClock, list[float]]:
+    """(step clock, per-step losses) of our trainer."""
     from dpo_bench.losses import LOSSES
     from dpo_bench.methods.base import MethodContext
     from dpo_bench.methods.dpo_family import DPOConfig, train_dpo_family
@@ -66,7 +66,7 @@ def ours(fx, *, steps: int, batch_size: int, beta: float, lr: float, seed: int) 
     clock.tick()
     train_dpo_family(ctx, config, LOSSES["dpo"])
     losses = [v for _, name, v, _ in log.records if name == "train/loss"]
-    return clock.step_times(), losses
+    return clock, losses
 
 
 def trl_dataset(fx, order: list[int]):
@@ -101,7 +101,7 @@ def check_same_tokens(fx, trainer, order: list[int]) -> None:
 
 
 def trl(fx, order: list[int], *, steps: int, batch_size: int, beta: float, lr: float, precompute: bool,
-        workdir: str) -> tuple[list[float], list[float], object]:
+        workdir: str) -> tuple[StepClock, list[float]]:
     require_trl()
     from trl import DPOConfig, DPOTrainer
 
@@ -124,8 +124,8 @@ def trl(fx, order: list[int], *, steps: int, batch_size: int, beta: float, lr: f
     )
     trainer.losses = []
     check_same_tokens(fx, trainer, order)
-    times = run_trl(trainer, clock)
-    return times, trainer.losses, trainer
+    run_trl(trainer, clock)
+    return clock, trainer.losses
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,20 +136,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     require_trl()
     fx = fixture()
     order = order_like_ours(len(fx.prefs), args.batch_size, args.steps, args.seed)
     kw = dict(steps=args.steps, batch_size=args.batch_size, beta=args.beta, lr=args.lr)
     losses: dict[str, list[float]] = {}
     loads = [load_average()[0]]
+    cpu: dict[str, list[float]] = {}
 
     def side(name, fn):
         def run() -> float:
-            times, step_losses = fn()[:2]
+            clock, step_losses = fn()
             losses.setdefault(name, step_losses)
+            cpu.setdefault(name, []).append(median(clock.cpu_times()))
             loads.append(load_average()[0])
-            return median(times)
+            return median(clock.step_times())
         return run
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,18 +170,19 @@ def main(argv: list[str] | None = None) -> None:
         s = median(xs)
         first = losses[name][0]
         rows.append({
-            "implementation": name, "median_step_ms": 1000 * s, "pairs_per_s": args.batch_size / s,
-            "speedup_of_ours": s / ours_s, "loss_step0": first, "abs_diff_step0_vs_ours": abs(first - losses["ours"][0]),
+            "implementation": name, "median_step_ms": 1000 * s, "median_cpu_ms": 1000 * median(cpu[name]),
+            "pairs_per_s": args.batch_size / s, "speedup_of_ours": s / ours_s,
+            "cpu_speedup_of_ours": median(cpu[name]) / median(cpu["ours"]), "loss_step0": first, "abs_diff_step0_vs_ours": abs(first - losses["ours"][0]),
             "max_abs_diff_first_steps": max(abs(a - b) for a, b in zip(losses[name], losses["ours"])),
             "repeats": len(xs),
         })
     for row in rows:
         if row["abs_diff_step0_vs_ours"] > TOLERANCE:
             raise AssertionError(f"step-0 loss of {row['implementation']} differs from ours by {row['abs_diff_step0_vs_ours']:.3g}")
-    print(table(rows, ["implementation", "median_step_ms", "pairs_per_s", "speedup_of_ours", "loss_step0",
+    print(table(rows, ["implementation", "median_step_ms", "median_cpu_ms", "pairs_per_s", "speedup_of_ours", "cpu_speedup_of_ours", "loss_step0",
                        "abs_diff_step0_vs_ours", "max_abs_diff_first_steps"]))
     print(f"load average during the run: {min(loads):.2f}-{max(loads):.2f}; step-0 losses agree within {TOLERANCE:g}")
-    path = write_result("dpo_vs_trl", {"config": vars(args), "rows": rows, "step_seconds": step_s, "losses": losses,
+    path = write_result("dpo_vs_trl", {"config": vars(args), "rows": rows, "step_seconds": step_s, "cpu_seconds": cpu, "losses": losses, "threads": torch.get_num_threads(),
                                        "load_average_range": [min(loads), max(loads)], "tolerance": TOLERANCE})
     print(f"wrote {path}")
 

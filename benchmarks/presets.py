@@ -39,14 +39,14 @@ def command(preset: str, mode: str, workdir: Path, threads: int | None) -> list[
     return cmd
 
 
-def run_once(variant: str, threads: int | None) -> dict:
+def run_once(variant: str, threads: int | None, extra_env: dict[str, str] | None = None) -> dict:
     parts = variant.split(":")
     preset, mode = parts[0], parts[1]
     if len(parts) > 2:
         mode = parts[2]  # "prefect:w2" means Prefect with 2 workers
     with tempfile.TemporaryDirectory(prefix="dpo-bench-preset-") as tmp:
         workdir = Path(tmp)
-        env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        env = {**os.environ, **(extra_env or {}), "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "DO_NOT_TRACK": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
         env.pop("PREFECT_API_URL", None)
         load_before = load_average()[0]
@@ -89,17 +89,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="pass --threads to every run")
     p.add_argument("--output", default="presets", help="results file name under benchmarks/results/")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the runs, e.g. OMP_WAIT_POLICY=PASSIVE")
     args = p.parse_args(argv)
+    env = dict(e.split("=", 1) for e in args.env)
     variants = args.variants.split(",")
     runs = []
     for r in range(args.repeats):
         for variant in (variants if r % 2 == 0 else variants[::-1]):
             print(f"running {variant} (repeat {r + 1}) ...", flush=True)
-            runs.append(run_once(variant, args.threads))
+            runs.append(run_once(variant, args.threads, env))
             print(f"  {runs[-1]['wall_s']:.1f} s; stages {runs[-1]['timings']}", flush=True)
+            # Saved after every run: a long series that is stopped early keeps what it measured.
+            write_result(args.output, {"runs": runs, "summary": summarise(runs), "threads": args.threads, "env": env})
     rows = summarise(runs)
     print(table(rows, ["variant", "runs", "wall_s", "goal_s", "meets_goal", "stage_sum_s", "largest_stages", "load"]))
-    path = write_result(args.output, {"runs": runs, "summary": rows, "threads": args.threads})
+    path = write_result(args.output, {"runs": runs, "summary": rows, "threads": args.threads, "env": env})
     print(f"wrote {path}")
 
 

@@ -134,9 +134,9 @@ def lemma2_and_theorem1(ref_probs: np.ndarray, rewards: np.ndarray, betas: list[
 
 def loss_invariance(
     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, prompt_ids: np.ndarray, beta: float, rng: np.random.Generator,
-    losses: list[str] | None = None,
+    losses: list[str],
 ) -> list[CheckResult]:
-    """DPO-family losses and their gradients are unchanged when both implicit rewards of a pair move by f(x)."""
+    """The named DPO-family losses and their gradients are unchanged when both implicit rewards of a pair move by f(x)."""
     n_prompts = int(prompt_ids.max()) + 1
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     ref_c, ref_r = ref_chosen.double(), ref_rejected.double()
@@ -145,8 +145,7 @@ def loss_invariance(
     f = torch.tensor(rng.normal(0, 3, n_prompts)[prompt_ids]) / beta  # implicit reward β·(π − ref) moves by f
     g = torch.tensor(rng.normal(0, 1, len(ref_c))) / beta
     results = []
-    names = losses or [n for n, s in LOSSES.items() if not s.listwise and not s.reference_free]
-    for name in names:
+    for name in losses:
         spec = LOSSES[name]
 
         def loss_and_grad(shift_c: torch.Tensor, shift_r: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -256,7 +255,10 @@ def run_invariance_checks(bench, stages: dict, cells: list | None = None) -> pd.
         logps = load_tensors(stages["ref_logps"].path / "ref_logps.safetensors")
         train = _pairs_frame(prefs, "train")
         prompt_ids = pd.factorize(train["prompt"])[0]
-        results += loss_invariance(logps["chosen"], logps["rejected"], prompt_ids, 0.1, rng)
+        # DPO itself, and every pairwise reference-based loss the grid trains with.
+        used = {"dpo"} | {c.method for c in config.cells()}
+        losses = [n for n, spec in LOSSES.items() if n in used and not spec.listwise and not spec.reference_free]
+        results += loss_invariance(logps["chosen"], logps["rejected"], prompt_ids, 0.1, rng, losses)
     # Checks 5-6 compare against a gold reward: a task judged only by a proxy has none to compare with.
     if config.checks.empirical and not task.exact and task.has_gold:
         from .stages import implicit_reward_data, lemma2_ppo  # noqa: PLC0415

@@ -1,0 +1,176 @@
+"""FLOPs per step of each stage, counted from the model's shape and the batch's token counts, and
+the FLOP/s achieved against this machine's measured matrix-multiply rate.
+
+Forward FLOPs of a GPT-2 (L blocks, width d, vocabulary V) over a B x T batch, counting each
+multiply-add as 2: per token and block 24·d² (the QKV, output and MLP projections) plus 4·T·d
+(attention scores and their weighted sum over the T positions the kernel computes), plus 2·d·V
+for the LM head. A training step is 3x its forward (backward ≈ 2x). Padding is computed too,
+so both the padded ("computed") and the real-token ("useful") counts are shown. Sampling with
+a KV cache costs one token's forward per step, attending over the cache.
+
+Rates use process CPU time at 1 thread, so other processes on the cores distort them little;
+the ceiling is a 2048 x 2048 float32 ``torch.mm`` at the same thread count.
+
+    python -m benchmarks.flops [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from .common import add_threads_argument, fixture, load_average, median, set_threads, table, write_result
+
+
+def shape(model) -> tuple[int, int, int]:
+    c = model.config
+    return c.n_layer, c.n_embd, c.vocab_size
+
+
+def forward_flops(model, rows: int, width: int, lm_head: bool = True) -> float:
+    layers, d, vocab = shape(model)
+    per_token = layers * (24 * d * d + 4 * width * d) + (2 * d * vocab if lm_head else 0)
+    return rows * width * per_token
+
+
+def useful_fraction(mask: torch.Tensor) -> float:
+    return float(mask.float().mean())
+
+
+def cpu_seconds(fn, repeats: int) -> tuple[float, float]:
+    """Median (CPU seconds, wall seconds) of ``fn`` after one untimed call."""
+    fn()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c, w = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c)
+        wall.append(time.perf_counter() - w)
+    return median(cpu), median(wall)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    cpu, _ = cpu_seconds(lambda: torch.mm(a, b), repeats)
+    return 2 * n ** 3 / cpu
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    add_threads_argument(p)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+
+    from dpo_bench.generation import sample
+    from dpo_bench.logprobs import batched_sequence_logps, collate, concat_batches, sequence_logps
+    from dpo_bench.losses import LOSSES
+    from dpo_bench.methods.sft import sft_loss
+    from reward.bradley_terry import bt_loss
+    from reward.model import RewardModel
+    from reward.train import PairTensors, pair_scores
+
+    fx = fixture()
+    pad = fx.task.pad_id
+    loads = [load_average()[0]]
+    peak = matmul_rate(repeats=args.repeats)
+    rows = []
+
+    def trainable():
+        model = copy.deepcopy(fx.reference).train()
+        for q in model.parameters():
+            q.requires_grad_(True)
+        return model
+
+    def record(stage: str, flops: float, useful: float, fn, note: str = "") -> None:
+        cpu, wall = cpu_seconds(fn, args.repeats)
+        rows.append({"stage": stage, "GFLOP_per_step": flops / 1e9, "useful_share": useful, "cpu_ms": 1000 * cpu,
+                     "wall_ms": 1000 * wall, "GFLOP_per_s": flops / cpu / 1e9, "share_of_matmul_peak": flops / cpu / peak,
+                     "note": note})
+
+    # SFT: 64 corpus sentences after a BOS prompt.
+    prompts, completions = fx.task.reference_training_data()
+    sft_batch = collate(prompts[:64], completions[:64], pad)
+    model = trainable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def sft_step():
+        loss = sft_loss(model, sft_batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    rows_, width = sft_batch.input_ids.shape
+    record("SFT step (64 sequences)", 3 * forward_flops(model, rows_, width), useful_fraction(sft_batch.attention_mask), sft_step,
+           f"T={width}")
+
+    # DPO: 64 pairs, chosen and rejected in one forward.
+    idx = torch.arange(64)
+    pair_batch = concat_batches(fx.prefs.chosen.select(idx), fx.prefs.rejected.select(idx), pad).trim()
+    ref_c, ref_r = fx.prefs.ref_chosen_logps[idx], fx.prefs.ref_rejected_logps[idx]
+    model = trainable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def dpo_step():
+        logps = sequence_logps(model, pair_batch)
+        loss = LOSSES["dpo"].fn(logps[:64], logps[64:], ref_c, ref_r, beta=0.1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    rows_, width = pair_batch.input_ids.shape
+    record("DPO step (64 pairs)", 3 * forward_flops(model, rows_, width), useful_fraction(pair_batch.attention_mask), dpo_step, f"T={width}")
+
+    # Reward model: the same 64 pairs; our trunk also computes the LM head's logits (unused).
+    rm = RewardModel(fx.reference)
+    for q in rm.parameters():
+        q.requires_grad_(True)
+    rm_opt = torch.optim.AdamW(rm.parameters(), lr=1e-6)
+    c, r = fx.prefs.chosen.select(idx), fx.prefs.rejected.select(idx)
+    pairs = PairTensors(c.input_ids, c.attention_mask, r.input_ids, r.attention_mask)
+
+    def rm_step():
+        r_w, r_l = pair_scores(rm, pairs, pad)
+        loss = bt_loss(r_w, r_l).mean()
+        rm_opt.zero_grad()
+        loss.backward()
+        rm_opt.step()
+
+    record("reward-model step (64 pairs)", 3 * forward_flops(fx.reference, rows_, width), useful_fraction(pair_batch.attention_mask),
+           rm_step, "includes the unused LM-head logits")
+
+    # Reference log-probs of every train pair (forward only, chunks trimmed to their longest row).
+    everything = fx.prefs.chosen
+    n = len(everything)
+    record(f"reference log-probs ({n} sequences)", sum(forward_flops(fx.reference, len(everything.select(slice(s, s + 256))),
+                                                                     everything.select(slice(s, s + 256)).trim().input_ids.shape[1])
+                                                      for s in range(0, n, 256)),
+           useful_fraction(everything.attention_mask), lambda: batched_sequence_logps(fx.reference, everything), "no grad")
+
+    # Sampling 512 completions with the KV cache.
+    prompt_ids = [fx.task.encode_prompt(t) for t in fx.task.train_prompts[:512]]
+    drawn = sample(fx.reference, prompt_ids, max_new_tokens=fx.task.max_new_tokens, eos_id=fx.task.eos_id, pad_id=pad,
+                   generator=torch.Generator().manual_seed(0))
+    n_prompt = max(len(q) for q in prompt_ids)
+    steps = drawn.batch.input_ids.shape[1] - n_prompt
+    layers, d, vocab = shape(fx.reference)
+    gen_flops = forward_flops(fx.reference, 512, n_prompt) + sum(
+        512 * (layers * (24 * d * d + 4 * (n_prompt + s + 1) * d) + 2 * d * vocab) for s in range(steps - 1))
+    record("sampling (512 prompts, KV cache)", gen_flops, useful_fraction(drawn.batch.attention_mask),
+           lambda: sample(fx.reference, prompt_ids, max_new_tokens=fx.task.max_new_tokens, eos_id=fx.task.eos_id, pad_id=pad,
+                          generator=torch.Generator().manual_seed(0)), f"{steps} decoding steps")
+    loads.append(load_average()[0])
+
+    print(f"matrix-multiply ceiling: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} thread(s), 2048x2048 float32 torch.mm)")
+    print(table(rows, ["stage", "GFLOP_per_step", "useful_share", "cpu_ms", "wall_ms", "GFLOP_per_s", "share_of_matmul_peak", "note"]))
+    print(f"load average {min(loads):.2f}-{max(loads):.2f}")
+    path = write_result("flops", {"config": vars(args), "matmul_GFLOP_per_s": peak / 1e9, "rows": rows,
+                                  "threads": torch.get_num_threads(), "load_average_range": [min(loads), max(loads)]})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

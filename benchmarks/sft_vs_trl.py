@@ -1,0 +1,134 @@
+"""SFT step throughput: our ``supervised_finetune`` against TRL's ``SFTTrainer``.
+
+The SFT stage's own work: the task's GPT-2 freshly initialised (the same weights on both sides),
+the corpus sentences as completions after a BOS prompt, batches of 64 in the same order, the
+prompt masked out of the loss (``completion_only_loss=True``), float32, the same AdamW settings
+and a constant learning rate. The objectives match (mean NLL per completion token), so the loss of
+the first batch must agree within 1e-5; the loss at step 10 is compared too (ours logs every 10).
+
+    python -m benchmarks.sft_vs_trl [--steps 12] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+
+import torch
+
+from .common import StepClock, add_threads_argument, fixture, interleave, load_average, median, set_threads, table, write_result
+from .trl_support import common_args, order_like_ours, recording, require_trl, run_trl, step_timer
+
+TOLERANCE = 1e-5
+
+
+def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed) -> tuple[StepClock, dict[int, float]]:
+    from dpo_bench.methods.sft import SFTConfig, supervised_finetune
+    from dpo_bench.training import TrainLog
+
+    clock = StepClock()
+    # One forward per step: a pre-hook on the model marks the step boundaries.
+    handle = model.register_forward_pre_hook(lambda *a: clock.tick())
+    log = TrainLog()
+    try:
+        supervised_finetune(
+            model, prompts, completions, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0),
+            pad_id=fx.task.pad_id, generator=torch.Generator().manual_seed(seed), log=log, progress=False,
+        )
+    finally:
+        handle.remove()
+    clock.tick()
+    return clock, {step: v for step, name, v, _ in log.records if name == "train/loss"}
+
+
+def first_batch_loss(fx, model, prompts, completions, order, batch_size) -> float:
+    """Our SFT loss on the first batch at the initial weights (what step 1 optimises)."""
+    from dpo_bench.logprobs import collate
+    from dpo_bench.methods.sft import sft_loss
+
+    idx = order[:batch_size]
+    with torch.no_grad():
+        return float(sft_loss(model, collate([prompts[i] for i in idx], [completions[i] for i in idx], fx.task.pad_id)))
+
+
+def trl(fx, model, prompts, completions, order, *, steps, batch_size, lr, workdir) -> tuple[StepClock, list[float]]:
+    require_trl()
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    # Already tokenised rows (TRL's documented "processed" format): our exact token ids and mask.
+    data = Dataset.from_dict({
+        "input_ids": [list(prompts[i]) + list(completions[i]) for i in order],
+        "completion_mask": [[0] * len(prompts[i]) + [1] * len(completions[i]) for i in order],
+    })
+    args = SFTConfig(
+        **common_args(workdir, steps=steps, batch_size=batch_size, lr=lr, beta2=0.95, max_grad_norm=1.0),
+        completion_only_loss=True, packing=False, padding_free=False, max_length=None, shuffle_dataset=False,
+        pad_to_multiple_of=None,
+    )
+    clock = StepClock()
+    trainer = recording(SFTTrainer)(model=model, args=args, train_dataset=data, processing_class=copy.deepcopy(fx.task.tokenizer),
+                                    callbacks=[step_timer(clock)])
+    trainer.losses = []
+    run_trl(trainer, clock)
+    return clock, trainer.losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    require_trl()
+    fx = fixture()
+    prompts, completions = fx.task.reference_training_data()
+    init = fx.task.initial_model(args.seed)
+    order = order_like_ours(len(prompts), args.batch_size, args.steps, args.seed)
+    kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    step0 = {"ours": first_batch_loss(fx, init, prompts, completions, order, args.batch_size)}
+    step10: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {}
+    loads = [load_average()[0]]
+
+    def run_ours() -> float:
+        clock, logged = ours(fx, copy.deepcopy(init), prompts, completions, seed=args.seed, **kw)
+        step10.setdefault("ours", logged.get(10, float("nan")))
+        cpu.setdefault("ours", []).append(median(clock.cpu_times()))
+        loads.append(load_average()[0])
+        return median(clock.step_times())
+
+    def run_trl() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            clock, losses = trl(fx, copy.deepcopy(init).train(), prompts, completions, order, workdir=tmp, **kw)
+        step0.setdefault("trl", losses[0])
+        step10.setdefault("trl", losses[9] if len(losses) >= 10 else float("nan"))
+        cpu.setdefault("trl", []).append(median(clock.cpu_times()))
+        loads.append(load_average()[0])
+        return median(clock.step_times())
+
+    step_s = interleave({"ours": run_ours, "trl": run_trl}, args.repeats)
+    diff0 = abs(step0["trl"] - step0["ours"])
+    if diff0 > TOLERANCE:
+        raise AssertionError(f"SFT step-0 loss: TRL {step0['trl']:.8f}, ours {step0['ours']:.8f}")
+    rows = [{
+        "implementation": name, "median_step_ms": 1000 * median(xs), "median_cpu_ms": 1000 * median(cpu[name]),
+        "sequences_per_s": args.batch_size / median(xs), "speedup_of_ours": median(xs) / median(step_s["ours"]),
+        "loss_step0": step0[name], "loss_step10": step10[name], "repeats": len(xs),
+    } for name, xs in step_s.items()]
+    print(table(rows, ["implementation", "median_step_ms", "median_cpu_ms", "sequences_per_s", "speedup_of_ours", "loss_step0", "loss_step10"]))
+    print(f"step-0 |Δloss| = {diff0:.3g} (tolerance {TOLERANCE:g}); step-10 |Δloss| = {abs(step10['trl'] - step10['ours']):.3g}; "
+          f"load average {min(loads):.2f}-{max(loads):.2f}")
+    path = write_result("sft_vs_trl", {"config": vars(args), "rows": rows, "step_seconds": step_s, "cpu_seconds": cpu,
+                                       "abs_diff_step0": diff0, "abs_diff_step10": abs(step10["trl"] - step10["ours"]),
+                                       "threads": torch.get_num_threads(), "load_average_range": [min(loads), max(loads)]})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
