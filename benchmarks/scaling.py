@@ -1,7 +1,7 @@
 """How stage time and peak memory grow with the dataset, and grid time with Dask workers.
 
 Dataset size: the ``quick`` preset's corpus, train prompts and eval prompts times 1, 2 and 4
-(training steps fixed, so the trainers' time should stay flat and the data-bound stages, corpus,
+(training steps fixed, so the trainers' CPU time should stay flat and the data-bound stages, corpus,
 preference sampling, reference log-probs and reference evaluation, should grow linearly). Each
 stage runs in its own process (its upstream stages come from that scale's cache), so the peak
 resident memory it reports is that stage's own.
@@ -75,11 +75,12 @@ def stage_worker(scale: int, stage: str, cache: str) -> None:
     }
     for name in STAGES:
         if name == stage:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             result = builders[name]()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            print(json.dumps({"seconds": result.seconds, "cached": result.cached, "peak_rss_mb": peak / 1024,
-                              "rss_growth_mb": (peak - before) / 1024}))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
+            print(json.dumps({"seconds": result.seconds, "cpu_seconds": cpu, "cached": result.cached,
+                              "peak_rss_mb": after.ru_maxrss / 1024, "rss_growth_mb": (after.ru_maxrss - usage.ru_maxrss) / 1024}))
             return
         done[name] = builders[name]()
 
@@ -93,7 +94,7 @@ def dataset_scaling(scales: list[int]) -> list[dict]:
                                       capture_output=True, text=True, check=True, cwd=ROOT)
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append({"scale": scale, "stage": stage, **result, "load": load_average()[0]})
-                print(f"  x{scale} {stage}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+                print(f"  x{scale} {stage}: {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} s CPU), peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
     return rows
 
 
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scales", default="1,2,4")
     p.add_argument("--workers", default="1,2", help="Dask worker counts to compare ('' to skip)")
     p.add_argument("--repeats", type=int, default=2, help="repeats of each worker count")
+    p.add_argument("--output", default="scaling", help="results file name under benchmarks/results/")
     p.add_argument("--stage-worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.stage_worker:
@@ -139,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = dataset_scaling([int(s) for s in args.scales.split(",")])
     base = {r["stage"]: r for r in rows if r["scale"] == rows[0]["scale"]}
     for r in rows:
-        r["time_vs_1x"] = r["seconds"] / base[r["stage"]]["seconds"] if base[r["stage"]]["seconds"] else float("nan")
-    print(table(rows, ["scale", "stage", "seconds", "time_vs_1x", "peak_rss_mb", "rss_growth_mb", "load"]))
+        # CPU seconds (1 torch thread): wall time follows whatever else the cores run.
+        r["cpu_vs_1x"] = r["cpu_seconds"] / base[r["stage"]]["cpu_seconds"] if base[r["stage"]]["cpu_seconds"] else float("nan")
+    print(table(rows, ["scale", "stage", "seconds", "cpu_seconds", "cpu_vs_1x", "peak_rss_mb", "rss_growth_mb", "load"]))
     result: dict = {"config": vars(args), "dataset_rows": rows}
     if args.workers:
         walls = worker_scaling([int(w) for w in args.workers.split(",")], args.repeats)
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         result.update(worker_rows=worker_rows, worker_seconds=walls)
     loads.append(load_average()[0])
     print(f"load average {min(loads):.2f}-{max(loads):.2f}")
-    path = write_result("scaling", {**result, "load_average_range": [min(loads), max(loads)]})
+    path = write_result(args.output, {**result, "load_average_range": [min(loads), max(loads)]})
     print(f"wrote {path}")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .common import StepClock, quiet_transformers  # noqa: F401
+from .common import StepClock, quiet_transformers
 
 
 def require_trl():
