@@ -89,9 +89,17 @@ def dry_run_plan(config) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from dpo_bench.configs import ConfigError
 
+    api = None
+    if not args.no_prefect and not args.dry_run:
+        offline_environment()
+        from pipelines.local_api import start_temporary_api
+
+        api = start_temporary_api()  # Prefect's temporary server starts while torch imports below
     try:
         config = resolve_config(args)
     except ConfigError as e:
+        if api is not None:
+            api.stop()
         print(f"dpo-bench: config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -112,16 +120,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             on_stage=lambda m: print(f"dpo-bench: {m}", file=sys.stderr), results_db=args.results_db,
         )
     else:
-        offline_environment()
         from pipelines.benchmark import benchmark_flow, task_runner_for
+        from pipelines.local_api import flow_settings
 
         runner = task_runner_for(args.workers, args.dask_address)
         flow = benchmark_flow.with_options(task_runner=runner) if runner else benchmark_flow
-        run_dir = Path(flow(
-            config=config.to_dict(), reports_dir=str(args.reports_dir), run_id=args.run_id,
-            cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, parallel=runner is not None,
-            results_db=args.results_db,
-        ))
+        with flow_settings(api):
+            run_dir = Path(flow(
+                config=config.to_dict(), reports_dir=str(args.reports_dir), run_id=args.run_id,
+                cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, parallel=runner is not None,
+                results_db=args.results_db,
+            ))
     print(f"dpo-bench: report written to {run_dir / 'report.html'} and {run_dir / 'report.md'}")
     return 0
 
@@ -413,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning: with two cores shared by a server, Dask workers or
+    # other jobs, spinning made a DPO step 3.4x slower than one thread (benchmarks/RESULTS.md). Set
+    # before torch is imported, which every subcommand does lazily.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     args = build_parser().parse_args(argv)
