@@ -87,7 +87,7 @@ def task_runner_for(workers: int, dask_address: str | None) -> Any:
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
 
 
-@flow(name="dpo-bench", log_prints=True)
+@flow(name="dpo-bench")
 def benchmark_flow(
     config: dict,
     reports_dir: str = "reports",

@@ -1,6 +1,6 @@
 """The grid on a real local Dask cluster of two worker processes (`dpo-bench run --workers 2`):
-the cells run in the workers, each with its torch threads pinned, and the metrics equal those of
-the same config run in-process, exactly."""
+the cells run in the workers, each with its torch threads pinned, the workers report to the run's
+one Prefect server, and the metrics equal those of the same config run in-process, exactly."""
 
 from __future__ import annotations
 
@@ -29,10 +29,17 @@ def _markers(cache: Path, stage: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((cache / stage).glob("*/_complete.json"))]
 
 
-def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, prefect_harness, restore_torch_threads):
+def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd, prefect_harness, restore_torch_threads):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     reports = tmp_path / "dask"
-    assert main(["run", "--task", "bandit", "--preset", "quick", "--workers", "2", "--reports-dir", str(reports),
-                 "--run-id", "dask", "--quiet"]) == 0
+    # As a user runs it, with no Prefect API configured: one temporary server for the flow and its
+    # workers (here the session's test server, which Prefect registers as the temporary one).
+    # Each worker process once started a server of its own.
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert main(["run", "--task", "bandit", "--preset", "quick", "--workers", "2", "--reports-dir", str(reports),
+                     "--run-id", "dask", "--quiet"]) == 0
+    assert capfd.readouterr().err.count("Starting temporary server") <= 1
     record = json.loads((reports / "dask" / "run.json").read_text())
     assert record["status"] == "completed" and record["orchestrator"] == "prefect"
     # Two workers on this machine's cores: each gets its share of torch threads.

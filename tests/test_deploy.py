@@ -165,7 +165,7 @@ def test_deploy_registers_on_a_work_pool(server, client, tmp_path):
     assert dep.entrypoint == "pipelines/benchmark.py:benchmark_flow"
 
 
-def test_serve_without_an_api_explains_what_to_start(tmp_path, capsys, monkeypatch):
+def test_serve_without_an_api_explains_what_to_start(tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: None}):

@@ -104,19 +104,24 @@ def matched_kl(configs: pd.DataFrame, reward: RewardScale = GOLD) -> list[Findin
 
 def reward_model(data: RunData) -> list[Finding]:
     rm = data.metrics[data.metrics["method"] == "reward_model"]
+    # Reward models at other label temperatures answer a reading-notes question; the headline is
+    # about the one the methods used (labels at the run's own temperature, rows first in the file).
+    label_t = ((data.run.get("config") or {}).get("preferences") or {}).get("label_temperature")
+    if label_t is not None and (rm["temperature"] == label_t).any():
+        rm = rm[(rm["temperature"] == label_t) | (rm["metric"] == "rm_calibration")]
     acc = rm[rm["metric"] == "rm_accuracy"]
     if acc.empty:
         return []
-    a = acc.sort_values("step").iloc[-1]
+    a = acc.iloc[0]
     text = f"The reward model's held-out pairwise accuracy is {fmt.pm(a['value'], a['stderr'])}"
     ceiling = rm[rm["metric"] == "rm_bayes_ceiling"]
-    if not ceiling.empty and fmt.finite(ceiling["value"].iloc[-1]):
-        ceil = float(ceiling["value"].iloc[-1])
+    if not ceiling.empty and fmt.finite(ceiling["value"].iloc[0]):
+        ceil = float(ceiling["value"].iloc[0])
         text += (f" against a Bayes ceiling of {fmt.num(ceil)} "
                  f"(gap {fmt.num(ceil - float(a['value']))})")
     train = rm[rm["metric"] == "rm_train_accuracy"]
-    if not train.empty and fmt.finite(train["value"].iloc[-1]):
-        text += f"; train accuracy {fmt.num(train['value'].iloc[-1])}"
+    if not train.empty and fmt.finite(train["value"].iloc[0]):
+        text += f"; train accuracy {fmt.num(train['value'].iloc[0])}"
     return [Finding(text + ".")]
 
 

@@ -143,18 +143,6 @@ def _same_beta(betas: pd.Series, beta: float) -> pd.Series:
     return np.isclose(betas.to_numpy(dtype=float), float(beta), rtol=0, atol=1e-12)
 
 
-def read_history(run_dir: Path) -> pd.DataFrame | None:
-    """``history.parquet`` of a run directory, or None for runs written before it existed."""
-    path = Path(run_dir) / "history.parquet"
-    if not path.is_file():
-        return None
-    frame = pd.read_parquet(path)
-    for col, default in (("current", False), ("same_config", True), ("started_at", "")):
-        if col not in frame.columns:
-            frame[col] = default
-    return frame
-
-
 _METRIC_NAMES = {"gold_reward": "gold reward", "kl": "KL [nats]", "win_rate": "win rate vs SFT",
                  "fluency": "fluency", "proxy_reward": "proxy reward"}
 
