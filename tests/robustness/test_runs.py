@@ -91,3 +91,31 @@ def test_checkpoints_are_never_unpickled(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle, as a stranger's checkpoint may be
     with pytest.raises(OSError, match="safetensors|model.safetensors"):
         load_policy(tmp_path)
+
+
+def test_from_run_repeats_the_resolved_config(tmp_path):
+    import argparse
+
+    from pipelines.cli import resolve_config
+
+    config = load_config("quick", overrides={"seed": 5, "sft": {"steps": 7}})
+    (tmp_path / "run.json").write_text(json.dumps({"config": config.to_dict()}))
+    args = argparse.Namespace(from_run=str(tmp_path), preset=None, config=None, seed=None, device=None, task=None,
+                              threads=None, methods=None)
+    assert resolve_config(args) == config
+
+
+def test_adding_a_method_does_not_change_another_methods_numbers(tmp_path):
+    grid = [{"method": "dpo", "values": [0.5], "config": {"steps": 30}}]
+    alone = load_config("quick", overrides={"task": "bandit", "grid": grid})
+    more = load_config("quick", overrides={"task": "bandit", "grid": [{"method": "ipo", "values": [0.5]}] + grid})
+    a = run_benchmark(alone, tmp_path / "a", run_id="a", use_cache=False, progress=False)
+    b = run_benchmark(more, tmp_path / "b", run_id="b", use_cache=False, progress=False)
+
+    def dpo_rows(run_dir):
+        m = pd.read_parquet(run_dir / "metrics.parquet")
+        # Head-to-head rows compare with the other methods, so they differ by design.
+        m = m[(m["method"] == "dpo") & ~m["metric"].str.startswith("h2h/")]
+        return m.drop(columns="run_id").reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(dpo_rows(a), dpo_rows(b))
