@@ -22,6 +22,7 @@ from .methods.sft import SFTConfig
 from .invariance import ChecksConfig
 from .policy_eval import EvalConfig
 from .preferences import PreferenceConfig
+from .presets import preset_names
 from .tasks import TASK_CONFIGS
 
 
@@ -206,10 +207,6 @@ def merge(base: dict, override: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("dpo_bench.presets").iterdir() if p.name.endswith(".toml"))
 
 
 def preset_data(name: str) -> dict:

@@ -314,4 +314,7 @@ def record_run(run_dir: str | Path, url: str) -> str | None:
     except StoreError as e:
         log.warning("results store: %s", e)
         return str(e)
+    except Exception as e:  # noqa: BLE001 — a bug here must not lose a finished run's files either
+        log.exception("results store: recording the run failed")
+        return f"{type(e).__name__}: {e}"
     return None

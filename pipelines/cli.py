@@ -88,11 +88,19 @@ def dry_run_plan(config) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    api = None
+    if not args.no_prefect and not args.dry_run:
+        offline_environment()
+        from pipelines.local_api import start_temporary_api
+
+        api = start_temporary_api()  # starts while torch, the config and the flow's modules load
     from dpo_bench.configs import ConfigError
 
     try:
         config = resolve_config(args)
     except ConfigError as e:
+        if api is not None:
+            api.stop()
         print(f"dpo-bench: config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -113,11 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             on_stage=lambda m: print(f"dpo-bench: {m}", file=sys.stderr), results_db=args.results_db,
         )
     else:
-        offline_environment()
-        from pipelines.local_api import flow_settings, start_temporary_api
-
-        api = start_temporary_api()  # starts while the flow's modules import
         from pipelines.benchmark import benchmark_flow, task_runner_for
+        from pipelines.local_api import flow_settings
 
         runner = task_runner_for(args.workers, args.dask_address)
         flow = benchmark_flow.with_options(task_runner=runner) if runner else benchmark_flow
@@ -300,7 +305,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    from dpo_bench.bench import preset_names
+    from dpo_bench.presets import preset_names
 
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="a named configuration shipped with dpo-bench (default: 'default' unless --config is given)")

@@ -1,13 +1,14 @@
 """Prefect's temporary API server, started by ``dpo-bench run`` itself.
 
 Without ``PREFECT_API_URL`` a flow's first API call starts a temporary local server (a uvicorn
-subprocess on Prefect's SQLite database in ``PREFECT_HOME``; 5-7 s on 2 cores). ``dpo-bench run``
-starts that same server (Prefect keeps one per process) in a background thread while the flow's
-modules import, and runs the flow with ``PREFECT_API_URL`` set to it, so that Dask workers (which
-receive the flow's settings with each task) report to it too: left to Prefect's ephemeral mode,
-every worker process started a temporary server of its own on the same SQLite database. With
-nobody watching a temporary server for crashed runs, flow heartbeats are turned off (their thread
-otherwise holds the end of every flow for up to a second).
+subprocess on Prefect's SQLite database in ``PREFECT_HOME``; 4-7 s on 2 cores). ``dpo-bench run``
+starts that same server (Prefect keeps one per process) in a background thread before it loads
+torch, the config and the flow's modules, so that the two overlap. The flow then runs with
+``PREFECT_API_URL`` set to it, so Dask workers (which receive the flow's settings with each task)
+report to it too: left to Prefect's ephemeral mode, every worker process started a temporary
+server of its own on the same SQLite database. With nobody watching a temporary server for
+crashed runs, flow heartbeats are turned off (their thread otherwise holds the end of every flow
+for up to a second).
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ class TemporaryAPI:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+    def stop(self) -> None:
+        """End a server that never served (the run stopped before its flow) without waiting for it.
+
+        Killed, not terminated: a uvicorn still starting up ignored SIGTERM for Prefect's 5 s grace.
+        """
+        process = self.server.server_process
+        if process is not None:
+            process.kill()
+        with contextlib.suppress(Exception):
+            self.server.stop()
 
 
 def start_temporary_api() -> TemporaryAPI | None:
