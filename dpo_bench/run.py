@@ -253,6 +253,19 @@ def finish_run(
     return build_report(run_dir)
 
 
+def start_run(
+    config: BenchConfig, reports_dir: Path | str, run_id: str | None, cache_dir: Path | str | None,
+    use_cache: bool, progress: bool,
+) -> tuple[Bench, Path, str, float, str]:
+    """What every run does first, in-process or as a flow: check the reports directory is writable,
+    name the run, set up its stage cache and start its clocks."""
+    reports_dir = Path(reports_dir)
+    check_writable(reports_dir)
+    run_id = run_id or new_run_id(config.preset)
+    bench = Bench(config, Path(cache_dir) if cache_dir else reports_dir / ".cache", use_cache=use_cache, progress=progress)
+    return bench, reports_dir / run_id, run_id, time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def run_benchmark(
     config: BenchConfig,
     reports_dir: Path,
@@ -267,12 +280,7 @@ def run_benchmark(
 
     ``results_db``: the results store's SQLAlchemy URL (default: ``reports_dir/results.db``).
     """
-    reports_dir = Path(reports_dir)
-    check_writable(reports_dir)
-    run_id = run_id or new_run_id(config.preset)
-    run_dir = reports_dir / run_id
-    bench = Bench(config, Path(cache_dir) if cache_dir else reports_dir / ".cache", use_cache=use_cache, progress=progress)
-    started, started_at = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    bench, run_dir, run_id, started, started_at = start_run(config, reports_dir, run_id, cache_dir, use_cache, progress)
     timings = Timings()
     say = on_stage or (lambda _msg: None)
     with RunLock(run_dir):

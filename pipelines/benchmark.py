@@ -8,8 +8,6 @@ cluster (``--workers N`` or ``--dask-address``).
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
-from dpo_bench.run import RunLock, Timings, check_writable, finish_run, new_run_id, upstream_for
+from dpo_bench.run import RunLock, Timings, finish_run, start_run, upstream_for
 from dpo_bench.stages import (
     Bench, Stage, Upstream, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, train_rm, train_sft,
 )
@@ -105,12 +103,7 @@ def benchmark_flow(
     """
     bench_config: BenchConfig = from_dict_config(config)
     logger = get_run_logger()
-    reports = Path(reports_dir)
-    check_writable(reports)
-    run_id = run_id or new_run_id(bench_config.preset)
-    run_dir = reports / run_id
-    bench = Bench(bench_config, Path(cache_dir) if cache_dir else reports / ".cache", use_cache=use_cache, progress=progress)
-    started, started_at = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    bench, run_dir, run_id, started, started_at = start_run(bench_config, reports_dir, run_id, cache_dir, use_cache, progress)
     timings = Timings()
     with RunLock(run_dir):
         logger.info("run %s: task %s, %d cells, cache %s", run_id, bench_config.task, len(bench_config.cells()), bench.cache_dir)
