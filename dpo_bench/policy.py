@@ -84,6 +84,9 @@ def build_gpt2(spec: GPT2Spec, tokenizer, seed: int) -> nn.Module:
         n_embd=spec.n_embd,
         n_layer=spec.n_layer,
         n_head=spec.n_head,
+        # GPT-2's tanh-approximate GELU as one fused kernel: the same function as "gelu_new" (to
+        # float rounding), which runs as four element-wise kernels (~14% of a DPO step on a CPU).
+        activation_function="gelu_pytorch_tanh",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,

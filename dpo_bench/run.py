@@ -181,6 +181,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def invariance_checks(bench: Bench, stages: dict[str, Stage | None], cells: list[tuple[Cell, Stage]]) -> pd.DataFrame:
+    """The invariance checks, cached like a stage on every stage they read and the run's config
+    (a cached run then need not load models to check them again)."""
+    key = {
+        "config": {k: v for k, v in to_dict(bench.config).items() if k not in ("threads", "device", "preset")},
+        "stages": {name: s.key for name, s in stages.items() if s is not None},
+        "cells": [s.key for _, s in cells],
+    }
+    stage = bench.run_stage("invariance", key, lambda out: write_parquet(run_invariance_checks(bench, stages, cells),
+                                                                          out / "invariance.parquet"))
+    return pd.read_parquet(stage.path / "invariance.parquet")
+
+
 def finish_run(
     bench: Bench, run_dir: Path, run_id: str, stages: dict[str, Stage | None], cells: list[tuple[Cell, Stage]],
     timings: Timings, started: float, started_at: str, extra: dict | None = None, results_db: str | None = None,
@@ -214,7 +227,7 @@ def finish_run(
     sample_frame = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame()
     write_parquet(sample_frame, run_dir / "samples.parquet")
 
-    invariance = run_invariance_checks(bench, stages, cells)
+    invariance = invariance_checks(bench, stages, cells)
     write_parquet(invariance, run_dir / "invariance.parquet")
 
     fingerprints = dict(getattr(bench.task(stages["task"]), "fingerprints", {}))

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ import torch
 
 from reward.bradley_terry import bayes_ceiling, pairwise_accuracy
 from reward.model import RewardModel
-from reward.train import PairTensors, evaluate_reward_model, train_reward_model
+from reward.train import PairTensors, evaluate_reward_model, minibatches, train_reward_model
 
 from .bench import BenchConfig, Cell
 from .configs import from_dict, to_dict
@@ -91,6 +92,36 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Delete the temporary build directories of ``path``'s stage left by killed processes of this host."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-{_HOST}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_PROCESS_MEMO: dict[str, dict] = {}
+
+
+def _process_memo(scope: str) -> dict:
+    if scope not in _PROCESS_MEMO:
+        _PROCESS_MEMO.clear()  # a worker holds one run's models at a time
+    return _PROCESS_MEMO.setdefault(scope, {})
+
+
 @dataclass
 class Bench:
     """A resolved config plus where stages are cached: everything a stage function needs.
@@ -108,6 +139,13 @@ class Bench:
         state = dict(self.__dict__)
         state["_memo"] = {}
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # A Dask worker unpickles a Bench for every cell it runs: one memo per process and cache
+        # lets the task, reference and reward model load once per worker, not once per cell.
+        # Memo keys are content-addressed stage keys, so sharing them across cells is safe.
+        self._memo = _process_memo(f"{Path(self.cache_dir).resolve()}|{self.config.device}")
 
     @cached_property
     def version(self) -> str:
@@ -129,7 +167,8 @@ class Bench:
             return Stage(name, key, path, cached=True)
         self.setup_threads()
         start = time.perf_counter()
-        tmp = path.with_name(f".{key}.tmp-{os.getpid()}")
+        _remove_stale_builds(path)
+        tmp = path.with_name(f".{key}.tmp-{_HOST}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         build(tmp)
@@ -138,8 +177,14 @@ class Bench:
         write_json(tmp / "_complete.json", {"stage": name, "key": key, "seconds": seconds, "key_data": key_data,
                                             "pid": os.getpid(), "torch_threads": torch.get_num_threads()})
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            # Another process built the same stage meanwhile (same key, same content): keep theirs.
+            if not (path / "_complete.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
         return Stage(name, key, path, cached=False, seconds=seconds)
 
     def memo(self, key: str, load: Callable[[], Any]) -> Any:
@@ -338,14 +383,18 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
         for p in model.parameters():
             p.requires_grad_(True)
         train_log = TrainLog()
+        train_pairs = pairs(train)
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.maximum(train_pairs.chosen_mask.sum(1), train_pairs.rejected_mask.sum(1))
+        rm_config = config.reward_model
         train_reward_model(
-            model, pairs(train), config.reward_model, pad_id=task.pad_id, generator=torch.Generator().manual_seed(seed),
-            log=train_log.log, progress=bench.progress,
+            model, train_pairs, rm_config, pad_id=task.pad_id, generator=generator, log=train_log.log, progress=bench.progress,
+            batches=minibatches(len(train_pairs), rm_config.batch_size, generator, lengths if rm_config.group_by_length else None),
         )
         save_module(model, out / "reward_model.safetensors")
         rows = _train_rows(train_log, "reward_model", float("nan"), 0)
         metric_rows = []
-        tr_w, tr_l = evaluate_reward_model(model, pairs(train), task.pad_id)
+        tr_w, tr_l = evaluate_reward_model(model, train_pairs, task.pad_id)
         metric_rows.append(_accuracy_row("rm_train_accuracy", tr_w, tr_l))
         if len(heldout):
             r_w, r_l = evaluate_reward_model(model, pairs(heldout), task.pad_id)
@@ -590,24 +639,33 @@ def sample_completions(task, model, prompts: list[str], generator: torch.Generat
 
 
 def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
-    """Three PPO runs with the same seed schedule against r, r + f(x) and r + f(x) + g(x, y) = f(x) + 3r;
-    each evaluated on the eval prompts. Cached like every stage."""
+    stage = check_stage(bench, stages, "lemma2 PPO")
+    return {v: pd.read_parquet(stage.path / f"{v}.parquet") for v in LEMMA2_VARIANTS}
+
+
+LEMMA2_VARIANTS = ("r", "r+f", "r+g")
+
+
+def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
+    """Three PPO runs with the same seed schedule against r, r + f(x) and r + f(x) + g(x, y) = f(x) + c·r
+    (f: N(0, 1) per prompt, c: ``checks.lemma2_control_scale``); each evaluated on the eval prompts."""
     from .invariance import prompt_shift
 
     config = bench.config
     seed = derive_seed(config.seed, "lemma2_ppo")
-    variants = ("r", "r+f", "r+g")
+    variants = LEMMA2_VARIANTS
 
     def build(out: Path) -> None:
         task, reference = bench.task(stages["task"]), bench.reference(stages["sft"])
         method = get_method("ppo_gt")
-        ppo_config = method.make_config({"iterations": config.checks.lemma2_iterations}, config.checks.lemma2_kl_coef)
+        checks = config.checks
+        ppo_config = method.make_config({"iterations": checks.lemma2_iterations, "lr": checks.lemma2_lr}, checks.lemma2_kl_coef)
         ref_samples = load_reference_samples(stages["ref_eval"], 1.0)
         for variant in variants:
             def scores(prompts, completions, _variant=variant):
                 r = task.gold.score(prompts, completions)
                 f = prompt_shift(prompts, config.seed)
-                return {"r": r, "r+f": r + f, "r+g": f + 3 * r}[_variant]
+                return {"r": r, "r+f": r + f, "r+g": f + checks.lemma2_control_scale * r}[_variant]
 
             ctx = MethodContext(
                 task=task, reference=reference, device=bench.device, seed=seed, generator=seed_everything(seed),
@@ -619,9 +677,8 @@ def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
                                          reference_samples=ref_samples, generator=torch.Generator().manual_seed(seed))
             write_parquet(samples, out / f"{variant}.parquet")
 
-    stage = bench.run_stage("lemma2_ppo", {"sft": stages["sft"].key, "ref_eval": stages["ref_eval"].key,
-                                           "checks": to_dict(config.checks), "seed": seed}, build)
-    return {v: pd.read_parquet(stage.path / f"{v}.parquet") for v in variants}
+    return bench.run_stage("lemma2_ppo", {"sft": stages["sft"].key, "ref_eval": stages["ref_eval"].key,
+                                          "checks": to_dict(config.checks), "seed": seed}, build)
 
 
 def label_temperature_rms(bench: Bench, stages: dict) -> pd.DataFrame:
@@ -629,10 +686,36 @@ def label_temperature_rms(bench: Bench, stages: dict) -> pd.DataFrame:
     against the Bayes ceiling at that temperature (noisy labels cap any model)."""
     frames = []
     for t in bench.config.checks.label_temperatures:
-        preferences = replace(bench.config.preferences, label_temperature=float(t))
-        variant = Bench(replace(bench.config, preferences=preferences), bench.cache_dir, bench.use_cache, bench.progress, bench._memo)
-        prefs = build_preferences(variant, stages["task"], stages["sft"])
-        rm = train_rm(variant, stages["task"], stages["sft"], prefs)
-        rows = pd.read_parquet(rm.path / "metrics.parquet")
+        rows = pd.read_parquet(check_stage(bench, stages, f"reward model T={t:g}").path / "metrics.parquet")
         frames.append(rows[rows["metric"].isin(["rm_accuracy", "rm_bayes_ceiling", "rm_train_accuracy"])])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS[2:])
+
+
+def label_temperature_rm(bench: Bench, stages: dict, temperature: float) -> Stage:
+    """The reward model trained on preference labels drawn at Bradley-Terry ``temperature``."""
+    preferences = replace(bench.config.preferences, label_temperature=float(temperature))
+    variant = Bench(replace(bench.config, preferences=preferences), bench.cache_dir, bench.use_cache, bench.progress, bench._memo)
+    return train_rm(variant, stages["task"], stages["sft"], build_preferences(variant, stages["task"], stages["sft"]))
+
+
+def check_jobs(bench: Bench, stages: dict) -> list[str]:
+    """The empirical checks' own stages, longest first. A parallel run computes them on the task
+    runner beside the grid; the report then reads them from the store."""
+    config = bench.config
+    jobs = [f"reward model T={t:g}" for t in config.checks.label_temperatures]
+    task = bench.task(stages["task"])
+    if config.checks.empirical and not task.exact and task.has_gold:
+        jobs.insert(0, "lemma2 PPO")
+    return jobs
+
+
+def check_stage(bench: Bench, stages: dict, job: str) -> Stage:
+    """A check's stage: the one this run already built (``stages["check:<job>"]``, e.g. on a Dask
+    worker, so that ``--no-cache`` does not build it twice), or built now."""
+    return stages.get(f"check:{job}") or run_check_job(bench, stages, job)
+
+
+def run_check_job(bench: Bench, stages: dict, job: str) -> Stage:
+    if job == "lemma2 PPO":
+        return lemma2_ppo_stage(bench, stages)
+    return label_temperature_rm(bench, stages, float(job.removeprefix("reward model T=")))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from reward.train import minibatches  # noqa: F401 — shared with the reward model's loop
 
 from .configs import field as cfield
 from .configs import non_negative, positive
@@ -55,17 +57,6 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled index batches over ``n`` items, reshuffled every epoch."""
-    if n == 0:
-        raise ValueError("no training examples")
-    batch_size = min(batch_size, n)
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
-
-
 def checkpoint_steps(total: int, n_checkpoints: int) -> list[int]:
     """``n_checkpoints`` evenly spaced steps ending at ``total`` (step 0, the start, is the reference)."""
     n = max(1, min(n_checkpoints, total))
@@ -82,6 +73,7 @@ class OptimConfig:
     lr: float = cfield(5e-5, "peak learning rate (AdamW)")
     warmup_steps: int = cfield(20, "linear warm-up steps")
     accumulation_steps: int = cfield(1, "split each step's batch into this many micro-batches (gradient accumulation)")
+    group_by_length: bool = cfield(True, "batch items of similar length together: less padding, faster steps (transformers' group_by_length)")
 
     def __post_init__(self) -> None:
         positive("steps", self.steps)
@@ -108,18 +100,20 @@ def optimise(
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
     log_every: int = 1,
+    lengths: torch.Tensor | None = None,
 ) -> nn.Module:
     """The loop every method with a loss shares: minibatch indices → ``loss_fn(idx)`` → AdamW step.
 
     ``loss_fn`` returns the mean loss and extra metrics to log (as ``train/<name>``); a non-finite
     loss stops the run with :class:`NonFiniteLossError`; the model is evaluated through
-    ``checkpoint`` at ``n_checkpoints`` evenly spaced steps, the last one included.
+    ``checkpoint`` at ``n_checkpoints`` evenly spaced steps, the last one included. ``lengths``
+    (tokens per item) buckets the batches by length (:func:`minibatches`).
     """
     model.train()
     optimizer = make_optimizer(model, config.lr, weight_decay)
     schedule = warmup_schedule(optimizer, config.warmup_steps)
     evals = set(checkpoint_steps(config.steps, n_checkpoints)) if checkpoint and n_checkpoints else set()
-    batches = minibatches(n_items, config.batch_size, generator)
+    batches = minibatches(n_items, config.batch_size, generator, lengths if config.group_by_length else None)
     for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
         idx = next(batches)
         optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ cluster (``--workers N`` or ``--dask-address``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from prefect.cache_policies import NONE
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
 from dpo_bench.run import RunLock, Timings, finish_run, start_run, upstream_for
 from dpo_bench.stages import (
-    Bench, Stage, Upstream, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, train_rm, train_sft,
+    Bench, Stage, Upstream, build_preferences, check_jobs, prepare_task, reference_eval, reference_logps, run_check_job, run_cell,
+    train_rm, train_sft,
 )
 
 
@@ -68,6 +70,11 @@ def cell_task(bench: Bench, cell: Cell, upstream: Upstream, label: str) -> Stage
     return _logged(run_cell(bench, cell, upstream), label)
 
 
+@task(name="check", task_run_name="check[{job}]", cache_policy=NONE)
+def check_task(bench: Bench, stages: dict, job: str) -> Stage:
+    return _logged(run_check_job(bench, stages, job), job)
+
+
 @task(name="report", cache_policy=NONE)
 def report_task(bench: Bench, run_dir: Path, run_id: str, stages: dict, cells: list, timings: Timings,
                 started: float, started_at: str, extra: dict, results_db: str | None) -> dict:
@@ -95,11 +102,14 @@ def benchmark_flow(
     progress: bool = True,
     parallel: bool = False,
     results_db: str | None = None,
+    worker_threads: int = 0,
 ) -> str:
     """SFT → preferences → reward model → every method of the grid → evaluation → report.
 
     The run appends to the results store ``results_db`` (a SQLAlchemy URL; default
     ``<reports_dir>/results.db``) and its report compares it with the previous runs of its preset.
+    With ``parallel``, cells and checks go to the task runner at once, each running with
+    ``worker_threads`` torch threads (0: the config's); the stages before them run here.
     """
     bench_config: BenchConfig = from_dict_config(config)
     logger = get_run_logger()
@@ -119,8 +129,14 @@ def benchmark_flow(
         stages["reward_model"] = timings.record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
         cells = bench_config.cells()
         if parallel:
-            futures = [cell_task.submit(bench, cell, upstream_for(cell, stages), cell.label) for cell in cells]
+            # The checks' own stages (PPO runs, reward models) are long: submitted first, beside the grid.
+            # Threads are in no cache key: pinning them changes where cells run, not what they compute.
+            worker = replace(bench, config=replace(bench_config, threads=worker_threads)) if worker_threads else bench
+            jobs = check_jobs(bench, stages)
+            check_futures = [check_task.submit(worker, stages, job) for job in jobs]
+            futures = [cell_task.submit(worker, cell, upstream_for(cell, stages), cell.label) for cell in cells]
             done = [(cell, timings.record(f.result(), cell.label)) for cell, f in zip(cells, futures)]
+            stages.update({f"check:{job}": timings.record(f.result(), job) for job, f in zip(jobs, check_futures)})
         else:
             # One cell at a time: torch already uses every core, and threads would share its RNG state.
             done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label)) for cell in cells]

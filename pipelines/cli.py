@@ -53,6 +53,24 @@ def resolve_config(args: argparse.Namespace):
     return config.with_methods(methods) if methods else config
 
 
+def resolve_workers(requested: int | None, config) -> int:
+    """``--workers``, or by default one Dask worker per core for a grid on a multi-core CPU: small
+    models use two cores better as two processes of one thread than as one process of two
+    (benchmarks/RESULTS.md); a short grid, or the exact task's table policies, do not repay
+    starting the workers."""
+    if requested is not None:
+        if requested < 0:
+            raise SystemExit(f"dpo-bench: --workers must be >= 0, got {requested}")
+        return requested
+    from dpo_bench.policy import resolve_device
+    from dpo_bench.tasks import get_task_class
+
+    cores, cells = os.cpu_count() or 1, len(config.cells())
+    if resolve_device(config.device).type != "cpu" or get_task_class(config.task).exact or cores < 2 or cells < 4:
+        return 0
+    return min(cores, cells)
+
+
 def dry_run_plan(config) -> str:
     """What `run` would do: where it runs, what it would download, its stages and cells."""
     from dpo_bench.configs import to_dict
@@ -106,12 +124,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run_plan(config))
         return 0
-    if (args.workers or args.dask_address) and not config.threads:
-        from dataclasses import replace
-
-        # N worker processes share the cores: one torch thread pool per worker, no oversubscription.
-        config = replace(config, threads=max(1, (os.cpu_count() or 1) // max(1, args.workers or 1)))
-    print(f"dpo-bench: {config.task} task, preset {config.preset}, {len(config.cells())} cells", file=sys.stderr)
+    workers = 0 if args.no_prefect or args.dask_address else resolve_workers(args.workers, config)
+    # N local worker processes share the cores: each cell runs with its share of torch threads, no
+    # oversubscription; the stages before the grid run in this process on every core.
+    worker_threads = config.threads or (max(1, (os.cpu_count() or 1) // workers) if workers else 0)
+    where = f", on {workers} Dask workers x {worker_threads} torch threads" if workers else ""
+    print(f"dpo-bench: {config.task} task, preset {config.preset}, {len(config.cells())} cells{where}", file=sys.stderr)
     if args.no_prefect:
         from dpo_bench.run import run_benchmark
 
@@ -124,13 +142,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from pipelines.benchmark import benchmark_flow, task_runner_for
         from pipelines.local_api import flow_settings
 
-        runner = task_runner_for(args.workers, args.dask_address)
+        runner = task_runner_for(workers, args.dask_address)
         flow = benchmark_flow.with_options(task_runner=runner) if runner else benchmark_flow
         with flow_settings(api):
             run_dir = Path(flow(
                 config=config.to_dict(), reports_dir=str(args.reports_dir), run_id=args.run_id,
                 cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, parallel=runner is not None,
-                results_db=args.results_db,
+                results_db=args.results_db, worker_threads=worker_threads,
             ))
     print(f"dpo-bench: report written to {run_dir / 'report.html'} and {run_dir / 'report.md'}")
     return 0
@@ -352,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="name of the run directory (default: <date>-<time>-<preset>)")
     run.add_argument("--cache-dir", help="stage cache (default: <reports-dir>/.cache); shown in run.json")
     run.add_argument("--no-cache", action="store_true", help="recompute every stage, ignoring (and refreshing) the cache")
-    run.add_argument("--workers", type=int, default=0, help="run grid cells on a local Dask cluster of N processes")
+    run.add_argument("--workers", type=int, help="run grid cells and the checks' PPO runs and reward models on a local Dask cluster of "
+                     "N processes, sharing the cores; 0 runs them one at a time in this process (default: one worker per "
+                     "CPU core when the device is a CPU with 2 or more cores and the grid has 4 or more cells of a model task, else 0)")
     run.add_argument("--dask-address", help="run grid cells on an existing Dask scheduler, e.g. tcp://host:8786")
     run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect (debugging)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -8,6 +8,7 @@ same class scores GPT-2 sequences and the bandit's tabular sequences.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -29,13 +30,16 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # The LM head's logits are not needed: a transformers model computes them for the last
+        # position only (a 50k-word vocabulary makes them the largest matmul of a small model).
+        self._trunk_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.trunk.forward).parameters else {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores of shape (B,)."""
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-            output_hidden_states=True, use_cache=False,
+            output_hidden_states=True, use_cache=False, **self._trunk_kwargs,
         )
         hidden = out.hidden_states[-1]
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]

@@ -194,3 +194,23 @@ def test_bayes_ceiling_is_reached_by_the_gold_reward():
 def test_pairwise_accuracy_ties_count_half():
     assert pairwise_accuracy(np.array([2.0, 1.0, 0.0, 3.0]), np.array([1.0, 1.0, 1.0, 0.0])) == pytest.approx(2.5 / 4)
     assert pairwise_accuracy(torch.tensor([1.0]), torch.tensor([0.0])) == 1.0
+
+
+def test_reward_model_scores_skip_the_lm_head_without_changing_them():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from reward.model import RewardModel
+
+    torch.manual_seed(0)
+    trunk = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    model = RewardModel(trunk).eval()
+    assert model._trunk_kwargs == {"logits_to_keep": 1}
+    torch.nn.init.normal_(model.head.weight)
+    ids = torch.randint(0, 50, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, :3] = 0  # left padding too
+    fast = model(ids, mask)
+    model._trunk_kwargs = {}
+    assert torch.equal(fast, model(ids, mask))

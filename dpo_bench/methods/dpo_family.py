@@ -95,10 +95,13 @@ def train_dpo_family(ctx: MethodContext, config: DPOConfig, spec: LossSpec) -> M
             margin = config.beta * ((chosen - ref_c) - (rejected - ref_r))
         return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
 
+    # An item's length is its longest completion's row: the one that sets the batch's padding.
+    items = ranked_batches if spec.listwise else [prefs.chosen, prefs.rejected]
+    lengths = torch.stack([b.attention_mask.sum(1) for b in items]).amax(0)
     optimise(
-        policy, config, loss_fn, n_items=len(ranked_batches[0]) if spec.listwise else len(prefs), generator=ctx.generator,
+        policy, config, loss_fn, n_items=len(lengths), generator=ctx.generator,
         log=ctx.log, label=ctx.label, progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
-        max_grad_norm=10.0,
+        max_grad_norm=10.0, lengths=lengths,
     )
     return ModelPolicy(policy, ctx.task)
 

@@ -65,6 +65,7 @@ def supervised_finetune(
     return optimise(
         model, config, loss_fn, n_items=len(prompts), generator=generator, log=log, label=label, progress=progress,
         checkpoint=checkpoint, n_checkpoints=n_checkpoints, weight_decay=config.weight_decay, log_every=10,
+        lengths=torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions)]),
     )
 
 

@@ -63,5 +63,6 @@ def train_unlikelihood(ctx: MethodContext, config: UnlikelihoodConfig) -> ModelP
     optimise(
         policy, config, loss_fn, n_items=len(prefs), generator=ctx.generator, log=ctx.log, label=ctx.label,
         progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
+        lengths=torch.maximum(prefs.chosen.attention_mask.sum(1), prefs.rejected.attention_mask.sum(1)),
     )
     return ModelPolicy(policy, ctx.task)

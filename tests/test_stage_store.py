@@ -1,0 +1,109 @@
+"""The stage store's mechanics: stale temporary builds of killed processes are removed, two
+processes finishing the same stage keep one, Dask workers share loaded models across cells, and
+length-grouped batches still visit every item once per epoch."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpo_bench.bench import load_config
+from dpo_bench.stages import _HOST, Bench
+from reward.train import minibatches
+
+
+def _bench(tmp_path) -> Bench:
+    return Bench(load_config("quick", overrides={"task": "bandit"}), tmp_path, progress=False)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_build_is_cleaned_up_and_a_live_one_is_not(tmp_path):
+    bench = _bench(tmp_path)
+    first = bench.run_stage("probe", {"x": 1}, lambda out: (out / "a.txt").write_text("1"))
+    stage_dir = first.path.parent
+    dead = stage_dir / f".{first.key}.tmp-{_HOST}-{_dead_pid()}"
+    alive = stage_dir / f".{first.key}.tmp-{_HOST}-{os.getppid()}"
+    other_host = stage_dir / f".{first.key}.tmp-otherhost-{_dead_pid()}"
+    for d in (dead, alive, other_host):
+        d.mkdir()
+        (d / "partial.bin").write_bytes(b"half")
+    bench.use_cache = False
+    again = bench.run_stage("probe", {"x": 1}, lambda out: (out / "a.txt").write_text("1"))
+    assert (again.path / "a.txt").read_text() == "1"
+    assert not dead.exists()
+    # A build still running here, or on another machine sharing the cache, is left alone.
+    assert alive.exists() and other_host.exists()
+
+
+def test_a_stage_finished_meanwhile_by_another_process_is_kept(tmp_path):
+    bench = _bench(tmp_path)
+
+    def build(out):
+        (out / "value.txt").write_text("ours")
+        # Another process completes the same stage while this one is still building.
+        target = out.parent / out.name.split(".tmp-")[0].lstrip(".")
+        target.mkdir()
+        (target / "value.txt").write_text("theirs")
+        (target / "sub").mkdir()
+        (target / "_complete.json").write_text("{}")
+
+    # ``run_stage`` removes an existing directory before its rename, as --no-cache does; a
+    # directory that reappears in between makes the rename fail, which must not fail the run.
+    import dpo_bench.stages as stages
+
+    real_rmtree = stages.shutil.rmtree
+    stages.shutil.rmtree = lambda path, ignore_errors=False: real_rmtree(path, ignore_errors) if ".tmp-" in path.name else None
+    try:
+        stage = bench.run_stage("race", {"x": 2}, build)
+    finally:
+        stages.shutil.rmtree = real_rmtree
+    assert (stage.path / "value.txt").read_text() == "theirs"
+    assert not list(stage.path.parent.glob(".*tmp-*"))
+
+
+def test_unpickled_benches_of_one_run_share_their_loaded_models(tmp_path):
+    bench = _bench(tmp_path)
+    a, b = pickle.loads(pickle.dumps(bench)), pickle.loads(pickle.dumps(bench))
+    loads = []
+    a.memo(("model", "k"), lambda: loads.append(1) or "loaded")
+    assert b.memo(("model", "k"), lambda: loads.append(1) or "again") == "loaded" and loads == [1]
+    # Another cache directory (another run's stages) does not see them.
+    other = pickle.loads(pickle.dumps(_bench(tmp_path / "other")))
+    assert other.memo(("model", "k"), lambda: "fresh") == "fresh"
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 400), batch_size=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_length_grouped_batches_visit_every_item_once_per_epoch(n, batch_size, seed):
+    lengths = torch.randint(1, 40, (n,), generator=torch.Generator().manual_seed(seed))
+    size = min(batch_size, n)
+    per_epoch = n // size
+    batches = minibatches(n, batch_size, torch.Generator().manual_seed(seed), lengths, window=4)
+    epoch = [next(batches) for _ in range(per_epoch)]
+    seen = torch.cat(epoch)
+    assert all(len(b) == size for b in epoch)
+    assert len(seen) == per_epoch * size and len(set(seen.tolist())) == len(seen)
+
+
+def test_length_grouping_cuts_padding():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 33, (6400,), generator=generator)
+
+    def padded_tokens(batches) -> int:
+        return sum(int(lengths[b].max()) * len(b) for b in (next(batches) for _ in range(100)))
+
+    plain = padded_tokens(minibatches(6400, 64, torch.Generator().manual_seed(1)))
+    grouped = padded_tokens(minibatches(6400, 64, torch.Generator().manual_seed(1), lengths))
+    assert grouped < 0.7 * plain
+    assert grouped >= int(lengths.sum())  # never fewer tokens than the data has
