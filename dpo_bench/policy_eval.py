@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,11 +77,14 @@ def evaluate_policy(
     generator: torch.Generator,
     temperature: float = 1.0,
     judge: Any = None,
+    only: Collection[str] | None = None,
 ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """Metric rows (``metric, value, stderr, ci_low, ci_high, n``) and the per-prompt samples.
 
     Completions are judged by ``judge`` (default: the task's gold scorer). Its scores are named
     ``task.reward_metric``: ``gold_reward`` for a gold scorer, ``judge_reward`` for a proxy.
+    ``only`` restricts the rows to these metrics and skips the forward passes the others need
+    (the log-probs for the KL, the reward model for the proxy reward).
     """
     prompts = task.eval_prompts
     prompt_ids = [task.encode_prompt(p) for p in prompts]
@@ -91,10 +94,17 @@ def evaluate_policy(
     gold = (judge if judge is not None else task.gold).score(prompts, completions)
     fluent = task.fluency(prompts, completions)
     lengths = np.array([len(c) for c in samples.completion_ids], dtype=float)
-    ref_logps = batched_sequence_logps(reference, samples.batch).numpy()
-    policy_logps = policy.sequence_logps(samples.batch)
-    policy_logps = np.full(len(prompts), np.nan) if policy_logps is None else policy_logps.numpy()
-    proxy = reward_model.score(samples.batch.input_ids, samples.batch.attention_mask).numpy() if reward_model is not None else np.full(len(prompts), np.nan)
+    wanted = (lambda metric: True) if only is None else (lambda metric: metric in only)  # noqa: E731
+    missing = np.full(len(prompts), np.nan)
+    ref_logps, policy_logps = missing, missing
+    if wanted("kl"):
+        ref_logps = batched_sequence_logps(reference, samples.batch).numpy()
+        policy_logps = policy.sequence_logps(samples.batch)
+        policy_logps = missing if policy_logps is None else policy_logps.numpy()
+    if reward_model is not None and wanted("proxy_reward"):
+        proxy = reward_model.score(samples.batch.input_ids, samples.batch.attention_mask).numpy()
+    else:
+        proxy, reward_model = missing, None
 
     rows = [
         _row(reward, estimate_from_samples(gold)),
@@ -106,13 +116,15 @@ def evaluate_policy(
     if reward_model is not None:
         rows.append(_row("proxy_reward", estimate_from_samples(proxy)))
     if temperature == 1.0:
-        analytic = policy.analytic_kl()
-        kl = exact_estimate(analytic, len(prompts)) if analytic is not None else sequence_kl(policy_logps, ref_logps)
-        rows.append(_row("kl", kl))
+        if wanted("kl"):
+            analytic = policy.analytic_kl()
+            kl = exact_estimate(analytic, len(prompts)) if analytic is not None else sequence_kl(policy_logps, ref_logps)
+            rows.append(_row("kl", kl))
         exact = task.exact_evaluation(policy, reference)
         if exact:
             # Closed forms replace the sampled estimates of the same quantities.
             rows = [r for r in rows if r["metric"] not in exact] + [_row(m, exact_estimate(v, len(prompts))) for m, v in exact.items()]
+    rows = [r for r in rows if wanted(r["metric"])]
     frame = pd.DataFrame({
         "prompt": prompts, "completion": completions, reward: gold, "proxy_reward": proxy,
         "policy_logp": policy_logps, "ref_logp": ref_logps, "fluent": fluent if fluent is not None else np.nan,

@@ -557,8 +557,9 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
                 metric_rows, _ = evaluate_policy(
                     policy, task=task, reference=reference, reward_model=reward_model, judge=judge,
                     reference_samples=judged_reference_samples(bench, up, task, judge, t), generator=eval_gen, temperature=t,
+                    only=("win_rate", task.reward_metric),
                 )
-                rows.extend({"step": final_step, "temperature": t, **r} for r in metric_rows if r["metric"] in ("win_rate", task.reward_metric))
+                rows.extend({"step": final_step, "temperature": t, **r} for r in metric_rows)
         except NonFiniteLossError as e:
             log.warning("%s failed: %s", cell.label, e)
             status = {"status": "failed", "error": str(e), "label": cell.label,
