@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Collection, Sequence
+from typing import Any, Collection
 
 import numpy as np
 import pandas as pd

@@ -616,19 +616,26 @@ def implicit_reward_data(bench: Bench, stages: dict, cell: Cell, stage: Stage) -
     policy = load_policy(stage.path / "policy", bench.device).eval()
     beta = cell.strength_value
     heldout = _pairs_frame(stages["preferences"], "heldout")
-
-    def implicit(batch: SequenceBatch) -> np.ndarray:
-        return (beta * (batched_sequence_logps(policy, batch) - batched_sequence_logps(reference, batch))).double().numpy()
-
-    chosen = implicit(_collate_texts(task, heldout["prompt"], heldout["chosen"]))
-    rejected = implicit(_collate_texts(task, heldout["prompt"], heldout["rejected"]))
     prompts = list(dict.fromkeys(heldout["prompt"]))
     k = config.checks.spearman_completions
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, "spearman"))
-    samples = sample_completions(task, reference, [p for p in prompts for _ in range(k)], generator)
-    gold = task.gold.score([p for p in prompts for _ in range(k)], samples["completions"])
+
+    def reference_side() -> dict:
+        """What every DPO cell shares: the held-out pairs and K reference samples per held-out prompt
+        (with their gold rewards), and the reference's log-probs of both (computed once per run)."""
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "spearman"))
+        samples = sample_completions(task, reference, [p for p in prompts for _ in range(k)], generator)
+        batches = {side: _collate_texts(task, heldout["prompt"], heldout[side]) for side in ("chosen", "rejected")}
+        batches["samples"] = samples["batch"]
+        return {"logps": {side: batched_sequence_logps(reference, b) for side, b in batches.items()}, "batches": batches,
+                "gold": task.gold.score([p for p in prompts for _ in range(k)], samples["completions"])}
+
+    ref = bench.memo(("implicit_reward_reference", stages["sft"].key, stages["preferences"].key, k, config.seed), reference_side)
+
+    def implicit(side: str) -> np.ndarray:
+        return (beta * (batched_sequence_logps(policy, ref["batches"][side]) - ref["logps"][side])).double().numpy()
+
     prompt_ids = np.repeat(np.arange(len(prompts)), k)
-    return chosen, rejected, prompt_ids, implicit(samples["batch"]), gold
+    return implicit("chosen"), implicit("rejected"), prompt_ids, implicit("samples"), ref["gold"]
 
 
 def sample_completions(task, model, prompts: list[str], generator: torch.Generator) -> dict:

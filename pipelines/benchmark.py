@@ -120,6 +120,15 @@ def benchmark_flow(
         stages: dict[str, Stage | None] = {"task": timings.record(prepare_task_task(bench))}
         stages["sft"] = timings.record(train_sft_task(bench, stages["task"]))
         stages["ref_eval"] = timings.record(reference_eval_task(bench, stages["task"], stages["sft"]))
+        # Threads are in no cache key: pinning them changes where cells run, not what they compute.
+        worker = replace(bench, config=replace(bench_config, threads=worker_threads)) if worker_threads else bench
+        jobs, check_futures = [], []
+        if parallel:
+            # The checks' own stages (PPO runs, reward models at other label temperatures) need only the
+            # SFT model: they start now, on the workers, while this process builds the preference data
+            # and the reward model.
+            jobs = check_jobs(bench, stages)
+            check_futures = [check_task.submit(worker, dict(stages), job) for job in jobs]
         stages["preferences"] = timings.record(preferences_task(bench, stages["task"], stages["sft"]))
         needs = bench_config.needs()
         stages["ref_logps"] = (
@@ -129,11 +138,6 @@ def benchmark_flow(
         stages["reward_model"] = timings.record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
         cells = bench_config.cells()
         if parallel:
-            # The checks' own stages (PPO runs, reward models) are long: submitted first, beside the grid.
-            # Threads are in no cache key: pinning them changes where cells run, not what they compute.
-            worker = replace(bench, config=replace(bench_config, threads=worker_threads)) if worker_threads else bench
-            jobs = check_jobs(bench, stages)
-            check_futures = [check_task.submit(worker, stages, job) for job in jobs]
             futures = [cell_task.submit(worker, cell, upstream_for(cell, stages), cell.label) for cell in cells]
             done = [(cell, timings.record(f.result(), cell.label)) for cell, f in zip(cells, futures)]
             stages.update({f"check:{job}": timings.record(f.result(), job) for job, f in zip(jobs, check_futures)})
