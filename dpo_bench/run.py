@@ -218,7 +218,8 @@ def finish_run(
             samples.append(pd.read_parquet(stage.path / "samples.parquet"))
         statuses[cell.label] = cell_status(stage)
     frames.append(label_temperature_rms(bench, stages))
-    frames.append(head_to_head(cells, frames, bench.task(stages["task"]).reward_metric))
+    task = bench.task_summary(stages["task"])
+    frames.append(head_to_head(cells, frames, task["reward_metric"]))
     metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
     metrics.insert(0, "task", config.task)
     metrics.insert(0, "run_id", run_id)
@@ -230,7 +231,7 @@ def finish_run(
     invariance = invariance_checks(bench, stages, cells)
     write_parquet(invariance, run_dir / "invariance.parquet")
 
-    fingerprints = dict(getattr(bench.task(stages["task"]), "fingerprints", {}))
+    fingerprints = dict(task["fingerprints"])
     if stages.get("preferences"):
         info = preference_info(stages["preferences"])
         fingerprints.update({k.removesuffix("_fingerprint"): v for k, v in info.items() if k.endswith("_fingerprint")})

@@ -203,6 +203,15 @@ class Bench:
 
         return self.memo(("task", stage.key), load)
 
+    def task_summary(self, stage: Stage) -> dict[str, Any]:
+        """The task's fingerprints, ``has_gold`` and ``reward_metric``, from the loaded task if this
+        process has it, else from its files (see ``Task.summary``)."""
+        cls = get_task_class(self.config.task)
+        loaded = self._memo.get(("task", stage.key))
+        summary = ({"fingerprints": dict(getattr(loaded, "fingerprints", {})), "has_gold": loaded.has_gold} if loaded is not None
+                   else cls.summary(self.config.task_config, stage.path))
+        return {**summary, "exact": cls.exact, "reward_metric": "gold_reward" if summary["has_gold"] else "judge_reward"}
+
     def reference(self, stage: Stage) -> torch.nn.Module:
         def load():
             model = get_task_class(self.config.task).load_model(self.config.task_config, stage.path / "model", self.device)
@@ -711,8 +720,8 @@ def check_jobs(bench: Bench, stages: dict) -> list[str]:
     runner beside the grid; the report then reads them from the store."""
     config = bench.config
     jobs = [f"reward model T={t:g}" for t in config.checks.label_temperatures]
-    task = bench.task(stages["task"])
-    if config.checks.empirical and not task.exact and task.has_gold:
+    task = bench.task_summary(stages["task"])
+    if config.checks.empirical and not task["exact"] and task["has_gold"]:
         jobs.insert(0, "lemma2 PPO")
     return jobs
 

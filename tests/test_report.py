@@ -363,3 +363,30 @@ def test_builds_an_empty_run_directory(tmp_path):
     assert "This run recorded no evaluation results." in md
     for title in SECTION_TITLES:
         assert f"\n## {title}\n" in md
+
+
+def test_figures_come_from_the_stage_cache_when_their_data_is_unchanged(tmp_path, monkeypatch):
+    import json as _json
+
+    import dpo_bench.report as report_package
+
+    run_dir = make_run(tmp_path)
+    record = _json.loads((run_dir / "run.json").read_text())
+    record["cache_dir"] = str(tmp_path / "cache")
+    (run_dir / "run.json").write_text(_json.dumps(record))
+    first = {k: p.read_bytes() for k, p in build_report(run_dir).items() if k not in ("markdown", "html")}
+    assert len(list((tmp_path / "cache" / "figures").glob("*/_complete.json"))) == 1
+
+    # The same data again (another run id, as a cached re-run has): nothing is drawn.
+    metrics = pd.read_parquet(run_dir / "metrics.parquet").assign(run_id="another-run")
+    metrics.to_parquet(run_dir / "metrics.parquet", index=False)
+    monkeypatch.setattr(report_package, "all_figures", lambda *a, **k: pytest.fail("figures were drawn again"))
+    again = {k: p.read_bytes() for k, p in build_report(run_dir).items() if k not in ("markdown", "html")}
+    assert again == first
+
+    # Different numbers: drawn afresh, under a new key.
+    monkeypatch.undo()
+    metrics.loc[metrics["metric"] == "gold_reward", "value"] += 0.01
+    metrics.to_parquet(run_dir / "metrics.parquet", index=False)
+    build_report(run_dir)
+    assert len(list((tmp_path / "cache" / "figures").glob("*/_complete.json"))) == 2

@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -107,3 +108,16 @@ def test_length_grouping_cuts_padding():
     grouped = padded_tokens(minibatches(6400, 64, torch.Generator().manual_seed(1), lengths))
     assert grouped < 0.7 * plain
     assert grouped >= int(lengths.sum())  # never fewer tokens than the data has
+
+
+@pytest.mark.parametrize("task", ["sentiment", "bandit"])
+def test_task_summary_without_loading_equals_the_loaded_tasks(tmp_path, task):
+    from dpo_bench.stages import prepare_task
+
+    bench = Bench(load_config("quick", overrides={"task": task}), tmp_path, progress=False)
+    stage = prepare_task(bench)
+    unloaded = bench.task_summary(stage)
+    loaded_task = bench.task(stage)
+    assert bench.task_summary(stage) == unloaded
+    assert unloaded["fingerprints"] == dict(getattr(loaded_task, "fingerprints", {}))
+    assert unloaded["reward_metric"] == loaded_task.reward_metric and unloaded["exact"] == loaded_task.exact

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import html as html_writer
 from . import markdown as md_writer
 from .document import SECTION_TITLES, build_document
-from .figures import FIGURE_NAMES, all_figures
+from .figures import FIGURE_NAMES, all_figures, cached_figures
 from .load import RunData, atomic_write, load_run
 from .results import checkpoint_results, config_results, final_results
 
@@ -31,7 +31,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     data = load_run(run_dir)
     final = final_results(data)
     configs = config_results(final) if not final.empty else final
-    figures = all_figures(data, final, checkpoint_results(data))
+    figures = cached_figures(data, lambda: all_figures(data, final, checkpoint_results(data)))
     doc = build_document(data, final, configs, figures)
 
     fig_dir = data.run_dir / "figures"

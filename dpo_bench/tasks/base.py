@@ -56,6 +56,14 @@ class Task(ABC):
         return {}
 
     @classmethod
+    def summary(cls, config: Any, workdir: Path) -> dict[str, Any]:
+        """What a run records about the prepared task, ideally without loading it (no tokenizer,
+        no models: a cached run then need not import transformers): ``fingerprints`` of its data
+        and ``has_gold``. This default loads the task; tasks override it to read their files."""
+        task = cls(config, workdir)
+        return {"fingerprints": dict(getattr(task, "fingerprints", {})), "has_gold": task.has_gold}
+
+    @classmethod
     def load_model(cls, config: Any, directory: Path, device: torch.device) -> nn.Module:
         """Load a policy saved by :func:`~dpo_bench.policy.save_policy` (the reference); tasks with
         runtime options that checkpoints do not keep (gradient checkpointing) apply them here."""

@@ -167,6 +167,11 @@ class HFTask(Task):
         names = {"model": config.model, "tokenizer": config.tokenizer, "data": config.data, "judge_model": config.judge_model}
         return {k: path_fingerprint(Path(v).expanduser()) for k, v in names.items() if v and Path(v).expanduser().exists()}
 
+    @classmethod
+    def summary(cls, config: HFConfig, workdir: Path) -> dict:
+        info = json.loads((Path(workdir) / "prompts.json").read_text())
+        return {"fingerprints": info["fingerprints"], "has_gold": config.judge_is_gold}
+
     def __init__(self, config: HFConfig, workdir: Path):
         super().__init__(config, workdir)
         from transformers import AutoTokenizer

@@ -96,6 +96,10 @@ class SentimentTask(Task):
             },
         )
 
+    @classmethod
+    def summary(cls, config: SentimentConfig, workdir: Path) -> dict:
+        return {"fingerprints": json.loads((Path(workdir) / "prompts.json").read_text())["fingerprints"], "has_gold": True}
+
     def __init__(self, config: SentimentConfig, workdir: Path):
         super().__init__(config, workdir)
         from transformers import PreTrainedTokenizerFast
