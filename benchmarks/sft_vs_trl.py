@@ -33,7 +33,7 @@ def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed) -> tup
     log = TrainLog()
     try:
         supervised_finetune(
-            model, prompts, completions, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0),
+            model, prompts, completions, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, group_by_length=False),
             pad_id=fx.task.pad_id, generator=torch.Generator().manual_seed(seed), log=log, progress=False,
         )
     finally:

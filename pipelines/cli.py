@@ -22,6 +22,14 @@ OFFLINE_ENV = {
 def offline_environment() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # Prefect creates PREFECT_HOME but not its parents; its server then fails with "unable to open
+    # database file" after a timeout, which names neither the setting nor the directory.
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        try:
+            Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"dpo-bench: cannot create PREFECT_HOME={home}: {e.strerror}") from None
 
 
 def _parse_methods(text: str | None) -> list[str] | None:

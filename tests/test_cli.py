@@ -56,3 +56,18 @@ def test_check_data(tmp_path, capsys):
 def test_report_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_prefect_home_is_created_with_its_parents_or_refused_clearly(tmp_path, monkeypatch):
+    from pipelines.cli import offline_environment
+
+    nested = tmp_path / "a" / "b" / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(nested))
+    offline_environment()
+    assert nested.is_dir()
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PREFECT_HOME", str(blocker / "home"))
+    with pytest.raises(SystemExit, match="cannot create PREFECT_HOME="):
+        offline_environment()
