@@ -55,11 +55,12 @@ METRIC_COLUMNS = ["run_id", "task", "method", "beta", "seed", "step", "temperatu
 
 
 def code_version() -> str:
-    """Hash of the library's source: a code change invalidates every cached stage."""
+    """Hash of the library's source: a code change invalidates every cached stage. The report
+    package is left out: no stage reads it (its figures are cached on a hash of their own)."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for base in (root, root.parent / "reward"):
-        for path in sorted(base.rglob("*.py")):
+        for path in sorted(p for p in base.rglob("*.py") if (root / "report") not in p.parents):
             h.update(str(path.relative_to(base.parent)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
