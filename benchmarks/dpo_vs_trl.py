@@ -14,15 +14,14 @@ before training, as ours are) and with its default, a reference forward pass eve
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 
 import pandas as pd
 import torch
 
-from .common import StepClock, add_threads_argument, fixture, interleave, load_average, median, set_threads, table, write_result
-from .trl_support import common_args, order_like_ours, recording, require_trl, run_trl, step_timer
+from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
+from .trl_support import common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, timed_trainer
 
 TOLERANCE = 1e-5
 
@@ -119,28 +118,18 @@ def trl(fx, order: list[int], *, steps: int, batch_size: int, beta: float, lr: f
         precompute_ref_batch_size=256, max_length=None, pad_to_multiple_of=None,
     )
     clock = StepClock()
-    tokenizer = copy.deepcopy(fx.task.tokenizer)
-    trainer = recording(DPOTrainer)(
-        model=policy, ref_model=ref_model, args=args, train_dataset=trl_dataset(fx, order),
-        processing_class=tokenizer, callbacks=[step_timer(clock)],
-    )
-    trainer.losses = []
+    trainer = timed_trainer(DPOTrainer, clock, fx.task.tokenizer, model=policy, ref_model=ref_model, args=args,
+                            train_dataset=trl_dataset(fx, order))
     check_same_tokens(fx, trainer, order)
     run_trl(trainer, clock)
     return clock, trainer.losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12, help="optimiser steps per repeat (the first 2 are warm-up)")
-    p.add_argument("--repeats", type=int, default=5)
+    p = step_comparison_parser(__doc__, lr=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-by-length", action="store_true",
                    help="ours with its default length-grouped batches (TRL still reads the plain order): less padding on our side")
-    add_threads_argument(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
     require_trl()

@@ -14,14 +14,13 @@ within 1e-5. Batches are the pairs our trainer draws, in its order.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 
 import torch
 
-from .common import StepClock, add_threads_argument, fixture, interleave, load_average, median, set_threads, table, write_result
-from .trl_support import common_args, recording, require_trl, run_trl, step_timer
+from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
+from .trl_support import common_args, require_trl, run_trl, step_comparison_parser, timed_trainer
 
 TOLERANCE = 1e-5
 
@@ -108,23 +107,13 @@ def trl(fx, model, pairs, order, *, steps, batch_size, lr, workdir) -> tuple[Ste
     args = RewardConfig(**common_args(workdir, steps=steps, batch_size=batch_size, lr=lr, beta2=0.999, max_grad_norm=1.0),
                         max_length=None, center_rewards_coefficient=None, pad_to_multiple_of=None)
     clock = StepClock()
-    tokenizer = copy.deepcopy(fx.task.tokenizer)
-    trainer = recording(RewardTrainer)(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                       callbacks=[step_timer(clock)])
-    trainer.losses = []
+    trainer = timed_trainer(RewardTrainer, clock, fx.task.tokenizer, model=model, args=args, train_dataset=data)
     run_trl(trainer, clock)
     return clock, trainer.losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_argument(p)
-    args = p.parse_args(argv)
+    args = step_comparison_parser(__doc__, lr=1e-4).parse_args(argv)
     set_threads(args.threads)
     require_trl()
     fx = fixture()

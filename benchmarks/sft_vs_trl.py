@@ -11,14 +11,13 @@ the first batch must agree within 1e-5; the loss at step 10 is compared too (our
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 
 import torch
 
-from .common import StepClock, add_threads_argument, fixture, interleave, load_average, median, set_threads, table, write_result
-from .trl_support import common_args, order_like_ours, recording, require_trl, run_trl, step_timer
+from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
+from .trl_support import common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, timed_trainer
 
 TOLERANCE = 1e-5
 
@@ -68,22 +67,13 @@ def trl(fx, model, prompts, completions, order, *, steps, batch_size, lr, workdi
         pad_to_multiple_of=None,
     )
     clock = StepClock()
-    trainer = recording(SFTTrainer)(model=model, args=args, train_dataset=data, processing_class=copy.deepcopy(fx.task.tokenizer),
-                                    callbacks=[step_timer(clock)])
-    trainer.losses = []
+    trainer = timed_trainer(SFTTrainer, clock, fx.task.tokenizer, model=model, args=args, train_dataset=data)
     run_trl(trainer, clock)
     return clock, trainer.losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_argument(p)
-    args = p.parse_args(argv)
+    args = step_comparison_parser(__doc__, lr=1e-3).parse_args(argv)
     set_threads(args.threads)
     require_trl()
     fx = fixture()

@@ -11,12 +11,14 @@ TRL is an optional dependency: ``pip install 'dpo-bench[bench]'``.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import time
 from typing import Any
 
 import torch
 
-from .common import StepClock, quiet_transformers
+from .common import StepClock, add_threads_argument, quiet_transformers
 
 
 def require_trl():
@@ -28,6 +30,25 @@ def require_trl():
     import trl
 
     return trl
+
+
+def step_comparison_parser(doc: str, lr: float) -> argparse.ArgumentParser:
+    """The options every ours-against-TRL step comparison takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12, help="optimiser steps per repeat (the first 2 are warm-up)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
+    return p
+
+
+def timed_trainer(trainer_cls, clock: StepClock, tokenizer, **kwargs):
+    """``trainer_cls`` recording its losses, its optimiser steps ticking ``clock``, on a copy of ``tokenizer``."""
+    trainer = recording(trainer_cls)(processing_class=copy.deepcopy(tokenizer), callbacks=[step_timer(clock)], **kwargs)
+    trainer.losses = []
+    return trainer
 
 
 def common_args(output_dir: str, *, steps: int, batch_size: int, lr: float, beta2: float, max_grad_norm: float) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from .invariance import run_invariance_checks
 from .methods.base import get_method
 from .report import build_report
 from .stages import (
-    METRIC_COLUMNS, Bench, Stage, Upstream, build_preferences, cell_status, preference_info, prepare_task,
+    METRIC_COLUMNS, Bench, Stage, Upstream, build_preferences, cell_status, preference_info, prepare_task, process_alive,
     label_temperature_rms, reference_eval, reference_logps, run_cell, train_rm, train_sft, write_json, write_parquet,
 )
 
@@ -55,7 +55,7 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pid = self.path.read_text().strip() or "?"
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 self.path.unlink(missing_ok=True)  # a killed run's stale lock
                 return self.__enter__()
             raise RunExistsError(
@@ -68,16 +68,6 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_writable(reports_dir: Path) -> None:
@@ -186,7 +176,8 @@ def invariance_checks(bench: Bench, stages: dict[str, Stage | None], cells: list
     (a cached run then need not load models to check them again)."""
     key = {
         "config": {k: v for k, v in to_dict(bench.config).items() if k not in ("threads", "device", "preset")},
-        "stages": {name: s.key for name, s in stages.items() if s is not None},
+        # The checks' own stages ("check:...", present when they ran on workers) follow from the config.
+        "stages": {name: s.key for name, s in stages.items() if s is not None and not name.startswith("check:")},
         "cells": [s.key for _, s in cells],
     }
     stage = bench.run_stage("invariance", key, lambda out: write_parquet(run_invariance_checks(bench, stages, cells),

@@ -100,11 +100,12 @@ def _remove_stale_builds(path: Path) -> None:
     """Delete the temporary build directories of ``path``'s stage left by killed processes of this host."""
     for tmp in path.parent.glob(f".{path.name}.tmp-{_HOST}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host has ``pid`` (one we may not signal still exists)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -716,15 +717,22 @@ def label_temperature_rm(bench: Bench, stages: dict, temperature: float) -> Stag
     return train_rm(variant, stages["task"], stages["sft"], build_preferences(variant, stages["task"], stages["sft"]))
 
 
-def check_jobs(bench: Bench, stages: dict) -> list[str]:
-    """The empirical checks' own stages, longest first. A parallel run computes them on the task
-    runner beside the grid; the report then reads them from the store."""
+def _check_builders(bench: Bench, stages: dict) -> dict[str, Callable[[], Stage]]:
+    """The empirical checks' own stages by name, longest first: how to build each."""
     config = bench.config
-    jobs = [f"reward model T={t:g}" for t in config.checks.label_temperatures]
+    builders: dict[str, Callable[[], Stage]] = {}
     task = bench.task_summary(stages["task"])
     if config.checks.empirical and not task["exact"] and task["has_gold"]:
-        jobs.insert(0, "lemma2 PPO")
-    return jobs
+        builders["lemma2 PPO"] = lambda: lemma2_ppo_stage(bench, stages)
+    for t in config.checks.label_temperatures:
+        builders[f"reward model T={t:g}"] = lambda t=float(t): label_temperature_rm(bench, stages, t)
+    return builders
+
+
+def check_jobs(bench: Bench, stages: dict) -> list[str]:
+    """The names of the empirical checks' own stages, longest first. A parallel run computes them
+    on the task runner beside the grid; the report then reads them from the store."""
+    return list(_check_builders(bench, stages))
 
 
 def check_stage(bench: Bench, stages: dict, job: str) -> Stage:
@@ -734,6 +742,4 @@ def check_stage(bench: Bench, stages: dict, job: str) -> Stage:
 
 
 def run_check_job(bench: Bench, stages: dict, job: str) -> Stage:
-    if job == "lemma2 PPO":
-        return lemma2_ppo_stage(bench, stages)
-    return label_temperature_rm(bench, stages, float(job.removeprefix("reward model T=")))
+    return _check_builders(bench, stages)[job]()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from reward.train import minibatches  # noqa: F401 — shared with the reward model's loop
+from reward.train import minibatches
 
 from .configs import field as cfield
 from .configs import non_negative, positive
