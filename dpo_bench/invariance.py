@@ -32,8 +32,8 @@ class ChecksConfig:
     empirical: bool = field(False, "run checks 5-6: the DPO policies' implicit reward, and Lemma 2 with PPO against r, r + f(x), r + g(x, y)")
     # Lemma 2 is about the KL-regularised optimum: the PPO runs need a penalty strong enough that they
     # reach it. With kl_coef 0.1 and 60 iterations PPO is still climbing, and a prompt-only shift of
-    # N(0, 1) slows it down (it is noise in the advantages a value head cannot learn): gold reward
-    # 0.14-0.18 against r, -0.01 against r + f(x) (README, "Invariance checks").
+    # N(0, 1) slows it down (it is noise in the advantages a value head cannot learn); measured by
+    # `python -m benchmarks.lemma2_regimes` (README, "Invariance checks").
     lemma2_kl_coef: float = field(1.0, "kl_coef of the three PPO runs of the empirical Lemma 2 check")
     lemma2_iterations: int = field(60, "PPO iterations of each of those runs")
     lemma2_lr: float = field(3e-4, "learning rate of those runs")
