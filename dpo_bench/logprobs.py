@@ -7,8 +7,10 @@ right-padded pairs from the collator): positions are derived from the attention 
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -83,13 +85,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def forward(model: nn.Module, batch: SequenceBatch, output_hidden_states: bool = False):
+def forward(model: nn.Module, batch: SequenceBatch, output_hidden_states: bool = False, **kwargs):
     return model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=position_ids(batch.attention_mask),
         use_cache=False,
         output_hidden_states=output_hidden_states,
+        **kwargs,
     )
 
 
@@ -99,17 +102,248 @@ def gather_token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.T
     return logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-def token_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    """Per-token log-probs of the completion, zero elsewhere; shape (B, T-1) aligned to input_ids[:, 1:]."""
-    out = forward(model, batch)
+def keeps_selected_logits(model: nn.Module) -> bool:
+    """Whether ``model(..., logits_to_keep=<bool (B, T) mask>)`` returns logits for the masked positions only.
+
+    transformers' causal LMs that slice with ``slice_logits_to_keep`` do (flattened to (N, V)); a
+    model that takes ``logits_to_keep`` but slices it itself, a wrapper, or the tabular policy does
+    not, and gets the full logits.
+    """
+    cls = type(model)
+    cached = _SELECTS_LOGITS.get(cls)
+    if cached is None:
+        module = sys.modules.get(cls.__module__)
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+        cached = _SELECTS_LOGITS[cls] = takes and getattr(module, "slice_logits_to_keep", None) is not None
+    return cached
+
+
+_SELECTS_LOGITS: dict[type, bool] = {}
+
+
+def token_logps_and_hidden(model: nn.Module, batch: SequenceBatch, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token completion log-probs (B, T-1) in one padded forward pass, and the last hidden
+    state (B, T, D) when ``hidden`` (PPO's value head reads it)."""
     mask = batch.completion_mask[:, 1:].bool()
-    # masked_fill, not multiplication: a padded position may hold -inf (the tabular policy's mask).
-    return gather_token_logps(out.logits, batch.input_ids).masked_fill(~mask, 0.0)
+    if keeps_selected_logits(model):
+        # The LM head and softmax only where a completion token is predicted (position t predicts
+        # token t+1): the prompt and the padding cost no vocabulary projection.
+        keep = nn.functional.pad(mask, (0, 1), value=False)
+        out = forward(model, batch, output_hidden_states=hidden, logits_to_keep=keep)
+        if out.logits.dim() != 2 or out.logits.shape[0] != int(mask.sum()):
+            raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)} for a logits_to_keep mask")
+        picked = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, batch.input_ids[:, 1:][mask][:, None]).squeeze(-1)
+        logps = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+    else:
+        out = forward(model, batch, output_hidden_states=hidden)
+        # masked_fill, not multiplication: a padded position may hold -inf (the tabular policy's mask).
+        logps = gather_token_logps(out.logits, batch.input_ids).masked_fill(~mask, 0.0)
+    return logps, (out.hidden_states[-1] if hidden else None)
 
 
-def sequence_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+def _token_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    return token_logps_and_hidden(model, batch)[0]
+
+
+# What one extra forward pass costs, counted in padded tokens: a sub-batch pays off only when it
+# saves more padding than this. Measured on the sentiment task's GPT-2 (benchmarks/RESULTS.md).
+GROUP_OVERHEAD_TOKENS = 64
+
+
+def length_groups(lengths: Sequence[int] | torch.Tensor, overhead: int | None = None) -> list[list[int]]:
+    """Rows split into groups of similar length, so each group is padded to its own longest row.
+
+    Rows are sorted by length and cut where the padding a cut saves exceeds ``overhead`` tokens
+    (one more forward pass). Exact: dynamic programming over the distinct lengths minimises
+    Σ_groups (rows × longest) + overhead × groups. Returns row indices, shortest rows first.
+    """
+    overhead = GROUP_OVERHEAD_TOKENS if overhead is None else overhead
+    lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if not order:
+        return []
+    distinct = sorted(set(lengths))
+    ends = []  # rows with length <= distinct[j]
+    count = 0
+    for value in distinct:
+        count += lengths.count(value)
+        ends.append(count)
+    # best[j]: cheapest cover of the rows with length <= distinct[j - 1]; cut[j]: its last group's start.
+    best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        for i in range(j):
+            rows = ends[j - 1] - (ends[i - 1] if i else 0)
+            cost = best[i] + rows * distinct[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(distinct)
+    while j > 0:
+        i = cut[j]
+        groups.append(order[(ends[i - 1] if i else 0):ends[j - 1]])
+        j = i
+    return groups[::-1]
+
+
+def _used_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
+    used = attention_mask.any(0).nonzero()
+    if used.numel() == 0:
+        return 0, attention_mask.shape[1]
+    return int(used[0]), int(used[-1]) + 1
+
+
+def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[torch.Tensor, ...]], group: bool = True) -> tuple[torch.Tensor, ...]:
+    """``fn`` over the batch's rows in :func:`length_groups`, each group trimmed to its longest row.
+
+    ``fn`` maps a batch of b rows and width t to tensors of shape (b, t-1) (per-token quantities
+    aligned to input_ids[:, 1:]); the groups' results are put back in the rows' original order,
+    zero where a group's trimmed width did not reach. One group is one call on the whole batch.
+    """
+    groups = length_groups(batch.attention_mask.sum(-1)) if group and len(batch) > 1 else []
+    if len(groups) <= 1:
+        return fn(batch)
+    outs: list[torch.Tensor] | None = None
+    for rows in groups:
+        index = torch.tensor(rows, device=batch.input_ids.device)
+        sub = batch.select(index)
+        lo, hi = _used_columns(sub.attention_mask)
+        parts = fn(SequenceBatch(*(t[:, lo:hi] for t in (sub.input_ids, sub.attention_mask, sub.completion_mask))))
+        if outs is None:
+            outs = [p.new_zeros((len(batch), batch.input_ids.shape[1] - 1)) for p in parts]
+        cols = torch.arange(lo, lo + parts[0].shape[1], device=parts[0].device)
+        outs = [o.index_put((index[:, None], cols[None, :]), p) for o, p in zip(outs, parts)]
+    return tuple(outs)
+
+
+def token_logps(model: nn.Module, batch: SequenceBatch, group: bool = True) -> torch.Tensor:
+    """Per-token log-probs of the completion, zero elsewhere; shape (B, T-1) aligned to input_ids[:, 1:].
+
+    With ``group``, rows of very different lengths go through the model in separate forward
+    passes (:func:`by_length_groups`): the same numbers (and gradients) as one padded pass,
+    without computing most of the padding.
+    """
+    return by_length_groups(batch, lambda b: (token_logps_and_hidden(model, b)[0],), group)[0]
+
+
+def sequence_logps(model: nn.Module, batch: SequenceBatch, group: bool = True) -> torch.Tensor:
     """log π(y|x) summed over completion tokens, shape (B,)."""
-    return token_logps(model, batch).sum(-1)
+    return token_logps(model, batch, group).sum(-1)
+
+
+def prompt_split(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt lengths, completion lengths) of right-padded prompt+completion rows."""
+    real = batch.attention_mask.bool()
+    completion = batch.completion_mask.bool()
+    return (real & ~completion).sum(-1), completion.sum(-1)
+
+
+def shares_prompts(batches: Sequence[SequenceBatch]) -> bool:
+    """Whether row i of every batch has the same prompt (the rows of a preference pair or ranking)."""
+    first = batches[0]
+    p_len, _ = prompt_split(first)
+    width = int(p_len.max()) if len(first) else 0
+    prompt_cols = torch.arange(width, device=first.input_ids.device)[None, :] < p_len[:, None]
+    for other in batches[1:]:
+        if len(other) != len(first) or other.input_ids.shape[1] < width:
+            return False
+        o_len, _ = prompt_split(other)
+        if not torch.equal(o_len, p_len):
+            return False
+        if not torch.equal(first.input_ids[:, :width][prompt_cols], other.input_ids[:, :width][prompt_cols]):
+            return False
+    return True
+
+
+def _shared_prompt_logps(model: nn.Module, batches: Sequence[SequenceBatch]) -> torch.Tensor:
+    """log π(y|x) of K completions per prompt, the prompt run once: (K·B,), batch k's rows at [k·B, (k+1)·B).
+
+    The prompts (left-padded) go through the model once with a KV cache; every completion then
+    attends to its prompt's cached keys and values, in groups of similar completion length. The
+    gradient reaches the prompt's positions through the cache, so this is the same function as
+    one forward per full row, with the prompt computed once instead of K times.
+    """
+    from transformers import DynamicCache
+
+    first = batches[0]
+    device = first.input_ids.device
+    n, k = len(first), len(batches)
+    p_len, _ = prompt_split(first)
+    width_p = int(p_len.max())
+    # Left-padded prompts: every prompt's last token is in the last column.
+    cols = torch.arange(width_p, device=device)
+    start = width_p - p_len
+    prompt_mask = (cols[None, :] >= start[:, None]).long()
+    prompt_ids = first.input_ids.gather(1, (cols[None, :] - start[:, None]).clamp(min=0)) * prompt_mask
+    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                       use_cache=True, logits_to_keep=1)
+    cache = [(layer[0], layer[1]) for layer in prompt_out.past_key_values]
+    first_logps = torch.log_softmax(prompt_out.logits[:, -1].float(), dim=-1)  # (B, V): predicts each completion's first token
+
+    # Completions of all K batches, right-padded, rows k·B + i.
+    c_lens = torch.cat([prompt_split(b)[1] for b in batches])
+    width_c = int(c_lens.max())
+    c_cols = torch.arange(width_c, device=device)
+    ids = []
+    for b in batches:
+        index = (p_len[:, None] + c_cols[None, :]).clamp(max=b.input_ids.shape[1] - 1)
+        ids.append(b.input_ids.gather(1, index))
+    completion_ids = torch.cat(ids)
+    valid = c_cols[None, :] < c_lens[:, None]
+    completion_ids = completion_ids.masked_fill(~valid, 0)
+    rows_prompt = torch.arange(k * n, device=device) % n
+    first_token = first_logps[rows_prompt].gather(-1, completion_ids[:, :1]).squeeze(-1).masked_fill(c_lens == 0, 0.0)
+
+    out = first_token.new_zeros(k * n)
+    for rows in length_groups(c_lens):
+        index = torch.tensor(rows, device=device)
+        width = max(int(c_lens[index].max()), 1)
+        prompt_rows = rows_prompt[index]
+        ids_g, valid_g = completion_ids[index, :width], valid[index, :width]
+        if width == 1:  # one-token completions: the prompt's last logits were all they needed
+            out = out.index_put((index,), first_token[index])
+            continue
+        past = DynamicCache([(key[prompt_rows], value[prompt_rows]) for key, value in cache])
+        mask = torch.cat([prompt_mask[prompt_rows], valid_g.long()], dim=1)
+        keep = nn.functional.pad(valid_g[:, 1:], (0, 1), value=False)
+        logits = model(input_ids=ids_g, attention_mask=mask, position_ids=p_len[prompt_rows, None] + c_cols[None, :width],
+                       past_key_values=past, use_cache=True, logits_to_keep=keep).logits
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids_g[:, 1:][valid_g[:, 1:]][:, None]).squeeze(-1)
+        rest = picked.new_zeros(valid_g[:, 1:].shape).masked_scatter(valid_g[:, 1:], picked).sum(-1)
+        out = out.index_put((index,), first_token[index] + rest)
+    return out
+
+
+_SHARED_PROMPT_OK: dict[type, bool] = {}
+
+
+def shared_prompt_logps(model: nn.Module, batches: Sequence[SequenceBatch]) -> torch.Tensor:
+    """:func:`sequence_logps` of the K batches stacked (chosen rows, then rejected, ...), computing
+    each prompt once when row i of every batch has the same prompt.
+
+    Used for a model class only after one check that it gives the same log-probs as the plain
+    forward pass (a transformers causal LM with a KV cache and completion-only logits); any other
+    model, or batches whose prompts differ, get the plain stacked forward.
+    """
+    plain = lambda: sequence_logps(model, _stack(batches).trim())  # noqa: E731
+    if len(batches) < 2 or not keeps_selected_logits(model) or not shares_prompts(batches):
+        return plain()
+    cls = type(model)
+    if cls not in _SHARED_PROMPT_OK:
+        probe = [b.select(slice(0, 2)) for b in batches]
+        with torch.no_grad():
+            try:
+                shared = _shared_prompt_logps(model, probe)
+                again = sequence_logps(model, _stack(probe).trim())
+                _SHARED_PROMPT_OK[cls] = bool(torch.allclose(shared, again, atol=1e-4, rtol=1e-4))
+            except Exception:  # noqa: BLE001 — a model that cannot take a cache this way uses the plain path
+                _SHARED_PROMPT_OK[cls] = False
+    return _shared_prompt_logps(model, batches) if _SHARED_PROMPT_OK[cls] else plain()
+
+
+def _stack(batches: Sequence[SequenceBatch]) -> SequenceBatch:
+    stacked = batches[0]
+    for b in batches[1:]:
+        stacked = concat_batches(stacked, b, 0)
+    return stacked
 
 
 @torch.no_grad()

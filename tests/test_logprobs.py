@@ -95,3 +95,85 @@ def test_concat_batches_keeps_rows():
     both = concat_batches(a, b, 0)
     assert both.input_ids.tolist() == [[1, 2, 3, 0], [1, 4, 5, 6]]
     assert both.completion_mask.tolist() == [[0, 1, 1, 0], [0, 0, 0, 1]]
+
+
+# --- length groups and completion-only logits ----------------------------------------------------
+
+import itertools  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dpo_bench.logprobs import gather_token_logps, forward, keeps_selected_logits, length_groups  # noqa: E402
+
+
+def _cost(groups, lengths, overhead):
+    return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=9), st.integers(0, 40))
+@settings(max_examples=150, deadline=None)
+def test_length_groups_partition_the_rows_at_least_cost(lengths, overhead):
+    groups = length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    # Groups are contiguous in length: no row of a later group is shorter than one of an earlier.
+    for a, b in zip(groups, groups[1:]):
+        assert max(lengths[i] for i in a) <= min(lengths[i] for i in b)
+    # Optimal among every way of cutting the sorted rows into contiguous groups.
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = min(
+        _cost([order[i:j] for i, j in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
+        for k in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), k)
+    )
+    assert _cost(groups, lengths, overhead) == best
+
+
+def test_length_groups_extremes():
+    assert length_groups([5, 3, 9], overhead=10**6) == [[1, 0, 2]]
+    assert length_groups([5, 3, 9, 3], overhead=0) == [[1, 3], [0], [2]]
+    assert length_groups([]) == []
+
+
+def _mixed_batch(seed, rows=24):
+    g = torch.Generator().manual_seed(seed)
+    prompts, completions = [], []
+    for i in range(rows):
+        n_p = int(torch.randint(1, 4, (1,), generator=g))
+        n_c = 1 + (i % 3) * 8 + int(torch.randint(0, 3, (1,), generator=g))  # three length clusters
+        prompts.append([1] + torch.randint(2, 20, (n_p,), generator=g).tolist())
+        completions.append(torch.randint(2, 20, (n_c,), generator=g).tolist())
+    return collate(prompts, completions, pad_id=0)
+
+
+def test_grouped_forward_gives_the_padded_forwards_numbers_and_gradients(monkeypatch):
+    monkeypatch.setattr("dpo_bench.logprobs.GROUP_OVERHEAD_TOKENS", 16)
+    batch = _mixed_batch(0)
+    assert len(length_groups(batch.attention_mask.sum(-1))) > 1  # the test must exercise grouping
+    values, grads = [], []
+    for group in (False, True):
+        model = _model(5).train()
+        model.config.attn_pdrop = model.config.resid_pdrop = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        logps = token_logps(model, batch, group=group)
+        (logps.sum(-1) * torch.linspace(-1, 1, len(batch))).sum().backward()
+        values.append(logps.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(values[0], values[1], atol=1e-5)
+    assert (values[1] == 0).equal(batch.completion_mask[:, 1:] == 0)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_completion_only_logits_match_the_full_vocabulary_projection():
+    model = _model(2)
+    assert keeps_selected_logits(model)
+    batch = _mixed_batch(1, rows=10)
+    full = gather_token_logps(forward(model, batch).logits, batch.input_ids).masked_fill(batch.completion_mask[:, 1:] == 0, 0.0)
+    assert torch.allclose(token_logps(model, batch, group=False), full, atol=1e-5)
+
+
+def test_models_without_selected_logits_use_the_full_logits():
+    allowed = torch.tensor([False, False, False, True, True])
+    assert not keeps_selected_logits(TabularLM(5, allowed, torch.zeros(5, 5)))

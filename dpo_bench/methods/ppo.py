@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..configs import ConfigError, field, non_negative, positive, probability
-from ..logprobs import SequenceBatch, forward, gather_token_logps, token_logps
+from ..logprobs import SequenceBatch, by_length_groups, token_logps, token_logps_and_hidden
 from ..training import check_finite, checkpoint_steps, make_optimizer
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
@@ -145,11 +145,12 @@ class PolicyWithValueHead(nn.Module):
 
     def logps_and_values(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and values aligned with input_ids[:, 1:], shape (B, T-1) each."""
-        out = forward(self.policy, batch, output_hidden_states=True)
-        mask = batch.completion_mask[:, 1:].bool()
-        logps = gather_token_logps(out.logits, batch.input_ids).masked_fill(~mask, 0.0)
-        values = self.value_head(out.hidden_states[-1][:, :-1].to(self.value_head.weight.dtype)).squeeze(-1)
-        return logps, values
+        def both(b: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            logps, hidden = token_logps_and_hidden(self.policy, b, hidden=True)
+            return logps, self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1)
+
+        # Rollouts stop at eos: their lengths vary, so rows of similar length share a forward pass.
+        return by_length_groups(batch, both)
 
 
 # --- the loop -------------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Time one cell of a preset (train + evaluation) against its cached upstream stages.
+
+The shared stages a cell reads (task, SFT model, preferences, reference log-probs, reward model,
+reference evaluation) are built once into the cache and reused; the cell itself is rebuilt every
+repeat in this process, so the time is the cell's own. The cell's time is split into training and
+evaluation (every call of the evaluation at a checkpoint or an extra temperature).
+
+    python -m benchmarks.cell --preset default --cell "dpo β=0.3" [--cell "ppo kl_coef=0.1"] [--threads 1] [--repeats 1]
+
+``--cell`` matches the start of a cell's label as the run logs it (``dpo β=0.3 seed=0``);
+``--list`` prints the preset's cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from .common import DEFAULT_CACHE, add_threads_argument, load_average, median, set_threads, table, write_result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="default")
+    p.add_argument("--cell", action="append", default=[], help="start of a cell's label (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the preset's cells and exit")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--cache-dir", type=Path, help=f"stage cache (default {DEFAULT_CACHE}-<preset>)")
+    p.add_argument("--name", help="results file name (default cell_<preset>)")
+    add_threads_argument(p)
+    args = p.parse_args(argv)
+
+    from dpo_bench import stages as stages_module
+    from dpo_bench.bench import load_config
+    from dpo_bench.run import Timings, plan_stages, upstream_for
+    from dpo_bench.stages import Bench, _variant_preferences, run_cell
+
+    config = load_config(args.preset)
+    cells = config.cells()
+    if args.list or not args.cell:
+        print("\n".join(c.label for c in cells))
+        return
+    chosen = []
+    for prefix in args.cell:
+        match = [c for c in cells if c.label.startswith(prefix)]
+        if not match:
+            raise SystemExit(f"no cell of preset {args.preset!r} starts with {prefix!r}; --list shows them")
+        chosen.append(match[0])
+
+    threads = set_threads(args.threads)
+    config = dataclasses.replace(config, threads=threads)
+    cache = args.cache_dir or Path(f"{DEFAULT_CACHE}-{args.preset}")
+    bench = Bench(config, cache, progress=False)
+    stages = plan_stages(bench, Timings())
+
+    # Count the evaluation's time wherever run_cell calls it.
+    spent = {"evaluation": 0.0}
+    evaluate = stages_module.evaluate_policy
+
+    def timed_evaluate(*a, **k):
+        start = time.perf_counter()
+        try:
+            return evaluate(*a, **k)
+        finally:
+            spent["evaluation"] += time.perf_counter() - start
+
+    stages_module.evaluate_policy = timed_evaluate
+    rows = []
+    for cell in chosen:
+        up = upstream_for(cell, stages)
+        if cell.preferences:  # the variant's own preference data is upstream too: cache it first
+            _variant_preferences(bench, cell, up)
+        uncached = Bench(config, cache, use_cache=False, progress=False, _memo=bench._memo)
+        walls, evals, cpus = [], [], []
+        for _ in range(args.repeats):
+            spent["evaluation"] = 0.0
+            load = load_average()[0]
+            wall, cpu = time.perf_counter(), time.process_time()
+            if cell.preferences:
+                up_cell = _variant_preferences(bench, cell, up)
+                stage = run_cell(uncached, dataclasses.replace(cell, preferences=()), up_cell)
+            else:
+                stage = run_cell(uncached, cell, up)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+            evals.append(spent["evaluation"])
+            print(f"{cell.label}: {walls[-1]:.1f} s (evaluation {evals[-1]:.1f} s), load {load:.2f}", flush=True)
+        rows.append({
+            "cell": cell.label, "wall_s": median(walls), "cpu_s": median(cpus), "evaluation_s": median(evals),
+            "training_s": median(walls) - median(evals), "walls": walls, "stage": stage.key,
+        })
+    columns = ["cell", "wall_s", "training_s", "evaluation_s", "cpu_s"]
+    print(table(rows, columns))
+    path = write_result(args.name or f"cell_{args.preset}", {"preset": args.preset, "threads": threads, "repeats": args.repeats, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""How many forward passes a batch should be split into: DPO step time against the per-pass
+overhead that :func:`dpo_bench.logprobs.length_groups` charges (``GROUP_OVERHEAD_TOKENS``).
+
+A DPO step on the train pairs in plain (not length-grouped) order, 64 pairs per step, the
+``quick`` fixture's SFT model, 1 thread; each setting runs the same batches, interleaved, and
+reports the median step and the padding computed. ``inf`` is one padded pass per batch (no
+grouping); the completion-only logits are on in every setting.
+
+    python -m benchmarks.grouping [--overheads 0 64 128 256 512 inf] [--steps 20] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from .common import add_threads_argument, fixture, interleave, load_average, median, set_threads, table, write_result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--overheads", nargs="+", default=["0", "64", "128", "256", "512", "inf"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    add_threads_argument(p)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+
+    import dpo_bench.logprobs as logprobs
+    from dpo_bench.logprobs import concat_batches, length_groups, sequence_logps
+    from dpo_bench.losses import LOSSES
+
+    fx = fixture()
+    pad = fx.task.pad_id
+    n = args.batch_size
+    batches = []
+    for step in range(args.steps):
+        idx = torch.arange(step * n, (step + 1) * n) % len(fx.prefs.chosen)
+        pair = concat_batches(fx.prefs.chosen.select(idx), fx.prefs.rejected.select(idx), pad).trim()
+        batches.append((pair, fx.prefs.ref_chosen_logps[idx], fx.prefs.ref_rejected_logps[idx]))
+
+    def padded_share(overhead: float) -> float:
+        computed = real = 0
+        for pair, _, _ in batches:
+            lengths = pair.attention_mask.sum(-1)
+            groups = [list(range(len(pair)))] if overhead == float("inf") else length_groups(lengths, int(overhead))
+            computed += sum(len(g) * int(lengths[g].max()) for g in groups)
+            real += int(lengths.sum())
+        return 1 - real / computed
+
+    def side(overhead: float):
+        def run() -> float:
+            model = copy.deepcopy(fx.reference).train()
+            for q in model.parameters():
+                q.requires_grad_(True)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+            saved = logprobs.GROUP_OVERHEAD_TOKENS
+            logprobs.GROUP_OVERHEAD_TOKENS = 10**9 if overhead == float("inf") else int(overhead)
+            times = []
+            try:
+                for pair, ref_c, ref_r in batches:
+                    start = time.perf_counter()
+                    logps = sequence_logps(model, pair)
+                    loss = LOSSES["dpo"].fn(logps[:n], logps[n:], ref_c, ref_r, beta=0.1).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    times.append(time.perf_counter() - start)
+            finally:
+                logprobs.GROUP_OVERHEAD_TOKENS = saved
+            return median(times[2:])
+        return run
+
+    overheads = [float(o) for o in args.overheads]
+    loads = [load_average()[0]]
+    results = interleave({str(o): side(o) for o in overheads}, args.repeats)
+    loads.append(load_average()[0])
+    base = median(results[str(float("inf"))]) if float("inf") in overheads else None
+    rows = []
+    for o in overheads:
+        ms = 1000 * median(results[str(o)])
+        rows.append({"overhead_tokens": "inf (one pass)" if o == float("inf") else int(o), "step_ms": ms,
+                     "padding_share": padded_share(o), "speedup_vs_one_pass": (1000 * base / ms) if base else float("nan")})
+    print(table(rows, ["overhead_tokens", "step_ms", "padding_share", "speedup_vs_one_pass"]))
+    path = write_result("grouping", {"threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
+                                     "batch_pairs": n, "load": loads, "rows": rows, "raw": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
