@@ -8,7 +8,9 @@ evaluation (every call of the evaluation at a checkpoint or an extra temperature
     python -m benchmarks.cell --preset default --cell "dpo β=0.3" [--cell "ppo kl_coef=0.1"] [--threads 1] [--repeats 1]
 
 ``--cell`` matches the start of a cell's label as the run logs it (``dpo β=0.3 seed=0``);
-``--list`` prints the preset's cells.
+``--list`` prints the preset's cells. ``--ablate`` also runs every cell without the log-prob
+speed-ups, alternating with the normal run on the same upstream stages: without length groups
+(one padded pass per batch), and without either (logits over every position too).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, help=f"stage cache (default {DEFAULT_CACHE}-<preset>)")
     p.add_argument("--name", help="results file name (default cell_<preset>)")
+    p.add_argument("--ablate", action="store_true", help="alternate with runs without length groups and completion-only logits")
     add_threads_argument(p)
     args = p.parse_args(argv)
 
+    import dpo_bench.logprobs as logprobs
     from dpo_bench import stages as stages_module
     from dpo_bench.bench import load_config
     from dpo_bench.run import Timings, plan_stages, upstream_for
@@ -67,31 +71,40 @@ def main(argv: list[str] | None = None) -> None:
             spent["evaluation"] += time.perf_counter() - start
 
     stages_module.evaluate_policy = timed_evaluate
+
+    def set_speedups(on: str) -> None:
+        logprobs.GROUP_OVERHEAD_TOKENS = saved_overhead if on == "all" else 10**9
+        logprobs.keeps_selected_logits = (lambda model: False) if on == "none" else saved_keeps
+
+    saved_overhead, saved_keeps = logprobs.GROUP_OVERHEAD_TOKENS, logprobs.keeps_selected_logits
+    variants = [("current", "all"), ("without length groups", "logits"), ("without either", "none")] if args.ablate else [("current", "all")]
     rows = []
     for cell in chosen:
         up = upstream_for(cell, stages)
         if cell.preferences:  # the variant's own preference data is upstream too: cache it first
-            _variant_preferences(bench, cell, up)
+            up = _variant_preferences(bench, cell, up)
+            cell = dataclasses.replace(cell, preferences=())
         uncached = Bench(config, cache, use_cache=False, progress=False, _memo=bench._memo)
-        walls, evals, cpus = [], [], []
-        for _ in range(args.repeats):
-            spent["evaluation"] = 0.0
-            load = load_average()[0]
-            wall, cpu = time.perf_counter(), time.process_time()
-            if cell.preferences:
-                up_cell = _variant_preferences(bench, cell, up)
-                stage = run_cell(uncached, dataclasses.replace(cell, preferences=()), up_cell)
-            else:
+        runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "evaluation": []} for name, _ in variants}
+        for r in range(args.repeats):
+            for name, on in (variants if r % 2 == 0 else variants[::-1]):
+                set_speedups(on)
+                spent["evaluation"] = 0.0
+                load = load_average()[0]
+                wall, cpu = time.perf_counter(), time.process_time()
                 stage = run_cell(uncached, cell, up)
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
-            evals.append(spent["evaluation"])
-            print(f"{cell.label}: {walls[-1]:.1f} s (evaluation {evals[-1]:.1f} s), load {load:.2f}", flush=True)
-        rows.append({
-            "cell": cell.label, "wall_s": median(walls), "cpu_s": median(cpus), "evaluation_s": median(evals),
-            "training_s": median(walls) - median(evals), "walls": walls, "stage": stage.key,
-        })
-    columns = ["cell", "wall_s", "training_s", "evaluation_s", "cpu_s"]
+                runs[name]["wall"].append(time.perf_counter() - wall)
+                runs[name]["cpu"].append(time.process_time() - cpu)
+                runs[name]["evaluation"].append(spent["evaluation"])
+                print(f"{cell.label} [{name}]: {runs[name]['wall'][-1]:.1f} s (evaluation {spent['evaluation']:.1f} s), load {load:.2f}", flush=True)
+        set_speedups("all")
+        for name, _ in variants:
+            x = runs[name]
+            rows.append({
+                "cell": cell.label, "variant": name, "wall_s": median(x["wall"]), "cpu_s": median(x["cpu"]),
+                "evaluation_s": median(x["evaluation"]), "training_s": median(x["wall"]) - median(x["evaluation"]), "walls": x["wall"],
+            })
+    columns = ["cell", "variant", "wall_s", "training_s", "evaluation_s", "cpu_s"]
     print(table(rows, columns))
     path = write_result(args.name or f"cell_{args.preset}", {"preset": args.preset, "threads": threads, "repeats": args.repeats, "rows": rows})
     print(f"wrote {path}")
