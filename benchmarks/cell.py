@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     import dpo_bench.logprobs as logprobs
+    import reward.batching as batching
     from dpo_bench import stages as stages_module
     from dpo_bench.bench import load_config
     from dpo_bench.run import Timings, plan_stages, upstream_for
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     stages_module.evaluate_policy = timed_evaluate
 
     def set_speedups(on: str) -> None:
-        logprobs.GROUP_OVERHEAD_TOKENS = saved_overhead if on == "all" else 10**9
+        batching.GROUP_OVERHEAD_TOKENS = saved_overhead if on == "all" else 10**9
         logprobs.keeps_selected_logits = (lambda model: False) if on == "none" else saved_keeps
 
-    saved_overhead, saved_keeps = logprobs.GROUP_OVERHEAD_TOKENS, logprobs.keeps_selected_logits
+    saved_overhead, saved_keeps = batching.GROUP_OVERHEAD_TOKENS, logprobs.keeps_selected_logits
     variants = [("current", "all"), ("without length groups", "logits"), ("without either", "none")] if args.ablate else [("current", "all")]
     rows = []
     for cell in chosen:

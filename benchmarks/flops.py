@@ -4,9 +4,12 @@ the FLOP/s achieved against this machine's measured matrix-multiply rate.
 Forward FLOPs of a GPT-2 (L blocks, width d, vocabulary V) over a B x T batch, counting each
 multiply-add as 2: per token and block 24·d² (the QKV, output and MLP projections) plus 4·T·d
 (attention scores and their weighted sum over the T positions the kernel computes), plus 2·d·V
-for the LM head. A training step is 3x its forward (backward ≈ 2x). Padding is computed too,
-so both the padded ("computed") and the real-token ("useful") counts are shown. Sampling with
-a KV cache costs one token's forward per step, attending over the cache.
+for the LM head. A training step is 3x its forward (backward ≈ 2x). The count follows what the
+code computes: a batch's rows go through the model in length groups (``reward.batching``), each
+padded to its own longest row, and the LM head runs only where a completion token is predicted
+(the reward model: at one position per row). "useful share" is the part of those FLOPs spent on
+real tokens (the trunk) and on completion tokens (the LM head). Sampling with a KV cache costs
+one token's forward per step, attending over the cache.
 
 Rates use process CPU time at 1 thread, so other processes on the cores distort them little;
 the ceiling is a 2048 x 2048 float32 ``torch.mm`` at the same thread count.
@@ -38,6 +41,22 @@ def forward_flops(model, rows: int, width: int, lm_head: bool = True) -> float:
 
 def useful_fraction(mask: torch.Tensor) -> float:
     return float(mask.float().mean())
+
+
+def grouped_flops(model, attention_mask: torch.Tensor, lm_head_positions: int) -> tuple[float, float]:
+    """(computed, useful) forward FLOPs of one batch as the code runs it: the trunk over each
+    length group padded to its longest row, the LM head at ``lm_head_positions`` positions."""
+    from reward.batching import length_groups
+
+    layers, d, vocab = shape(model)
+    lengths = attention_mask.sum(-1)
+    computed = useful = 0.0
+    for rows in length_groups(lengths):
+        width = int(lengths[rows].max())
+        computed += len(rows) * width * layers * (24 * d * d + 4 * width * d)
+        useful += sum(int(lengths[r]) * layers * (24 * d * d + 4 * int(lengths[r]) * d) for r in rows)
+    head = lm_head_positions * 2 * d * vocab
+    return computed + head, useful + head
 
 
 def cpu_seconds(fn, repeats: int) -> tuple[float, float]:
@@ -86,10 +105,16 @@ def main(argv: list[str] | None = None) -> None:
         return model
 
     def record(stage: str, flops: float, useful: float, fn, note: str = "") -> None:
+        """``flops`` computed per call, ``useful`` the share of them on real tokens."""
         cpu, wall = cpu_seconds(fn, args.repeats)
         rows.append({"stage": stage, "GFLOP_per_step": flops / 1e9, "useful_share": useful, "cpu_ms": 1000 * cpu,
                      "wall_ms": 1000 * wall, "GFLOP_per_s": flops / cpu / 1e9, "share_of_matmul_peak": flops / cpu / peak,
                      "note": note})
+
+    def step_flops(batch) -> tuple[float, float]:
+        """(computed FLOPs of a training step, useful share) with the LM head at the completion tokens."""
+        computed, useful = grouped_flops(fx.reference, batch.attention_mask, int(batch.completion_mask[:, 1:].sum()))
+        return 3 * computed, useful / computed
 
     # SFT: 64 corpus sentences after a BOS prompt.
     prompts, completions = fx.task.reference_training_data()
@@ -103,9 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
 
-    rows_, width = sft_batch.input_ids.shape
-    record("SFT step (64 sequences)", 3 * forward_flops(model, rows_, width), useful_fraction(sft_batch.attention_mask), sft_step,
-           f"T={width}")
+    record("SFT step (64 sequences)", *step_flops(sft_batch), sft_step, f"padded T={sft_batch.input_ids.shape[1]}")
 
     # DPO: 64 pairs, chosen and rejected in one forward.
     idx = torch.arange(64)
@@ -121,10 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
 
-    rows_, width = pair_batch.input_ids.shape
-    record("DPO step (64 pairs)", 3 * forward_flops(model, rows_, width), useful_fraction(pair_batch.attention_mask), dpo_step, f"T={width}")
+    record("DPO step (64 pairs)", *step_flops(pair_batch), dpo_step, f"padded T={pair_batch.input_ids.shape[1]}")
 
-    # Reward model: the same 64 pairs; our trunk also computes the LM head's logits (unused).
+    # Reward model: the same 64 pairs; the trunk's LM head at one position per row (logits_to_keep=1), unused.
     rm = RewardModel(fx.reference)
     for q in rm.parameters():
         q.requires_grad_(True)
@@ -139,16 +161,17 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         rm_opt.step()
 
-    record("reward-model step (64 pairs)", 3 * forward_flops(fx.reference, rows_, width), useful_fraction(pair_batch.attention_mask),
-           rm_step, "includes the unused LM-head logits")
+    computed, useful = grouped_flops(fx.reference, pair_batch.attention_mask, len(pair_batch))
+    record("reward-model step (64 pairs)", 3 * computed, useful / computed, rm_step, "LM head at 1 position per row (unused)")
 
     # Reference log-probs of every train pair (forward only, chunks trimmed to their longest row).
     everything = fx.prefs.chosen
     n = len(everything)
-    record(f"reference log-probs ({n} sequences)", sum(forward_flops(fx.reference, len(everything.select(slice(s, s + 256))),
-                                                                     everything.select(slice(s, s + 256)).trim().input_ids.shape[1])
-                                                      for s in range(0, n, 256)),
-           useful_fraction(everything.attention_mask), lambda: batched_sequence_logps(fx.reference, everything), "no grad")
+    chunks = [grouped_flops(fx.reference, c.attention_mask, int(c.completion_mask[:, 1:].sum()))
+              for c in (everything.select(slice(s, s + 256)) for s in range(0, n, 256))]
+    computed, useful = sum(c for c, _ in chunks), sum(u for _, u in chunks)
+    record(f"reference log-probs ({n} sequences)", computed, useful / computed,
+           lambda: batched_sequence_logps(fx.reference, everything), "no grad")
 
     # Sampling 512 completions with the KV cache.
     prompt_ids = [fx.task.encode_prompt(t) for t in fx.task.train_prompts[:512]]

@@ -1,5 +1,5 @@
 """How many forward passes a batch should be split into: DPO step time against the per-pass
-overhead that :func:`dpo_bench.logprobs.length_groups` charges (``GROUP_OVERHEAD_TOKENS``).
+overhead that :func:`reward.batching.length_groups` charges (``GROUP_OVERHEAD_TOKENS``).
 
 A DPO step on the train pairs in plain (not length-grouped) order, 64 pairs per step, the
 ``quick`` fixture's SFT model, 1 thread; each setting runs the same batches, interleaved, and
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     set_threads(args.threads)
 
-    import dpo_bench.logprobs as logprobs
-    from dpo_bench.logprobs import concat_batches, length_groups, sequence_logps
+    import reward.batching as batching
+    from dpo_bench.logprobs import concat_batches, sequence_logps
+    from reward.batching import length_groups
     from dpo_bench.losses import LOSSES
 
     fx = fixture()
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             for q in model.parameters():
                 q.requires_grad_(True)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-            saved = logprobs.GROUP_OVERHEAD_TOKENS
-            logprobs.GROUP_OVERHEAD_TOKENS = 10**9 if overhead == float("inf") else int(overhead)
+            saved = batching.GROUP_OVERHEAD_TOKENS
+            batching.GROUP_OVERHEAD_TOKENS = 10**9 if overhead == float("inf") else int(overhead)
             times = []
             try:
                 for pair, ref_c, ref_r in batches:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                     opt.step()
                     times.append(time.perf_counter() - start)
             finally:
-                logprobs.GROUP_OVERHEAD_TOKENS = saved
+                batching.GROUP_OVERHEAD_TOKENS = saved
             return median(times[2:])
         return run
 

@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
-from .trl_support import common_args, require_trl, run_trl, step_comparison_parser, timed_trainer
+from .trl_support import common_args, require_trl, run_trl, step_comparison_parser, ticking_optimiser_steps, timed_trainer
 
 TOLERANCE = 1e-5
 
@@ -83,13 +83,9 @@ def ours(fx, model, pairs, *, steps, batch_size, lr, seed) -> StepClock:
     from reward.train import RewardTrainConfig, train_reward_model
 
     clock = StepClock()
-    handle = model.register_forward_pre_hook(lambda *a: clock.tick())  # one forward per step
-    try:
+    with ticking_optimiser_steps(clock):
         train_reward_model(model, pairs, RewardTrainConfig(steps=steps, batch_size=batch_size, lr=lr), pad_id=fx.task.pad_id,
                            generator=torch.Generator().manual_seed(seed), progress=False)
-    finally:
-        handle.remove()
-    clock.tick()
     return clock
 
 

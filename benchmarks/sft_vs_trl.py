@@ -17,7 +17,9 @@ import tempfile
 import torch
 
 from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
-from .trl_support import common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, timed_trainer
+from .trl_support import (
+    common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, ticking_optimiser_steps, timed_trainer,
+)
 
 TOLERANCE = 1e-5
 
@@ -27,17 +29,12 @@ def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed) -> tup
     from dpo_bench.training import TrainLog
 
     clock = StepClock()
-    # One forward per step: a pre-hook on the model marks the step boundaries.
-    handle = model.register_forward_pre_hook(lambda *a: clock.tick())
     log = TrainLog()
-    try:
+    with ticking_optimiser_steps(clock):
         supervised_finetune(
             model, prompts, completions, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, group_by_length=False),
             pad_id=fx.task.pad_id, generator=torch.Generator().manual_seed(seed), log=log, progress=False,
         )
-    finally:
-        handle.remove()
-    clock.tick()
     return clock, {step: v for step, name, v, _ in log.records if name == "train/loss"}
 
 

@@ -12,6 +12,7 @@ TRL is an optional dependency: ``pip install 'dpo-bench[bench]'``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 from typing import Any
@@ -42,6 +43,18 @@ def step_comparison_parser(doc: str, lr: float) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_threads_argument(p)
     return p
+
+
+@contextlib.contextmanager
+def ticking_optimiser_steps(clock: StepClock):
+    """Tick ``clock`` now and after every optimiser step taken inside the block: the gaps are whole
+    steps, however many forward passes a step makes (ours splits a batch by length)."""
+    clock.tick()
+    handle = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: clock.tick())
+    try:
+        yield clock
+    finally:
+        handle.remove()
 
 
 def timed_trainer(trainer_cls, clock: StepClock, tokenizer, **kwargs):

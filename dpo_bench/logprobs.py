@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from reward.batching import length_groups, used_columns
+
 
 @dataclass(frozen=True)
 class SequenceBatch:
@@ -145,52 +147,6 @@ def _token_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     return token_logps_and_hidden(model, batch)[0]
 
 
-# What one extra forward pass costs, counted in padded tokens: a sub-batch pays off only when it
-# saves more padding than this. Measured on the sentiment task's GPT-2 (benchmarks/RESULTS.md).
-GROUP_OVERHEAD_TOKENS = 64
-
-
-def length_groups(lengths: Sequence[int] | torch.Tensor, overhead: int | None = None) -> list[list[int]]:
-    """Rows split into groups of similar length, so each group is padded to its own longest row.
-
-    Rows are sorted by length and cut where the padding a cut saves exceeds ``overhead`` tokens
-    (one more forward pass). Exact: dynamic programming over the distinct lengths minimises
-    Σ_groups (rows × longest) + overhead × groups. Returns row indices, shortest rows first.
-    """
-    overhead = GROUP_OVERHEAD_TOKENS if overhead is None else overhead
-    lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    if not order:
-        return []
-    distinct = sorted(set(lengths))
-    ends = []  # rows with length <= distinct[j]
-    count = 0
-    for value in distinct:
-        count += lengths.count(value)
-        ends.append(count)
-    # best[j]: cheapest cover of the rows with length <= distinct[j - 1]; cut[j]: its last group's start.
-    best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
-    for j in range(1, len(distinct) + 1):
-        for i in range(j):
-            rows = ends[j - 1] - (ends[i - 1] if i else 0)
-            cost = best[i] + rows * distinct[j - 1] + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(distinct)
-    while j > 0:
-        i = cut[j]
-        groups.append(order[(ends[i - 1] if i else 0):ends[j - 1]])
-        j = i
-    return groups[::-1]
-
-
-def _used_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
-    used = attention_mask.any(0).nonzero()
-    if used.numel() == 0:
-        return 0, attention_mask.shape[1]
-    return int(used[0]), int(used[-1]) + 1
-
-
 def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[torch.Tensor, ...]], group: bool = True) -> tuple[torch.Tensor, ...]:
     """``fn`` over the batch's rows in :func:`length_groups`, each group trimmed to its longest row.
 
@@ -205,7 +161,7 @@ def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[t
     for rows in groups:
         index = torch.tensor(rows, device=batch.input_ids.device)
         sub = batch.select(index)
-        lo, hi = _used_columns(sub.attention_mask)
+        lo, hi = used_columns(sub.attention_mask)
         parts = fn(SequenceBatch(*(t[:, lo:hi] for t in (sub.input_ids, sub.attention_mask, sub.completion_mask))))
         if outs is None:
             outs = [p.new_zeros((len(batch), batch.input_ids.shape[1] - 1)) for p in parts]

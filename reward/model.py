@@ -13,6 +13,8 @@ import inspect
 import torch
 from torch import nn
 
+from .batching import length_groups, used_columns
+
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, for left or right padding; shape (B,)."""
@@ -35,7 +37,21 @@ class RewardModel(nn.Module):
         self._trunk_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.trunk.forward).parameters else {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores of shape (B,)."""
+        """Scores of shape (B,); rows of very different lengths go through the trunk in separate
+        passes, each trimmed to its longest row (:mod:`reward.batching`): the same scores."""
+        groups = length_groups(attention_mask.sum(-1)) if input_ids.shape[0] > 1 else []
+        if len(groups) <= 1:
+            return self._scores(input_ids, attention_mask)
+        out = None
+        for rows in groups:
+            index = torch.tensor(rows, device=input_ids.device)
+            mask = attention_mask[index]
+            lo, hi = used_columns(mask)
+            scores = self._scores(input_ids[index, lo:hi], mask[:, lo:hi])
+            out = (scores.new_zeros(input_ids.shape[0]) if out is None else out).index_put((index,), scores)
+        return out
+
+    def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,

@@ -214,3 +214,31 @@ def test_reward_model_scores_skip_the_lm_head_without_changing_them():
     fast = model(ids, mask)
     model._trunk_kwargs = {}
     assert torch.equal(fast, model(ids, mask))
+
+
+def test_reward_model_scores_rows_of_mixed_lengths_in_groups_with_the_same_result(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from reward.batching import length_groups
+    from reward.model import RewardModel
+
+    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 4)
+    torch.manual_seed(1)
+    trunk = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    model = RewardModel(trunk)
+    torch.nn.init.normal_(model.head.weight)
+    lengths = [3, 30, 4, 28, 5, 31, 3, 29]
+    ids = torch.randint(1, 50, (len(lengths), 32))
+    mask = (torch.arange(32)[None, :] < torch.tensor(lengths)[:, None]).long()
+    mask[1] = mask[1].roll(2)  # one left-padded row as the sampler writes them
+    assert len(length_groups(mask.sum(-1))) > 1
+    grouped = model(ids, mask)
+    grouped.sum().backward()
+    grad = model.head.weight.grad.clone()
+    model.zero_grad()
+    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 10**9)
+    whole = model(ids, mask)
+    whole.sum().backward()
+    assert torch.allclose(grouped, whole, atol=1e-5)
+    assert torch.allclose(grad, model.head.weight.grad, atol=1e-5)

@@ -104,7 +104,8 @@ import itertools  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dpo_bench.logprobs import gather_token_logps, forward, keeps_selected_logits, length_groups  # noqa: E402
+from dpo_bench.logprobs import forward, gather_token_logps, keeps_selected_logits  # noqa: E402
+from reward.batching import length_groups  # noqa: E402
 
 
 def _cost(groups, lengths, overhead):
@@ -147,7 +148,7 @@ def _mixed_batch(seed, rows=24):
 
 
 def test_grouped_forward_gives_the_padded_forwards_numbers_and_gradients(monkeypatch):
-    monkeypatch.setattr("dpo_bench.logprobs.GROUP_OVERHEAD_TOKENS", 16)
+    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 16)
     batch = _mixed_batch(0)
     assert len(length_groups(batch.attention_mask.sum(-1))) > 1  # the test must exercise grouping
     values, grads = [], []
@@ -177,3 +178,20 @@ def test_completion_only_logits_match_the_full_vocabulary_projection():
 def test_models_without_selected_logits_use_the_full_logits():
     allowed = torch.tensor([False, False, False, True, True])
     assert not keeps_selected_logits(TabularLM(5, allowed, torch.zeros(5, 5)))
+
+
+def test_ppo_log_probs_and_values_in_length_groups_match_one_padded_pass(monkeypatch):
+    from dpo_bench.methods.ppo import PolicyWithValueHead
+
+    batch = _mixed_batch(2)
+    model = PolicyWithValueHead(_model(4))
+    torch.nn.init.normal_(model.value_head.weight)
+    mask = batch.completion_mask[:, 1:].bool()
+    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 16)
+    assert len(length_groups(batch.attention_mask.sum(-1))) > 1
+    logps, values = model.logps_and_values(batch)
+    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 10**9)
+    whole_logps, whole_values = model.logps_and_values(batch)
+    assert torch.allclose(logps, whole_logps, atol=1e-5)
+    # Values count only on completion tokens (GAE and the value loss mask the rest).
+    assert torch.allclose(values[mask], whole_values[mask], atol=1e-5)
