@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from reward.batching import length_groups, used_columns
+from reward import batching
 
 
 @dataclass(frozen=True)
@@ -148,26 +148,18 @@ def _token_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
 
 
 def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[torch.Tensor, ...]], group: bool = True) -> tuple[torch.Tensor, ...]:
-    """``fn`` over the batch's rows in :func:`length_groups`, each group trimmed to its longest row.
+    """``fn`` over the batch's rows in length groups (:func:`reward.batching.by_length_groups`),
+    each group trimmed to its longest row.
 
     ``fn`` maps a batch of b rows and width t to tensors of shape (b, t-1) (per-token quantities
-    aligned to input_ids[:, 1:]); the groups' results are put back in the rows' original order,
-    zero where a group's trimmed width did not reach. One group is one call on the whole batch.
+    aligned to input_ids[:, 1:]); the results come back in the rows' order, zero where a group's
+    trimmed width did not reach. One group is one call on the whole batch.
     """
-    groups = length_groups(batch.attention_mask.sum(-1)) if group and len(batch) > 1 else []
-    if len(groups) <= 1:
-        return fn(batch)
-    outs: list[torch.Tensor] | None = None
-    for rows in groups:
-        index = torch.tensor(rows, device=batch.input_ids.device)
-        sub = batch.select(index)
-        lo, hi = used_columns(sub.attention_mask)
-        parts = fn(SequenceBatch(*(t[:, lo:hi] for t in (sub.input_ids, sub.attention_mask, sub.completion_mask))))
-        if outs is None:
-            outs = [p.new_zeros((len(batch), batch.input_ids.shape[1] - 1)) for p in parts]
-        cols = torch.arange(lo, lo + parts[0].shape[1], device=parts[0].device)
-        outs = [o.index_put((index[:, None], cols[None, :]), p) for o, p in zip(outs, parts)]
-    return tuple(outs)
+    def run(rows: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+        return fn(SequenceBatch(*(t[rows, lo:hi] for t in (batch.input_ids, batch.attention_mask, batch.completion_mask))))
+
+    grouped = batching.by_length_groups(batch.attention_mask, run, width=batch.input_ids.shape[1] - 1) if group else None
+    return fn(batch) if grouped is None else grouped
 
 
 def token_logps(model: nn.Module, batch: SequenceBatch, group: bool = True) -> torch.Tensor:

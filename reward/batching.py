@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -57,3 +57,32 @@ def used_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
     if used.numel() == 0:
         return 0, attention_mask.shape[1]
     return int(used[0]), int(used[-1]) + 1
+
+
+def by_length_groups(
+    attention_mask: torch.Tensor, fn: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]], width: int | None = None,
+) -> tuple[torch.Tensor, ...] | None:
+    """``fn(rows, lo, hi)`` for each of the batch's :func:`length_groups`, the results put back in row order.
+
+    ``fn`` computes the rows ``rows`` (an index tensor) trimmed to the columns [lo, hi) and returns
+    tensors whose first dimension is those rows: shape (b,), or (b, w) for per-position results,
+    which land in columns [lo, lo + w) of an output ``width`` wide (zero elsewhere). ``None`` when
+    the batch is one group: the caller then makes its single pass itself.
+    """
+    groups = length_groups(attention_mask.sum(-1)) if attention_mask.shape[0] > 1 else []
+    if len(groups) <= 1:
+        return None
+    outs: list[torch.Tensor] | None = None
+    for rows in groups:
+        index = torch.tensor(rows, device=attention_mask.device)
+        lo, hi = used_columns(attention_mask[index])
+        parts = fn(index, lo, hi)
+        if outs is None:
+            outs = [p.new_zeros((attention_mask.shape[0], *((width,) if p.dim() == 2 else ()))) for p in parts]
+        for k, p in enumerate(parts):
+            if p.dim() == 1:
+                outs[k] = outs[k].index_put((index,), p)
+            else:
+                cols = torch.arange(lo, lo + p.shape[1], device=p.device)
+                outs[k] = outs[k].index_put((index[:, None], cols[None, :]), p)
+    return tuple(outs)

@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch import nn
 
-from .batching import length_groups, used_columns
+from .batching import by_length_groups
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,17 +39,9 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores of shape (B,); rows of very different lengths go through the trunk in separate
         passes, each trimmed to its longest row (:mod:`reward.batching`): the same scores."""
-        groups = length_groups(attention_mask.sum(-1)) if input_ids.shape[0] > 1 else []
-        if len(groups) <= 1:
-            return self._scores(input_ids, attention_mask)
-        out = None
-        for rows in groups:
-            index = torch.tensor(rows, device=input_ids.device)
-            mask = attention_mask[index]
-            lo, hi = used_columns(mask)
-            scores = self._scores(input_ids[index, lo:hi], mask[:, lo:hi])
-            out = (scores.new_zeros(input_ids.shape[0]) if out is None else out).index_put((index,), scores)
-        return out
+        grouped = by_length_groups(attention_mask, lambda rows, lo, hi: (
+            self._scores(input_ids[rows, lo:hi], attention_mask[rows, lo:hi]),))
+        return self._scores(input_ids, attention_mask) if grouped is None else grouped[0]
 
     def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
