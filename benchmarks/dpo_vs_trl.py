@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows, ["implementation", "median_step_ms", "median_cpu_ms", "pairs_per_s", "speedup_of_ours", "cpu_speedup_of_ours", "loss_step0",
                        "abs_diff_step0_vs_ours", "max_abs_diff_first_steps"]))
     print(f"load average during the run: {min(loads):.2f}-{max(loads):.2f}; step-0 losses agree within {TOLERANCE:g}")
-    path = write_result("dpo_vs_trl", {"config": vars(args), "rows": rows, "step_seconds": step_s, "cpu_seconds": cpu, "losses": losses, "threads": torch.get_num_threads(),
+    path = write_result("dpo_vs_trl_grouped" if args.group_by_length else "dpo_vs_trl", {"config": vars(args), "rows": rows, "step_seconds": step_s, "cpu_seconds": cpu, "losses": losses, "threads": torch.get_num_threads(),
                                        "load_average_range": [min(loads), max(loads)], "tolerance": TOLERANCE})
     print(f"wrote {path}")
 

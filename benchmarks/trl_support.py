@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .common import StepClock, add_threads_argument, quiet_transformers
 
@@ -50,7 +51,7 @@ def ticking_optimiser_steps(clock: StepClock):
     """Tick ``clock`` now and after every optimiser step taken inside the block: the gaps are whole
     steps, however many forward passes a step makes (ours splits a batch by length)."""
     clock.tick()
-    handle = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: clock.tick())
+    handle = register_optimizer_step_post_hook(lambda *_: clock.tick())
     try:
         yield clock
     finally:

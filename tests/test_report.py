@@ -281,6 +281,8 @@ def test_headline_names_the_best_method(plain_run):
     # dpo at β=0.1 loses fluency in the synthetic run: the alarm must name it
     alarm = [ln for ln in lines if "Reward-hacking alarm" in ln]
     assert alarm and "dpo (β=0.1)" in alarm[0]
+    # one seed per setting: the reader is told the ± leave out seed variation
+    assert "Every setting was trained with one seed" in text
 
 
 def test_results_table_marks_the_best(plain_run):
@@ -335,6 +337,7 @@ def test_forty_cells_with_seeds_stay_small(tmp_path):
     assert size < 5 * 1024 * 1024, f"report.html is {size / 1e6:.1f} MB"
     md = paths["markdown"].read_text(encoding="utf-8")
     assert "#### Seed-aggregated" in md and "mean of 3" in md
+    assert "trained with one seed" not in md  # every setting has three: the ± are between-seed errors
 
 
 def test_welch_matches_scipy():

@@ -102,6 +102,20 @@ def matched_kl(configs: pd.DataFrame, reward: RewardScale = GOLD) -> list[Findin
         f"at KL {fmt.pm(top['kl'], top['kl_stderr'])} nats.")]
 
 
+def seed_note(configs: pd.DataFrame, reward: RewardScale = GOLD) -> list[Finding]:
+    """Say when a setting's ± is one training run's evaluation error: seeds move results more."""
+    m = reward.metric
+    trained = configs[(configs["method"] != REFERENCE_METHOD) & configs[m].notna()]
+    single = trained[trained["seeds"] <= 1]
+    if single.empty:
+        return []
+    scope = "Every setting was" if len(single) == len(trained) else f"{len(single)} of {len(trained)} settings were"
+    return [Finding(
+        f"{scope} trained with one seed: their ± and p-values are the evaluation-sample error of one "
+        f"training run and leave out the variation between training seeds, which can be larger; give a "
+        f"grid entry seeds = [0, 1, 2] to report the between-seed error instead.")]
+
+
 def reward_model(data: RunData) -> list[Finding]:
     rm = data.metrics[data.metrics["method"] == "reward_model"]
     # Reward models at other label temperatures answer a reading-notes question; the headline is
@@ -180,6 +194,7 @@ def headline(data: RunData, final: pd.DataFrame, configs: pd.DataFrame) -> list[
         findings += best_overall(configs, reward)
         findings += versus_sft(configs, reward)
         findings += matched_kl(configs, reward)
+        findings += seed_note(configs, reward)
     findings += reward_model(data)
     findings += invariance(data)
     if not final.empty:
