@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dpo_bench.bench import BenchConfig, load_config, preset_names
@@ -94,3 +96,18 @@ def test_config_round_trips_through_its_dict():
     config = load_config("default")
     assert from_dict_config(config.to_dict()) == config
     assert isinstance(config, BenchConfig)
+
+
+def test_the_readmes_seed_spread_config_trains_three_seeds(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- seeds-config -->", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "seeds.toml"
+    path.write_text(block)
+    config = load_config(path=path)
+    seeds = {}
+    for cell in config.cells():
+        seeds.setdefault((cell.method, cell.value), []).append(cell.seed)
+    assert seeds == {("sft", None): [0], ("ppo", 0.05): [0, 1, 2], ("dpo", 0.1): [0, 1, 2]}
+    # everything else is the default preset's, so seed 0 reuses the default run's cached cells
+    default = load_config("default")
+    assert config.sft == default.sft and config.preferences == default.preferences and config.evaluation == default.evaluation
