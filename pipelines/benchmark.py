@@ -89,7 +89,22 @@ def task_runner_for(workers: int, dask_address: str | None) -> Any:
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
+    keep_freed_memory()
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+def keep_freed_memory() -> None:
+    """Let the local workers' malloc keep the memory torch frees, as a plain process does.
+
+    Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to return memory to the OS
+    early). That also fixes glibc's mmap threshold at 128 kB, so every tensor above it is a fresh
+    mmap, zeroed by page faults, and unmapped when freed: on the default preset the two workers
+    spent 234 s of system CPU against 718 s of user CPU. Unset, the workers allocate as a
+    process started from the shell does (benchmarks/RESULTS.md).
+    """
+    import dask
+
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
 @flow(name="dpo-bench")

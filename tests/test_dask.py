@@ -87,3 +87,30 @@ def test_setup_threads_pins_a_worker(tmp_path):
     assert pid != os.getpid()
     assert before == 1  # Dask's default for worker processes
     assert during == 2
+
+
+def _malloc_env() -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_local_workers_allocate_like_a_plain_process(monkeypatch):
+    """Dask's MALLOC_TRIM_THRESHOLD_=65536 pins glibc's mmap threshold: every freed tensor went
+    back to the OS and was page-faulted in again (a quarter of the workers' CPU in the kernel)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from pipelines.benchmark import task_runner_for
+
+    # An earlier cluster in this process wrote Dask's value into os.environ; a shell would not have it.
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    key = "distributed.nanny.pre-spawn-environ"
+    saved = dict(dask.config.get(key))
+    try:
+        dask.config.set({f"{key}.MALLOC_TRIM_THRESHOLD_": 65536})  # Dask's default (an earlier run may have unset it)
+        assert task_runner_for(2, None) is not None
+        environ = dask.config.get(key)
+        assert environ.get("MALLOC_TRIM_THRESHOLD_") is None and environ.get("OMP_NUM_THREADS") is not None
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+            assert client.submit(_malloc_env).result() is None
+    finally:
+        dask.config.set({key: saved})
