@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import reward.batching as batching
     from dpo_bench.logprobs import concat_batches, sequence_logps
-    from reward.batching import length_groups
     from dpo_bench.losses import LOSSES
 
     fx = fixture()
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         computed = real = 0
         for pair, _, _ in batches:
             lengths = pair.attention_mask.sum(-1)
-            groups = [list(range(len(pair)))] if overhead == float("inf") else length_groups(lengths, int(overhead))
+            groups = [list(range(len(pair)))] if overhead == float("inf") else batching.length_groups(lengths, int(overhead))
             computed += sum(len(g) * int(lengths[g].max()) for g in groups)
             real += int(lengths.sum())
         return 1 - real / computed

@@ -2,7 +2,10 @@
 
 Every method needs log π(y|x) = Σ_t log π(y_t | x, y_<t) over the completion tokens only. This
 module is the one place that computes it, for any padding (left-padded prompts from the sampler,
-right-padded pairs from the collator): positions are derived from the attention mask.
+right-padded pairs from the collator): positions are derived from the attention mask. Two things
+keep it cheap without changing a number beyond float rounding: a batch's rows go through the
+model in groups of similar length (``reward.batching``), and the vocabulary projection runs only
+where a completion token is predicted.
 """
 
 from __future__ import annotations
@@ -141,10 +144,6 @@ def token_logps_and_hidden(model: nn.Module, batch: SequenceBatch, hidden: bool 
         # masked_fill, not multiplication: a padded position may hold -inf (the tabular policy's mask).
         logps = gather_token_logps(out.logits, batch.input_ids).masked_fill(~mask, 0.0)
     return logps, (out.hidden_states[-1] if hidden else None)
-
-
-def _token_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    return token_logps_and_hidden(model, batch)[0]
 
 
 def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[torch.Tensor, ...]], group: bool = True) -> tuple[torch.Tensor, ...]:
