@@ -21,31 +21,11 @@ import pandas as pd
 import torch
 
 from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
-from .trl_support import common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, timed_trainer
+from .trl_support import (
+    common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, ticking_optimiser_steps, timed_trainer,
+)
 
 TOLERANCE = 1e-5
-
-
-class TickingLog:
-    """A TrainLog that ticks a clock on every record (our loop logs once per step here)."""
-
-    def __init__(self, clock: StepClock):
-        from dpo_bench.training import TrainLog
-
-        self.inner = TrainLog()
-        self.clock = clock
-
-    def log(self, step: int, n: int = 0, **metrics: float) -> None:
-        self.clock.tick()
-        self.inner.log(step, n, **metrics)
-
-    @property
-    def records(self):
-        return self.inner.records
-
-    @property
-    def last_finite(self):
-        return self.inner.last_finite
 
 
 def ours(fx, *, steps: int, batch_size: int, beta: float, lr: float, seed: int,
@@ -55,17 +35,18 @@ def ours(fx, *, steps: int, batch_size: int, beta: float, lr: float, seed: int,
     from dpo_bench.losses import LOSSES
     from dpo_bench.methods.base import MethodContext
     from dpo_bench.methods.dpo_family import DPOConfig, train_dpo_family
+    from dpo_bench.training import TrainLog
 
     clock = StepClock()
-    log = TickingLog(clock)
+    log = TrainLog()
     ctx = MethodContext(
         task=fx.task, reference=fx.reference, device=torch.device("cpu"), seed=seed,
         generator=torch.Generator().manual_seed(seed), checkpoint=lambda step, model: None, n_checkpoints=0,
         log=log, preferences=fx.prefs, progress=False, label="dpo",
     )
     config = DPOConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, beta=beta, group_by_length=group_by_length)
-    clock.tick()
-    train_dpo_family(ctx, config, LOSSES["dpo"])
+    with ticking_optimiser_steps(clock):
+        train_dpo_family(ctx, config, LOSSES["dpo"])
     losses = [v for _, name, v, _ in log.records if name == "train/loss"]
     return clock, losses
 

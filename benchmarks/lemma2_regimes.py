@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .common import add_threads_argument, load_average, set_threads, table, write_result
 
@@ -46,11 +45,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from dpo_bench.bench import load_config
     from dpo_bench.invariance import prompt_shift
-    from dpo_bench.methods.base import MethodContext, get_method
-    from dpo_bench.policy import derive_seed, seed_everything
-    from dpo_bench.policy_eval import evaluate_policy
+    from dpo_bench.methods.base import get_method
+    from dpo_bench.policy import derive_seed
     from dpo_bench.run import Timings, plan_stages
-    from dpo_bench.stages import Bench, load_reference_samples
+    from dpo_bench.stages import Bench, load_reference_samples, ppo_against
 
     config = load_config(args.preset)
     bench = Bench(config, Path(args.cache_dir), progress=False)
@@ -74,14 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         seed = derive_seed(config.seed, "lemma2_ppo", *([seed_index] if seed_index else []))
-        ctx = MethodContext(
-            task=task, reference=reference, device=bench.device, seed=seed, generator=seed_everything(seed),
-            checkpoint=lambda step, policy: None, n_checkpoints=1, gold_scores=reward(variant), progress=False, label=variant,
-        )
         start = time.perf_counter()
-        policy = method.train(ctx, ppo_config)
-        _, samples = evaluate_policy(policy, task=task, reference=reference, reward_model=None,
-                                     reference_samples=ref_samples, generator=torch.Generator().manual_seed(seed))
+        samples = ppo_against(task, reference, bench.device, ppo_config, reward(variant), seed, ref_samples, label=variant)
         gold = samples[task.reward_metric].to_numpy()
         kl = (samples["policy_logp"] - samples["ref_logp"]).to_numpy()
         n = len(samples)

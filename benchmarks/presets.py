@@ -3,6 +3,8 @@
 Every run starts from an empty cache (its own cache and reports directory), so nothing is reused.
 The wall time is the subprocess's, from launch to exit (imports, a Prefect server's start-up and
 the report included); ``run.json["timings"]`` gives each stage's seconds, which say what dominates.
+User and system CPU seconds cover the whole process tree (the Dask workers and the Prefect server
+included), as ``/usr/bin/time`` reports them.
 
     python -m benchmarks.presets                         # quick and default, each in-process and via Prefect
     python -m benchmarks.presets --variants quick:local,quick:prefect --repeats 2
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,13 +53,16 @@ def run_once(variant: str, threads: int | None, extra_env: dict[str, str] | None
                "DO_NOT_TRACK": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
         env.pop("PREFECT_API_URL", None)
         load_before = load_average()[0]
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(command(preset, mode, workdir, threads), env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0:
             raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         record = json.loads((workdir / "reports" / "bench" / "run.json").read_text())
     return {"variant": variant, "wall_s": wall, "run_json_wall_s": record["wall_seconds"], "timings": record["timings"],
+            "user_cpu_s": cpu.ru_utime - cpu_before.ru_utime, "system_cpu_s": cpu.ru_stime - cpu_before.ru_stime,
             "status": record["status"], "load_before": load_before, "load_after": load_average()[0]}
 
 
@@ -73,6 +79,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         top = sorted(((median(v), k) for k, v in stages.items()), reverse=True)[:4]
         rows.append({
             "variant": variant, "runs": len(mine), "wall_s": wall, "goal_s": GOALS.get(preset, float("nan")),
+            "user_cpu_s": median([r["user_cpu_s"] for r in mine]), "system_cpu_s": median([r["system_cpu_s"] for r in mine]),
             "meets_goal": wall < GOALS.get(preset, float("inf")),
             "stage_sum_s": sum(median(v) for v in stages.values()),
             "largest_stages": ", ".join(f"{k} {s:.0f}s" for s, k in top),
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             # Saved after every run: a long series that is stopped early keeps what it measured.
             write_result(args.output, {"runs": runs, "summary": summarise(runs), "threads": args.threads, "env": env})
     rows = summarise(runs)
-    print(table(rows, ["variant", "runs", "wall_s", "goal_s", "meets_goal", "stage_sum_s", "largest_stages", "load"]))
+    print(table(rows, ["variant", "runs", "wall_s", "user_cpu_s", "system_cpu_s", "goal_s", "meets_goal", "stage_sum_s",
+                       "largest_stages", "load"]))
     path = write_result(args.output, {"runs": runs, "summary": rows, "threads": args.threads, "env": env})
     print(f"wrote {path}")
 

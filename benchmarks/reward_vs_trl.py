@@ -20,7 +20,9 @@ import tempfile
 import torch
 
 from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
-from .trl_support import common_args, require_trl, run_trl, step_comparison_parser, ticking_optimiser_steps, timed_trainer
+from .trl_support import (
+    common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, ticking_optimiser_steps, timed_trainer,
+)
 
 TOLERANCE = 1e-5
 
@@ -30,19 +32,6 @@ def pairs_of(fx):
 
     c, r = fx.prefs.chosen, fx.prefs.rejected
     return PairTensors(c.input_ids, c.attention_mask, r.input_ids, r.attention_mask)
-
-
-def draw_order(n: int, batch_size: int, steps: int, seed: int) -> list[int]:
-    """The pair indices ``train_reward_model`` uses for ``steps`` steps: slices of a permutation,
-    re-drawn when the next slice would run past the end."""
-    g = torch.Generator().manual_seed(seed)
-    order, position, out = torch.randperm(n, generator=g), 0, []
-    for _ in range(steps):
-        if position + batch_size > n:
-            order, position = torch.randperm(n, generator=g), 0
-        out += order[position:position + batch_size].tolist()
-        position += batch_size
-    return out
 
 
 def build_ours(fx, head_seed: int):
@@ -84,7 +73,7 @@ def ours(fx, model, pairs, *, steps, batch_size, lr, seed) -> StepClock:
 
     clock = StepClock()
     with ticking_optimiser_steps(clock):
-        train_reward_model(model, pairs, RewardTrainConfig(steps=steps, batch_size=batch_size, lr=lr), pad_id=fx.task.pad_id,
+        train_reward_model(model, pairs, RewardTrainConfig(steps=steps, batch_size=batch_size, lr=lr, group_by_length=False), pad_id=fx.task.pad_id,
                            generator=torch.Generator().manual_seed(seed), progress=False)
     return clock
 
@@ -114,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     require_trl()
     fx = fixture()
     pairs = pairs_of(fx)
-    order = draw_order(len(pairs), args.batch_size, args.steps, args.seed)
+    order = order_like_ours(len(pairs), args.batch_size, args.steps, args.seed)
     init = build_ours(fx, head_seed=args.seed + 1)
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     step0 = {"ours": first_batch_loss(init, pairs, order, args.batch_size, fx.task.pad_id)}

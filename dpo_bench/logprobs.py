@@ -85,6 +85,12 @@ def concat_batches(a: SequenceBatch, b: SequenceBatch, pad_id: int) -> SequenceB
     )
 
 
+def longest_rows(*batches: SequenceBatch) -> torch.Tensor:
+    """Per item, the length of its longest row across ``batches`` (row i of each is item i): the
+    row that sets the item's padding in a stacked forward pass; what length-grouped batching sorts by."""
+    return torch.stack([b.attention_mask.sum(1) for b in batches]).amax(0)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, so a left-padded prompt sees the positions it trained on."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)

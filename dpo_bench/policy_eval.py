@@ -101,10 +101,9 @@ def evaluate_policy(
         ref_logps = batched_sequence_logps(reference, samples.batch).numpy()
         policy_logps = policy.sequence_logps(samples.batch)
         policy_logps = missing if policy_logps is None else policy_logps.numpy()
+    proxy = missing
     if reward_model is not None and wanted("proxy_reward"):
         proxy = reward_model.score(samples.batch.input_ids, samples.batch.attention_mask).numpy()
-    else:
-        proxy, reward_model = missing, None
 
     rows = [
         _row(reward, estimate_from_samples(gold)),

@@ -32,7 +32,7 @@ import torch
 
 from reward.bradley_terry import bayes_ceiling, pairwise_accuracy
 from reward.model import RewardModel
-from reward.train import PairTensors, evaluate_reward_model, minibatches, train_reward_model
+from reward.train import PairTensors, evaluate_reward_model, train_reward_model
 
 from .bench import BenchConfig, Cell
 from .configs import from_dict, to_dict
@@ -395,12 +395,9 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
             p.requires_grad_(True)
         train_log = TrainLog()
         train_pairs = pairs(train)
-        generator = torch.Generator().manual_seed(seed)
-        lengths = torch.maximum(train_pairs.chosen_mask.sum(1), train_pairs.rejected_mask.sum(1))
-        rm_config = config.reward_model
         train_reward_model(
-            model, train_pairs, rm_config, pad_id=task.pad_id, generator=generator, log=train_log.log, progress=bench.progress,
-            batches=minibatches(len(train_pairs), rm_config.batch_size, generator, lengths if rm_config.group_by_length else None),
+            model, train_pairs, config.reward_model, pad_id=task.pad_id, generator=torch.Generator().manual_seed(seed),
+            log=train_log.log, progress=bench.progress,
         )
         save_module(model, out / "reward_model.safetensors")
         rows = _train_rows(train_log, "reward_model", float("nan"), 0)
@@ -665,6 +662,20 @@ def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
 LEMMA2_VARIANTS = ("r", "r+f", "r+g")
 
 
+def ppo_against(task, reference: torch.nn.Module, device: torch.device, ppo_config: Any, scores: Callable, seed: int,
+                reference_samples: ReferenceSamples, label: str, progress: bool = False) -> pd.DataFrame:
+    """PPO-GT from the reference against the reward ``scores(prompts, completions)`` with seed
+    schedule ``seed``, evaluated on the eval prompts: the per-prompt samples frame."""
+    ctx = MethodContext(
+        task=task, reference=reference, device=device, seed=seed, generator=seed_everything(seed),
+        checkpoint=lambda step, policy: None, n_checkpoints=1, gold_scores=scores, progress=progress, label=label,
+    )
+    policy = get_method("ppo_gt").train(ctx, ppo_config)
+    _, samples = evaluate_policy(policy, task=task, reference=reference, reward_model=None,
+                                 reference_samples=reference_samples, generator=torch.Generator().manual_seed(seed))
+    return samples
+
+
 def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
     """Three PPO runs with the same seed schedule against r, r + f(x) and r + f(x) + g(x, y) = f(x) + c·r
     (f: N(0, 1) per prompt, c: ``checks.lemma2_control_scale``); each evaluated on the eval prompts."""
@@ -686,14 +697,8 @@ def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
                 f = prompt_shift(prompts, config.seed)
                 return {"r": r, "r+f": r + f, "r+g": f + checks.lemma2_control_scale * r}[_variant]
 
-            ctx = MethodContext(
-                task=task, reference=reference, device=bench.device, seed=seed, generator=seed_everything(seed),
-                checkpoint=lambda step, policy: None, n_checkpoints=1, gold_scores=scores,
-                progress=bench.progress, label=f"lemma2 PPO vs {variant}",
-            )
-            policy = method.train(ctx, ppo_config)
-            _, samples = evaluate_policy(policy, task=task, reference=reference, reward_model=None,
-                                         reference_samples=ref_samples, generator=torch.Generator().manual_seed(seed))
+            samples = ppo_against(task, reference, bench.device, ppo_config, scores, seed, ref_samples,
+                                  label=f"lemma2 PPO vs {variant}", progress=bench.progress)
             write_parquet(samples, out / f"{variant}.parquet")
 
     return bench.run_stage("lemma2_ppo", {"sft": stages["sft"].key, "ref_eval": stages["ref_eval"].key,

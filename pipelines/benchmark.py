@@ -98,9 +98,10 @@ def keep_freed_memory() -> None:
 
     Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to return memory to the OS
     early). That also fixes glibc's mmap threshold at 128 kB, so every tensor above it is a fresh
-    mmap, zeroed by page faults, and unmapped when freed: on the default preset the two workers
-    spent 234 s of system CPU against 718 s of user CPU. Unset, the workers allocate as a
-    process started from the shell does (benchmarks/RESULTS.md).
+    mmap, zeroed by page faults, and unmapped when freed. Unset, the workers allocate as a process
+    started from the shell does: the default preset's system CPU fell from 247 s to 27 s and its
+    wall time from 9:42 to 7:12 (``python -m benchmarks.presets --variants default:prefect``
+    measures both; benchmarks/RESULTS.md).
     """
     import dask
 

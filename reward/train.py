@@ -100,17 +100,17 @@ def train_reward_model(
     generator: torch.Generator,
     log=None,
     progress: bool = True,
-    batches: Iterator[torch.Tensor] | None = None,
 ) -> RewardModel:
     """Fit ``model`` to the pairs with the Bradley-Terry loss; ``log(step, **metrics)`` gets curves.
 
-    ``batches`` yields the index batches (e.g. grouped by length); by default the pairs are
-    reshuffled every epoch and cut into ``config.batch_size`` batches.
+    The pairs are reshuffled every epoch and cut into ``config.batch_size`` batches, of pairs of
+    similar length when ``config.group_by_length`` (a pair's length: its longer row).
     """
     device = model.head.weight.device
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    batches = batches if batches is not None else minibatches(len(pairs), config.batch_size, generator)
+    lengths = torch.maximum(pairs.chosen_mask.sum(1), pairs.rejected_mask.sum(1)) if config.group_by_length else None
+    batches = minibatches(len(pairs), config.batch_size, generator, lengths)
     for step in tqdm(range(1, config.steps + 1), desc="reward model", disable=not progress, leave=False):
         idx = next(batches)
         batch = pairs.select(idx)
