@@ -8,6 +8,7 @@ import pytest
 
 from dpo_bench.bench import BenchConfig, load_config, preset_names
 from dpo_bench.configs import ConfigError
+from dpo_bench.methods import get_method
 
 
 def test_presets_load_and_validate():
@@ -26,6 +27,33 @@ def test_default_preset_sweeps_three_strengths_per_method():
             # A variant of a method (its own name: frozen blocks, K-wise data) draws a curve too.
             assert len(entry.values) >= 2, entry.name or entry.method
     assert values and all(len(v) >= 3 for v in values.values()), values
+
+
+def test_default_preset_compares_its_questions_at_equal_training_budgets():
+    """The reading notes' questions hold everything but the one factor fixed: PL on K-wise
+    rankings sees as many labelled completions per step and passes over its data as pairwise DPO,
+    and the frozen variant differs from its base only in the frozen block."""
+    config = load_config("default")
+    entries = {e.name or e.method: e for e in config.grid}
+    q = config.questions
+
+    def optim(name: str):
+        entry = entries[name]
+        c = get_method(entry.method).make_config(entry.config, entry.values[0] if entry.values else None)
+        k = entry.preferences.get("k", config.preferences.k)
+        prompts = entry.preferences.get("n_prompts") or config.sentiment.n_train_prompts
+        return entry, c, k, prompts
+
+    (_, pl, k_pl, n_pl), (_, pw, k_pw, n_pw) = optim(q.pl_listwise), optim(q.pl_pairwise)
+    assert (pl.lr, pl.steps, pl.warmup_steps) == (pw.lr, pw.steps, pw.warmup_steps)
+    assert pl.batch_size * k_pl == pw.batch_size * k_pw  # labelled completions per step
+    assert n_pl * k_pl == n_pw * k_pw  # labelled completions in the data
+    (frozen, fc, *_), (base, bc, *_) = optim(q.freeze_frozen), optim(q.freeze_base)
+    assert fc == bc and frozen.freeze_blocks and not base.freeze_blocks
+    assert set(frozen.values) <= set(base.values)
+    # Preferred-FT is the DPO family's supervised baseline: the same optimiser budget.
+    _, ft, *_ = optim("preferred_ft")
+    assert (ft.lr, ft.steps, ft.batch_size) == (pw.lr, pw.steps, pw.batch_size)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -111,3 +139,4 @@ def test_the_readmes_seed_spread_config_trains_three_seeds(tmp_path):
     # everything else is the default preset's, so seed 0 reuses the default run's cached cells
     default = load_config("default")
     assert config.sft == default.sft and config.preferences == default.preferences and config.evaluation == default.evaluation
+    assert {c for c in config.cells() if c.seed == 0} <= set(default.cells())
