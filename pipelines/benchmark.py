@@ -1,13 +1,15 @@
 """The benchmark as a Prefect flow: wiring only.
 
 Each task is a few lines that call one library function from ``dpo_bench.stages``; the stage
-store there does the caching, so a task whose stage is cached returns at once. Grid cells are
-submitted together and run on the flow's task runner: in-process by default, or on a Dask
-cluster (``--workers N`` or ``--dask-address``).
+store there does the caching, so a task whose stage is cached returns at once. Grid cells and
+the checks' own stages are submitted together to a Dask cluster that the flow starts from its
+parameters (``workers``, ``dask_address``), so a scheduled run gets the workers a run from the
+command line gets; with no workers they run one at a time in the flow's process.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from dpo_bench.stages import (
     Bench, Stage, Upstream, build_preferences, check_jobs, prepare_task, reference_eval, reference_logps, run_check_job, run_cell,
     train_rm, train_sft,
 )
+from pipelines.workers import resolve_workers, worker_threads
 
 
 def _logged(stage: Stage, label: str = "") -> Stage:
@@ -82,10 +85,14 @@ def report_task(bench: Bench, run_dir: Path, run_id: str, stages: dict, cells: l
 
 
 def task_runner_for(workers: int, dask_address: str | None) -> Any:
-    """Prefect's default thread pool, or a Dask runner (one torch thread per worker process)."""
+    """A Dask task runner for the grid (local workers of one Dask thread each, or an existing
+    scheduler), or None: the cells run one at a time in the flow's process."""
     if not workers and not dask_address:
         return None
-    from prefect_dask import DaskTaskRunner
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise RuntimeError("Dask workers need the dask extra: pip install 'dpo-bench[dask]' (or run with --workers 0)") from None
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
@@ -116,50 +123,60 @@ def benchmark_flow(
     cache_dir: str | None = None,
     use_cache: bool = True,
     progress: bool = True,
-    parallel: bool = False,
     results_db: str | None = None,
-    worker_threads: int = 0,
+    workers: int | None = None,
+    dask_address: str | None = None,
 ) -> str:
     """SFT → preferences → reward model → every method of the grid → evaluation → report.
 
     The run appends to the results store ``results_db`` (a SQLAlchemy URL; default
     ``<reports_dir>/results.db``) and its report compares it with the previous runs of its preset.
-    With ``parallel``, cells and checks go to the task runner at once, each running with
-    ``worker_threads`` torch threads (0: the config's); the stages before them run here.
+    Grid cells and the checks' own stages run on a local Dask cluster of ``workers`` processes
+    (None: one per core when that pays, decided on the machine running the flow; 0: one at a
+    time in this process), or on the Dask scheduler at ``dask_address``. Scheduled runs get the
+    same workers as ``dpo-bench run``: the flow starts the cluster itself.
     """
     bench_config: BenchConfig = from_dict_config(config)
     logger = get_run_logger()
     bench, run_dir, run_id, started, started_at = start_run(bench_config, reports_dir, run_id, cache_dir, use_cache, progress)
     timings = Timings()
+    n_workers = 0 if dask_address else resolve_workers(workers, bench_config)
     with RunLock(run_dir):
         logger.info("run %s: task %s, %d cells, cache %s", run_id, bench_config.task, len(bench_config.cells()), bench.cache_dir)
         stages: dict[str, Stage | None] = {"task": timings.record(prepare_task_task(bench))}
         stages["sft"] = timings.record(train_sft_task(bench, stages["task"]))
         stages["ref_eval"] = timings.record(reference_eval_task(bench, stages["task"], stages["sft"]))
+        # The cluster starts after SFT, which needs every core; workers get their share of threads.
         # Threads are in no cache key: pinning them changes where cells run, not what they compute.
-        worker = replace(bench, config=replace(bench_config, threads=worker_threads)) if worker_threads else bench
-        jobs, check_futures = [], []
-        if parallel:
-            # The checks' own stages (PPO runs, reward models at other label temperatures) need only the
-            # SFT model: they start now, on the workers, while this process builds the preference data
-            # and the reward model.
-            jobs = check_jobs(bench, stages)
-            check_futures = [check_task.submit(worker, dict(stages), job) for job in jobs]
-        stages["preferences"] = timings.record(preferences_task(bench, stages["task"], stages["sft"]))
-        needs = bench_config.needs()
-        stages["ref_logps"] = (
-            timings.record(reference_logps_task(bench, stages["task"], stages["sft"], stages["preferences"]))
-            if needs & {"preferences", "rankings"} else None
-        )
-        stages["reward_model"] = timings.record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
-        cells = bench_config.cells()
-        if parallel:
-            futures = [cell_task.submit(worker, cell, upstream_for(cell, stages), cell.label) for cell in cells]
-            done = [(cell, timings.record(f.result(), cell.label)) for cell, f in zip(cells, futures)]
-            stages.update({f"check:{job}": timings.record(f.result(), job) for job, f in zip(jobs, check_futures)})
-        else:
-            # One cell at a time: torch already uses every core, and threads would share its RNG state.
-            done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label)) for cell in cells]
+        threads = worker_threads(n_workers, bench_config)
+        worker = replace(bench, config=replace(bench_config, threads=threads)) if threads else bench
+        runner = task_runner_for(n_workers, dask_address)
+        with runner if runner is not None else nullcontext():
+            jobs, check_futures = [], []
+            if runner is not None:
+                logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads")
+                # The checks' own stages (PPO runs, reward models at other label temperatures) need
+                # only the SFT model: they start now, on the workers, while this process builds the
+                # preference data and the reward model.
+                jobs = check_jobs(bench, stages)
+                check_futures = [runner.submit(check_task, {"bench": worker, "stages": dict(stages), "job": job}) for job in jobs]
+            stages["preferences"] = timings.record(preferences_task(bench, stages["task"], stages["sft"]))
+            needs = bench_config.needs()
+            stages["ref_logps"] = (
+                timings.record(reference_logps_task(bench, stages["task"], stages["sft"], stages["preferences"]))
+                if needs & {"preferences", "rankings"} else None
+            )
+            stages["reward_model"] = timings.record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
+            cells = bench_config.cells()
+            if runner is not None:
+                futures = [runner.submit(cell_task, {"bench": worker, "cell": cell, "upstream": upstream_for(cell, stages),
+                                                     "label": cell.label}) for cell in cells]
+                done = [(cell, timings.record(f.result(), cell.label)) for cell, f in zip(cells, futures)]
+                stages.update({f"check:{job}": timings.record(f.result(), job) for job, f in zip(jobs, check_futures)})
+            else:
+                # One cell at a time: torch already uses every core, and threads would share its RNG state.
+                done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label))
+                        for cell in cells]
         paths = report_task(bench, run_dir, run_id, stages, done, timings, started, started_at, {"orchestrator": "prefect"},
                             results_db)
     markdown = Path(paths["markdown"]).read_text()

@@ -61,24 +61,6 @@ def resolve_config(args: argparse.Namespace):
     return config.with_methods(methods) if methods else config
 
 
-def resolve_workers(requested: int | None, config) -> int:
-    """``--workers``, or by default one Dask worker per core for a grid on a multi-core CPU: small
-    models use two cores better as two processes of one thread than as one process of two
-    (benchmarks/RESULTS.md); a short grid, or the exact task's table policies, do not repay
-    starting the workers."""
-    if requested is not None:
-        if requested < 0:
-            raise SystemExit(f"dpo-bench: --workers must be >= 0, got {requested}")
-        return requested
-    from dpo_bench.policy import resolve_device
-    from dpo_bench.tasks import get_task_class
-
-    cores, cells = os.cpu_count() or 1, len(config.cells())
-    if resolve_device(config.device).type != "cpu" or get_task_class(config.task).exact or cores < 2 or cells < 4:
-        return 0
-    return min(cores, cells)
-
-
 def dry_run_plan(config) -> str:
     """What `run` would do: where it runs, what it would download, its stages and cells."""
     from dpo_bench.configs import to_dict
@@ -113,7 +95,17 @@ def dry_run_plan(config) -> str:
     return "\n".join(lines)
 
 
+def _refuse_bad_workers(args: argparse.Namespace) -> bool:
+    """True (after saying why) when --workers is negative: checked before any server starts."""
+    if args.workers is not None and args.workers < 0:
+        print(f"dpo-bench: --workers must be >= 0, got {args.workers}", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if _refuse_bad_workers(args):
+        return 2
     api = None
     if not args.no_prefect and not args.dry_run:
         offline_environment()
@@ -132,11 +124,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run_plan(config))
         return 0
+    from pipelines.workers import resolve_workers, worker_threads
+
     workers = 0 if args.no_prefect or args.dask_address else resolve_workers(args.workers, config)
-    # N local worker processes share the cores: each cell runs with its share of torch threads, no
-    # oversubscription; the stages before the grid run in this process on every core.
-    worker_threads = config.threads or (max(1, (os.cpu_count() or 1) // workers) if workers else 0)
-    where = f", on {workers} Dask workers x {worker_threads} torch threads" if workers else ""
+    threads = worker_threads(workers, config)
+    where = f", on {workers} Dask workers x {threads} torch threads" if workers else ""
     print(f"dpo-bench: {config.task} task, preset {config.preset}, {len(config.cells())} cells{where}", file=sys.stderr)
     if args.no_prefect:
         from dpo_bench.run import run_benchmark
@@ -147,16 +139,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             on_stage=lambda m: print(f"dpo-bench: {m}", file=sys.stderr), results_db=args.results_db,
         )
     else:
-        from pipelines.benchmark import benchmark_flow, task_runner_for
+        from pipelines.benchmark import benchmark_flow
         from pipelines.local_api import flow_settings
 
-        runner = task_runner_for(workers, args.dask_address)
-        flow = benchmark_flow.with_options(task_runner=runner) if runner else benchmark_flow
         with flow_settings(api):
-            run_dir = Path(flow(
+            run_dir = Path(benchmark_flow(
                 config=config.to_dict(), reports_dir=str(args.reports_dir), run_id=args.run_id,
-                cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, parallel=runner is not None,
-                results_db=args.results_db, worker_threads=worker_threads,
+                cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet,
+                results_db=args.results_db, workers=workers, dask_address=args.dask_address,
             ))
     print(f"dpo-bench: report written to {run_dir / 'report.html'} and {run_dir / 'report.md'}")
     return 0
@@ -217,6 +207,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_worker_options(parser: argparse.ArgumentParser, here: str, when: str = "") -> None:
+    parser.add_argument("--workers", type=int, help="run grid cells and the checks' PPO runs and reward models on a local Dask "
+                        f"cluster of N processes, sharing the cores; 0 runs them one at a time in {here} (default: one worker "
+                        f"per CPU core{when} when the device is a CPU with 2 or more cores and the grid has 4 or more cells of "
+                        "a model task, else 0)")
+    parser.add_argument("--dask-address", help="run grid cells on an existing Dask scheduler, e.g. tcp://host:8786")
+
+
 def _schedule_parameters(args: argparse.Namespace):
     """(deployment name, flow parameters) from the config options, or an exit code on a config error."""
     from dpo_bench.configs import ConfigError
@@ -228,8 +226,11 @@ def _schedule_parameters(args: argparse.Namespace):
         return None
     from pipelines.deploy import flow_parameters
 
+    if _refuse_bad_workers(args):
+        return None
     name = args.name or (config.preset if config.task == "sentiment" else f"{config.preset}-{config.task}")
-    return name, flow_parameters(config.to_dict(), args.reports_dir, args.cache_dir, args.results_db, use_cache=not args.no_cache)
+    return name, flow_parameters(config.to_dict(), args.reports_dir, args.cache_dir, args.results_db, use_cache=not args.no_cache,
+                                 workers=args.workers, dask_address=args.dask_address)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -378,10 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="name of the run directory (default: <date>-<time>-<preset>)")
     run.add_argument("--cache-dir", help="stage cache (default: <reports-dir>/.cache); shown in run.json")
     run.add_argument("--no-cache", action="store_true", help="recompute every stage, ignoring (and refreshing) the cache")
-    run.add_argument("--workers", type=int, help="run grid cells and the checks' PPO runs and reward models on a local Dask cluster of "
-                     "N processes, sharing the cores; 0 runs them one at a time in this process (default: one worker per "
-                     "CPU core when the device is a CPU with 2 or more cores and the grid has 4 or more cells of a model task, else 0)")
-    run.add_argument("--dask-address", help="run grid cells on an existing Dask scheduler, e.g. tcp://host:8786")
+    _add_worker_options(run, "this process")
     run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect (debugging)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--model", metavar="ID_OR_DIR", help="hf task: the causal LM, a hub id or a local directory (implies --task hf)")
@@ -402,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reports-dir", default="reports", help="where scheduled runs are written (default: reports)")
         p.add_argument("--cache-dir", help="stage cache (default: <reports-dir>/.cache)")
         p.add_argument("--no-cache", action="store_true", help="every scheduled run recomputes every stage")
+        _add_worker_options(p, "the flow's process", when=" of the machine that runs each flow")
         _add_store_option(p)
         p.set_defaults(func=func)
         if command == "serve":

@@ -55,8 +55,12 @@ def check_cron(cron: str) -> str:
 
 
 def flow_parameters(config: dict, reports_dir: str | Path, cache_dir: str | Path | None = None,
-                    results_db: str | None = None, use_cache: bool = True) -> dict[str, Any]:
-    """The flow's parameters for every scheduled run; paths are absolute (runs start elsewhere)."""
+                    results_db: str | None = None, use_cache: bool = True, workers: int | None = None,
+                    dask_address: str | None = None) -> dict[str, Any]:
+    """The flow's parameters for every scheduled run; paths are absolute (runs start elsewhere).
+
+    ``workers`` None lets each run choose its Dask workers on the machine that runs it.
+    """
     return {
         "config": config,
         "reports_dir": str(Path(reports_dir).resolve()),
@@ -64,6 +68,8 @@ def flow_parameters(config: dict, reports_dir: str | Path, cache_dir: str | Path
         "results_db": results_db,
         "use_cache": use_cache,
         "progress": False,  # no terminal to draw bars on
+        "workers": workers,
+        "dask_address": dask_address,
     }
 
 

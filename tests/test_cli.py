@@ -71,3 +71,32 @@ def test_prefect_home_is_created_with_its_parents_or_refused_clearly(tmp_path, m
     monkeypatch.setenv("PREFECT_HOME", str(blocker / "home"))
     with pytest.raises(SystemExit, match="cannot create PREFECT_HOME="):
         offline_environment()
+
+
+def test_default_workers_follow_the_grid_the_task_and_the_machine(monkeypatch):
+    import importlib.util
+
+    from dpo_bench.bench import load_config
+    from pipelines.workers import resolve_workers, worker_threads
+
+    default, quick = load_config("default"), load_config("quick")
+    bandit = load_config("default", overrides={"task": "bandit"})
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert resolve_workers(None, default) == 2 and worker_threads(2, default) == 1
+    assert resolve_workers(None, quick) == 0  # 3 cells: starting workers does not pay
+    assert resolve_workers(None, bandit) == 0  # table policies
+    assert resolve_workers(3, quick) == 3 and worker_threads(0, quick) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert resolve_workers(None, default) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prefect_dask" else real(name, *a))
+    assert resolve_workers(None, default) == 0  # without the dask extra, in-process
+    with pytest.raises(ValueError, match="workers must be >= 0, got -1"):
+        resolve_workers(-1, default)
+
+
+@pytest.mark.parametrize("command", [["run"], ["serve", "--cron", "0 3 * * *"]])
+def test_negative_workers_are_refused_before_anything_starts(command, capsys):
+    assert main([*command, "--preset", "quick", "--workers", "-1"]) == 2
+    assert "dpo-bench: --workers must be >= 0, got -1" in capsys.readouterr().err

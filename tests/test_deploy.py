@@ -105,7 +105,8 @@ def test_serve_schedules_runs_and_a_triggered_run_writes_its_report(server, clie
     reports = tmp_path / "reports"
     log = tmp_path / "serve.log"
     serve = subprocess.Popen(
-        [str(BIN / "dpo-bench"), "serve", "--cron", CRON, *CONFIG_FLAGS, "--name", "nightly", "--reports-dir", str(reports)],
+        [str(BIN / "dpo-bench"), "serve", "--cron", CRON, *CONFIG_FLAGS, "--workers", "2", "--name", "nightly",
+         "--reports-dir", str(reports)],
         env=_env(tmp_path / "serve-home", PREFECT_API_URL=server, PREFECT_RUNNER_POLL_FREQUENCY="1"),
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -121,6 +122,7 @@ def test_serve_schedules_runs_and_a_triggered_run_writes_its_report(server, clie
         assert dep.parameters["reports_dir"] == str(reports.resolve())
         assert dep.parameters["config"]["task"] == "bandit"
         assert [e["method"] for e in dep.parameters["config"]["grid"]] == ["sft", "dpo"]
+        assert dep.parameters["workers"] == 2 and dep.parameters["dask_address"] is None
 
         # The server's scheduler fills in the deployment's next runs by itself.
         scheduled_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
@@ -147,6 +149,11 @@ def test_serve_schedules_runs_and_a_triggered_run_writes_its_report(server, clie
     assert (run_dirs[0] / "report.html").stat().st_size > 10_000
     assert "## History" in (run_dirs[0] / "report.md").read_text()
     assert (reports / "results.db").is_file()
+    # The scheduled run started its own Dask workers: its cells were built outside the flow's process.
+    markers = {stage: [json.loads(m.read_text()) for m in (reports / ".cache" / stage).glob("*/_complete.json")]
+               for stage in ("sft", "cell")}
+    assert len(markers["sft"]) == 1 and len(markers["cell"]) == 3  # sft and dpo at two β
+    assert all(m["pid"] != markers["sft"][0]["pid"] for m in markers["cell"])
     # SIGTERM to `serve` pauses its schedule: no more runs start while nobody serves them.
     assert client.read_deployment_by_name("dpo-bench/nightly").paused
 
