@@ -14,7 +14,10 @@ one token's forward per step, attending over the cache.
 Rates use process CPU time at 1 thread, so other processes on the cores distort them little;
 the ceiling is a 2048 x 2048 float32 ``torch.mm`` at the same thread count.
 
-    python -m benchmarks.flops [--repeats 5]
+    python -m benchmarks.flops [--repeats 5] [--profile]
+
+``--profile`` also splits a DPO step's CPU time by operator group (matmuls, attention, GELU, layer
+norm, log-softmax, the rest) and gives the matmuls' own FLOP/s.
 """
 
 from __future__ import annotations
@@ -77,9 +80,45 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / cpu
 
 
+# Operator groups of a training step's profile (self CPU time of each aten op).
+OP_GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "GELU": ("aten::gelu", "aten::gelu_backward"),
+    "layer norm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "log-softmax": ("aten::_log_softmax", "aten::_log_softmax_backward_data"),
+}
+
+
+def op_breakdown(step, steps: int = 10) -> tuple[list[dict], float]:
+    """Share of a step's self CPU time by operator group, and the matmuls' own rate in FLOP/s
+    (their FLOPs as the profiler counts them over their self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows, grouped = [], set()
+    for group, names in OP_GROUPS.items():
+        chosen = [e for e in events if e.key in names]
+        grouped.update(e.key for e in chosen)
+        rows.append({"ops": group, "share_of_step": sum(e.self_cpu_time_total for e in chosen) / total,
+                     "ms_per_step": sum(e.self_cpu_time_total for e in chosen) / steps / 1000})
+    rest = sum(e.self_cpu_time_total for e in events if e.key not in grouped)
+    rows.append({"ops": "everything else (autograd, optimiser, copies, indexing)", "share_of_step": rest / total,
+                 "ms_per_step": rest / steps / 1000})
+    mm = [e for e in events if e.key in OP_GROUPS["matmul"]]
+    mm_rate = sum(e.flops for e in mm) / (sum(e.self_cpu_time_total for e in mm) / 1e6)
+    return rows, mm_rate
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also split a DPO step's time by operator group (torch.profiler)")
     add_threads_argument(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -145,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
 
     record("DPO step (64 pairs)", *step_flops(pair_batch), dpo_step, f"padded T={pair_batch.input_ids.shape[1]}")
+    breakdown, mm_rate = op_breakdown(dpo_step) if args.profile else ([], float("nan"))
 
     # Reward model: the same 64 pairs; the trunk's LM head at one position per row (logits_to_keep=1), unused.
     rm = RewardModel(fx.reference)
@@ -189,9 +229,14 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"matrix-multiply ceiling: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} thread(s), 2048x2048 float32 torch.mm)")
     print(table(rows, ["stage", "GFLOP_per_step", "useful_share", "cpu_ms", "wall_ms", "GFLOP_per_s", "share_of_matmul_peak", "note"]))
+    if breakdown:
+        print(f"DPO step by operator group (torch.profiler, self CPU time); its matmuls ran at {mm_rate / 1e9:.1f} GFLOP/s, "
+              f"{mm_rate / peak:.0%} of the ceiling")
+        print(table(breakdown, ["ops", "share_of_step", "ms_per_step"]))
     print(f"load average {min(loads):.2f}-{max(loads):.2f}")
     path = write_result("flops", {"config": vars(args), "matmul_GFLOP_per_s": peak / 1e9, "rows": rows,
-                                  "threads": torch.get_num_threads(), "load_average_range": [min(loads), max(loads)]})
+                                  "threads": torch.get_num_threads(), "load_average_range": [min(loads), max(loads)],
+                                  "dpo_step_ops": breakdown, "dpo_step_matmul_GFLOP_per_s": mm_rate / 1e9 if breakdown else None})
     print(f"wrote {path}")
 
 
