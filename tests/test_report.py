@@ -393,3 +393,20 @@ def test_figures_come_from_the_stage_cache_when_their_data_is_unchanged(tmp_path
     metrics.to_parquet(run_dir / "metrics.parquet", index=False)
     build_report(run_dir)
     assert len(list((tmp_path / "cache" / "figures").glob("*/_complete.json"))) == 2
+
+
+def test_the_questions_section_prints_no_markup_characters(tmp_path):
+    """Every string is escaped as data, so the section's own prose must carry no markdown: a
+    backtick would print as a backtick in both renderers."""
+    run_dir = make_run(tmp_path)
+    record = json.loads((run_dir / "run.json").read_text())
+    record["questions"] = {"pl_listwise": "dpo", "pl_pairwise": "ipo", "freeze_frozen": "dpo", "freeze_base": "ipo"}
+    record["code_links"] = {"log-sigmoid DPO loss": "dpo_bench/losses.py:242"}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    build_report(run_dir)
+    section = _sections((run_dir / "report.md").read_text(encoding="utf-8"))["Questions from the reading notes"]
+    assert "Plackett-Luce" in section and "dpo\\_bench/losses.py:242" in section
+    assert "`" not in section
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    questions = page[page.index("<h2>Questions from the reading notes</h2>"):]
+    assert "`" not in questions[:questions.index("<h2>", 10)]

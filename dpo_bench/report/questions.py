@@ -85,7 +85,7 @@ def questions_blocks(data: RunData, checkpoints: pd.DataFrame, paragraph, table_
 
     questions = data.run.get("questions") or {}
     for title, a, b, missing in (
-        ("Is it more efficient to train with y1..yK under the Plackett-Luce model? `dpo_pl` on K-wise "
+        ("Is it more efficient to train with y1..yK under the Plackett-Luce model? dpo_pl on K-wise "
          "rankings against pairwise DPO at an equal number of labelled completions:",
          questions.get("pl_listwise"), questions.get("pl_pairwise"),
          "This run did not train the pair of grid entries that answers it (see [questions] in the config)."),
@@ -101,6 +101,7 @@ def questions_blocks(data: RunData, checkpoints: pd.DataFrame, paragraph, table_
     if links:
         blocks.append(paragraph("Why the log-sigmoid, and why is the KL-penalised reward differentiable? No "
                                 "experiment needed; the computations are here:"))
-        blocks.append(bullets([f"{name}: `{where}`" for name, where in links.items()]))
+        # Report text is escaped as data in both renderers: backticks would print, not format.
+        blocks.append(bullets([f"{name}: {where}" for name, where in links.items()]))
     return blocks
 
