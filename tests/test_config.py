@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,24 @@ def test_the_readmes_seed_spread_config_trains_three_seeds(tmp_path):
     default = load_config("default")
     assert config.sft == default.sft and config.preferences == default.preferences and config.evaluation == default.evaluation
     assert {c for c in config.cells() if c.seed == 0} <= set(default.cells())
+
+
+BENCH_CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+
+
+def test_the_family_seeds_config_reruns_the_presets_entries_on_other_seeds():
+    config = load_config(path=BENCH_CONFIGS / "dpo_family_seeds.toml")
+    default = {e.name or e.method: e for e in load_config("default").grid}
+    assert {e.method for e in config.grid} == {"preferred_ft", "dpo", "dpo_pl", "ipo"}
+    for entry in config.grid:
+        assert 0 not in entry.seeds
+        assert replace(entry, seeds=default[entry.name or entry.method].seeds) == default[entry.name or entry.method]
+    # the same upstream stages as the preset: a default run's cache serves it
+    assert config.sft == load_config("default").sft and config.preferences == load_config("default").preferences
+
+
+def test_the_dpo_budget_config_sweeps_learning_rates_at_the_presets_steps():
+    config = load_config(path=BENCH_CONFIGS / "dpo_budget.toml")
+    lrs = {e.config["lr"]: len(e.seeds) for e in config.grid}
+    assert lrs == {2e-4: 8, 3e-4: 8, 5e-4: 4}
+    assert {e.config["steps"] for e in config.grid} == {150} and {e.values for e in config.grid} == {(0.1,)}
