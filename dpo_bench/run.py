@@ -27,8 +27,9 @@ from .invariance import run_invariance_checks
 from .methods.base import get_method
 from .report import build_report
 from .stages import (
-    METRIC_COLUMNS, Bench, Stage, Upstream, build_preferences, cell_status, preference_info, prepare_task, process_alive,
-    label_temperature_rms, reference_eval, reference_logps, run_cell, train_rm, train_sft, write_json, write_parquet,
+    METRIC_COLUMNS, Bench, Stage, Upstream, build_preferences, built_threads, cell_status, preference_info, prepare_task,
+    process_alive, label_temperature_rms, reference_eval, reference_logps, run_cell, train_rm, train_sft, write_json,
+    write_parquet,
 )
 
 RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "history.parquet", "run.json")
@@ -237,6 +238,8 @@ def finish_run(
         "cache_dir": str(Path(bench.cache_dir).resolve()), "cache_used": bench.use_cache,
         "timings": timings.stages, "cached_stages": sorted({s.name for s in [*stages.values(), *(st for _, st in cells)] if s and s.cached}),
         "cells": statuses, "failed_cells": failed,
+        "torch_threads": {**{name: built_threads(s) for name, s in stages.items() if s is not None},
+                          **{cell.label: built_threads(stage) for cell, stage in cells}},
         "preferences": preference_info(stages["preferences"]) if stages.get("preferences") else None,
         "methods": {
             c.display_name: {"method": c.method, "description": get_method(c.method).description,

@@ -604,6 +604,15 @@ def cell_status(stage: Stage) -> dict:
     return json.loads((stage.path / "status.json").read_text())
 
 
+def built_threads(stage: Stage) -> int | None:
+    """The torch thread count the stage was built with. Its numbers depend on it at float level
+    (the order of parallel sums), so a run records it; the cache key leaves it out."""
+    try:
+        return json.loads((stage.path / "_complete.json").read_text()).get("torch_threads")
+    except (OSError, ValueError):
+        return None
+
+
 def is_finite_metrics(frame: pd.DataFrame) -> bool:
     values = frame["value"].to_numpy(dtype=float)
     return bool(np.all(np.isfinite(values)))

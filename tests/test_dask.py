@@ -55,6 +55,7 @@ def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd,
     pids = {c["pid"] for c in cells}
     assert os.getpid() not in pids and len(pids) == 2
     assert {c["torch_threads"] for c in cells} == {worker_threads}
+    assert {record["torch_threads"][c.label] for c in config.cells()} == {worker_threads}
     assert all(c["pid"] == os.getpid() for c in _markers(reports / ".cache", "sft"))
 
     local = run_benchmark(config, tmp_path / "local", run_id="local", progress=False)

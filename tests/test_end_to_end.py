@@ -64,6 +64,10 @@ def test_run_record_has_what_reproduces_the_run(quick_run):
     assert record["cache_dir"] == str(cache.resolve())
     assert record["orchestrator"] == "prefect"
     assert "torch" in record["versions"] and record["device"] == "cpu"
+    # Every stage's and cell's torch thread count: their numbers depend on it at float level.
+    threads = record["torch_threads"]
+    assert {"task", "sft", "preferences", "reward_model"} <= set(threads) and {c.label for c in config.cells()} <= set(threads)
+    assert all(isinstance(n, int) and n >= 1 for n in threads.values())
 
 
 def test_invariance_checks_pass_and_their_controls_fail(quick_run):
