@@ -162,3 +162,10 @@ def test_the_dpo_budget_config_sweeps_learning_rates_at_the_presets_steps():
     lrs = {e.config["lr"]: len(e.seeds) for e in config.grid}
     assert lrs == {2e-4: 8, 3e-4: 8, 5e-4: 4}
     assert {e.config["steps"] for e in config.grid} == {150} and {e.values for e in config.grid} == {(0.1,)}
+
+
+def test_the_ppo_budget_config_doubles_the_presets_learning_rate():
+    config = load_config(path=BENCH_CONFIGS / "ppo_budget.toml")
+    default_lr = get_method("ppo").make_config({}, 0.1).lr
+    assert sorted(e.config["lr"] for e in config.grid) == [default_lr, 2 * default_lr]
+    assert all(e.method == "ppo" and e.values == (0.1,) and len(e.seeds) == 4 for e in config.grid)
