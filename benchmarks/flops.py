@@ -101,15 +101,13 @@ def op_breakdown(step, steps: int = 10) -> tuple[list[dict], float]:
             step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    rows, grouped = [], set()
-    for group, names in OP_GROUPS.items():
-        chosen = [e for e in events if e.key in names]
-        grouped.update(e.key for e in chosen)
-        rows.append({"ops": group, "share_of_step": sum(e.self_cpu_time_total for e in chosen) / total,
-                     "ms_per_step": sum(e.self_cpu_time_total for e in chosen) / steps / 1000})
-    rest = sum(e.self_cpu_time_total for e in events if e.key not in grouped)
-    rows.append({"ops": "everything else (autograd, optimiser, copies, indexing)", "share_of_step": rest / total,
-                 "ms_per_step": rest / steps / 1000})
+    rows = []
+    groups = {**{group: set(names) for group, names in OP_GROUPS.items()},
+              "everything else (autograd, optimiser, copies, indexing)": None}
+    grouped = set().union(*OP_GROUPS.values())
+    for group, names in groups.items():
+        spent = sum(e.self_cpu_time_total for e in events if (e.key in names if names else e.key not in grouped))
+        rows.append({"ops": group, "share_of_step": spent / total, "ms_per_step": spent / steps / 1000})
     mm = [e for e in events if e.key in OP_GROUPS["matmul"]]
     mm_rate = sum(e.flops for e in mm) / (sum(e.self_cpu_time_total for e in mm) / 1e6)
     return rows, mm_rate

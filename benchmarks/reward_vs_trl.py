@@ -73,8 +73,9 @@ def ours(fx, model, pairs, *, steps, batch_size, lr, seed) -> StepClock:
 
     clock = StepClock()
     with ticking_optimiser_steps(clock):
-        train_reward_model(model, pairs, RewardTrainConfig(steps=steps, batch_size=batch_size, lr=lr, group_by_length=False), pad_id=fx.task.pad_id,
-                           generator=torch.Generator().manual_seed(seed), progress=False)
+        config = RewardTrainConfig(steps=steps, batch_size=batch_size, lr=lr, group_by_length=False)
+        train_reward_model(model, pairs, config, pad_id=fx.task.pad_id, generator=torch.Generator().manual_seed(seed),
+                           progress=False)
     return clock
 
 

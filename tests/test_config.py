@@ -148,13 +148,15 @@ BENCH_CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 def test_the_family_seeds_config_reruns_the_presets_entries_on_other_seeds():
     config = load_config(path=BENCH_CONFIGS / "dpo_family_seeds.toml")
-    default = {e.name or e.method: e for e in load_config("default").grid}
+    preset = load_config("default")
+    default = {e.name or e.method: e for e in preset.grid}
     assert {e.method for e in config.grid} == {"preferred_ft", "dpo", "dpo_pl", "ipo"}
     for entry in config.grid:
+        same = default[entry.name or entry.method]
         assert 0 not in entry.seeds
-        assert replace(entry, seeds=default[entry.name or entry.method].seeds) == default[entry.name or entry.method]
+        assert replace(entry, seeds=same.seeds) == same
     # the same upstream stages as the preset: a default run's cache serves it
-    assert config.sft == load_config("default").sft and config.preferences == load_config("default").preferences
+    assert config.sft == preset.sft and config.preferences == preset.preferences
 
 
 def test_the_dpo_budget_config_sweeps_learning_rates_at_the_presets_steps():
