@@ -35,7 +35,7 @@ class ChecksConfig:
     # N(0, 1) slows it down (it is noise in the advantages a value head cannot learn); measured by
     # `python -m benchmarks.lemma2_regimes` (README, "Invariance checks").
     lemma2_kl_coef: float = field(1.0, "kl_coef of the three PPO runs of the empirical Lemma 2 check")
-    lemma2_iterations: int = field(60, "PPO iterations of each of those runs")
+    lemma2_iterations: int = field(40, "PPO iterations of each of those runs")
     lemma2_lr: float = field(3e-4, "learning rate of those runs")
     lemma2_control_scale: float = field(10.0, "c of the negative control r + g(x, y) = f(x) + c·r (the reward scaled: the optimum moves)")
     tost_margin_reward: float = field(0.1, "equivalence margin on the gold reward (TOST, 5%)")

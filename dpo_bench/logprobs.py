@@ -88,7 +88,7 @@ def concat_batches(a: SequenceBatch, b: SequenceBatch, pad_id: int) -> SequenceB
 def longest_rows(*batches: SequenceBatch) -> torch.Tensor:
     """Per item, the length of its longest row across ``batches`` (row i of each is item i): the
     row that sets the item's padding in a stacked forward pass; what length-grouped batching sorts by."""
-    return torch.stack([b.attention_mask.sum(1) for b in batches]).amax(0)
+    return batching.longest_rows(*(b.attention_mask for b in batches))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -70,13 +70,35 @@ def heldout_split(prompts: list[str], fraction: float) -> list[str]:
     return ["heldout" if int.from_bytes(hashlib.sha256(k).digest()[:4], "little") < cut else "train" for k in keys]
 
 
-def make_preferences(
+@dataclass(frozen=True)
+class Candidates:
+    """The K completions sampled per train prompt, before any label: ``completions`` and their
+    ``gold`` rewards are (n_prompts, K) arrays. Labels at any temperature are drawn from them, so
+    the reward models at other label temperatures see the same completions as the main one."""
+
+    prompts: list[str]
+    completions: np.ndarray  # (n, K) of str
+    gold: np.ndarray  # (n, K) float
+
+    #: The PreferenceConfig fields that decide the candidates; the others only decide the labels.
+    SAMPLING_FIELDS: ClassVar[tuple[str, ...]] = ("k", "sampling_temperature", "n_prompts")
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"prompt": self.prompts, "completions": [list(r) for r in self.completions],
+                             "gold": [list(map(float, r)) for r in self.gold]})
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "Candidates":
+        completions = np.array([list(r) for r in frame["completions"]], dtype=object)
+        return cls(list(frame["prompt"]), completions, np.array([list(r) for r in frame["gold"]], dtype=float))
+
+
+def sample_candidates(
     task, reference: nn.Module, config: PreferenceConfig, seed: int, batch_size: int = 512
-) -> PreferenceFrames:
-    """Sample K completions per train prompt from ``reference`` and label them by the gold reward."""
+) -> Candidates:
+    """Sample K completions per train prompt from ``reference`` and score them by the gold reward."""
     prompts = list(task.train_prompts[: config.n_prompts or None])
     generator = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
     prompt_ids = [task.encode_prompt(p) for p in prompts]
     repeated = [ids for ids in prompt_ids for _ in range(config.k)]
     samples = sample(
@@ -85,12 +107,23 @@ def make_preferences(
     )
     completions = np.array([task.decode_completion(c) for c in samples.completion_ids], dtype=object).reshape(-1, config.k)
     gold = task.gold.score([p for p in prompts for _ in range(config.k)], completions.ravel().tolist()).reshape(-1, config.k)
+    return Candidates(prompts, completions, np.asarray(gold, dtype=float))
+
+
+def label_candidates(candidates: Candidates, config: PreferenceConfig, seed: int) -> PreferenceFrames:
+    """Label the candidates by the Bradley-Terry (K = 2) or Plackett-Luce (K > 2) model on their gold
+    rewards at ``config.label_temperature``, with the label RNG seeded by ``seed``."""
+    prompts, completions, gold = candidates.prompts, candidates.completions, candidates.gold
+    k = completions.shape[1]
+    if k != config.k:
+        raise ValueError(f"the candidates have {k} completions per prompt, the preference config asks for k = {config.k}")
+    rng = np.random.default_rng(seed)
     splits = heldout_split(prompts, config.heldout_fraction)
 
     # Rows whose completions repeat cannot be ranked (and a pair of equal texts is no preference).
-    distinct = np.array([len(set(row)) == config.k and all(c for c in row) for row in completions])
+    distinct = np.array([len(set(row)) == k and all(c for c in row) for row in completions])
     n_repeats = int((~distinct).sum())
-    if config.k == 2:
+    if k == 2:
         a_wins, tie = sample_bt_labels(rng, gold[:, 0], gold[:, 1], config.label_temperature)
         keep = distinct & ~tie
         chosen_col = np.where(a_wins, 0, 1)
@@ -115,6 +148,11 @@ def make_preferences(
     })[keep].reset_index(drop=True)
     pairs = pairs_from_rankings(rankings, config.pairs_from_rankings)
     return PreferenceFrames(pairs, rankings, len(prompts), int((distinct & tied).sum()), n_repeats)
+
+
+def make_preferences(task, reference: nn.Module, config: PreferenceConfig, seed: int) -> PreferenceFrames:
+    """Sample K completions per train prompt from ``reference`` and label them by the gold reward."""
+    return label_candidates(sample_candidates(task, reference, config, seed), config, seed)
 
 
 def pairs_from_rankings(rankings: pd.DataFrame, mode: str) -> pd.DataFrame:

@@ -27,8 +27,8 @@ from .invariance import run_invariance_checks
 from .methods.base import get_method
 from .report import build_report
 from .stages import (
-    METRIC_COLUMNS, Bench, Stage, Upstream, build_preferences, built_threads, cell_status, preference_info, prepare_task,
-    process_alive, label_temperature_rms, reference_eval, reference_logps, run_cell, train_rm, train_sft, write_json,
+    METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, preference_info, prepare_task,
+    process_alive, label_temperature_rms, reference_eval, samples_preferences, reference_logps, run_cell, train_rm, train_sft, write_json,
     write_parquet,
 )
 
@@ -177,8 +177,8 @@ def invariance_checks(bench: Bench, stages: dict[str, Stage | None], cells: list
     (a cached run then need not load models to check them again)."""
     key = {
         "config": {k: v for k, v in to_dict(bench.config).items() if k not in ("threads", "device", "preset")},
-        # The checks' own stages ("check:...", present when they ran on workers) follow from the config.
-        "stages": {name: s.key for name, s in stages.items() if s is not None and not name.startswith("check:")},
+        # The jobs' stages ("job:...", present when they ran on workers) follow from the config.
+        "stages": {name: s.key for name, s in stages.items() if s is not None and not name.startswith("job:")},
         "cells": [s.key for _, s in cells],
     }
     stage = bench.run_stage("invariance", key, lambda out: write_parquet(run_invariance_checks(bench, stages, cells),
@@ -313,7 +313,8 @@ def plan_stages(bench: Bench, timings: Timings, say: Callable[[str], None] = lam
     say("evaluating the reference")
     stages["ref_eval"] = timings.record(reference_eval(bench, stages["task"], stages["sft"]))
     say("sampling the preference data")
-    stages["preferences"] = timings.record(build_preferences(bench, stages["task"], stages["sft"]))
+    stages["candidates"] = timings.record(build_candidates(bench, stages["task"], stages["sft"])) if samples_preferences(bench) else None
+    stages["preferences"] = timings.record(build_preferences(bench, stages["task"], stages["sft"], stages["candidates"]))
     stages["ref_logps"] = timings.record(reference_logps(bench, stages["task"], stages["sft"], stages["preferences"])) \
         if needs & {"preferences", "rankings"} else None
     say("training the reward model")

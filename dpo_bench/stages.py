@@ -45,7 +45,7 @@ from .policy import (
     derive_seed, load_module, load_policy, load_tensors, resolve_device, save_module, save_policy, save_tensors, seed_everything,
 )
 from .policy_eval import ReferenceSamples, evaluate_policy, reference_samples
-from .preferences import PreferenceConfig
+from .preferences import Candidates, PreferenceConfig
 from .tasks import get_task_class
 from .training import NonFiniteLossError, TrainLog
 
@@ -179,6 +179,11 @@ class Bench:
         write_json(tmp / "_complete.json", {"stage": name, "key": key, "seconds": seconds, "key_data": key_data,
                                             "pid": os.getpid(), "torch_threads": torch.get_num_threads()})
         if path.exists():
+            if self.use_cache and (path / "_complete.json").exists():
+                # Another process built the same stage meanwhile (shared draws race): keep theirs,
+                # which a third process may be reading.
+                shutil.rmtree(tmp, ignore_errors=True)
+                return Stage(name, key, path, cached=False, seconds=seconds)
             shutil.rmtree(path, ignore_errors=True)
         try:
             os.replace(tmp, path)
@@ -290,13 +295,39 @@ def _train_rows(train_log: TrainLog, method: str, beta: float, seed: int) -> pd.
 # --- stage 3: preference data -----------------------------------------------------------------
 
 
-def build_preferences(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
+def samples_preferences(bench: Bench) -> bool:
+    """Whether the run's preference data is sampled (and so has a candidates stage)."""
+    return get_task_class(bench.config.task).samples_preferences(bench.config.task_config)
+
+
+def build_candidates(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
+    """The K completions per train prompt the preference labels are drawn from, with their gold
+    rewards. Its key leaves out how they are labelled, so the reward models at other label
+    temperatures label the same completions (and sample nothing)."""
     config = bench.config
     seed = derive_seed(config.seed, "preferences")
+    sampling = {name: getattr(config.preferences, name) for name in Candidates.SAMPLING_FIELDS}
+
+    def build(out: Path) -> None:
+        candidates = bench.task(task_stage).preference_candidates(bench.reference(sft), config.preferences, seed)
+        write_parquet(candidates.to_frame(), out / "candidates.parquet")
+
+    return bench.run_stage("candidates", {"sft": sft.key, "sampling": sampling, "seed": seed}, build)
+
+
+def build_preferences(bench: Bench, task_stage: Stage, sft: Stage, candidates: Stage | None = None) -> Stage:
+    """The labelled preference data: the candidates labelled at the config's label temperature, or
+    the task's own data. ``candidates``: the stage built for this config's sampling fields (built
+    here when None)."""
+    config = bench.config
+    seed = derive_seed(config.seed, "preferences")
+    if candidates is None and samples_preferences(bench):
+        candidates = build_candidates(bench, task_stage, sft)
 
     def build(out: Path) -> None:
         task = bench.task(task_stage)
-        frames = task.preference_frames(bench.reference(sft), config.preferences, seed)
+        loaded = Candidates.from_frame(pd.read_parquet(candidates.path / "candidates.parquet")) if candidates else None
+        frames = task.preference_frames(bench.reference(sft), config.preferences, seed, loaded)
         if frames.pairs.empty:
             raise ValueError("the preference data is empty: every sampled pair tied or repeated")
         info = {
@@ -310,7 +341,8 @@ def build_preferences(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
             info["n_rankings"] = len(frames.rankings)
         write_json(out / "info.json", info)
 
-    return bench.run_stage("preferences", {"sft": sft.key, "preferences": to_dict(config.preferences), "seed": seed}, build)
+    return bench.run_stage("preferences", {"sft": sft.key, "candidates": candidates.key if candidates else None,
+                                           "preferences": to_dict(config.preferences), "seed": seed}, build)
 
 
 def preference_info(stage: Stage) -> dict:
@@ -502,6 +534,26 @@ class Upstream:
     reward_model: Stage | None = None
 
 
+class StoreShared:
+    """The stage store as a method's :class:`~dpo_bench.methods.base.SharedStore`: tensors keyed on
+    the cell's upstream stages, its replicate seed and the method's own key, built once (by the
+    first cell that asks) and read by every other cell, run or worker that asks for the same."""
+
+    def __init__(self, bench: Bench, up: Upstream, replicate: int):
+        self.bench = bench
+        self.upstream = {k: getattr(up, k).key if getattr(up, k) else None for k in ("task", "sft", "reward_model")}
+        self.seed = derive_seed(bench.config.seed, "shared", replicate)
+
+    def tensors(self, name: str, key: dict, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        data = {"name": name, "upstream": self.upstream, "seed": self.seed, "key": key}
+
+        def load() -> dict[str, torch.Tensor]:
+            stage = self.bench.run_stage("shared", data, lambda out: save_tensors(build(), out / "tensors.safetensors"))
+            return load_tensors(stage.path / "tensors.safetensors")
+
+        return self.bench.memo(("shared", stable_hash(data)), load)
+
+
 def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
     """Train one (method, value, seed) cell and evaluate it at its checkpoints.
 
@@ -551,7 +603,7 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
             task=task, reference=reference, device=bench.device, seed=seed, generator=generator, checkpoint=checkpoint,
             n_checkpoints=config.evaluation.n_checkpoints, preferences=prefs, reward_model=reward_model,
             gold_scores=judge.score if judge is not None else None, freeze_blocks=freeze_blocks, freeze_embeddings=freeze_embeddings,
-            progress=bench.progress, label=cell.label,
+            progress=bench.progress, label=cell.label, shared=StoreShared(bench, up, cell.seed),
         )
         status = {"status": "ok", "error": None, "label": cell.label}
         start = time.perf_counter()
@@ -725,35 +777,54 @@ def label_temperature_rms(bench: Bench, stages: dict) -> pd.DataFrame:
 
 
 def label_temperature_rm(bench: Bench, stages: dict, temperature: float) -> Stage:
-    """The reward model trained on preference labels drawn at Bradley-Terry ``temperature``."""
+    """The reward model trained on preference labels drawn at Bradley-Terry ``temperature``, from
+    the run's own candidates (the same completions as the main reward model's)."""
     preferences = replace(bench.config.preferences, label_temperature=float(temperature))
     variant = Bench(replace(bench.config, preferences=preferences), bench.cache_dir, bench.use_cache, bench.progress, bench._memo)
-    return train_rm(variant, stages["task"], stages["sft"], build_preferences(variant, stages["task"], stages["sft"]))
+    prefs = build_preferences(variant, stages["task"], stages["sft"], stages.get("candidates"))
+    return train_rm(variant, stages["task"], stages["sft"], prefs)
 
 
-def _check_builders(bench: Bench, stages: dict) -> dict[str, Callable[[], Stage]]:
-    """The empirical checks' own stages by name, longest first: how to build each."""
+def variant_preferences_job(bench: Bench, stages: dict, cell: Cell) -> Stage:
+    """A grid entry's own preference data and reference log-probs (``preferences = {...}``), built
+    before its cells start. The returned stage is the reference log-probs', with the job's seconds."""
+    start = time.perf_counter()
+    up = _variant_preferences(bench, cell, Upstream(stages["task"], stages["sft"], stages["ref_eval"]))
+    built = not (up.preferences.cached and up.ref_logps.cached)
+    return replace(up.ref_logps, cached=not built, seconds=time.perf_counter() - start if built else 0.0)
+
+
+def _job_builders(bench: Bench, stages: dict) -> dict[str, tuple[Callable[[], Stage], tuple[str, ...]]]:
+    """The stages besides the main chain and the grid cells, by name, longest first: how to build
+    each, and which of the run's stages it needs. They are the empirical checks' own stages (the
+    Lemma 2 PPO runs, the reward models at other label temperatures) and the grid's own
+    preference data (an entry's ``preferences`` override, such as 4-wise rankings)."""
     config = bench.config
-    builders: dict[str, Callable[[], Stage]] = {}
+    builders: dict[str, tuple[Callable[[], Stage], tuple[str, ...]]] = {}
     task = bench.task_summary(stages["task"])
     if config.checks.empirical and not task["exact"] and task["has_gold"]:
-        builders["lemma2 PPO"] = lambda: lemma2_ppo_stage(bench, stages)
+        builders["lemma2 PPO"] = (lambda: lemma2_ppo_stage(bench, stages), ("sft", "ref_eval"))
     for t in config.checks.label_temperatures:
-        builders[f"reward model T={t:g}"] = lambda t=float(t): label_temperature_rm(bench, stages, t)
+        builders[f"reward model T={t:g}"] = (lambda t=float(t): label_temperature_rm(bench, stages, t), ("sft", "candidates"))
+    for cell in config.cells():
+        name = f"preferences {cell.display_name}"
+        if cell.preferences and get_method(cell.method).needs & {"preferences", "rankings"} and name not in builders:
+            builders[name] = (lambda cell=cell: variant_preferences_job(bench, stages, cell), ("sft", "ref_eval"))
     return builders
 
 
-def check_jobs(bench: Bench, stages: dict) -> list[str]:
-    """The names of the empirical checks' own stages, longest first. A parallel run computes them
-    on the task runner beside the grid; the report then reads them from the store."""
-    return list(_check_builders(bench, stages))
+def worker_jobs(bench: Bench, stages: dict) -> list[str]:
+    """The names of the jobs (see ``_job_builders``) whose inputs ``stages`` holds, longest first. A
+    parallel run computes them on the task runner beside the main chain and the grid; the report
+    and the cells then read them from the store."""
+    return [name for name, (_, needs) in _job_builders(bench, stages).items() if all(n in stages for n in needs)]
 
 
 def check_stage(bench: Bench, stages: dict, job: str) -> Stage:
-    """A check's stage: the one this run already built (``stages["check:<job>"]``, e.g. on a Dask
+    """A job's stage: the one this run already built (``stages["job:<name>"]``, e.g. on a Dask
     worker, so that ``--no-cache`` does not build it twice), or built now."""
-    return stages.get(f"check:{job}") or run_check_job(bench, stages, job)
+    return stages.get(f"job:{job}") or run_job(bench, stages, job)
 
 
-def run_check_job(bench: Bench, stages: dict, job: str) -> Stage:
-    return _check_builders(bench, stages)[job]()
+def run_job(bench: Bench, stages: dict, job: str) -> Stage:
+    return _job_builders(bench, stages)[job][0]()

@@ -2,8 +2,8 @@
 
 Each task is a few lines that call one library function from ``dpo_bench.stages``; the stage
 store there does the caching, so a task whose stage is cached returns at once. Grid cells and
-the checks' own stages are submitted together to a Dask cluster that the flow starts from its
-parameters (``workers``, ``dask_address``), so a scheduled run gets the workers a run from the
+the jobs beside them (the checks' own stages, the grid's own preference data) are submitted to
+a Dask cluster that the flow starts from its parameters (``workers``, ``dask_address``), so a scheduled run gets the workers a run from the
 command line gets; with no workers they run one at a time in the flow's process.
 """
 
@@ -21,8 +21,8 @@ from prefect.cache_policies import NONE
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
 from dpo_bench.run import RunLock, Timings, finish_run, start_run, upstream_for
 from dpo_bench.stages import (
-    Bench, Stage, Upstream, build_preferences, check_jobs, prepare_task, reference_eval, reference_logps, run_check_job, run_cell,
-    train_rm, train_sft,
+    Bench, Stage, Upstream, build_candidates, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, run_job,
+    samples_preferences, train_rm, train_sft, worker_jobs,
 )
 from pipelines.workers import resolve_workers, worker_threads
 
@@ -53,9 +53,14 @@ def reference_eval_task(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
     return _logged(reference_eval(bench, task_stage, sft))
 
 
-@task(name="sample preferences", cache_policy=NONE)
-def preferences_task(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
-    return _logged(build_preferences(bench, task_stage, sft))
+@task(name="sample preference candidates", cache_policy=NONE)
+def candidates_task(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
+    return _logged(build_candidates(bench, task_stage, sft))
+
+
+@task(name="label preferences", cache_policy=NONE)
+def preferences_task(bench: Bench, task_stage: Stage, sft: Stage, candidates: Stage | None) -> Stage:
+    return _logged(build_preferences(bench, task_stage, sft, candidates))
 
 
 @task(name="reference log-probs", cache_policy=NONE)
@@ -73,9 +78,9 @@ def cell_task(bench: Bench, cell: Cell, upstream: Upstream, label: str) -> Stage
     return _logged(run_cell(bench, cell, upstream), label)
 
 
-@task(name="check", task_run_name="check[{job}]", cache_policy=NONE)
-def check_task(bench: Bench, stages: dict, job: str) -> Stage:
-    return _logged(run_check_job(bench, stages, job), job)
+@task(name="job", task_run_name="job[{job}]", cache_policy=NONE)
+def job_task(bench: Bench, stages: dict, job: str) -> Stage:
+    return _logged(run_job(bench, stages, job), job)
 
 
 @task(name="report", cache_policy=NONE)
@@ -131,7 +136,7 @@ def benchmark_flow(
 
     The run appends to the results store ``results_db`` (a SQLAlchemy URL; default
     ``<reports_dir>/results.db``) and its report compares it with the previous runs of its preset.
-    Grid cells and the checks' own stages run on a local Dask cluster of ``workers`` processes
+    Grid cells and the jobs beside them (the checks' own stages) run on a local Dask cluster of ``workers`` processes
     (None: one per core when that pays, decided on the machine running the flow; 0: one at a
     time in this process), or on the Dask scheduler at ``dask_address``. Scheduled runs get the
     same workers as ``dpo-bench run``: the flow starts the cluster itself.
@@ -152,15 +157,25 @@ def benchmark_flow(
         worker = replace(bench, config=replace(bench_config, threads=threads)) if threads else bench
         runner = task_runner_for(n_workers, dask_address)
         with runner if runner is not None else nullcontext():
-            jobs, check_futures = [], []
+            jobs: dict[str, Any] = {}
+
+            def submit_jobs() -> None:
+                """Start, on the workers, every job whose inputs are built and that is not started yet."""
+                for job in worker_jobs(bench, stages):
+                    if job not in jobs:
+                        jobs[job] = runner.submit(job_task, {"bench": worker, "stages": dict(stages), "job": job})
+
             if runner is not None:
                 logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads")
-                # The checks' own stages (PPO runs, reward models at other label temperatures) need
-                # only the SFT model: they start now, on the workers, while this process builds the
-                # preference data and the reward model.
-                jobs = check_jobs(bench, stages)
-                check_futures = [runner.submit(check_task, {"bench": worker, "stages": dict(stages), "job": job}) for job in jobs]
-            stages["preferences"] = timings.record(preferences_task(bench, stages["task"], stages["sft"]))
+                # The jobs that need only the SFT model (the Lemma 2 PPO runs, the grid's own
+                # preference variants) start now, on the workers, while this process samples the
+                # preference candidates; those that label the candidates start once they exist.
+                submit_jobs()
+            stages["candidates"] = (timings.record(candidates_task(bench, stages["task"], stages["sft"]))
+                                    if samples_preferences(bench) else None)
+            if runner is not None:
+                submit_jobs()
+            stages["preferences"] = timings.record(preferences_task(bench, stages["task"], stages["sft"], stages["candidates"]))
             needs = bench_config.needs()
             stages["ref_logps"] = (
                 timings.record(reference_logps_task(bench, stages["task"], stages["sft"], stages["preferences"]))
@@ -172,7 +187,7 @@ def benchmark_flow(
                 futures = [runner.submit(cell_task, {"bench": worker, "cell": cell, "upstream": upstream_for(cell, stages),
                                                      "label": cell.label}) for cell in cells]
                 done = [(cell, timings.record(f.result(), cell.label)) for cell, f in zip(cells, futures)]
-                stages.update({f"check:{job}": timings.record(f.result(), job) for job, f in zip(jobs, check_futures)})
+                stages.update({f"job:{job}": timings.record(f.result(), job) for job, f in jobs.items()})
             else:
                 # One cell at a time: torch already uses every core, and threads would share its RNG state.
                 done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label))

@@ -86,3 +86,9 @@ def by_length_groups(
                 cols = torch.arange(lo, lo + p.shape[1], device=p.device)
                 outs[k] = outs[k].index_put((index[:, None], cols[None, :]), p)
     return tuple(outs)
+
+
+def longest_rows(*attention_masks: torch.Tensor) -> torch.Tensor:
+    """Per item, the length of its longest row across the masks (row i of each is item i): the row
+    that sets the item's padding in a stacked forward pass; what length-grouped batching sorts by."""
+    return torch.stack([m.sum(1) for m in attention_masks]).amax(0)

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .batching import longest_rows
 from .bradley_terry import bt_loss, pairwise_accuracy
 from .model import RewardModel
 
@@ -109,7 +110,7 @@ def train_reward_model(
     device = model.head.weight.device
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    lengths = torch.maximum(pairs.chosen_mask.sum(1), pairs.rejected_mask.sum(1)) if config.group_by_length else None
+    lengths = longest_rows(pairs.chosen_mask, pairs.rejected_mask) if config.group_by_length else None
     batches = minibatches(len(pairs), config.batch_size, generator, lengths)
     for step in tqdm(range(1, config.steps + 1), desc="reward model", disable=not progress, leave=False):
         idx = next(batches)

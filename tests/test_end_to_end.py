@@ -97,7 +97,7 @@ def test_a_second_run_comes_from_the_cache(quick_run):
     config, reports, cache, run_dir = quick_run
     second = run_benchmark(config, reports, run_id="second", cache_dir=cache, progress=False)
     record = json.loads((second / "run.json").read_text())
-    assert set(record["cached_stages"]) == {"task", "sft", "reference_eval", "preferences", "ref_logps", "reward_model", "cell"}
+    assert set(record["cached_stages"]) == {"task", "sft", "reference_eval", "candidates", "preferences", "ref_logps", "reward_model", "cell"}
     assert all(seconds == 0 for seconds in record["timings"].values())
     pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(second))
 

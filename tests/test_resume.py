@@ -48,7 +48,7 @@ method = "dpo"
 values = [0.5]
 config = { steps = 60, lr = 1e-4 }
 """
-UPSTREAM = {"task", "sft", "reference_eval", "preferences", "ref_logps", "reward_model"}
+UPSTREAM = {"task", "sft", "reference_eval", "candidates", "preferences", "ref_logps", "reward_model"}
 
 
 @pytest.fixture

@@ -120,6 +120,16 @@ class PreferenceTensors:
         return len(self.prompts)
 
 
+class SharedStore(Protocol):
+    """Tensors that cells share: the cells of a run with the same upstream stages and replicate
+    seed read what the first of them built (``stages.StoreShared``, on the stage store). For work
+    that does not depend on the cell's strength, such as best-of-N's reference draws."""
+
+    seed: int  # the same for those cells; another replicate seed gets another
+
+    def tensors(self, name: str, key: dict, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]: ...
+
+
 class Policy(Protocol):
     """What evaluation needs from a trained method."""
 
@@ -145,6 +155,7 @@ class MethodContext:
     freeze_embeddings: bool = False
     progress: bool = True
     label: str = ""
+    shared: SharedStore | None = None  # None: nothing is shared (each cell draws its own)
 
     def sample(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], temperature: float = 1.0) -> Samples:
         return sample(

@@ -2,10 +2,18 @@
 
 No training; its KL to the reference is log N − (N−1)/N (Stiennon et al. 2020, appendix), and on
 the bandit its exact distribution follows from order statistics of the reward model's scores.
+
+In a run, the cells of every N share one pool of draws (common random numbers): draw r of a
+prompt is the same for N = 4, 16 and 32, so N = 4 keeps the best of the first 4 of the draws N = 32
+chooses among. The pool is built a round (one draw per prompt) at a time and kept in the stage
+store, so the largest N pays for it and the others read it; a cell computes the rounds it lacks from
+the last down, so two cells that start together meet in the middle instead of drawing twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +22,9 @@ import torch
 
 from ..configs import ConfigError, field
 from ..generation import Samples, sample
-from .base import MethodContext, best_of_n_kl, register_method
+from ..logprobs import collate
+from ..policy import derive_seed
+from .base import MethodContext, SharedStore, best_of_n_kl, register_method
 
 
 @dataclass(frozen=True)
@@ -29,20 +39,44 @@ class BestOfNConfig:
 
 
 class BestOfNPolicy:
-    def __init__(self, reference, reward_model, n: int, task):
-        self.reference, self.reward_model, self.n, self.task = reference, reward_model, n, task
+    def __init__(self, reference, reward_model, n: int, task, shared: SharedStore | None = None):
+        self.reference, self.reward_model, self.n, self.task, self.shared = reference, reward_model, n, task, shared
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], *, generator: torch.Generator, temperature: float) -> Samples:
-        repeated = [p for p in prompt_ids for _ in range(self.n)]
-        drawn = sample(
-            self.reference, repeated, max_new_tokens=self.task.max_new_tokens, eos_id=self.task.eos_id,
-            pad_id=self.task.pad_id, generator=generator, temperature=temperature,
-        )
-        scores = self.reward_model.score(drawn.batch.input_ids, drawn.batch.attention_mask).view(-1, self.n)
-        pick = torch.arange(len(prompt_ids)) * self.n + scores.argmax(-1)
-        return Samples(
-            [list(p) for p in prompt_ids], [drawn.completion_ids[i] for i in pick.tolist()], drawn.batch.select(pick),
-        )
+        """The best of N draws per prompt: from the run's shared pool when there is one (``generator``
+        is then unused), else N fresh draws per prompt from ``generator``."""
+        prompts = [list(p) for p in prompt_ids]
+        if self.shared is None:
+            repeated = [p for p in prompts for _ in range(self.n)]
+            drawn = self._draw(repeated, generator, temperature)
+            scores = drawn["scores"].view(-1, self.n)
+            completions = [drawn["completions"][i * self.n:(i + 1) * self.n] for i in range(len(prompts))]
+        else:
+            rounds = {r: self._round(prompts, temperature, r) for r in reversed(range(self.n))}
+            scores = torch.stack([rounds[r]["scores"] for r in range(self.n)], dim=1)
+            completions = [[rounds[r]["completions"][i] for r in range(self.n)] for i in range(len(prompts))]
+        # The first of equal scores wins (argmax returns the first maximum).
+        best = scores.argmax(-1).tolist()
+        picked = [row[b] for row, b in zip(completions, best)]
+        return Samples(prompts, picked, collate(prompts, picked, self.task.pad_id))
+
+    def _draw(self, prompts: list[list[int]], generator: torch.Generator, temperature: float) -> dict:
+        task = self.task
+        drawn = sample(self.reference, prompts, max_new_tokens=task.max_new_tokens, eos_id=task.eos_id, pad_id=task.pad_id,
+                       generator=generator, temperature=temperature)
+        return {"completions": drawn.completion_ids,
+                "scores": self.reward_model.score(drawn.batch.input_ids, drawn.batch.attention_mask).float()}
+
+    def _round(self, prompts: list[list[int]], temperature: float, r: int) -> dict:
+        """Draw ``r`` of the shared pool: one completion per prompt and its reward-model score."""
+        def build() -> dict[str, torch.Tensor]:
+            generator = torch.Generator().manual_seed(derive_seed(self.shared.seed, "best_of_n", temperature, r))
+            drawn = self._draw(prompts, generator, temperature)
+            return {"completions": pack(drawn["completions"]), "scores": drawn["scores"]}
+
+        key = {"prompts": fingerprint_ids(prompts), "temperature": temperature, "round": r}
+        tensors = self.shared.tensors("best_of_n_draws", key, build)
+        return {"completions": unpack(tensors["completions"]), "scores": tensors["scores"]}
 
     def sequence_logps(self, batch) -> None:
         return None
@@ -69,6 +103,22 @@ class BestOfNPolicy:
         return out
 
 
+def pack(rows: list[list[int]]) -> torch.Tensor:
+    """Token-id rows of different lengths as one tensor, right-padded with -1."""
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def unpack(packed: torch.Tensor) -> list[list[int]]:
+    return [[t for t in row if t >= 0] for row in packed.tolist()]
+
+
+def fingerprint_ids(rows: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 @register_method(
     "best_of_n",
     description="best of N reference samples by the learned reward model (no training; KL = log N − (N−1)/N)",
@@ -78,6 +128,6 @@ class BestOfNPolicy:
     stronger_when="lower",
 )
 def run_best_of_n(ctx: MethodContext, config: BestOfNConfig) -> BestOfNPolicy:
-    policy = BestOfNPolicy(ctx.reference, ctx.reward_model, config.n, ctx.task)
+    policy = BestOfNPolicy(ctx.reference, ctx.reward_model, config.n, ctx.task, ctx.shared)
     ctx.checkpoint(0, policy)
     return policy

@@ -118,14 +118,29 @@ class Task(ABC):
         return np.ones(len(prompts), dtype=bool)
 
     # --- the preference data ---
-    def preference_frames(self, reference: nn.Module, config: Any, seed: int) -> Any:
-        """The preference data every method consumes (a :class:`~dpo_bench.preferences.PreferenceFrames`):
-        by default K completions per train prompt sampled from ``reference`` and labelled by the
-        gold reward (``config`` is the run's PreferenceConfig); a task with its own preference
-        data (``hf``) returns that instead."""
-        from ..preferences import make_preferences
+    @classmethod
+    def samples_preferences(cls, config: Any) -> bool:
+        """Whether the preference data is sampled from the reference and labelled by the gold
+        reward (the default). Its sampled candidates are then a stage of their own, which the
+        reward models at other label temperatures share; a task with its own labelled data says no."""
+        return True
 
-        return make_preferences(self, reference, config, seed)
+    def preference_candidates(self, reference: nn.Module, config: Any, seed: int) -> Any:
+        """K completions per train prompt sampled from ``reference``, with their gold rewards
+        (a :class:`~dpo_bench.preferences.Candidates`; ``config`` is the run's PreferenceConfig)."""
+        from ..preferences import sample_candidates
+
+        return sample_candidates(self, reference, config, seed)
+
+    def preference_frames(self, reference: nn.Module, config: Any, seed: int, candidates: Any = None) -> Any:
+        """The preference data every method consumes (a :class:`~dpo_bench.preferences.PreferenceFrames`):
+        by default ``candidates`` (sampled here when None) labelled by the gold reward at the
+        config's label temperature; a task with its own preference data (``hf``) returns that instead."""
+        from ..preferences import label_candidates
+
+        if candidates is None:
+            candidates = self.preference_candidates(reference, config, seed)
+        return label_candidates(candidates, config, seed)
 
     # --- the reference policy ---
     @abstractmethod

@@ -230,9 +230,13 @@ class HFTask(Task):
 
     # --- preference data ---------------------------------------------------------------------------
 
-    def preference_frames(self, reference: nn.Module, config: Any, seed: int) -> Any:
+    @classmethod
+    def samples_preferences(cls, config: HFConfig) -> bool:
+        return config.data_format == "text"  # sampled, labelled by the judge; else the data's own labels
+
+    def preference_frames(self, reference: nn.Module, config: Any, seed: int, candidates: Any = None) -> Any:
         if self.format == "text":
-            return super().preference_frames(reference, config, seed)  # sampled, labelled by the judge
+            return super().preference_frames(reference, config, seed, candidates)
         from ..preferences import PreferenceFrames, pairs_from_rankings
 
         frame = pd.read_parquet(self.workdir / "data.parquet")
