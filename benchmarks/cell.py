@@ -87,13 +87,14 @@ def main(argv: list[str] | None = None) -> None:
         if cell.preferences:  # the variant's own preference data is upstream too: cache it first
             up = _variant_preferences(bench, cell, up)
             cell = dataclasses.replace(cell, preferences=())
-        uncached = Bench(config, cache, use_cache=False, progress=False, _memo=bench._memo)
         runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "evaluation": []} for name, _ in variants}
         for r in range(args.repeats):
             for name, on in (variants if r % 2 == 0 else variants[::-1]):
                 set_speedups(on)
                 spent["evaluation"] = 0.0
                 load = load_average()[0]
+                # A fresh run each time: with the cache off, a run builds each stage once.
+                uncached = Bench(config, cache, use_cache=False, progress=False, _memo=bench._memo)
                 wall, cpu = time.perf_counter(), time.process_time()
                 run_cell(uncached, cell, up)
                 runs[name]["wall"].append(time.perf_counter() - wall)

@@ -232,30 +232,41 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
     """Preset, then the TOML file, then ``overrides`` (e.g. from CLI flags), merged in that order.
 
     A preset or file may hold ``[task_overrides.<task>]`` tables: settings that apply only when
-    that task runs (a table policy wants a learning rate a transformer would not survive).
+    that task runs (a table policy wants a learning rate a transformer would not survive). They
+    apply right after their own preset or file, so a file overrides its preset's task settings.
     """
-    data: dict = preset_data(preset) if preset else {}
+    base: dict = preset_data(preset) if preset else {}
+    file_data: dict = {}
     if path:
         file_data = read_toml(path)
         # A file that names its own preset starts from it.
         if not preset and "preset" in file_data:
-            data = preset_data(file_data["preset"])
-        data = _merge_replacing_grid(data, file_data)
+            base = preset_data(file_data["preset"])
     overrides = dict(overrides or {})
-    task = overrides.get("task", data.get("task", "sentiment"))
-    task_overrides = data.pop("task_overrides", {}) or {}
-    if not isinstance(task_overrides, dict) or any(not isinstance(v, dict) for v in task_overrides.values()):
-        raise ConfigError("task_overrides: expected tables named after tasks, e.g. [task_overrides.bandit]")
-    unknown = sorted(set(task_overrides) - set(TASK_CONFIGS))
-    if unknown:
-        raise ConfigError(f"task_overrides.{unknown[0]}: unknown task; known tasks: {', '.join(sorted(TASK_CONFIGS))}")
-    data = _merge_replacing_grid(data, task_overrides.get(task, {}))
+    task = overrides.get("task", file_data.get("task", base.get("task", "sentiment")))
+    # Each layer's settings for the task apply right after that layer, so a file's keys override
+    # the preset's task settings too (a file's own grid replaces the preset's bandit grid).
+    data: dict = {}
+    for layer in (base, file_data):
+        data = _merge_replacing_grid(data, layer)
+        data.pop("task_overrides", None)
+        data = _merge_replacing_grid(data, _task_overrides(layer).get(task, {}))
     data = merge(data, overrides)
     try:
         return from_dict_config(data)
     except ConfigError as e:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+def _task_overrides(data: dict) -> dict:
+    task_overrides = data.get("task_overrides", {}) or {}
+    if not isinstance(task_overrides, dict) or any(not isinstance(v, dict) for v in task_overrides.values()):
+        raise ConfigError("task_overrides: expected tables named after tasks, e.g. [task_overrides.bandit]")
+    unknown = sorted(set(task_overrides) - set(TASK_CONFIGS))
+    if unknown:
+        raise ConfigError(f"task_overrides.{unknown[0]}: unknown task; known tasks: {', '.join(sorted(TASK_CONFIGS))}")
+    return task_overrides
 
 
 def _merge_replacing_grid(base: dict, override: dict) -> dict:

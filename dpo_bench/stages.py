@@ -22,7 +22,6 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,6 +135,19 @@ class Bench:
     use_cache: bool = True
     progress: bool = True
     _memo: dict = field(default_factory=dict, repr=False)
+    # The library's code version, in every stage key: computed once when the run starts and carried
+    # to its workers and variants, so the run keys every stage alike even if the source is edited
+    # while it goes on.
+    version: str = ""
+    # When the run started (wall clock): with use_cache off, a stage finished since then was built
+    # by this run (in another process, or for another cell) and is not built again.
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.version:
+            self.version = code_version()
+        if not self.started:
+            self.started = time.time()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -149,10 +161,6 @@ class Bench:
         # Memo keys are content-addressed stage keys, so sharing them across cells is safe.
         self._memo = _process_memo(f"{Path(self.cache_dir).resolve()}|{self.config.device}")
 
-    @cached_property
-    def version(self) -> str:
-        return code_version()
-
     @property
     def device(self) -> torch.device:
         return resolve_device(self.config.device)
@@ -165,8 +173,11 @@ class Bench:
     def run_stage(self, name: str, key_data: dict, build: Callable[[Path], None]) -> Stage:
         key = stable_hash({"stage": name, "code": self.version, **key_data})[:24]
         path = Path(self.cache_dir) / name / key
-        if self.use_cache and (path / "_complete.json").exists():
-            return Stage(name, key, path, cached=True)
+        if (path / "_complete.json").exists():
+            if self.use_cache:
+                return Stage(name, key, path, cached=True)
+            if self.built_this_run(path):
+                return Stage(name, key, path, cached=False, seconds=0.0)
         self.setup_threads()
         start = time.perf_counter()
         _remove_stale_builds(path)
@@ -179,9 +190,9 @@ class Bench:
         write_json(tmp / "_complete.json", {"stage": name, "key": key, "seconds": seconds, "key_data": key_data,
                                             "pid": os.getpid(), "torch_threads": torch.get_num_threads()})
         if path.exists():
-            if self.use_cache and (path / "_complete.json").exists():
-                # Another process built the same stage meanwhile (shared draws race): keep theirs,
-                # which a third process may be reading.
+            if (path / "_complete.json").exists() and (self.use_cache or self.built_this_run(path)):
+                # Another process built the same stage meanwhile (same key, same content): keep
+                # theirs, which a third process may be reading.
                 shutil.rmtree(tmp, ignore_errors=True)
                 return Stage(name, key, path, cached=False, seconds=seconds)
             shutil.rmtree(path, ignore_errors=True)
@@ -193,6 +204,12 @@ class Bench:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
         return Stage(name, key, path, cached=False, seconds=seconds)
+
+    def built_this_run(self, path: Path) -> bool:
+        try:
+            return (path / "_complete.json").stat().st_mtime >= self.started
+        except FileNotFoundError:
+            return False
 
     def memo(self, key: str, load: Callable[[], Any]) -> Any:
         if key not in self._memo:
@@ -534,6 +551,9 @@ class Upstream:
     reward_model: Stage | None = None
 
 
+UPSTREAM_FIELDS = ("task", "sft", "ref_eval", "preferences", "ref_logps", "reward_model")
+
+
 class StoreShared:
     """The stage store as a method's :class:`~dpo_bench.methods.base.SharedStore`: tensors keyed on
     the cell's upstream stages, its replicate seed and the method's own key, built once (by the
@@ -541,7 +561,7 @@ class StoreShared:
 
     def __init__(self, bench: Bench, up: Upstream, replicate: int):
         self.bench = bench
-        self.upstream = {k: getattr(up, k).key if getattr(up, k) else None for k in ("task", "sft", "reward_model")}
+        self.upstream = {k: getattr(up, k).key if getattr(up, k) else None for k in UPSTREAM_FIELDS}
         self.seed = derive_seed(bench.config.seed, "shared", replicate)
 
     def tensors(self, name: str, key: dict, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -570,7 +590,7 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
     freeze_embeddings = config.freeze_embeddings if cell.freeze_embeddings is None else cell.freeze_embeddings
     name = cell.display_name
     key = {
-        "upstream": {k: getattr(up, k).key if getattr(up, k) else None for k in ("task", "sft", "ref_eval", "preferences", "ref_logps", "reward_model")},
+        "upstream": {k: getattr(up, k).key if getattr(up, k) else None for k in UPSTREAM_FIELDS},
         "method": cell.method, "name": name, "config": to_dict(method_config), "seed": seed,
         "evaluation": to_dict(config.evaluation), "freeze": [freeze_blocks, freeze_embeddings],
     }
@@ -647,7 +667,7 @@ def _variant_preferences(bench: Bench, cell: Cell, up: Upstream) -> Upstream:
     """The cell's own preference data (and reference log-probs), built once and cached like any stage."""
     config = bench.config
     preferences = from_dict(PreferenceConfig, {**to_dict(config.preferences), **dict(cell.preferences)}, "preferences")
-    variant = Bench(replace(config, preferences=preferences), bench.cache_dir, bench.use_cache, bench.progress, bench._memo)
+    variant = replace(bench, config=replace(config, preferences=preferences))
     prefs = build_preferences(variant, up.task, up.sft)
     return replace(up, preferences=prefs, ref_logps=reference_logps(variant, up.task, up.sft, prefs))
 
@@ -780,7 +800,7 @@ def label_temperature_rm(bench: Bench, stages: dict, temperature: float) -> Stag
     """The reward model trained on preference labels drawn at Bradley-Terry ``temperature``, from
     the run's own candidates (the same completions as the main reward model's)."""
     preferences = replace(bench.config.preferences, label_temperature=float(temperature))
-    variant = Bench(replace(bench.config, preferences=preferences), bench.cache_dir, bench.use_cache, bench.progress, bench._memo)
+    variant = replace(bench, config=replace(bench.config, preferences=preferences))
     prefs = build_preferences(variant, stages["task"], stages["sft"], stages.get("candidates"))
     return train_rm(variant, stages["task"], stages["sft"], prefs)
 

@@ -3,8 +3,9 @@
 Each task is a few lines that call one library function from ``dpo_bench.stages``; the stage
 store there does the caching, so a task whose stage is cached returns at once. Grid cells and
 the jobs beside them (the checks' own stages, the grid's own preference data) are submitted to
-a Dask cluster that the flow starts from its parameters (``workers``, ``dask_address``), so a scheduled run gets the workers a run from the
-command line gets; with no workers they run one at a time in the flow's process.
+a Dask cluster that the flow starts from its parameters (``workers``, ``dask_address``), so a
+scheduled run gets the workers a run from the command line gets; with no workers they run one at
+a time in the flow's process.
 """
 
 from __future__ import annotations
@@ -136,9 +137,10 @@ def benchmark_flow(
 
     The run appends to the results store ``results_db`` (a SQLAlchemy URL; default
     ``<reports_dir>/results.db``) and its report compares it with the previous runs of its preset.
-    Grid cells and the jobs beside them (the checks' own stages) run on a local Dask cluster of ``workers`` processes
-    (None: one per core when that pays, decided on the machine running the flow; 0: one at a
-    time in this process), or on the Dask scheduler at ``dask_address``. Scheduled runs get the
+    Grid cells and the jobs beside them (the checks' own stages, the grid's own preference data)
+    run on a local Dask cluster of ``workers`` processes (None: one per core when that pays,
+    decided on the machine running the flow; 0: one at a time in this process), or on the Dask
+    scheduler at ``dask_address``. Scheduled runs get the
     same workers as ``dpo-bench run``: the flow starts the cluster itself.
     """
     bench_config: BenchConfig = from_dict_config(config)

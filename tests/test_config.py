@@ -111,6 +111,19 @@ def test_task_overrides_apply_only_to_their_task():
     assert {c.method for c in bandit.cells()} >= {"dpo", "ppo", "best_of_n"}
 
 
+def test_a_files_keys_override_its_presets_task_overrides(tmp_path):
+    # quick's [task_overrides.bandit] brings its own grid and reward-model lr; a file that names
+    # the preset and the task keeps that lr but its own grid, and its own task overrides win.
+    path = tmp_path / "mine.toml"
+    path.write_text('preset = "quick"\ntask = "bandit"\n\n[[grid]]\nmethod = "dpo"\nvalues = [0.3]\n\n'
+                    '[task_overrides.bandit.evaluation]\nn_checkpoints = 1\n')
+    config = load_config(path=path)
+    assert [c.label for c in config.cells()] == ["dpo β=0.3 seed=0"]
+    assert config.reward_model.lr == 0.05 and config.evaluation.n_checkpoints == 1
+    # On another task neither table applies.
+    assert load_config(path=path, overrides={"task": "sentiment"}).evaluation.n_checkpoints == load_config("quick").evaluation.n_checkpoints
+
+
 def test_with_methods_keeps_the_grid_entries_and_rejects_unknown_names():
     config = load_config("default").with_methods(["dpo", "simpo"])
     assert [c.display_name for c in config.cells()] == ["dpo"] * 3 + ["dpo_frozen"] * 2 + ["simpo"]

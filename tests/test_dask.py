@@ -29,15 +29,52 @@ def _markers(cache: Path, stage: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((cache / stage).glob("*/_complete.json"))]
 
 
+# The bandit's quick settings, plus what a parallel run starts beside the grid: the grid's own
+# 3-wise preference data, a reward model at another label temperature, best-of-N's shared draws.
+GRID = """
+preset = "quick"
+task = "bandit"
+
+[checks]
+label_temperatures = [1.0]
+
+[[grid]]
+method = "sft"
+
+[[grid]]
+method = "dpo"
+values = [0.5]
+config = { steps = 200, lr = 0.05 }
+
+[[grid]]
+method = "dpo_pl"
+name = "dpo_pl_k3"
+values = [0.5]
+preferences = { k = 3 }
+config = { steps = 200, lr = 0.05 }
+
+[[grid]]
+method = "ppo"
+values = [0.1]
+config = { iterations = 60, lr = 0.05 }
+
+[[grid]]
+method = "best_of_n"
+values = [2, 8]
+"""
+
+
 def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd, prefect_harness, restore_torch_threads):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     reports = tmp_path / "dask"
+    config_file = tmp_path / "grid.toml"
+    config_file.write_text(GRID)
     # As a user runs it, with no Prefect API configured: one temporary server for the flow and its
     # workers (here the session's test server, which Prefect registers as the temporary one).
     # Each worker process once started a server of its own.
     with temporary_settings(updates={PREFECT_API_URL: None}):
-        assert main(["run", "--task", "bandit", "--preset", "quick", "--workers", "2", "--reports-dir", str(reports),
+        assert main(["run", "--config", str(config_file), "--workers", "2", "--reports-dir", str(reports),
                      "--run-id", "dask", "--quiet"]) == 0
     assert capfd.readouterr().err.count("Starting temporary server") <= 1
     record = json.loads((reports / "dask" / "run.json").read_text())
@@ -57,6 +94,14 @@ def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd,
     assert {c["torch_threads"] for c in cells} == {worker_threads}
     assert {record["torch_threads"][c.label] for c in config.cells()} == {worker_threads}
     assert all(c["pid"] == os.getpid() for c in _markers(reports / ".cache", "sft"))
+    # The jobs ran on the workers: the 3-wise candidates and their labels, the reward model at
+    # T = 1 (on the main candidates: one candidates stage per sampling config), the shared draws.
+    candidates = {m["key_data"]["sampling"]["k"]: m["pid"] for m in _markers(reports / ".cache", "candidates")}
+    assert candidates.keys() == {2, 3} and candidates[2] == os.getpid() and candidates[3] in pids
+    reward_models = [m["pid"] for m in _markers(reports / ".cache", "reward_model")]
+    assert len(reward_models) == 2 and reward_models.count(os.getpid()) == 1 and len(set(reward_models) & pids) == 1
+    shared = _markers(reports / ".cache", "shared")
+    assert len(shared) == 8 and {m["pid"] for m in shared} <= pids
 
     local = run_benchmark(config, tmp_path / "local", run_id="local", progress=False)
     dask_metrics = pd.read_parquet(reports / "dask" / "metrics.parquet").drop(columns="run_id")

@@ -39,8 +39,8 @@ def test_a_killed_build_is_cleaned_up_and_a_live_one_is_not(tmp_path):
     for d in (dead, alive, other_host):
         d.mkdir()
         (d / "partial.bin").write_bytes(b"half")
-    bench.use_cache = False
-    again = bench.run_stage("probe", {"x": 1}, lambda out: (out / "a.txt").write_text("1"))
+    rerun = Bench(bench.config, tmp_path, use_cache=False, progress=False)  # a later run with --no-cache
+    again = rerun.run_stage("probe", {"x": 1}, lambda out: (out / "a.txt").write_text("1"))
     assert (again.path / "a.txt").read_text() == "1"
     assert not dead.exists()
     # A build still running here, or on another machine sharing the cache, is left alone.
@@ -82,6 +82,36 @@ def test_unpickled_benches_of_one_run_share_their_loaded_models(tmp_path):
     # Another cache directory (another run's stages) does not see them.
     other = pickle.loads(pickle.dumps(_bench(tmp_path / "other")))
     assert other.memo(("model", "k"), lambda: "fresh") == "fresh"
+
+
+def test_without_the_cache_a_run_builds_each_stage_once(tmp_path):
+    config = load_config("quick", overrides={"task": "bandit"})
+    Bench(config, tmp_path, use_cache=False).run_stage("probe", {"x": 1}, lambda out: (out / "v.txt").write_text("earlier run"))
+    run = Bench(config, tmp_path, use_cache=False)  # --no-cache: what an earlier run built is built again...
+    built = run.run_stage("probe", {"x": 1}, lambda out: (out / "v.txt").write_text("this run"))
+    assert (built.path / "v.txt").read_text() == "this run"
+    # ...once: another cell or worker of the same run that asks for it gets this run's build.
+    worker = pickle.loads(pickle.dumps(run))
+    again = worker.run_stage("probe", {"x": 1}, lambda out: pytest.fail("built twice in one run"))
+    assert again.path == built.path and (again.path / "v.txt").read_text() == "this run"
+
+
+def test_a_run_keys_every_stage_on_the_code_version_it_started_with(tmp_path, monkeypatch):
+    import dataclasses
+
+    import dpo_bench.stages as stages
+
+    bench = _bench(tmp_path)
+    started = bench.version
+    key = bench.run_stage("probe", {"x": 1}, lambda out: None).key
+    monkeypatch.setattr(stages, "code_version", lambda: "edited meanwhile")
+    # Its workers (a pickled Bench) and its variants (another label temperature) keep the version,
+    # so they find the stages this process built; a new run takes the source as it is now.
+    worker = pickle.loads(pickle.dumps(bench))
+    variant = dataclasses.replace(bench, config=dataclasses.replace(bench.config, seed=1))
+    assert worker.version == variant.version == started
+    assert worker.run_stage("probe", {"x": 1}, lambda out: pytest.fail("rebuilt")).key == key
+    assert _bench(tmp_path).version == "edited meanwhile"
 
 
 @settings(max_examples=50, deadline=None)
