@@ -1,5 +1,7 @@
 """The preference dataset every method consumes: K completions per train prompt from the
 reference, labelled by the Bradley-Terry (K = 2) or Plackett-Luce (K > 2) model on the gold reward.
+Sampling (:func:`sample_candidates`) and labelling (:func:`label_candidates`) are separate steps,
+so labels at several temperatures can be drawn from one set of candidates.
 
 Temperature 0 labels deterministically by the gold reward (the DPO paper's choice); pairs whose
 gold rewards tie carry no label and are dropped, as are rows whose sampled completions repeat.
@@ -148,11 +150,6 @@ def label_candidates(candidates: Candidates, config: PreferenceConfig, seed: int
     })[keep].reset_index(drop=True)
     pairs = pairs_from_rankings(rankings, config.pairs_from_rankings)
     return PreferenceFrames(pairs, rankings, len(prompts), int((distinct & tied).sum()), n_repeats)
-
-
-def make_preferences(task, reference: nn.Module, config: PreferenceConfig, seed: int) -> PreferenceFrames:
-    """Sample K completions per train prompt from ``reference`` and label them by the gold reward."""
-    return label_candidates(sample_candidates(task, reference, config, seed), config, seed)
 
 
 def pairs_from_rankings(rankings: pd.DataFrame, mode: str) -> pd.DataFrame:

@@ -27,9 +27,9 @@ from .invariance import run_invariance_checks
 from .methods.base import get_method
 from .report import build_report
 from .stages import (
-    METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, preference_info, prepare_task,
-    process_alive, label_temperature_rms, reference_eval, samples_preferences, reference_logps, run_cell, train_rm, train_sft, write_json,
-    write_parquet,
+    METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, label_temperature_rms,
+    preference_info, prepare_task, process_alive, reference_eval, reference_logps, run_cell, samples_preferences, train_rm,
+    train_sft, write_json, write_parquet,
 )
 
 RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "history.parquet", "run.json")
@@ -313,7 +313,8 @@ def plan_stages(bench: Bench, timings: Timings, say: Callable[[str], None] = lam
     say("evaluating the reference")
     stages["ref_eval"] = timings.record(reference_eval(bench, stages["task"], stages["sft"]))
     say("sampling the preference data")
-    stages["candidates"] = timings.record(build_candidates(bench, stages["task"], stages["sft"])) if samples_preferences(bench) else None
+    stages["candidates"] = (timings.record(build_candidates(bench, stages["task"], stages["sft"]))
+                            if samples_preferences(bench) else None)
     stages["preferences"] = timings.record(build_preferences(bench, stages["task"], stages["sft"], stages["candidates"]))
     stages["ref_logps"] = timings.record(reference_logps(bench, stages["task"], stages["sft"], stages["preferences"])) \
         if needs & {"preferences", "rankings"} else None

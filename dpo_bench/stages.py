@@ -1,7 +1,8 @@
 """The benchmark's stages as plain functions over a content-addressed store.
 
-Every expensive stage (task data, SFT, preference data, reference log-probs, reward model,
-reference evaluation, each grid cell) writes its outputs to ``<cache>/<stage>/<key>/``. The key
+Every expensive stage (task data, SFT, preference candidates and labels, reference log-probs,
+reward model, reference evaluation, each grid cell, what cells share such as best-of-N's draws)
+writes its outputs to ``<cache>/<stage>/<key>/``. The key
 hashes the stage's resolved config, the keys of its upstream stages and the library's code
 version, so a second run recomputes nothing, changing one method's β retrains only that cell,
 and changing the SFT config retrains everything downstream. Outputs are built in a temporary
