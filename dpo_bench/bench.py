@@ -23,7 +23,7 @@ from .invariance import ChecksConfig
 from .policy_eval import EvalConfig
 from .preferences import PreferenceConfig
 from .presets import preset_names
-from .tasks import TASK_CONFIGS
+from .tasks import TASK_CONFIGS, get_task_class
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,9 @@ class BenchConfig:
         duplicates = sorted({x for x in labels if labels.count(x) > 1})
         if duplicates:
             raise ConfigError(f"grid: cells appear twice: {', '.join(duplicates)}")
+        if self.checks.label_temperatures and not get_task_class(self.task).samples_preferences(self.task_config):
+            raise ConfigError("checks.label_temperatures: this task's preference data carries its own labels (hf data that "
+                              "is not data_format = \"text\"), so they cannot be drawn at another temperature; remove it")
         # A task may need more than valid fields to run (hf: a model, data, a judge for PPO-GT).
         check_runnable = getattr(self.task_config, "check_runnable", None)
         if check_runnable is not None:

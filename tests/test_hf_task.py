@@ -313,6 +313,12 @@ def test_judge_configs_are_checked(workspace):
                                         "grid": [{"method": "ppo_gt"}]})
     with pytest.raises(ConfigError, match="hf.model"):
         load_config("quick", overrides={"task": "hf"})
+    # Labels that come with the data cannot be drawn at another temperature; sampled ones can.
+    with pytest.raises(ConfigError, match="checks.label_temperatures: this task's preference data carries its own labels"):
+        load_config("quick", overrides={"task": "hf", "hf": {"model": model, "data": "x.jsonl"}, "checks": {"label_temperatures": [1.0]}})
+    load_config("quick", overrides={"task": "hf", "hf": {"model": model, "data": "x.txt", "data_format": "text",
+                                                         "reference": "text_ft", "judge": "good_words"},
+                                    "checks": {"label_temperatures": [1.0]}})
     with pytest.raises(ValueError, match="set judge_label"):
         ClassifierJudge(str(workspace / "classifier"))
 
