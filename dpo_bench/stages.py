@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -161,6 +161,11 @@ class Bench:
         # lets the task, reference and reward model load once per worker, not once per cell.
         # Memo keys are content-addressed stage keys, so sharing them across cells is safe.
         self._memo = _process_memo(f"{Path(self.cache_dir).resolve()}|{self.config.device}")
+
+    def with_preferences(self, preferences: PreferenceConfig) -> "Bench":
+        """The same run (store, code version, start, memo) with other preference data: a grid
+        entry's own, or labels at another temperature."""
+        return replace(self, config=replace(self.config, preferences=preferences))
 
     @property
     def device(self) -> torch.device:
@@ -551,8 +556,9 @@ class Upstream:
     ref_logps: Stage | None = None
     reward_model: Stage | None = None
 
-
-UPSTREAM_FIELDS = ("task", "sft", "ref_eval", "preferences", "ref_logps", "reward_model")
+    def keys(self) -> dict[str, str | None]:
+        """Each upstream stage's key (None where the cell reads none): what a cell's key hashes."""
+        return {f.name: stage.key if (stage := getattr(self, f.name)) else None for f in fields(self)}
 
 
 class StoreShared:
@@ -562,7 +568,7 @@ class StoreShared:
 
     def __init__(self, bench: Bench, up: Upstream, replicate: int):
         self.bench = bench
-        self.upstream = {k: getattr(up, k).key if getattr(up, k) else None for k in UPSTREAM_FIELDS}
+        self.upstream = up.keys()
         self.seed = derive_seed(bench.config.seed, "shared", replicate)
 
     def tensors(self, name: str, key: dict, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -591,7 +597,7 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
     freeze_embeddings = config.freeze_embeddings if cell.freeze_embeddings is None else cell.freeze_embeddings
     name = cell.display_name
     key = {
-        "upstream": {k: getattr(up, k).key if getattr(up, k) else None for k in UPSTREAM_FIELDS},
+        "upstream": up.keys(),
         "method": cell.method, "name": name, "config": to_dict(method_config), "seed": seed,
         "evaluation": to_dict(config.evaluation), "freeze": [freeze_blocks, freeze_embeddings],
     }
@@ -668,7 +674,7 @@ def _variant_preferences(bench: Bench, cell: Cell, up: Upstream) -> Upstream:
     """The cell's own preference data (and reference log-probs), built once and cached like any stage."""
     config = bench.config
     preferences = from_dict(PreferenceConfig, {**to_dict(config.preferences), **dict(cell.preferences)}, "preferences")
-    variant = replace(bench, config=replace(config, preferences=preferences))
+    variant = bench.with_preferences(preferences)
     prefs = build_preferences(variant, up.task, up.sft)
     return replace(up, preferences=prefs, ref_logps=reference_logps(variant, up.task, up.sft, prefs))
 
@@ -801,7 +807,7 @@ def label_temperature_rm(bench: Bench, stages: dict, temperature: float) -> Stag
     """The reward model trained on preference labels drawn at Bradley-Terry ``temperature``, from
     the run's own candidates (the same completions as the main reward model's)."""
     preferences = replace(bench.config.preferences, label_temperature=float(temperature))
-    variant = replace(bench, config=replace(bench.config, preferences=preferences))
+    variant = bench.with_preferences(preferences)
     prefs = build_preferences(variant, stages["task"], stages["sft"], stages.get("candidates"))
     return train_rm(variant, stages["task"], stages["sft"], prefs)
 
