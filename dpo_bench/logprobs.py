@@ -4,8 +4,9 @@ Every method needs log π(y|x) = Σ_t log π(y_t | x, y_<t) over the completion 
 module is the one place that computes it, for any padding (left-padded prompts from the sampler,
 right-padded pairs from the collator): positions are derived from the attention mask. Two things
 keep it cheap without changing a number beyond float rounding: a batch's rows go through the
-model in groups of similar length (``reward.batching``), and the vocabulary projection runs only
-where a completion token is predicted.
+model in groups of similar length (``reward.batching``), and the model's output is computed only
+where a completion token is predicted: the vocabulary projection for any transformers causal LM,
+and for GPT-2 the last block's MLP too (``reward.trunk``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from reward import batching
+from reward.trunk import last_hidden_at, position_ids, selects_positions
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,6 @@ def longest_rows(*batches: SequenceBatch) -> torch.Tensor:
     return batching.longest_rows(*(b.attention_mask for b in batches))
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a left-padded prompt sees the positions it trained on."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def forward(model: nn.Module, batch: SequenceBatch, output_hidden_states: bool = False, **kwargs):
     return model(
         input_ids=batch.input_ids,
@@ -133,23 +130,35 @@ _SELECTS_LOGITS: dict[type, bool] = {}
 
 
 def token_logps_and_hidden(model: nn.Module, batch: SequenceBatch, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token completion log-probs (B, T-1) in one padded forward pass, and the last hidden
-    state (B, T, D) when ``hidden`` (PPO's value head reads it)."""
+    """Per-token completion log-probs (B, T-1) in one padded forward pass and, when ``hidden``,
+    the last hidden state where they are predicted: (N, D) at ``completion_mask[:, 1:]``'s N
+    positions in row-major order (PPO's value head reads it)."""
     mask = batch.completion_mask[:, 1:].bool()
+    # Position t predicts token t+1: the model's output is read where a completion token is predicted.
+    keep = nn.functional.pad(mask, (0, 1), value=False)
+    targets = batch.input_ids[:, 1:][mask]
+    if selects_positions(model):
+        # The last block's MLP, the LM head and the softmax only at those positions (reward.trunk).
+        states = last_hidden_at(model, batch.input_ids, batch.attention_mask, keep)
+        return _scatter_logps(model.get_output_embeddings()(states), targets, mask), (states if hidden else None)
     if keeps_selected_logits(model):
-        # The LM head and softmax only where a completion token is predicted (position t predicts
-        # token t+1): the prompt and the padding cost no vocabulary projection.
-        keep = nn.functional.pad(mask, (0, 1), value=False)
+        # The LM head and softmax only where a completion token is predicted: the prompt and the
+        # padding cost no vocabulary projection.
         out = forward(model, batch, output_hidden_states=hidden, logits_to_keep=keep)
         if out.logits.dim() != 2 or out.logits.shape[0] != int(mask.sum()):
             raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)} for a logits_to_keep mask")
-        picked = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, batch.input_ids[:, 1:][mask][:, None]).squeeze(-1)
-        logps = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+        logps = _scatter_logps(out.logits, targets, mask)
     else:
         out = forward(model, batch, output_hidden_states=hidden)
         # masked_fill, not multiplication: a padded position may hold -inf (the tabular policy's mask).
         logps = gather_token_logps(out.logits, batch.input_ids).masked_fill(~mask, 0.0)
-    return logps, (out.hidden_states[-1] if hidden else None)
+    return logps, (out.hidden_states[-1][keep] if hidden else None)
+
+
+def _scatter_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(target) from logits (N, V) at ``mask``'s N positions, zero elsewhere; shape of ``mask``."""
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
 
 
 def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[torch.Tensor, ...]], group: bool = True) -> tuple[torch.Tensor, ...]:

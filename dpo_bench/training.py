@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from reward.train import minibatches
+from reward.train import adamw, minibatches
 
 from .configs import field as cfield
 from .configs import non_negative, positive
@@ -46,10 +46,7 @@ def check_finite(loss: torch.Tensor, what: str, step: int, log: TrainLog) -> Non
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (all frozen?)")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    return adamw(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .batching import by_length_groups
+from .trunk import last_hidden_at, position_ids, selects_positions
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -44,13 +45,19 @@ class RewardModel(nn.Module):
         return self._scores(input_ids, attention_mask) if grouped is None else grouped[0]
 
     def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-            output_hidden_states=True, use_cache=False, **self._trunk_kwargs,
-        )
-        hidden = out.hidden_states[-1]
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        index = last_token_index(attention_mask)
+        if selects_positions(self.trunk):
+            # The trunk's last block at the scored token only (reward.trunk).
+            keep = torch.zeros_like(attention_mask, dtype=torch.bool)
+            keep[rows, index] = True
+            last = last_hidden_at(self.trunk, input_ids, attention_mask, keep)
+        else:
+            out = self.trunk(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                output_hidden_states=True, use_cache=False, **self._trunk_kwargs,
+            )
+            last = out.hidden_states[-1][rows, index]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()

@@ -196,7 +196,7 @@ def test_pairwise_accuracy_ties_count_half():
     assert pairwise_accuracy(torch.tensor([1.0]), torch.tensor([0.0])) == 1.0
 
 
-def test_reward_model_scores_skip_the_lm_head_without_changing_them():
+def test_reward_model_scores_skip_the_lm_head_without_changing_them(monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from reward.model import RewardModel
@@ -205,6 +205,8 @@ def test_reward_model_scores_skip_the_lm_head_without_changing_them():
     trunk = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32,
                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
     model = RewardModel(trunk).eval()
+    # The model's own forward, as for a trunk reward.trunk does not reproduce (tests/test_trunk.py).
+    monkeypatch.setattr("reward.model.selects_positions", lambda trunk: False)
     assert model._trunk_kwargs == {"logits_to_keep": 1}
     torch.nn.init.normal_(model.head.weight)
     ids = torch.randint(0, 50, (4, 9))

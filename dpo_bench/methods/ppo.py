@@ -146,8 +146,10 @@ class PolicyWithValueHead(nn.Module):
     def logps_and_values(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and values aligned with input_ids[:, 1:], shape (B, T-1) each."""
         def both(b: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            # Values only where a completion token is predicted: the losses and GAE read no others.
             logps, hidden = token_logps_and_hidden(self.policy, b, hidden=True)
-            return logps, self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1)
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+            return logps, values.new_zeros(logps.shape).masked_scatter(b.completion_mask[:, 1:].bool(), values)
 
         # Rollouts stop at eos: their lengths vary, so rows of similar length share a forward pass.
         return by_length_groups(batch, both)

@@ -1,0 +1,87 @@
+"""A causal LM's last hidden states at chosen positions only.
+
+Training and scoring read a transformer's output at a few positions: log-probs where a completion
+token is predicted (about 40% of the real tokens on the default task), a reward model at one
+token per row. Every position still feeds the keys and values of the positions after it, so all
+blocks but the last must run everywhere; the last block's attention output projection and MLP,
+three quarters of its matmuls, are needed only at the positions that are read. For a 2-layer
+model that is a third of a forward and backward pass.
+
+:func:`last_hidden_at` computes exactly that for transformers' GPT-2, with the model's own
+modules and the same operations as its SDPA forward (the hidden states are bit-identical on a
+CPU, ``tests/test_trunk.py``). Other models, and GPT-2 configurations it does not reproduce
+(dropout active, cross-attention, activation checkpointing, the attention variants) fail
+:func:`selects_positions`, and the callers run the model's own forward instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GPT2_MODULE = "transformers.models.gpt2.modeling_gpt2"
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded prompt sees the positions it trained on."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _gpt2_body(model: nn.Module) -> nn.Module | None:
+    """The ``GPT2Model`` inside ``model`` (a ``GPT2LMHeadModel`` or the body itself), else None."""
+    if type(model).__module__ != _GPT2_MODULE:
+        return None
+    body = getattr(model, "transformer", model)
+    return body if type(body).__name__ == "GPT2Model" else None
+
+
+def selects_positions(model: nn.Module) -> bool:
+    """Whether :func:`last_hidden_at` reproduces ``model``'s forward pass (right now: dropout and
+    checkpointing depend on its mode)."""
+    body = _gpt2_body(model)
+    if body is None:
+        return False
+    config = body.config
+    if config.add_cross_attention or config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn:
+        return False
+    if body.training and max(config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) > 0:
+        return False
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # its name from transformers 5.2x on
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return not checkpointing and len(body.h) > 0
+
+
+def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (after the last layer norm) of ``model`` at the positions where
+    ``keep`` (B, T) is true, shape (N, D) in row-major order of ``keep``.
+
+    Same values as ``model(input_ids, attention_mask, position_ids=position_ids(attention_mask),
+    output_hidden_states=True).hidden_states[-1][keep]``; padding may be on either side. Every
+    kept position must be a real token. Call only where :func:`selects_positions` is true.
+    """
+    if keep.shape != input_ids.shape:
+        raise ValueError(f"keep has shape {tuple(keep.shape)}, input_ids {tuple(input_ids.shape)}")
+    real = attention_mask.bool()
+    if (keep & ~real).any():
+        raise ValueError("keep selects padding positions; only real tokens have a defined hidden state")
+    body = _gpt2_body(model)
+    batch, width = input_ids.shape
+    heads = body.config.n_head
+    scale = None if body.config.scale_attn_weights else 1.0
+    x = body.wte(input_ids) + body.wpe(position_ids(attention_mask))
+    # Causal attention to real tokens. A padding query may see itself too: on some backends a row
+    # with nothing to attend to gives NaN, which would reach real tokens through 0-weighted values.
+    allowed = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril() & real[:, None, :]
+    allowed = (allowed | torch.eye(width, dtype=torch.bool, device=input_ids.device))[:, None]
+    last = len(body.h) - 1
+    for i, block in enumerate(body.h):
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(x)).view(batch, width, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale).transpose(1, 2).reshape(x.shape)
+        if i == last:  # the last block's projection and MLP only where its output is read
+            mixed, x = mixed[keep], x[keep]
+        x = x + attn.c_proj(mixed)
+        x = x + block.mlp(block.ln_2(x))
+    return body.ln_f(x)

@@ -1,0 +1,128 @@
+"""reward.trunk: GPT-2's last hidden states at selected positions equal its own forward's, values
+and gradients, for any padding; models it does not reproduce are refused, and the callers (log-probs,
+PPO's values, the reward model) give the numbers of the model's own forward."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from reward.trunk import last_hidden_at, position_ids, selects_positions
+
+
+def _gpt2(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = dict(vocab_size=30, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=1,
+                  pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(GPT2Config(**{**config, **overrides}))
+
+
+def _reference_hidden(model, ids, mask):
+    """The last hidden state from transformers' own forward, (B, T, D)."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True,
+                 use_cache=False).hidden_states[-1]
+
+
+def _batch(seed, rows, width, left):
+    """Random ids; each row a random length of real tokens, padded on the left or the right."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 30, (rows, width), generator=g)
+    lengths = torch.randint(1, width + 1, (rows,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    if left:
+        mask = mask.flip(-1)
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@given(seed=st.integers(0, 10**6), layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]), rows=st.integers(1, 6),
+       width=st.integers(1, 12), left=st.booleans(), activation=st.sampled_from(["gelu_pytorch_tanh", "gelu_new", "relu"]),
+       scaled=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_last_hidden_at_equals_the_models_forward_in_value_and_gradient(seed, layers, heads, rows, width, left, activation, scaled):
+    model = _gpt2(seed, n_layer=layers, n_head=heads, activation_function=activation, scale_attn_weights=scaled).train()
+    assert selects_positions(model)
+    ids, mask = _batch(seed, rows, width, left)
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = mask.bool() & (torch.rand(ids.shape, generator=g) < 0.5)
+    weights = torch.randn(int(keep.sum()), model.config.n_embd, generator=g)
+
+    ours = last_hidden_at(model, ids, mask, keep)
+    (ours * weights).sum().backward()
+    our_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    theirs = _reference_hidden(model, ids, mask)[keep]
+    (theirs * weights).sum().backward()
+
+    assert ours.shape == theirs.shape == (int(keep.sum()), model.config.n_embd)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for mine, reference in zip(our_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_last_hidden_at_takes_the_body_as_well_as_the_lm():
+    model = _gpt2(3).eval()
+    ids, mask = _batch(3, 4, 7, left=False)
+    keep = mask.bool()
+    assert selects_positions(model.transformer)
+    torch.testing.assert_close(last_hidden_at(model.transformer, ids, mask, keep), last_hidden_at(model, ids, mask, keep))
+
+
+def test_keeping_padding_or_a_misshapen_mask_is_an_error():
+    model = _gpt2().eval()
+    ids, mask = _batch(0, 3, 6, left=True)
+    with pytest.raises(ValueError, match="padding"):
+        last_hidden_at(model, ids, mask, torch.ones_like(mask, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        last_hidden_at(model, ids, mask, mask.bool()[:, 1:])
+
+
+def test_models_it_does_not_reproduce_use_their_own_forward():
+    from dpo_bench.policy import TabularLM, enable_gradient_checkpointing
+
+    dropout = _gpt2(resid_pdrop=0.1)
+    assert not selects_positions(dropout.train())
+    assert selects_positions(dropout.eval())  # dropout is off in eval mode
+    for unsupported in (dict(scale_attn_by_inverse_layer_idx=True), dict(reorder_and_upcast_attn=True)):
+        assert not selects_positions(_gpt2(**unsupported))
+    checkpointed = enable_gradient_checkpointing(_gpt2().train())
+    assert not selects_positions(checkpointed)
+    assert not selects_positions(TabularLM(5, torch.tensor([False, False, True, True, True]), torch.zeros(5, 5)))
+    assert not selects_positions(torch.nn.Linear(2, 2))
+
+
+def test_log_probs_and_ppo_values_match_the_models_own_forward():
+    """The callers: completion log-probs and PPO's values on the trunk path equal those from the
+    full forward with the full vocabulary projection, at every completion position."""
+    from dpo_bench.logprobs import collate, gather_token_logps, token_logps_and_hidden
+    from dpo_bench.methods.ppo import PolicyWithValueHead
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [[1] + torch.randint(2, 30, (int(n),), generator=g).tolist() for n in torch.randint(1, 5, (7,), generator=g)]
+    completions = [torch.randint(2, 30, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (7,), generator=g)]
+    batch = collate(prompts, completions, pad_id=0)
+    mask = batch.completion_mask[:, 1:].bool()
+    policy = PolicyWithValueHead(_gpt2(5).eval())
+    torch.nn.init.normal_(policy.value_head.weight, generator=g)
+
+    logps, hidden = token_logps_and_hidden(policy.policy, batch, hidden=True)
+    logps_v, values = policy.logps_and_values(batch)
+    full = _reference_hidden(policy.policy, batch.input_ids, batch.attention_mask)
+    expected = gather_token_logps(policy.policy.lm_head(full), batch.input_ids).masked_fill(~mask, 0.0)
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps_v, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden, full[:, :-1][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[mask], policy.value_head(full[:, :-1]).squeeze(-1)[mask], atol=1e-5, rtol=1e-5)
+    assert (values[~mask] == 0).all()
+
+
+def test_reward_model_scores_match_the_trunks_own_forward():
+    from reward.model import RewardModel, last_token_index
+
+    model = RewardModel(_gpt2(7)).eval()
+    torch.nn.init.normal_(model.head.weight)
+    for left in (False, True):
+        ids, mask = _batch(7, 6, 9, left)
+        full = _reference_hidden(model.trunk, ids, mask)
+        last = full[torch.arange(len(ids)), last_token_index(mask)]
+        torch.testing.assert_close(model(ids, mask), model.head(last).squeeze(-1), atol=1e-5, rtol=1e-5)
