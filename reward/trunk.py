@@ -67,21 +67,43 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     if (keep & ~real).any():
         raise ValueError("keep selects padding positions; only real tokens have a defined hidden state")
     body = _gpt2_body(model)
-    batch, width = input_ids.shape
+    width = input_ids.shape[1]
     heads = body.config.n_head
     scale = None if body.config.scale_attn_weights else 1.0
     x = body.wte(input_ids) + body.wpe(position_ids(attention_mask))
     # Causal attention to real tokens. A padding query may see itself too: on some backends a row
     # with nothing to attend to gives NaN, which would reach real tokens through 0-weighted values.
     allowed = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril() & real[:, None, :]
-    allowed = (allowed | torch.eye(width, dtype=torch.bool, device=input_ids.device))[:, None]
-    last = len(body.h) - 1
-    for i, block in enumerate(body.h):
-        attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(x)).view(batch, width, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale).transpose(1, 2).reshape(x.shape)
-        if i == last:  # the last block's projection and MLP only where its output is read
-            mixed, x = mixed[keep], x[keep]
-        x = x + attn.c_proj(mixed)
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=input_ids.device)
+    for block in body.h[:-1]:
+        h = block.ln_1(x)
+        q, k, v = block.attn.c_attn(h).view(*x.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        x = x + _attend_and_project(block, q, k, v, allowed, scale, x.shape[-1])
         x = x + block.mlp(block.ln_2(x))
-    return body.ln_f(x)
+    return body.ln_f(_last_block_at(body.h[-1], x, allowed, keep, heads, scale))
+
+
+def _attend_and_project(block: nn.Module, q, k, v, allowed: torch.Tensor, scale: float | None, width: int) -> torch.Tensor:
+    """Attention of queries (B, H, Q, d) over keys and values (B, H, T, d) where ``allowed``
+    (B, Q, T), merged over heads and projected: (B, Q, width)."""
+    mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+    return block.attn.c_proj(mixed.transpose(1, 2).reshape(q.shape[0], q.shape[2], width))
+
+
+def _last_block_at(block: nn.Module, x: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor, heads: int, scale: float | None) -> torch.Tensor:
+    """The last block's output at the kept positions, (N, D) in row-major order: keys and values
+    everywhere, queries, the projection and the MLP only where kept."""
+    batch, width, dim = x.shape
+    h = block.ln_1(x)
+    weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: h @ weight + bias, weight (D, 3D)
+    k, v = torch.addmm(bias[dim:], h.reshape(-1, dim), weight[:, dim:]).view(batch, width, 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    # Each row's kept positions, in order, in the first slots of (B, Q); the slots past a row's
+    # count hold other positions, computed and dropped.
+    counts = keep.sum(1)
+    slots = int(counts.max()) if len(counts) else 0
+    cols = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :slots]
+    used = torch.arange(slots, device=x.device) < counts[:, None]
+    hq = h.gather(1, cols[..., None].expand(-1, -1, dim))
+    q = torch.addmm(bias[:dim], hq.reshape(-1, dim), weight[:, :dim]).view(batch, slots, heads, dim // heads).transpose(1, 2)
+    out = x[keep] + _attend_and_project(block, q, k, v, allowed.gather(1, cols[..., None].expand(-1, -1, width)), scale, dim)[used]
+    return out + block.mlp(block.ln_2(out))
