@@ -6,10 +6,12 @@ multiply-add as 2: per token and block 24·d² (the QKV, output and MLP projecti
 (attention scores and their weighted sum over the T positions the kernel computes), plus 2·d·V
 for the LM head. A training step is 3x its forward (backward ≈ 2x). The count follows what the
 code computes: a batch's rows go through the model in length groups (``reward.batching``), each
-padded to its own longest row, and the LM head runs only where a completion token is predicted
-(the reward model: at one position per row). "useful share" is the part of those FLOPs spent on
-real tokens (the trunk) and on completion tokens (the LM head). Sampling with a KV cache costs
-one token's forward per step, attending over the cache.
+padded to its own longest row; the last block computes keys and values (4·d²) at every position
+but its queries, attention, output projection and MLP (20·d² + 4·T·d) only where its output is
+read (``reward.trunk``), and so does the LM head: where a completion token is predicted, or for
+the reward model at one position per row and without the LM head. "useful share" is the part of
+those FLOPs spent on real tokens. Sampling with a KV cache costs one token's forward per step,
+attending over the cache.
 
 Rates use process CPU time at 1 thread, so other processes on the cores distort them little;
 the ceiling is a 2048 x 2048 float32 ``torch.mm`` at the same thread count.
@@ -46,19 +48,25 @@ def useful_fraction(mask: torch.Tensor) -> float:
     return float(mask.float().mean())
 
 
-def grouped_flops(model, attention_mask: torch.Tensor, lm_head_positions: int) -> tuple[float, float]:
-    """(computed, useful) forward FLOPs of one batch as the code runs it: the trunk over each
-    length group padded to its longest row, the LM head at ``lm_head_positions`` positions."""
+def grouped_flops(model, attention_mask: torch.Tensor, kept: torch.Tensor, lm_head: bool = True) -> tuple[float, float]:
+    """(computed, useful) forward FLOPs of one batch as the code runs it: each length group padded
+    to its longest row; the last block's queries, projection and MLP, and the LM head when
+    ``lm_head``, at the ``kept[b]`` positions of row b whose output is read."""
     from reward.batching import length_groups
 
     layers, d, vocab = shape(model)
     lengths = attention_mask.sum(-1)
+
+    def row(width: int, n_kept: int) -> int:
+        """One row of ``width`` computed positions, ``n_kept`` of them read."""
+        return width * ((layers - 1) * (24 * d * d + 4 * width * d) + 4 * d * d) + n_kept * (20 * d * d + 4 * width * d)
+
     computed = useful = 0.0
     for rows in length_groups(lengths):
         width = int(lengths[rows].max())
-        computed += len(rows) * width * layers * (24 * d * d + 4 * width * d)
-        useful += sum(int(lengths[r]) * layers * (24 * d * d + 4 * int(lengths[r]) * d) for r in rows)
-    head = lm_head_positions * 2 * d * vocab
+        computed += sum(row(width, int(kept[r])) for r in rows)
+        useful += sum(row(int(lengths[r]), int(kept[r])) for r in rows)
+    head = int(kept.sum()) * 2 * d * vocab if lm_head else 0
     return computed + head, useful + head
 
 
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_bench.methods.sft import sft_loss
     from reward.bradley_terry import bt_loss
     from reward.model import RewardModel
-    from reward.train import PairTensors, pair_scores
+    from reward.train import PairTensors, adamw, pair_scores
 
     fx = fixture()
     pad = fx.task.pad_id
@@ -150,14 +158,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def step_flops(batch) -> tuple[float, float]:
         """(computed FLOPs of a training step, useful share) with the LM head at the completion tokens."""
-        computed, useful = grouped_flops(fx.reference, batch.attention_mask, int(batch.completion_mask[:, 1:].sum()))
+        computed, useful = grouped_flops(fx.reference, batch.attention_mask, batch.completion_mask[:, 1:].sum(-1))
         return 3 * computed, useful / computed
 
     # SFT: 64 corpus sentences after a BOS prompt.
     prompts, completions = fx.task.reference_training_data()
     sft_batch = collate(prompts[:64], completions[:64], pad)
     model = trainable()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = adamw(model.parameters(), lr=1e-6)
 
     def sft_step():
         loss = sft_loss(model, sft_batch)
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     pair_batch = concat_batches(fx.prefs.chosen.select(idx), fx.prefs.rejected.select(idx), pad).trim()
     ref_c, ref_r = fx.prefs.ref_chosen_logps[idx], fx.prefs.ref_rejected_logps[idx]
     model = trainable()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = adamw(model.parameters(), lr=1e-6)
 
     def dpo_step():
         logps = sequence_logps(model, pair_batch)
@@ -184,11 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     record("DPO step (64 pairs)", *step_flops(pair_batch), dpo_step, f"padded T={pair_batch.input_ids.shape[1]}")
     breakdown, mm_rate = op_breakdown(dpo_step) if args.profile else ([], float("nan"))
 
-    # Reward model: the same 64 pairs; the trunk's LM head at one position per row (logits_to_keep=1), unused.
+    # Reward model: the same 64 pairs; the trunk's output at one position per row, no LM head.
     rm = RewardModel(fx.reference)
     for q in rm.parameters():
         q.requires_grad_(True)
-    rm_opt = torch.optim.AdamW(rm.parameters(), lr=1e-6)
+    rm_opt = adamw(rm.parameters(), lr=1e-6)
     c, r = fx.prefs.chosen.select(idx), fx.prefs.rejected.select(idx)
     pairs = PairTensors(c.input_ids, c.attention_mask, r.input_ids, r.attention_mask)
 
@@ -199,13 +207,13 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         rm_opt.step()
 
-    computed, useful = grouped_flops(fx.reference, pair_batch.attention_mask, len(pair_batch))
-    record("reward-model step (64 pairs)", 3 * computed, useful / computed, rm_step, "LM head at 1 position per row (unused)")
+    computed, useful = grouped_flops(fx.reference, pair_batch.attention_mask, torch.ones(len(pair_batch), dtype=torch.long), lm_head=False)
+    record("reward-model step (64 pairs)", 3 * computed, useful / computed, rm_step, "last block at 1 position per row")
 
     # Reference log-probs of every train pair (forward only, chunks trimmed to their longest row).
     everything = fx.prefs.chosen
     n = len(everything)
-    chunks = [grouped_flops(fx.reference, c.attention_mask, int(c.completion_mask[:, 1:].sum()))
+    chunks = [grouped_flops(fx.reference, c.attention_mask, c.completion_mask[:, 1:].sum(-1))
               for c in (everything.select(slice(s, s + 256)) for s in range(0, n, 256))]
     computed, useful = sum(c for c, _ in chunks), sum(u for _, u in chunks)
     record(f"reference log-probs ({n} sequences)", computed, useful / computed,

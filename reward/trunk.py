@@ -3,13 +3,14 @@
 Training and scoring read a transformer's output at a few positions: log-probs where a completion
 token is predicted (about 40% of the real tokens on the default task), a reward model at one
 token per row. Every position still feeds the keys and values of the positions after it, so all
-blocks but the last must run everywhere; the last block's attention output projection and MLP,
-three quarters of its matmuls, are needed only at the positions that are read. For a 2-layer
-model that is a third of a forward and backward pass.
+blocks but the last must run everywhere; the last block's queries, attention, output projection
+and MLP, five sixths of its matmuls, are needed only at the positions that are read. On the
+2-layer GPT-2 of the benchmarks that takes a quarter of the FLOPs out of a DPO step and two fifths
+out of a reward-model step (``python -m benchmarks.flops``).
 
 :func:`last_hidden_at` computes exactly that for transformers' GPT-2, with the model's own
-modules and the same operations as its SDPA forward (the hidden states are bit-identical on a
-CPU, ``tests/test_trunk.py``). Other models, and GPT-2 configurations it does not reproduce
+modules and the operations of its SDPA forward: the same hidden states and gradients to float
+rounding (``tests/test_trunk.py``). Other models, and GPT-2 configurations it does not reproduce
 (dropout active, cross-attention, activation checkpointing, the attention variants) fail
 :func:`selects_positions`, and the callers run the model's own forward instead.
 """
@@ -37,8 +38,8 @@ def _gpt2_body(model: nn.Module) -> nn.Module | None:
 
 
 def selects_positions(model: nn.Module) -> bool:
-    """Whether :func:`last_hidden_at` reproduces ``model``'s forward pass (right now: dropout and
-    checkpointing depend on its mode)."""
+    """Whether :func:`last_hidden_at` reproduces ``model``'s forward pass in its current mode
+    (dropout counts only in training mode)."""
     body = _gpt2_body(model)
     if body is None:
         return False
@@ -77,7 +78,7 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     allowed = allowed | torch.eye(width, dtype=torch.bool, device=input_ids.device)
     for block in body.h[:-1]:
         h = block.ln_1(x)
-        q, k, v = block.attn.c_attn(h).view(*x.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = block.attn.c_attn(h).view(*x.shape[:2], 3, heads, x.shape[-1] // heads).permute(2, 0, 3, 1, 4)
         x = x + _attend_and_project(block, q, k, v, allowed, scale, x.shape[-1])
         x = x + block.mlp(block.ln_2(x))
     return body.ln_f(_last_block_at(body.h[-1], x, allowed, keep, heads, scale))
