@@ -39,6 +39,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V), row i drawn with probability ``probs[i] / probs[i].sum()``.
+
+    The inverse of each row's CDF at one uniform draw from the CPU ``generator`` (so results do not
+    depend on the device's RNG). ``torch.multinomial`` draws V exponentials per row instead: on a
+    CPU 15x slower at V = 235 (2.5 against 0.16 ms for 512 rows), a fifth of the sampler's time.
+    A zero-probability index is never drawn.
+    """
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
 @torch.no_grad()
 def _sample_batch(
     model: nn.Module,
@@ -64,9 +77,7 @@ def _sample_batch(
         if temperature == 0:
             token = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            # Sample on the CPU generator so results do not depend on the device's RNG.
-            token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
+            token = draw(torch.softmax(logits / temperature, dim=-1), generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         new_tokens.append(token)
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)

@@ -2,6 +2,9 @@
 
 import torch
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dpo_bench.generation import sample
 from dpo_bench.logprobs import collate, concat_batches, sequence_logps, token_logps
 from dpo_bench.policy import GPT2Spec, TabularLM, build_gpt2
@@ -76,6 +79,35 @@ def test_sampling_stops_at_eos_and_is_seeded():
         assert 1 not in c[:-1]  # nothing after eos
 
 
+def test_draw_follows_each_rows_distribution_and_never_draws_a_zero():
+    from dpo_bench.generation import draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 2.0, 6.0]])  # the second row unnormalised
+    n = 40_000
+    drawn = draw(probs.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, 2)
+    for row in range(2):
+        expected = probs[row] / probs[row].sum()
+        freq = torch.bincount(drawn[:, row], minlength=4).double() / n
+        se = (expected * (1 - expected) / n).sqrt().double()
+        assert ((freq - expected.double()).abs() <= 5 * se + 1e-12).all(), (row, freq, expected)
+        assert (freq[expected == 0] == 0).all()
+    a = draw(probs, torch.Generator().manual_seed(3))
+    assert a.equal(draw(probs, torch.Generator().manual_seed(3)))
+
+
+@given(st.lists(st.lists(st.sampled_from([0.0, 1e-30, 1e-6, 0.3, 1.0, 7.0]), min_size=1, max_size=6), min_size=1, max_size=5),
+       st.integers(0, 2**31))
+@settings(max_examples=100, deadline=None)
+def test_draw_picks_a_positive_probability_index(rows, seed):
+    from dpo_bench.generation import draw
+
+    width = max(len(r) for r in rows)
+    probs = torch.tensor([r + [0.0] * (width - len(r)) for r in rows])
+    probs[probs.sum(-1) == 0, 0] = 1.0  # every row needs some mass
+    picked = draw(probs, torch.Generator().manual_seed(seed))
+    assert (probs[torch.arange(len(rows)), picked] > 0).all()
+
+
 def test_tabular_policy_is_a_table_behind_the_lm_interface():
     allowed = torch.tensor([False, False, False, True, True])
     table = torch.zeros(5, 5)
@@ -101,8 +133,6 @@ def test_concat_batches_keeps_rows():
 
 import itertools  # noqa: E402
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 from dpo_bench.logprobs import forward, gather_token_logps, keeps_selected_logits  # noqa: E402
 from reward.batching import length_groups  # noqa: E402
