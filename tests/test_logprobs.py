@@ -1,7 +1,6 @@
 """Log-probs with the prompt masked, padding-invariance, and KV-cached sampling."""
 
 import torch
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -132,7 +131,6 @@ def test_concat_batches_keeps_rows():
 # --- length groups and completion-only logits ----------------------------------------------------
 
 import itertools  # noqa: E402
-
 
 from dpo_bench.logprobs import forward, gather_token_logps, keeps_selected_logits  # noqa: E402
 from reward.batching import length_groups  # noqa: E402
