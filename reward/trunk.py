@@ -46,12 +46,16 @@ def selects_positions(model: nn.Module) -> bool:
     config = body.config
     if config.add_cross_attention or config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn:
         return False
+    # The last block's QKV projection is split by its weight (queries where kept, keys and values
+    # everywhere): it must be the plain Conv1D, not an adapter or a quantised layer around it.
+    if len(body.h) == 0 or type(body.h[-1].attn.c_attn).__name__ != "Conv1D":
+        return False
     if body.training and max(config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) > 0:
         return False
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # its name from transformers 5.2x on
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return not checkpointing and len(body.h) > 0
+    return not checkpointing
 
 
 def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
