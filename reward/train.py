@@ -50,7 +50,8 @@ class RewardTrainConfig:
 def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
     """AdamW over the parameters that train, with torch's fused kernel where it has one (CPU and
     CUDA; also transformers' ``Trainer`` default): one kernel per parameter instead of about ten,
-    the optimiser step 4x faster on the default model. The same update to float rounding."""
+    0.33 instead of 1.36 ms per step on a 2-layer, 128-wide GPT-2 (measured ad hoc, 2026-11-24).
+    The same update to float rounding."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (all frozen?)")
