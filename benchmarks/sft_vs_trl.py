@@ -6,7 +6,11 @@ prompt masked out of the loss (``completion_only_loss=True``), float32, the same
 and a constant learning rate. The objectives match (mean NLL per completion token), so the loss of
 the first batch must agree within 1e-5; the loss at step 10 is compared too (ours logs every 10).
 
-    python -m benchmarks.sft_vs_trl [--steps 12] [--repeats 5]
+Ours runs as the SFT stage does: each batch in ``SFTConfig.shards`` shards (2), whose gradients
+are computed at once when torch has a thread for each (``--threads 2``), in turn otherwise.
+``--shards 1`` gives the single-pass step.
+
+    python -m benchmarks.sft_vs_trl [--steps 12] [--repeats 5] [--threads 1] [--shards 2]
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .trl_support import (
 TOLERANCE = 1e-5
 
 
-def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed) -> tuple[StepClock, dict[int, float]]:
+def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed, shards) -> tuple[StepClock, dict[int, float]]:
     from dpo_bench.methods.sft import SFTConfig, supervised_finetune
     from dpo_bench.training import TrainLog
 
@@ -32,7 +36,7 @@ def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed) -> tup
     log = TrainLog()
     with ticking_optimiser_steps(clock):
         supervised_finetune(
-            model, prompts, completions, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, group_by_length=False),
+            model, prompts, completions, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, group_by_length=False, shards=shards),
             pad_id=fx.task.pad_id, generator=torch.Generator().manual_seed(seed), log=log, progress=False,
         )
     return clock, {step: v for step, name, v, _ in log.records if name == "train/loss"}
@@ -70,7 +74,11 @@ def trl(fx, model, prompts, completions, order, *, steps, batch_size, lr, workdi
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = step_comparison_parser(__doc__, lr=1e-3).parse_args(argv)
+    from dpo_bench.methods.sft import SFTConfig
+
+    parser = step_comparison_parser(__doc__, lr=1e-3)
+    parser.add_argument("--shards", type=int, default=SFTConfig.shards, help="our SFTConfig.shards (default: the stage's)")
+    args = parser.parse_args(argv)
     set_threads(args.threads)
     require_trl()
     fx = fixture()
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     loads = [load_average()[0]]
 
     def run_ours() -> float:
-        clock, logged = ours(fx, copy.deepcopy(init), prompts, completions, seed=args.seed, **kw)
+        clock, logged = ours(fx, copy.deepcopy(init), prompts, completions, seed=args.seed, shards=args.shards, **kw)
         step10.setdefault("ours", logged.get(10, float("nan")))
         cpu.setdefault("ours", []).append(median(clock.cpu_times()))
         loads.append(load_average()[0])

@@ -15,7 +15,7 @@ from torch import nn
 from ..configs import field, non_negative
 from ..logprobs import collate, token_logps
 from ..policy import apply_lora, freeze_first_blocks
-from ..training import CheckpointFn, OptimConfig, TrainLog, optimise
+from ..training import SHARDS_DOC, CheckpointFn, OptimConfig, TrainLog, optimise
 from .base import MethodContext, ModelPolicy, register_method
 
 
@@ -27,6 +27,8 @@ class SFTConfig(OptimConfig):
     lr: float = field(1e-3, "peak learning rate (AdamW)")
     warmup_steps: int = field(100, "linear warm-up steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
+    # SFT runs alone, before anything else: two shards keep both cores of a 2-core machine busy.
+    shards: int = field(2, SHARDS_DOC)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +68,8 @@ def supervised_finetune(
         model, config, loss_fn, n_items=len(prompts), generator=generator, log=log, label=label, progress=progress,
         checkpoint=checkpoint, n_checkpoints=n_checkpoints, weight_decay=config.weight_decay, log_every=10,
         lengths=torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions)]),
+        # The loss is a mean over predicted completion tokens (a first token after an empty prompt has no prediction).
+        weights=torch.tensor([len(c) - (len(c) > 0 and len(p) == 0) for p, c in zip(prompts, completions)], dtype=torch.float64),
     )
 
 
@@ -87,6 +91,8 @@ class PreferredFTConfig(SFTConfig):
     steps: int = field(300, "optimiser steps")
     lr: float = field(1e-4, "peak learning rate (AdamW)")
     warmup_steps: int = field(20, "linear warm-up steps")
+    # A grid cell runs on one thread of a worker: shards would only run in turn.
+    shards: int = field(1, SHARDS_DOC)
 
 
 @register_method(
