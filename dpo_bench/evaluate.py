@@ -191,15 +191,27 @@ def difference_test(
     return est, _two_sided_p(diff, se, df)
 
 
-def tost_equivalence(x: ArrayLike, y: ArrayLike, margin: float) -> float:
-    """Two one-sided Welch t-tests (Schuirmann 1987) of H0: |mean(x) - mean(y)| >= margin.
+def tost_equivalence(x: ArrayLike, y: ArrayLike, margin: float, paired: bool = False) -> float:
+    """Two one-sided t-tests (Schuirmann 1987) of H0: |mean(x) - mean(y)| >= margin.
 
     Returns the TOST p-value max(p_lower, p_upper); p < 0.05 means the means are shown equivalent
     within +-margin at the 5% level (the 90% interval of the difference lies inside the margin).
+    paired=False: Welch's tests, for independent samples. paired=True: one-sample tests on
+    d = x - y (df = n - 1), for samples matched item by item, such as two policies evaluated on
+    the same prompts with the same random numbers: their shared noise cancels in d.
     """
     if not (math.isfinite(margin) and margin > 0):
         raise ValueError(f"margin must be a finite number > 0, got {margin}")
-    diff, se, df = _welch(_as_1d(x, "x"), _as_1d(y, "y"))
+    xa, ya = _as_1d(x, "x"), _as_1d(y, "y")
+    if paired:
+        if xa.shape != ya.shape:
+            raise ValueError(f"paired samples must have the same length, got {xa.size} and {ya.size}")
+        if xa.size < 2:
+            raise ValueError("a paired test needs at least 2 pairs")
+        diff, se, n = mean_stderr(xa - ya)
+        df = float(n - 1)
+    else:
+        diff, se, df = _welch(xa, ya)
     if se == 0.0:
         return 0.0 if abs(diff) < margin else 1.0
     p_lower = stats.t.sf((diff + margin) / se, df)  # H0: diff <= -margin

@@ -205,18 +205,24 @@ def lemma2_empirical(results: dict[str, pd.DataFrame], margin_reward: float, mar
     """Check 6: PPO against r and against r + f(x) ends at equivalent gold reward and KL (TOST, 5%),
     while PPO against r + f(x) + g(x, y) does not (g = (c − 1)·r: the reward scaled by c, which moves the
     optimum as dividing kl_coef by c would).
-    ``results`` maps "r", "r+f", "r+g" to per-prompt frames."""
+    ``results`` maps "r", "r+f", "r+g" to per-prompt frames. The three policies are evaluated on the
+    same prompts with the same random numbers, so the tests are paired, prompt by prompt: a
+    Welch test would count the sampling noise they share twice."""
     def kl_terms(frame: pd.DataFrame) -> np.ndarray:
         return (frame["policy_logp"] - frame["ref_logp"]).to_numpy()
 
     base, shifted, perturbed = results["r"], results["r+f"], results["r+g"]
+    for name, frame in (("r+f", shifted), ("r+g", perturbed)):
+        if not np.array_equal(base["prompt"].to_numpy(), frame["prompt"].to_numpy()):
+            raise ValueError(f"lemma2 PPO: the {name} run was evaluated on other prompts than the r run, "
+                             "or in another order; the paired tests need the same prompts in the same order")
     out = []
     for quantity, get, margin in (("gold_reward", lambda f: f["gold_reward"].to_numpy(), margin_reward), ("kl", kl_terms, margin_kl)):
-        p = tost_equivalence(get(base), get(shifted), margin)
-        p_control = tost_equivalence(get(base), get(perturbed), margin)
+        p = tost_equivalence(get(shifted), get(base), margin, paired=True)
+        p_control = tost_equivalence(get(perturbed), get(base), margin, paired=True)
         out.append(CheckResult(
             f"lemma2_ppo[{quantity}]",
-            f"TOST p-value that PPO against r and r+f(x) reach the same {quantity} within ±{margin:g} (must be < tolerance)",
+            f"paired TOST p-value that PPO against r and r+f(x) reach the same {quantity} within ±{margin:g} (must be < tolerance)",
             p, 0.05, p_control, bool(p < 0.05), bool(p_control >= 0.05),
         ))
     return out

@@ -170,6 +170,34 @@ def test_tost_closed_form_against_two_one_sided_scipy_tests():
     assert tost_equivalence(x, y, m) == pytest.approx(max(p_low, p_high))
 
 
+def test_paired_tost_closed_form_against_two_one_sided_scipy_tests():
+    rng = np.random.default_rng(6)
+    x = rng.normal(0.0, 1.0, 60)
+    y = x + rng.normal(0.03, 0.2, 60)
+    m = 0.1
+    d = x - y
+    p_low = stats.ttest_1samp(d + m, 0.0, alternative="greater").pvalue  # H0: diff <= -m
+    p_high = stats.ttest_1samp(d - m, 0.0, alternative="less").pvalue  # H0: diff >= +m
+    assert tost_equivalence(x, y, m, paired=True) == pytest.approx(max(p_low, p_high))
+
+
+def test_paired_tost_shows_equivalence_that_shared_noise_hides_from_welch():
+    """Two policies sampled with the same random numbers share most of their noise: paired, the
+    difference is measured to its own noise; Welch counts the shared noise twice."""
+    rng = np.random.default_rng(7)
+    shared = rng.normal(0.0, 0.5, 400)
+    x, y = shared, shared + 0.06 + rng.normal(0.0, 0.1, 400)
+    assert tost_equivalence(x, y, 0.1) > 0.05
+    assert tost_equivalence(x, y, 0.1, paired=True) < 1e-3
+
+
+def test_paired_tost_needs_matched_samples():
+    with pytest.raises(ValueError, match="same length, got 3 and 2"):
+        tost_equivalence([1.0, 2.0, 3.0], [1.0, 2.0], 0.1, paired=True)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        tost_equivalence([1.0], [1.0], 0.1, paired=True)
+
+
 def test_tost_requires_a_positive_margin():
     with pytest.raises(ValueError, match="margin"):
         tost_equivalence([1.0, 2.0], [1.0, 2.0], 0.0)
