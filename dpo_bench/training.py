@@ -127,9 +127,21 @@ def shard_indices(idx: torch.Tensor, shards: int, lengths: torch.Tensor | None =
     return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# transformers configs whose dropout a model applies as a float (attention dropout inside SDPA), not a module.
+DROPOUT_CONFIG_KEYS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout",
+                       "attention_probs_dropout_prob", "hidden_dropout_prob", "activation_dropout")
+
+
 def draws_random_numbers(model: nn.Module) -> bool:
-    """Whether a training forward of ``model`` draws random numbers (active dropout)."""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
+    """Whether a training forward of ``model`` draws random numbers: a dropout module with p > 0,
+    or a transformers config with a dropout rate above 0, in training mode."""
+    if not model.training:
+        return False
+    if any(isinstance(m, DROPOUT_MODULES) and m.p > 0 and m.training for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) > 0 for key in DROPOUT_CONFIG_KEYS)
 
 
 class ShardRunner:

@@ -167,6 +167,9 @@ def test_models_that_draw_random_numbers_run_their_shards_in_turn():
         dropout.transformer.drop.p = 0.1  # embedding dropout
         assert ShardRunner.for_model(dropout, 2, torch.device("cpu")).threads == 1
         assert ShardRunner.for_model(dropout.eval(), 2, torch.device("cpu")).threads == 2
+        attention_dropout = _model().train()
+        attention_dropout.config.attn_pdrop = 0.1  # applied as a float inside attention, not by a module
+        assert ShardRunner.for_model(attention_dropout, 2, torch.device("cpu")).threads == 1
         assert ShardRunner.for_model(_model().train(), 2, torch.device("meta")).threads == 1
         assert ShardRunner.for_model(_model().train(), 1, torch.device("cpu")).threads == 1
     finally:
