@@ -13,6 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpo_bench.methods import sft
 from dpo_bench.methods.sft import SFTConfig, supervised_finetune
 from dpo_bench.policy import GPT2Spec, build_gpt2
 from dpo_bench.training import NonFiniteLossError, OptimConfig, ShardRunner, TrainLog, optimise, shard_indices
@@ -63,6 +64,15 @@ def _sft(model, data, threads=None, **config):
         torch.set_num_threads(before)
         handle.remove()
     return model, [v for _, name, v, _ in log.records if name == "train/loss"], grads
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (shards run at once), the suite's count restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def _max_diff(a, b) -> float:
@@ -119,66 +129,52 @@ def test_shards_and_micro_batches_give_the_whole_batchs_sft_step(split):
     assert parted_losses == pytest.approx(whole_losses, abs=1e-6)
 
 
-def test_concurrent_shards_give_the_same_bits_as_shards_in_turn():
+def test_concurrent_shards_give_the_same_bits_as_shards_in_turn(monkeypatch):
     """The result depends on the shards, not on the threads: with 2 torch threads the shards run at
     once on two threads; with 1 they run in turn; the trained weights are identical."""
     model, data = _model(), _sft_data()
-    seen: set[str] = set()
-    original = supervised_finetune.__globals__["sft_loss"]
+    threads_seen: list[str] = []
 
-    def recording(m, batch):
-        seen.add(threading.current_thread().name)
-        return original(m, batch)
+    def recording(m, batch, loss=sft.sft_loss):
+        threads_seen.append(threading.current_thread().name)
+        return loss(m, batch)
 
-    supervised_finetune.__globals__["sft_loss"] = recording
-    try:
-        together, losses_together, _ = _sft(model, data, threads=2, shards=2)
-        names_together, seen = set(seen), set()
-        in_turn, losses_in_turn, _ = _sft(model, data, threads=1, shards=2)
-    finally:
-        supervised_finetune.__globals__["sft_loss"] = original
-    assert len(names_together) == 2 and all(name.startswith("shard") for name in names_together)
-    assert seen == {threading.current_thread().name}
+    monkeypatch.setattr(sft, "sft_loss", recording)
+    together, losses_together, _ = _sft(model, data, threads=2, shards=2)
+    at_once, threads_seen[:] = set(threads_seen), []
+    in_turn, losses_in_turn, _ = _sft(model, data, threads=1, shards=2)
+    assert len(at_once) == 2 and all(name.startswith("shard") for name in at_once)
+    assert set(threads_seen) == {threading.current_thread().name}
     assert _max_diff(together, in_turn) == 0.0
     assert losses_together == losses_in_turn
 
 
-def test_shard_threads_leave_torchs_thread_count_as_it_was():
-    model, data = _model(), _sft_data()
-    torch.set_num_threads(2)
-    try:
-        _sft(model, data, shards=2)
-        assert torch.get_num_threads() == 2
-        later: list[int] = []
-        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-        t.start()
-        t.join()
-        assert later == [2]  # threads started later get the process's count, not the shards' 1
-    finally:
-        torch.set_num_threads(1)
+def test_shard_threads_leave_torchs_thread_count_as_it_was(two_threads):
+    _sft(_model(), _sft_data(), shards=2)
+    assert torch.get_num_threads() == 2
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2]  # threads started later get the process's count, not the shards' 1
 
 
-def test_models_that_draw_random_numbers_run_their_shards_in_turn():
+def test_models_that_draw_random_numbers_run_their_shards_in_turn(two_threads):
     """Dropout draws from one random stream: shards at once would draw in a racing order."""
-    torch.set_num_threads(2)
-    try:
-        assert ShardRunner.for_model(_model().train(), 2, torch.device("cpu")).threads == 2
-        dropout = _model().train()
-        dropout.transformer.drop.p = 0.1  # embedding dropout
-        assert ShardRunner.for_model(dropout, 2, torch.device("cpu")).threads == 1
-        assert ShardRunner.for_model(dropout.eval(), 2, torch.device("cpu")).threads == 2
-        attention_dropout = _model().train()
-        attention_dropout.config.attn_pdrop = 0.1  # applied as a float inside attention, not by a module
-        assert ShardRunner.for_model(attention_dropout, 2, torch.device("cpu")).threads == 1
-        assert ShardRunner.for_model(_model().train(), 2, torch.device("meta")).threads == 1
-        assert ShardRunner.for_model(_model().train(), 1, torch.device("cpu")).threads == 1
-    finally:
-        torch.set_num_threads(1)
+    assert ShardRunner.for_model(_model().train(), 2, torch.device("cpu")).threads == 2
+    dropout = _model().train()
+    dropout.transformer.drop.p = 0.1  # embedding dropout
+    assert ShardRunner.for_model(dropout, 2, torch.device("cpu")).threads == 1
+    assert ShardRunner.for_model(dropout.eval(), 2, torch.device("cpu")).threads == 2
+    attention_dropout = _model().train()
+    attention_dropout.config.attn_pdrop = 0.1  # applied as a float inside attention, not by a module
+    assert ShardRunner.for_model(attention_dropout, 2, torch.device("cpu")).threads == 1
+    assert ShardRunner.for_model(_model().train(), 2, torch.device("meta")).threads == 1
+    assert ShardRunner.for_model(_model().train(), 1, torch.device("cpu")).threads == 1
 
 
-def test_a_non_finite_loss_in_a_shard_names_the_run_and_step():
+def test_a_non_finite_loss_in_a_shard_names_the_run_and_step(two_threads):
     model = _model()
-    torch.set_num_threads(2)
     calls = []
 
     def loss_fn(idx):
@@ -186,12 +182,9 @@ def test_a_non_finite_loss_in_a_shard_names_the_run_and_step():
         out = model(input_ids=torch.ones(len(idx), 3, dtype=torch.long)).logits.mean()
         return (out * float("nan") if len(calls) > 2 else out), {}
 
-    try:
-        with pytest.raises(NonFiniteLossError, match=r"my-run: loss is nan at step 2"):
-            optimise(model, OptimConfig(steps=3, batch_size=4, shards=2), loss_fn, n_items=8,
-                     generator=torch.Generator().manual_seed(0), log=TrainLog(), label="my-run", progress=False)
-    finally:
-        torch.set_num_threads(1)
+    with pytest.raises(NonFiniteLossError, match=r"my-run: loss is nan at step 2"):
+        optimise(model, OptimConfig(steps=3, batch_size=4, shards=2), loss_fn, n_items=8,
+                 generator=torch.Generator().manual_seed(0), log=TrainLog(), label="my-run", progress=False)
 
 
 def test_bad_shard_settings_are_refused():
