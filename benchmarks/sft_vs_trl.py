@@ -8,15 +8,24 @@ the first batch must agree within 1e-5; the loss at step 10 is compared too (our
 
 Ours runs as the SFT stage does: each batch in ``SFTConfig.shards`` shards (2), whose gradients
 are computed at once when torch has a thread for each (``--threads 2``), in turn otherwise.
-``--shards 1`` gives the single-pass step.
+``--shards 1`` gives the single-pass step. ``--each-best`` runs every repeat of each side in a
+process of its own, with the OpenMP waiting that is fastest for it: ours under
+``OMP_WAIT_POLICY=PASSIVE`` (what ``make`` and ``dpo-bench`` set), TRL with it unset (threads that
+spin while they wait, faster for TRL on an idle machine).
 
-    python -m benchmarks.sft_vs_trl [--steps 12] [--repeats 5] [--threads 1] [--shards 2]
+    python -m benchmarks.sft_vs_trl [--steps 12] [--repeats 5] [--threads 1] [--shards 2] [--each-best]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -73,11 +82,44 @@ def trl(fx, model, prompts, completions, order, *, steps, batch_size, lr, workdi
     return clock, trainer.losses
 
 
+# --each-best: each side in its own process, with the OpenMP waiting that is fastest for it.
+BEST_WAIT_POLICY = {"ours": "PASSIVE", "trl": None}
+
+
+def measure(side: str, fx, init, prompts, completions, order, args) -> dict:
+    """One timed run of one side: median step and CPU time, and the logged losses."""
+    kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    if side == "ours":
+        clock, logged = ours(fx, copy.deepcopy(init), prompts, completions, seed=args.seed, shards=args.shards, **kw)
+        step10 = logged.get(10, float("nan"))
+        step0 = None
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            clock, losses = trl(fx, copy.deepcopy(init).train(), prompts, completions, order, workdir=tmp, **kw)
+        step0, step10 = losses[0], (losses[9] if len(losses) >= 10 else float("nan"))
+    return {"step": median(clock.step_times()), "cpu": median(clock.cpu_times()), "step0": step0, "step10": step10,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load": load_average()[0]}
+
+
+def in_own_process(side: str, argv: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if BEST_WAIT_POLICY[side]:
+        env["OMP_WAIT_POLICY"] = BEST_WAIT_POLICY[side]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sft_vs_trl", *argv, "--side", side], env=env, capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     from dpo_bench.methods.sft import SFTConfig
 
     parser = step_comparison_parser(__doc__, lr=1e-3)
     parser.add_argument("--shards", type=int, default=SFTConfig.shards, help="our SFTConfig.shards (default: the stage's)")
+    parser.add_argument("--each-best", action="store_true",
+                        help="run each side in its own process with its fastest OpenMP waiting: ours under OMP_WAIT_POLICY=PASSIVE "
+                             "(what make and dpo-bench set), TRL with it unset (spinning threads); use with --threads 2")
+    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     set_threads(args.threads)
     require_trl()
@@ -85,43 +127,43 @@ def main(argv: list[str] | None = None) -> None:
     prompts, completions = fx.task.reference_training_data()
     init = fx.task.initial_model(args.seed)
     order = order_like_ours(len(prompts), args.batch_size, args.steps, args.seed)
-    kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    if args.side:
+        print(json.dumps(measure(args.side, fx, init, prompts, completions, order, args)))
+        return
     step0 = {"ours": first_batch_loss(fx, init, prompts, completions, order, args.batch_size)}
     step10: dict[str, float] = {}
     cpu: dict[str, list[float]] = {}
+    policies: dict[str, str | None] = {}
     loads = [load_average()[0]]
 
-    def run_ours() -> float:
-        clock, logged = ours(fx, copy.deepcopy(init), prompts, completions, seed=args.seed, shards=args.shards, **kw)
-        step10.setdefault("ours", logged.get(10, float("nan")))
-        cpu.setdefault("ours", []).append(median(clock.cpu_times()))
-        loads.append(load_average()[0])
-        return median(clock.step_times())
+    def run(side: str) -> float:
+        result = in_own_process(side, [a for a in argv if a != "--each-best"]) if args.each_best else \
+            measure(side, fx, init, prompts, completions, order, args)
+        if result["step0"] is not None:
+            step0.setdefault(side, result["step0"])
+        step10.setdefault(side, result["step10"])
+        cpu.setdefault(side, []).append(result["cpu"])
+        policies[side] = result["omp_wait_policy"]
+        loads.append(result["load"])
+        return result["step"]
 
-    def run_trl() -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            clock, losses = trl(fx, copy.deepcopy(init).train(), prompts, completions, order, workdir=tmp, **kw)
-        step0.setdefault("trl", losses[0])
-        step10.setdefault("trl", losses[9] if len(losses) >= 10 else float("nan"))
-        cpu.setdefault("trl", []).append(median(clock.cpu_times()))
-        loads.append(load_average()[0])
-        return median(clock.step_times())
-
-    step_s = interleave({"ours": run_ours, "trl": run_trl}, args.repeats)
+    step_s = interleave({"ours": lambda: run("ours"), "trl": lambda: run("trl")}, args.repeats)
     diff0 = abs(step0["trl"] - step0["ours"])
     if diff0 > TOLERANCE:
         raise AssertionError(f"SFT step-0 loss: TRL {step0['trl']:.8f}, ours {step0['ours']:.8f}")
     rows = [{
         "implementation": name, "median_step_ms": 1000 * median(xs), "median_cpu_ms": 1000 * median(cpu[name]),
         "sequences_per_s": args.batch_size / median(xs), "speedup_of_ours": median(xs) / median(step_s["ours"]),
-        "loss_step0": step0[name], "loss_step10": step10[name], "repeats": len(xs),
+        "loss_step0": step0[name], "loss_step10": step10[name], "repeats": len(xs), "omp_wait_policy": policies[name] or "unset",
     } for name, xs in step_s.items()]
-    print(table(rows, ["implementation", "median_step_ms", "median_cpu_ms", "sequences_per_s", "speedup_of_ours", "loss_step0", "loss_step10"]))
+    print(table(rows, ["implementation", "median_step_ms", "median_cpu_ms", "sequences_per_s", "speedup_of_ours", "loss_step0",
+                       "loss_step10", "omp_wait_policy"]))
     print(f"step-0 |Δloss| = {diff0:.3g} (tolerance {TOLERANCE:g}); step-10 |Δloss| = {abs(step10['trl'] - step10['ours']):.3g}; "
           f"load average {min(loads):.2f}-{max(loads):.2f}")
-    path = write_result("sft_vs_trl", {"config": vars(args), "rows": rows, "step_seconds": step_s, "cpu_seconds": cpu,
-                                       "abs_diff_step0": diff0, "abs_diff_step10": abs(step10["trl"] - step10["ours"]),
-                                       "threads": torch.get_num_threads(), "load_average_range": [min(loads), max(loads)]})
+    name = "sft_vs_trl_each_best" if args.each_best else "sft_vs_trl"
+    path = write_result(name, {"config": vars(args), "rows": rows, "step_seconds": step_s, "cpu_seconds": cpu,
+                               "abs_diff_step0": diff0, "abs_diff_step10": abs(step10["trl"] - step10["ours"]),
+                               "threads": torch.get_num_threads(), "load_average_range": [min(loads), max(loads)]})
     print(f"wrote {path}")
 
 
