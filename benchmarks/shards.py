@@ -31,9 +31,9 @@ SETTINGS = {"1 shard, 1 thread": (1, 1), "1 shard, 2 threads": (1, 2), "2 shards
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="default")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--preset", default="default", help="whose SFT stage (its corpus and model; built once into the bench cache)")
+    p.add_argument("--steps", type=int, default=100, help="SFT steps per run")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each setting, interleaved")
     args = p.parse_args(argv)
 
     from dpo_bench.methods.sft import SFTConfig, supervised_finetune
