@@ -65,8 +65,9 @@ def checkpoint_steps(total: int, n_checkpoints: int) -> list[int]:
 
 
 SHARDS_DOC = (
-    "split each micro-batch into this many shards whose gradients are computed at once, one per torch thread "
-    "on the CPU (data parallelism in one process); the result depends on the shards, not on the threads"
+    "split each micro-batch into this many shards whose gradients are computed at once on the CPU, torch's threads "
+    "shared between them (data parallelism in one process); the result depends on the shards, not on whether they "
+    "run at once"
 )
 
 
@@ -145,20 +146,26 @@ def draws_random_numbers(model: nn.Module) -> bool:
 
 
 class ShardRunner:
-    """Runs a step's shards: at once on ``threads`` threads of one torch thread each, or in turn.
+    """Runs a step's shards: at once on ``threads`` threads, or in turn.
 
     Each shard's gradient is its own ``torch.autograd.grad``, and the step sums them in shard
     order, so the result does not depend on how many ran at once. Concurrency needs the GIL-free
     CPU kernels of torch and no shared random stream: a model that draws random numbers in its
     forward (dropout) runs its shards in turn, as does one on an accelerator.
+
+    The process's torch threads are split between the shards running at once: one each on a
+    2-core machine with 2 shards (the step's ops are then never split across cores, and the
+    weights are bit-identical to the shards run in turn on one thread), several each on a
+    machine with more cores, where a larger model's matmuls gain from them.
     """
 
     def __init__(self, threads: int):
         self.threads = threads
-        # One torch thread per shard: the shards are the parallelism (intra-op threads would
-        # oversubscribe the cores, and small matmuls gain little from them).
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard", initializer=torch.set_num_threads, initargs=(1,)) if threads > 1 else None
         self._own_threads = torch.get_num_threads()
+        self.threads_each = max(1, self._own_threads // threads)
+        self._pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="shard", initializer=torch.set_num_threads, initargs=(self.threads_each,),
+        ) if threads > 1 else None
 
     @classmethod
     def for_model(cls, model: nn.Module, shards: int, device: torch.device) -> "ShardRunner":
@@ -174,14 +181,14 @@ class ShardRunner:
     @contextmanager
     def step(self) -> Iterator[None]:
         """A training step's span: while shards run at once, this thread's own torch work (summing
-        the gradients, clipping, the optimiser) runs on one torch thread too. With
-        ``OMP_WAIT_POLICY=PASSIVE`` a second OpenMP thread sleeps between parallel regions, and
-        waking it for each small op made them slower: AdamW took 2.4 ms per step on 2 threads
-        against 0.33 ms on 1 (the sentiment task's GPT-2, an ad hoc timing)."""
+        the gradients, clipping, the optimiser) runs on a shard's share of the threads too (one on
+        2 cores). With ``OMP_WAIT_POLICY=PASSIVE`` a second OpenMP thread sleeps between parallel
+        regions, and waking it for each small op made them slower: AdamW took 2.4 ms per step on 2
+        threads against 0.33 ms on 1 (the sentiment task's GPT-2, an ad hoc timing)."""
         if self._pool is None:
             yield
             return
-        torch.set_num_threads(1)
+        torch.set_num_threads(self.threads_each)
         try:
             yield
         finally:

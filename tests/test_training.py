@@ -159,6 +159,23 @@ def test_shard_threads_leave_torchs_thread_count_as_it_was(two_threads):
     assert later == [2]  # threads started later get the process's count, not the shards' 1
 
 
+def test_shards_share_the_processs_torch_threads():
+    """On more cores than shards, each shard (and the loop's own work) gets its share of them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        runner = ShardRunner.for_model(_model().train(), 2, torch.device("cpu"))
+        assert (runner.threads, runner.threads_each) == (2, 2)
+        seen = runner.map(lambda _: torch.get_num_threads(), [0, 1])
+        with runner.step():
+            inside = torch.get_num_threads()
+        runner.close()
+        assert seen == [2, 2] and inside == 2 and torch.get_num_threads() == 4
+        assert ShardRunner.for_model(_model().train(), 8, torch.device("cpu")).threads_each == 1  # 4 shards at once
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_models_that_draw_random_numbers_run_their_shards_in_turn(two_threads):
     """Dropout draws from one random stream: shards at once would draw in a racing order."""
     assert ShardRunner.for_model(_model().train(), 2, torch.device("cpu")).threads == 2
