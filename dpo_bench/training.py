@@ -240,43 +240,47 @@ def optimise(
     device = params[0].device if params else torch.device("cpu")
     runner = ShardRunner.for_model(model, config.shards, device)
 
-    def share(part: torch.Tensor, idx: torch.Tensor) -> float:
-        if weights is not None and float(weights[idx].sum()) > 0:
-            return float(weights[part].sum() / weights[idx].sum())
-        return len(part) / len(idx)
-
-    def shard_gradients(job: tuple[int, torch.Tensor, float]):
-        step, part, weight = job
+    def run_part(job: tuple[int, torch.Tensor, float, bool]):
+        """One part's loss and metrics, and its weighted gradient: into ``.grad`` when it is the
+        micro-batch's only part (``in_place``), else returned, for the step to sum in order."""
+        step, part, weight, in_place = job
         part_loss, part_metrics = loss_fn(part)
         check_finite(part_loss, label, step, log)
-        grads = torch.autograd.grad(part_loss * weight, params, allow_unused=True)
-        return part_loss.detach().cpu(), part_metrics, grads
+        if in_place:
+            (part_loss * weight).backward()
+            grads = ()
+        else:
+            grads = torch.autograd.grad(part_loss * weight, params, allow_unused=True)
+        return part_loss.detach().cpu(), part_metrics, grads, weight
+
+    def batch_gradients(step: int, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch's gradient into ``.grad``; returns its loss and metrics. Each part is weighted
+        by its share of the batch's items, or of their ``weights``."""
+        total = float(weights[idx].sum()) if weights is not None else 0.0
+
+        def share(part: torch.Tensor) -> float:
+            return float(weights[part].sum()) / total if total > 0 else len(part) / len(idx)
+
+        loss, metrics = torch.zeros(()), {}
+        for micro in idx.chunk(config.accumulation_steps):
+            parts = shard_indices(micro, config.shards, lengths)
+            jobs = [(step, part, share(part), len(parts) == 1) for part in parts]
+            results = [run_part(jobs[0])] if len(jobs) == 1 else runner.map(run_part, jobs)
+            for part_loss, part_metrics, grads, weight in results:  # in part order, whichever finished first
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+                loss = loss + part_loss * weight
+                for k, v in part_metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v * weight
+        return loss, metrics
 
     try:
         for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
             with runner.step():
                 idx = next(batches)
                 optimizer.zero_grad(set_to_none=True)
-                loss, metrics = torch.zeros(()), {}
-                for micro in idx.chunk(config.accumulation_steps):
-                    parts = shard_indices(micro, config.shards, lengths)
-                    if len(parts) == 1:
-                        part_loss, part_metrics = loss_fn(micro)
-                        check_finite(part_loss, label, step, log)
-                        weight = share(micro, idx)
-                        (part_loss * weight).backward()
-                        results = [(part_loss.detach().cpu(), part_metrics, None, weight)]
-                    else:
-                        jobs = [(step, part, share(part, idx)) for part in parts]
-                        results = [(*r, job[2]) for r, job in zip(runner.map(shard_gradients, jobs), jobs)]
-                    # Summed in shard order, whichever finished first.
-                    for part_loss, part_metrics, grads, weight in results:
-                        for p, g in zip(params, grads or ()):
-                            if g is not None:
-                                p.grad = g if p.grad is None else p.grad + g
-                        loss = loss + part_loss * weight
-                        for k, v in part_metrics.items():
-                            metrics[k] = metrics.get(k, 0.0) + v * weight
+                loss, metrics = batch_gradients(step, idx)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()
                 schedule.step()

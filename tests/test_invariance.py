@@ -79,8 +79,8 @@ def test_lemma2_empirical_tost():
 
 def test_lemma2_empirical_is_paired_by_prompt():
     """400 prompts, a difference of 0.05 in gold reward between the r and r+f runs: paired, it is
-    well inside ±0.1; unpaired (Welch), the shared noise would hide it (as it did in 3 of 13 runs
-    of the default preset, benchmarks/RESULTS.md)."""
+    well inside ±0.1; unpaired (Welch), the shared noise would hide it (as it did in 3 of 15 runs
+    of the default preset: README, "Why the Lemma 2 test is paired")."""
     frames = _lemma2_frames(n=400, shift=0.05)
     gold = next(r for r in lemma2_empirical(frames, 0.1, 1.0) if r.check == "lemma2_ppo[gold_reward]")
     assert gold.passed and gold.control_detected
