@@ -39,7 +39,10 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores of shape (B,); rows of very different lengths go through the trunk in separate
-        passes, each trimmed to its longest row (:mod:`reward.batching`): the same scores."""
+        passes, each trimmed to its longest row (:mod:`reward.batching`): the same scores. A GPT-2
+        trunk computes the real tokens alone (:mod:`reward.trunk`): one pass."""
+        if selects_positions(self.trunk):
+            return self._scores(input_ids, attention_mask)
         grouped = by_length_groups(attention_mask, lambda rows, lo, hi: (
             self._scores(input_ids[rows, lo:hi], attention_mask[rows, lo:hi]),))
         return self._scores(input_ids, attention_mask) if grouped is None else grouped[0]

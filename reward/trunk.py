@@ -1,4 +1,4 @@
-"""A causal LM's last hidden states at chosen positions only.
+"""A causal LM's last hidden states at chosen positions only, computed on the real tokens alone.
 
 Training and scoring read a transformer's output at a few positions: log-probs where a completion
 token is predicted (43% of the real tokens of the sentiment task's preference pairs), a reward
@@ -8,6 +8,10 @@ projection and MLP, five sixths of its matmuls, are needed only at the positions
 On the 2-layer GPT-2 of the benchmarks that takes a quarter of the FLOPs out of a DPO step and two
 fifths out of a reward-model step (``python -m benchmarks.flops``).
 
+Nor does padding cost anything: every operation but attention is per token and runs on the (N, D)
+real tokens of the batch; attention runs on the sequences packed several to a row
+(:class:`Packing`). A batch of rows of very different lengths is one pass, not several.
+
 :func:`last_hidden_at` computes exactly that for transformers' GPT-2, with the model's own
 modules and the operations of its SDPA forward: the same hidden states and gradients to float
 rounding (``tests/test_trunk.py``). Other models, and GPT-2 configurations it does not reproduce
@@ -16,6 +20,9 @@ rounding (``tests/test_trunk.py``). Other models, and GPT-2 configurations it do
 """
 
 from __future__ import annotations
+
+import bisect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +65,15 @@ def selects_positions(model: nn.Module) -> bool:
     return not checkpointing
 
 
+
 def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The final hidden states (after the last layer norm) of ``model`` at the positions where
     ``keep`` (B, T) is true, shape (N, D) in row-major order of ``keep``.
 
     Same values as ``model(input_ids, attention_mask, position_ids=position_ids(attention_mask),
-    output_hidden_states=True).hidden_states[-1][keep]``; padding may be on either side. Every
-    kept position must be a real token. Call only where :func:`selects_positions` is true.
+    output_hidden_states=True).hidden_states[-1][keep]``; padding may be on either side, and costs
+    nothing (:class:`Packing`). Every kept position must be a real token. Call only where
+    :func:`selects_positions` is true.
     """
     if keep.shape != input_ids.shape:
         raise ValueError(f"keep has shape {tuple(keep.shape)}, input_ids {tuple(input_ids.shape)}")
@@ -72,43 +81,141 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     if (keep & ~real).any():
         raise ValueError("keep selects padding positions; only real tokens have a defined hidden state")
     body = _gpt2_body(model)
-    width = input_ids.shape[1]
     heads = body.config.n_head
     scale = None if body.config.scale_attn_weights else 1.0
-    x = body.wte(input_ids) + body.wpe(position_ids(attention_mask))
-    # Causal attention to real tokens. A padding query may see itself too: on some backends a row
-    # with nothing to attend to gives NaN, which would reach real tokens through 0-weighted values.
-    allowed = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril() & real[:, None, :]
-    allowed = allowed | torch.eye(width, dtype=torch.bool, device=input_ids.device)
+    act = tanh_gelu if body.config.activation_function in _TANH_GELUS else None
+    packing = Packing(real)
+    # The real tokens only, in row-major order: (N, D).
+    x = body.wte(input_ids[real]) + body.wpe(position_ids(attention_mask)[real])
+    dim = x.shape[-1]
     for block in body.h[:-1]:
-        h = block.ln_1(x)
-        q, k, v = block.attn.c_attn(h).view(*x.shape[:2], 3, heads, x.shape[-1] // heads).permute(2, 0, 3, 1, 4)
-        x = x + _attend_and_project(block, q, k, v, allowed, scale, x.shape[-1])
-        x = x + block.mlp(block.ln_2(x))
-    return body.ln_f(_last_block_at(body.h[-1], x, allowed, keep, heads, scale))
-
-
-def _attend_and_project(block: nn.Module, q, k, v, allowed: torch.Tensor, scale: float | None, width: int) -> torch.Tensor:
-    """Attention of queries (B, H, Q, d) over keys and values (B, H, T, d) where ``allowed``
-    (B, Q, T), merged over heads and projected: (B, Q, width)."""
-    mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
-    return block.attn.c_proj(mixed.transpose(1, 2).reshape(q.shape[0], q.shape[2], width))
-
-
-def _last_block_at(block: nn.Module, x: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor, heads: int, scale: float | None) -> torch.Tensor:
-    """The last block's output at the kept positions, (N, D) in row-major order: keys and values
-    everywhere, queries, the projection and the MLP only where kept."""
-    batch, width, dim = x.shape
+        q, k, v = packing.scatter(block.attn.c_attn(block.ln_1(x))).split(dim, dim=1)
+        x = x + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale)))
+        x = x + _mlp(block, block.ln_2(x), act)
+    # The last block: keys and values of every token; queries, the projection and the MLP only where kept.
+    block = body.h[-1]
     h = block.ln_1(x)
     weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: h @ weight + bias, weight (D, 3D)
-    k, v = torch.addmm(bias[dim:], h.reshape(-1, dim), weight[:, dim:]).view(batch, width, 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    # Each row's kept positions, in order, in the first slots of (B, Q); the slots past a row's
-    # count hold other positions, computed and dropped.
-    counts = keep.sum(1)
-    slots = int(counts.max()) if len(counts) else 0
-    cols = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :slots]
-    used = torch.arange(slots, device=x.device) < counts[:, None]
-    hq = h.gather(1, cols[..., None].expand(-1, -1, dim))
-    q = torch.addmm(bias[:dim], hq.reshape(-1, dim), weight[:, :dim]).view(batch, slots, heads, dim // heads).transpose(1, 2)
-    out = x[keep] + _attend_and_project(block, q, k, v, allowed.gather(1, cols[..., None].expand(-1, -1, width)), scale, dim)[used]
-    return out + block.mlp(block.ln_2(out))
+    k, v = packing.scatter(torch.addmm(bias[dim:], h, weight[:, dim:])).split(dim, dim=1)
+    kept = keep[real]
+    q = packing.scatter(torch.addmm(bias[:dim], h[kept], weight[:, :dim]), kept)
+    out = x[kept] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), kept))
+    return body.ln_f(out + _mlp(block, block.ln_2(out), act))
+
+
+# Rows are packed into rows at least this wide: attention's cost on a CPU is mostly per (row,
+# head), so short sequences share a row (``benchmarks/RESULTS.md``, "Packed rows").
+PACK_WIDTH = 32
+
+
+class Packing:
+    """The real tokens of a padded batch, laid out for attention in packed rows.
+
+    Everything in a transformer but attention is per token: it runs on the (N, D) real tokens
+    alone, and padding costs nothing. Attention needs each sequence's tokens side by side: the
+    sequences are packed into R rows of W slots (W the longest sequence, at least
+    :data:`PACK_WIDTH`; best-fit decreasing), several short sequences per row, and each token
+    attends causally within its own sequence (a block-diagonal mask). The same attention as the
+    padded batch's, up to float rounding.
+    """
+
+    def __init__(self, real: torch.Tensor):
+        lengths = real.sum(1)
+        self.width = max(PACK_WIDTH, int(lengths.max()) if len(lengths) else 0)
+        start, self.rows = pack_rows(lengths.tolist(), self.width)
+        device = real.device
+        rank = real.long().cumsum(1) - 1
+        self.slots = (torch.tensor(start, dtype=torch.long, device=device)[:, None] + rank)[real]  # (N,) slot of each real token
+        sequence = torch.full((self.rows * self.width,), -1, dtype=torch.long, device=device)
+        sequence[self.slots] = torch.arange(real.shape[0], device=device)[:, None].expand_as(real)[real]
+        sequence = sequence.view(self.rows, self.width)
+        col = torch.arange(self.width, device=device)
+        allowed = (sequence[:, :, None] == sequence[:, None, :]) & (col[:, None] >= col[None, :]) & (sequence[:, None, :] >= 0)
+        # An empty slot attends to itself: a row of nothing would give NaN, whose 0-weighted
+        # values would still reach real tokens through the backward.
+        self.allowed = (allowed | torch.eye(self.width, dtype=torch.bool, device=device))[:, None]
+
+    def scatter(self, values: torch.Tensor, subset: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token values (N, C), or those of ``subset`` of the tokens, into the packed slots: (R·W, C)."""
+        slots = self.slots if subset is None else self.slots[subset]
+        return values.new_zeros(self.rows * self.width, values.shape[-1]).index_copy(0, slots, values)
+
+    def gather(self, packed: torch.Tensor, subset: torch.Tensor | None = None) -> torch.Tensor:
+        """Back from the packed slots (R·W, C) to the tokens (or ``subset`` of them), in row-major order."""
+        return packed.index_select(0, self.slots if subset is None else self.slots[subset])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float | None) -> torch.Tensor:
+        """Multi-head attention over packed (R·W, D) queries, keys and values, heads merged: (R·W, D)."""
+        rows, width, dim = self.rows, self.width, q.shape[-1]
+        q, k, v = (t.view(rows, width, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, scale=scale)
+        return mixed.transpose(1, 2).reshape(rows * width, dim)
+
+
+def pack_rows(lengths: list[int], width: int) -> tuple[list[int], int]:
+    """Sequences of ``lengths`` packed into rows of ``width`` slots, best fit, longest first.
+
+    Returns each sequence's first slot (row · width + offset) and the number of rows. Deterministic.
+    """
+    start = [0] * len(lengths)
+    used: list[int] = []  # slots taken in each row
+    room: dict[int, list[int]] = {}  # free slots -> the rows with that much room
+    sizes: list[int] = []  # the keys of ``room`` with rows, sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n == 0:  # takes no slot
+            continue
+        at = bisect.bisect_left(sizes, n)
+        if at < len(sizes):
+            free = sizes[at]
+            row = room[free].pop()
+            if not room[free]:
+                sizes.pop(at)
+        else:
+            row = len(used)
+            used.append(0)
+        start[i] = row * width + used[row]
+        used[row] += n
+        free = width - used[row]
+        if not room.get(free):
+            room[free] = []
+            bisect.insort(sizes, free)
+        room[free].append(row)
+    return start, len(used)
+
+
+def _mlp(block: nn.Module, h: torch.Tensor, act) -> torch.Tensor:
+    mlp = block.mlp
+    return mlp.c_proj(act(mlp.c_fc(h))) if act is not None else mlp(h)
+
+
+# transformers' names for GPT-2's tanh-approximate GELU.
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+_C = 2 * math.sqrt(2 / math.pi)
+
+
+class _TanhGELU(torch.autograd.Function):
+    """GPT-2's GELU, 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))), as x σ(2√(2/π) (x + 0.044715 x³)).
+
+    The same function (tanh(u) = 2σ(2u) − 1), to float rounding: torch's CPU tanh is slow (twice
+    the time of its whole GELU in a sigmoid and six in-place multiply-adds), and its backward keeps
+    one temporary where torch's ``gelu_backward`` keeps several.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        s = (x * x).mul_(_C * 0.044715).add_(_C).mul_(x).sigmoid_()
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, s = ctx.saved_tensors
+        # d/dx x σ(u) = σ + x u' σ (1 − σ), u' = C (1 + 3 · 0.044715 x²)
+        t = (x * x).mul_(3 * _C * 0.044715).add_(_C).mul_(x).mul_(s)
+        return t.addcmul_(t, s, value=-1).add_(s).mul_(grad)
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximate GELU (``gelu_new``, ``gelu_pytorch_tanh``), faster on a CPU; see :class:`_TanhGELU`."""
+    return _TanhGELU.apply(x)

@@ -1,5 +1,6 @@
 """Log-probs with the prompt masked, padding-invariance, and KV-cached sampling."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,6 +119,16 @@ def test_tabular_policy_is_a_table_behind_the_lm_interface():
     assert torch.allclose(got, expected)
     s = sample(model, [[2]] * 200, max_new_tokens=1, eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
     assert {c[0] for c in s.completion_ids} <= {3, 4}
+
+
+def test_collate_pads_on_the_right_and_marks_the_completion():
+    batch = collate([[1], [1, 4, 5], []], [[2, 3], torch.tensor([6]), [7]], pad_id=9)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 9], [1, 4, 5, 6], [7, 9, 9, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch.completion_mask.tolist() == [[0, 1, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    assert batch.input_ids.dtype == batch.attention_mask.dtype == batch.completion_mask.dtype == torch.long
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        collate([[1], [1]], [[2]], pad_id=0)
 
 
 def test_concat_batches_keeps_rows():

@@ -1,6 +1,10 @@
 """reward.trunk: GPT-2's last hidden states at selected positions equal its own forward's, values
-and gradients, for any padding; models it does not reproduce are refused, and the callers (log-probs,
-PPO's values, the reward model) give the numbers of the model's own forward."""
+and gradients, for any padding and any packing of the sequences into rows; models it does not
+reproduce are refused, and the callers (log-probs, PPO's values, the reward model) give the numbers
+of the model's own forward. The packing and the GELU it uses are checked on their own."""
+
+import math
+from unittest import mock
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from reward.trunk import last_hidden_at, position_ids, selects_positions
+from reward.trunk import last_hidden_at, pack_rows, position_ids, selects_positions, tanh_gelu
 
 
 def _gpt2(seed=0, **overrides):
@@ -37,9 +41,11 @@ def _batch(seed, rows, width, left):
 
 @given(seed=st.integers(0, 10**6), layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]), rows=st.integers(1, 6),
        width=st.integers(1, 12), left=st.booleans(), activation=st.sampled_from(["gelu_pytorch_tanh", "gelu_new", "relu"]),
-       scaled=st.booleans())
-@settings(max_examples=40, deadline=None)
-def test_last_hidden_at_equals_the_models_forward_in_value_and_gradient(seed, layers, heads, rows, width, left, activation, scaled):
+       scaled=st.booleans(), pack_width=st.sampled_from([1, 5, 32]))
+@settings(max_examples=50, deadline=None)
+def test_last_hidden_at_equals_the_models_forward_in_value_and_gradient(seed, layers, heads, rows, width, left, activation, scaled,
+                                                                        pack_width):
+    """``pack_width`` 1 gives a row per sequence; 5 packs short sequences together, up to several rows."""
     model = _gpt2(seed, n_layer=layers, n_head=heads, activation_function=activation, scale_attn_weights=scaled).train()
     assert selects_positions(model)
     ids, mask = _batch(seed, rows, width, left)
@@ -47,7 +53,8 @@ def test_last_hidden_at_equals_the_models_forward_in_value_and_gradient(seed, la
     keep = mask.bool() & (torch.rand(ids.shape, generator=g) < 0.5)
     weights = torch.randn(int(keep.sum()), model.config.n_embd, generator=g)
 
-    ours = last_hidden_at(model, ids, mask, keep)
+    with mock.patch("reward.trunk.PACK_WIDTH", pack_width):
+        ours = last_hidden_at(model, ids, mask, keep)
     (ours * weights).sum().backward()
     our_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -57,7 +64,62 @@ def test_last_hidden_at_equals_the_models_forward_in_value_and_gradient(seed, la
     assert ours.shape == theirs.shape == (int(keep.sum()), model.config.n_embd)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     for mine, reference in zip(our_grads, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
+        # float32 sums over a batch err in proportion to the gradient's scale (up to ~200 without
+        # attention scaling), not to each element: checked against float64, both sides err alike.
+        torch.testing.assert_close(mine, reference, atol=1e-5 + 1e-6 * float(reference.abs().max()), rtol=1e-4)
+
+
+def test_a_row_of_padding_alone_changes_nothing_for_the_others():
+    model = _gpt2(4).eval()
+    ids, mask = _batch(4, 5, 8, left=False)
+    mask[2] = 0
+    keep = mask.bool()
+    expected = _reference_hidden(model, ids, mask)[keep]
+    with mock.patch("reward.trunk.PACK_WIDTH", 8):
+        torch.testing.assert_close(last_hidden_at(model, ids, mask, keep), expected, atol=1e-5, rtol=1e-5)
+    assert last_hidden_at(model, ids, torch.zeros_like(mask), torch.zeros_like(keep)).shape == (0, model.config.n_embd)
+
+
+@given(lengths=st.lists(st.integers(0, 12), max_size=40), extra=st.integers(0, 20))
+def test_pack_rows_puts_each_sequence_whole_in_one_row_and_none_overlap(lengths, extra):
+    width = max(lengths, default=0) + extra
+    if width == 0:
+        width = 1
+    start, rows = pack_rows(lengths, width)
+    taken = set()
+    for first, n in zip(start, lengths):
+        slots = set(range(first, first + n))
+        assert all(slot // width == first // width for slot in slots)  # one row
+        assert not slots & taken
+        taken |= slots
+    assert max((s // width for s, n in zip(start, lengths) if n), default=-1) < rows
+    # A new row opens only when no row has room: any two rows hold more than a row's width.
+    used = [0] * rows
+    for first, n in zip(start, lengths):
+        if n:
+            used[first // width] += n
+    assert all(a + b > width for i, a in enumerate(used) for b in used[i + 1:])
+    assert pack_rows(lengths, width) == (start, rows)  # deterministic
+
+
+def test_pack_rows_takes_the_longest_first_into_the_fullest_row_it_fits():
+    # 18 opens row 0 (14 free) and 14 fills it; 9 opens row 1, and 9, 7, 7 fill it; 4 opens row 2.
+    assert pack_rows([7, 9, 18, 4, 14, 9, 7], 32) == ([32 + 18, 32 + 0, 0, 2 * 32, 18, 32 + 9, 32 + 25], 3)
+    # Best fit: 5 goes to the row with 6 free (13 + 13), not to the first row with room (22, 10 free).
+    assert pack_rows([22, 13, 13, 5], 32) == ([0, 32, 32 + 13, 32 + 26], 2)
+
+
+@given(values=st.lists(st.floats(-1e6, 1e6, width=32) | st.floats(-8, 8, width=32), min_size=1, max_size=64))
+def test_tanh_gelu_is_gpt2s_gelu_in_value_and_gradient(values):
+    x = torch.tensor(values, dtype=torch.float32, requires_grad=True)
+    upstream = torch.linspace(-2, 2, len(values))
+    ours = tanh_gelu(x)
+    (ours_grad,) = torch.autograd.grad(ours, x, upstream)
+    reference = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x.double() ** 3).float()))
+    (reference_grad,) = torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh"), x, upstream)
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours, torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours_grad, reference_grad, atol=1e-6, rtol=1e-5)
 
 
 def test_last_hidden_at_takes_the_body_as_well_as_the_lm():

@@ -152,7 +152,7 @@ class PolicyWithValueHead(nn.Module):
             return logps, values.new_zeros(logps.shape).masked_scatter(b.completion_mask[:, 1:].bool(), values)
 
         # Rollouts stop at eos: their lengths vary, so rows of similar length share a forward pass.
-        return by_length_groups(batch, both)
+        return by_length_groups(batch, both, model=self.policy)
 
 
 # --- the loop -------------------------------------------------------------------------------------
