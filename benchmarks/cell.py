@@ -8,19 +8,21 @@ evaluation (every call of the evaluation at a checkpoint or an extra temperature
     python -m benchmarks.cell --preset default --cell "dpo β=0.3" [--cell "ppo kl_coef=0.1"] [--threads 1] [--repeats 1]
 
 ``--cell`` matches the start of a cell's label as the run logs it (``dpo β=0.3 seed=0``);
-``--list`` prints the preset's cells. ``--ablate`` also runs every cell without the log-prob
-speed-ups, alternating with the normal run on the same upstream stages: without length groups
-(one padded pass per batch), and without either (logits over every position too).
+``--list`` prints the preset's cells. ``--ablate`` also runs every cell without the forward's
+speed-ups, alternating with the normal run on the same upstream stages: transformers' own GPT-2
+forward instead of ``reward.trunk``'s (a batch's rows in length groups, completion-only logits),
+then one padded pass per batch, then logits over every position too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
 
-from .common import DEFAULT_CACHE, add_threads_argument, load_average, median, set_threads, table, write_result
+from .common import DEFAULT_CACHE, add_threads_argument, load_average, median, models_own_forward, set_threads, table, write_result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, help=f"stage cache (default {DEFAULT_CACHE}-<preset>)")
     p.add_argument("--name", help="results file name (default cell_<preset>)")
-    p.add_argument("--ablate", action="store_true", help="alternate with runs without length groups and completion-only logits")
+    p.add_argument("--ablate", action="store_true",
+                   help="alternate with runs on transformers' own GPT-2 forward: with length groups, in one padded pass, and with full logits too")
     add_threads_argument(p)
     args = p.parse_args(argv)
 
@@ -76,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     saved_overhead, saved_keeps = batching.GROUP_OVERHEAD_TOKENS, logprobs.keeps_selected_logits
 
     def set_speedups(on: str) -> None:
-        """"all": as shipped; "logits": one padded pass per batch; "none": full logits too."""
-        batching.GROUP_OVERHEAD_TOKENS = saved_overhead if on == "all" else 10**9
+        """"all": as shipped; "groups": the model's own forward in length groups, completion-only
+        logits; "logits": one padded pass per batch; "none": full logits too."""
+        batching.GROUP_OVERHEAD_TOKENS = saved_overhead if on in ("all", "groups") else 10**9
         logprobs.keeps_selected_logits = (lambda model: False) if on == "none" else saved_keeps
 
-    variants = [("current", "all"), ("without length groups", "logits"), ("without either", "none")] if args.ablate else [("current", "all")]
+    variants = [("current", "all"), ("own forward, length groups", "groups"), ("own forward, one pass", "logits"),
+                ("own forward, one pass, full logits", "none")] if args.ablate else [("current", "all")]
     rows = []
     for cell in chosen:
         up = upstream_for(cell, stages)
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                 # A fresh run each time: with the cache off, a run builds each stage once.
                 uncached = dataclasses.replace(bench, use_cache=False, started=0.0)
                 wall, cpu = time.perf_counter(), time.process_time()
-                run_cell(uncached, cell, up)
+                with contextlib.nullcontext() if on == "all" else models_own_forward():
+                    run_cell(uncached, cell, up)
                 runs[name]["wall"].append(time.perf_counter() - wall)
                 runs[name]["cpu"].append(time.process_time() - cpu)
                 runs[name]["evaluation"].append(spent["evaluation"])

@@ -12,11 +12,12 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -162,3 +163,19 @@ def quiet_transformers() -> None:
         datasets.disable_progress_bars()
     except ImportError:
         pass
+
+
+@contextmanager
+def models_own_forward() -> Iterator[None]:
+    """GPT-2 through transformers' own forward, as every other model runs (a batch's rows in length
+    groups, completion-only logits), instead of ``reward.trunk``'s packed real tokens: the ablation
+    of the trunk in ``benchmarks.cell`` and ``benchmarks.grouping``."""
+    import dpo_bench.logprobs as logprobs
+    import reward.model as reward_model
+
+    saved = logprobs.selects_positions, reward_model.selects_positions
+    logprobs.selects_positions = reward_model.selects_positions = lambda model: False
+    try:
+        yield
+    finally:
+        logprobs.selects_positions, reward_model.selects_positions = saved

@@ -5,12 +5,13 @@ Forward FLOPs of a GPT-2 (L blocks, width d, vocabulary V) over a B x T batch, c
 multiply-add as 2: per token and block 24·d² (the QKV, output and MLP projections) plus 4·T·d
 (attention scores and their weighted sum over the T positions the kernel computes), plus 2·d·V
 for the LM head. A training step is 3x its forward (backward ≈ 2x). The count follows what the
-code computes: a batch's rows go through the model in length groups (``reward.batching``), each
-padded to its own longest row; the last block computes keys and values (4·d²) at every position
-but its queries, attention, output projection and MLP (20·d² + 4·T·d) only where its output is
-read (``reward.trunk``), and so does the LM head: where a completion token is predicted, or for
-the reward model at one position per row and without the LM head. "useful share" is the part of
-those FLOPs spent on real tokens. Sampling with a KV cache costs one token's forward per step,
+code computes (``reward.trunk``): the projections and the MLP at the real tokens only; attention
+over the sequences packed into R rows of W slots, every slot attending over its row's W slots
+(4·W·d, empty slots included); the last block's keys and values (4·d²) at every real token, its
+queries, output projection and MLP (20·d²) only where its output is read, and so does the LM
+head: where a completion token is predicted, or for the reward model at one position per row and
+without the LM head. "useful share" is the part of those FLOPs a padding-free attention over each
+sequence's own length would need. Sampling with a KV cache costs one token's forward per step,
 attending over the cache.
 
 Rates use process CPU time at 1 thread, so other processes on the cores distort them little;
@@ -48,25 +49,21 @@ def useful_fraction(mask: torch.Tensor) -> float:
     return float(mask.float().mean())
 
 
-def grouped_flops(model, attention_mask: torch.Tensor, kept: torch.Tensor, lm_head: bool = True) -> tuple[float, float]:
-    """(computed, useful) forward FLOPs of one batch as the code runs it: each length group padded
-    to its longest row; the last block's queries, projection and MLP, and the LM head when
-    ``lm_head``, at the ``kept[b]`` positions of row b whose output is read."""
-    from reward.batching import length_groups
+def packed_flops(model, attention_mask: torch.Tensor, kept: torch.Tensor, lm_head: bool = True) -> tuple[float, float]:
+    """(computed, useful) forward FLOPs of one batch as ``reward.trunk`` runs it: the real tokens,
+    attention over packed rows, and the last block's queries, projection and MLP, and the LM head
+    when ``lm_head``, at the ``kept[b]`` positions of row b whose output is read."""
+    from reward.trunk import Packing
 
     layers, d, vocab = shape(model)
     lengths = attention_mask.sum(-1)
-
-    def row(width: int, n_kept: int) -> int:
-        """One row of ``width`` computed positions, ``n_kept`` of them read."""
-        return width * ((layers - 1) * (24 * d * d + 4 * width * d) + 4 * d * d) + n_kept * (20 * d * d + 4 * width * d)
-
-    computed = useful = 0.0
-    for rows in length_groups(lengths):
-        width = int(lengths[rows].max())
-        computed += sum(row(width, int(kept[r])) for r in rows)
-        useful += sum(row(int(lengths[r]), int(kept[r])) for r in rows)
-    head = int(kept.sum()) * 2 * d * vocab if lm_head else 0
+    packing = Packing(attention_mask.bool())
+    slots, width = packing.rows * packing.width, packing.width
+    tokens, n_kept = int(lengths.sum()), int(kept.sum())
+    computed = tokens * ((layers - 1) * 24 * d * d + 4 * d * d) + n_kept * 20 * d * d + layers * slots * 4 * width * d
+    useful = sum(int(n) * ((layers - 1) * (24 * d * d + 4 * int(n) * d) + 4 * d * d) + int(k) * (20 * d * d + 4 * int(n) * d)
+                 for n, k in zip(lengths, kept))
+    head = n_kept * 2 * d * vocab if lm_head else 0
     return computed + head, useful + head
 
 
@@ -92,6 +89,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
 OP_GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "packing (to attention's rows and back)": ("aten::index_copy", "aten::index_select", "aten::index_add_"),
     "GELU": ("aten::gelu", "aten::gelu_backward"),
     "layer norm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
     "log-softmax": ("aten::_log_softmax", "aten::_log_softmax_backward_data"),
@@ -158,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step_flops(batch) -> tuple[float, float]:
         """(computed FLOPs of a training step, useful share) with the LM head at the completion tokens."""
-        computed, useful = grouped_flops(fx.reference, batch.attention_mask, batch.completion_mask[:, 1:].sum(-1))
+        computed, useful = packed_flops(fx.reference, batch.attention_mask, batch.completion_mask[:, 1:].sum(-1))
         return 3 * computed, useful / computed
 
     # SFT: 64 corpus sentences after a BOS prompt.
@@ -207,13 +205,13 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         rm_opt.step()
 
-    computed, useful = grouped_flops(fx.reference, pair_batch.attention_mask, torch.ones(len(pair_batch), dtype=torch.long), lm_head=False)
+    computed, useful = packed_flops(fx.reference, pair_batch.attention_mask, torch.ones(len(pair_batch), dtype=torch.long), lm_head=False)
     record("reward-model step (64 pairs)", 3 * computed, useful / computed, rm_step, "last block at 1 position per row")
 
     # Reference log-probs of every train pair (forward only, chunks trimmed to their longest row).
     everything = fx.prefs.chosen
     n = len(everything)
-    chunks = [grouped_flops(fx.reference, c.attention_mask, c.completion_mask[:, 1:].sum(-1))
+    chunks = [packed_flops(fx.reference, c.attention_mask, c.completion_mask[:, 1:].sum(-1))
               for c in (everything.select(slice(s, s + 256)) for s in range(0, n, 256))]
     computed, useful = sum(c for c, _ in chunks), sum(u for _, u in chunks)
     record(f"reference log-probs ({n} sequences)", computed, useful / computed,

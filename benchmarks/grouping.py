@@ -1,12 +1,14 @@
 """How many forward passes a batch should be split into: DPO step time against the per-pass
-overhead that :func:`reward.batching.length_groups` charges (``GROUP_OVERHEAD_TOKENS``).
+overhead that :func:`reward.batching.length_groups` charges (``GROUP_OVERHEAD_TOKENS``), and
+against GPT-2's packed forward (``reward.trunk``), which computes no padding in one pass.
 
 A DPO step on the train pairs in plain (not length-grouped) order, 64 pairs per step, the
 ``quick`` fixture's SFT model, 1 thread; each setting runs the same batches, interleaved, and
-reports the median step and the padding computed. ``inf`` is one padded pass per batch (no
-grouping); the completion-only logits are on in every setting.
+reports the median step and the padding computed. The overheads run transformers' own forward,
+as every model but GPT-2 does; ``inf`` is one padded pass per batch (no grouping); ``packed`` is
+what GPT-2 runs. The completion-only logits are on in every setting.
 
-    python -m benchmarks.grouping [--overheads 0 64 128 256 512 inf] [--steps 20] [--repeats 3]
+    python -m benchmarks.grouping [--overheads packed 0 64 128 256 512 inf] [--steps 20] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import time
 
 import torch
 
-from .common import add_threads_argument, fixture, interleave, load_average, median, set_threads, table, write_result
+from .common import add_threads_argument, fixture, interleave, load_average, median, models_own_forward, set_threads, table, write_result
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--overheads", nargs="+", default=["0", "64", "128", "256", "512", "inf"])
+    p.add_argument("--overheads", nargs="+", default=["packed", "0", "64", "128", "256", "512", "inf"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         pair = concat_batches(fx.prefs.chosen.select(idx), fx.prefs.rejected.select(idx), pad).trim()
         batches.append((pair, fx.prefs.ref_chosen_logps[idx], fx.prefs.ref_rejected_logps[idx]))
 
-    def padded_share(overhead: float) -> float:
+    def padded_share(overhead: float | str) -> float:
+        if overhead == "packed":
+            return 0.0
         computed = real = 0
         for pair, _, _ in batches:
             lengths = pair.attention_mask.sum(-1)
@@ -52,14 +56,21 @@ def main(argv: list[str] | None = None) -> None:
             real += int(lengths.sum())
         return 1 - real / computed
 
-    def side(overhead: float):
+    def side(overhead: float | str):
         def run() -> float:
+            if overhead == "packed":
+                return steps()
+            with models_own_forward():
+                return steps()
+
+        def steps() -> float:
             model = copy.deepcopy(fx.reference).train()
             for q in model.parameters():
                 q.requires_grad_(True)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
             saved = batching.GROUP_OVERHEAD_TOKENS
-            batching.GROUP_OVERHEAD_TOKENS = 10**9 if overhead == float("inf") else int(overhead)
+            if overhead != "packed":
+                batching.GROUP_OVERHEAD_TOKENS = 10**9 if overhead == float("inf") else int(overhead)
             times = []
             try:
                 for pair, ref_c, ref_r in batches:
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             return median(times[2:])
         return run
 
-    overheads = [float(o) for o in args.overheads]
+    overheads = [o if o == "packed" else float(o) for o in args.overheads]
     loads = [load_average()[0]]
     results = interleave({str(o): side(o) for o in overheads}, args.repeats)
     loads.append(load_average()[0])
@@ -83,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for o in overheads:
         ms = 1000 * median(results[str(o)])
-        rows.append({"overhead_tokens": "inf (one pass)" if o == float("inf") else int(o), "step_ms": ms,
+        label = o if o == "packed" else "inf (one pass)" if o == float("inf") else int(o)
+        rows.append({"overhead_tokens": label, "step_ms": ms,
                      "padding_share": padded_share(o), "speedup_vs_one_pass": (1000 * base / ms) if base else float("nan")})
     print(table(rows, ["overhead_tokens", "step_ms", "padding_share", "speedup_vs_one_pass"]))
     path = write_result("grouping", {"threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,

@@ -22,7 +22,6 @@ rounding (``tests/test_trunk.py``). Other models, and GPT-2 configurations it do
 from __future__ import annotations
 
 import bisect
-import math
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +64,6 @@ def selects_positions(model: nn.Module) -> bool:
     return not checkpointing
 
 
-
 def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The final hidden states (after the last layer norm) of ``model`` at the positions where
     ``keep`` (B, T) is true, shape (N, D) in row-major order of ``keep``.
@@ -83,7 +81,6 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     body = _gpt2_body(model)
     heads = body.config.n_head
     scale = None if body.config.scale_attn_weights else 1.0
-    act = tanh_gelu if body.config.activation_function in _TANH_GELUS else None
     packing = Packing(real)
     # The real tokens only, in row-major order: (N, D).
     x = body.wte(input_ids[real]) + body.wpe(position_ids(attention_mask)[real])
@@ -91,7 +88,7 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     for block in body.h[:-1]:
         q, k, v = packing.scatter(block.attn.c_attn(block.ln_1(x))).split(dim, dim=1)
         x = x + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale)))
-        x = x + _mlp(block, block.ln_2(x), act)
+        x = x + block.mlp(block.ln_2(x))
     # The last block: keys and values of every token; queries, the projection and the MLP only where kept.
     block = body.h[-1]
     h = block.ln_1(x)
@@ -100,11 +97,11 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     kept = keep[real]
     q = packing.scatter(torch.addmm(bias[:dim], h[kept], weight[:, :dim]), kept)
     out = x[kept] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), kept))
-    return body.ln_f(out + _mlp(block, block.ln_2(out), act))
+    return body.ln_f(out + block.mlp(block.ln_2(out)))
 
 
-# Rows are packed into rows at least this wide: attention's cost on a CPU is mostly per (row,
-# head), so short sequences share a row (``benchmarks/RESULTS.md``, "Packed rows").
+# Sequences are packed into rows at least this wide: attention's cost on a CPU is mostly per
+# (row, head), so short sequences share a row (``benchmarks/RESULTS.md``, "Packed real tokens").
 PACK_WIDTH = 32
 
 
@@ -182,40 +179,3 @@ def pack_rows(lengths: list[int], width: int) -> tuple[list[int], int]:
             bisect.insort(sizes, free)
         room[free].append(row)
     return start, len(used)
-
-
-def _mlp(block: nn.Module, h: torch.Tensor, act) -> torch.Tensor:
-    mlp = block.mlp
-    return mlp.c_proj(act(mlp.c_fc(h))) if act is not None else mlp(h)
-
-
-# transformers' names for GPT-2's tanh-approximate GELU.
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
-_C = 2 * math.sqrt(2 / math.pi)
-
-
-class _TanhGELU(torch.autograd.Function):
-    """GPT-2's GELU, 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))), as x σ(2√(2/π) (x + 0.044715 x³)).
-
-    The same function (tanh(u) = 2σ(2u) − 1), to float rounding: torch's CPU tanh is slow (twice
-    the time of its whole GELU in a sigmoid and six in-place multiply-adds), and its backward keeps
-    one temporary where torch's ``gelu_backward`` keeps several.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = (x * x).mul_(_C * 0.044715).add_(_C).mul_(x).sigmoid_()
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, s = ctx.saved_tensors
-        # d/dx x σ(u) = σ + x u' σ (1 − σ), u' = C (1 + 3 · 0.044715 x²)
-        t = (x * x).mul_(3 * _C * 0.044715).add_(_C).mul_(x).mul_(s)
-        return t.addcmul_(t, s, value=-1).add_(s).mul_(grad)
-
-
-def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh-approximate GELU (``gelu_new``, ``gelu_pytorch_tanh``), faster on a CPU; see :class:`_TanhGELU`."""
-    return _TanhGELU.apply(x)
