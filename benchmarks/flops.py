@@ -89,6 +89,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
 OP_GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    # index_select includes the embeddings' lookups (two calls a step).
     "packing (to attention's rows and back)": ("aten::index_copy", "aten::index_select", "aten::index_add_"),
     "GELU": ("aten::gelu", "aten::gelu_backward"),
     "layer norm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),

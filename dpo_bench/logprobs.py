@@ -64,8 +64,8 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     rows = [_ids(p) + _ids(c) for p, c in zip(prompts, completions)]
     length = max(map(len, rows))
-    # One tensor from padded lists: a per-row copy into a tensor costs ~13 µs a row (a training step's batch of 64: 0.9 ms).
-    ids = torch.tensor([row + [pad_id] * (length - len(row)) for row in rows], dtype=torch.long).view(len(rows), length)
+    # One tensor from padded lists: a copy into a tensor per row cost ~13 µs a row (0.86 ms for 64, ad hoc).
+    ids = torch.tensor([row + [pad_id] * (length - len(row)) for row in rows], dtype=torch.long)
     ends = torch.tensor([len(row) for row in rows])[:, None]
     starts = torch.tensor([len(p) for p in prompts])[:, None]
     col = torch.arange(length)[None, :]

@@ -83,7 +83,7 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     scale = None if body.config.scale_attn_weights else 1.0
     packing = Packing(real)
     # The real tokens only, in row-major order: (N, D).
-    x = body.wte(input_ids[real]) + body.wpe(position_ids(attention_mask)[real])
+    x = body.wte(input_ids.flatten()[packing.tokens]) + body.wpe(packing.positions)
     dim = x.shape[-1]
     for block in body.h[:-1]:
         q, k, v = packing.scatter(block.attn.c_attn(block.ln_1(x))).split(dim, dim=1)
@@ -94,9 +94,10 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     h = block.ln_1(x)
     weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: h @ weight + bias, weight (D, 3D)
     k, v = packing.scatter(torch.addmm(bias[dim:], h, weight[:, dim:])).split(dim, dim=1)
-    kept = keep[real]
-    q = packing.scatter(torch.addmm(bias[:dim], h[kept], weight[:, :dim]), kept)
-    out = x[kept] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), kept))
+    kept = keep.flatten()[packing.tokens].nonzero().squeeze(1)  # which of the N tokens are read
+    kept_slots = packing.slots[kept]
+    q = packing.scatter(torch.addmm(bias[:dim], h[kept], weight[:, :dim]), kept_slots)
+    out = x[kept] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), kept_slots))
     return body.ln_f(out + block.mlp(block.ln_2(out)))
 
 
@@ -121,10 +122,12 @@ class Packing:
         self.width = max(PACK_WIDTH, int(lengths.max()) if len(lengths) else 0)
         start, self.rows = pack_rows(lengths.tolist(), self.width)
         device = real.device
-        rank = real.long().cumsum(1) - 1
-        self.slots = (torch.tensor(start, dtype=torch.long, device=device)[:, None] + rank)[real]  # (N,) slot of each real token
+        self.tokens = real.flatten().nonzero().squeeze(1)  # (N,) each real token's index in the flattened batch, row-major
+        self.positions = position_ids(real).flatten()[self.tokens]  # its position in its sequence
+        sequence_of = torch.arange(real.shape[0], device=device).repeat_interleave(lengths)
+        self.slots = torch.tensor(start, dtype=torch.long, device=device)[sequence_of] + self.positions  # (N,) its packed slot
         sequence = torch.full((self.rows * self.width,), -1, dtype=torch.long, device=device)
-        sequence[self.slots] = torch.arange(real.shape[0], device=device)[:, None].expand_as(real)[real]
+        sequence[self.slots] = sequence_of
         sequence = sequence.view(self.rows, self.width)
         col = torch.arange(self.width, device=device)
         allowed = (sequence[:, :, None] == sequence[:, None, :]) & (col[:, None] >= col[None, :]) & (sequence[:, None, :] >= 0)
@@ -132,14 +135,13 @@ class Packing:
         # values would still reach real tokens through the backward.
         self.allowed = (allowed | torch.eye(self.width, dtype=torch.bool, device=device))[:, None]
 
-    def scatter(self, values: torch.Tensor, subset: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token values (N, C), or those of ``subset`` of the tokens, into the packed slots: (R·W, C)."""
-        slots = self.slots if subset is None else self.slots[subset]
-        return values.new_zeros(self.rows * self.width, values.shape[-1]).index_copy(0, slots, values)
+    def scatter(self, values: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token values (N, C), or those of the tokens at ``slots``, into the packed slots: (R·W, C)."""
+        return values.new_zeros(self.rows * self.width, values.shape[-1]).index_copy(0, self.slots if slots is None else slots, values)
 
-    def gather(self, packed: torch.Tensor, subset: torch.Tensor | None = None) -> torch.Tensor:
-        """Back from the packed slots (R·W, C) to the tokens (or ``subset`` of them), in row-major order."""
-        return packed.index_select(0, self.slots if subset is None else self.slots[subset])
+    def gather(self, packed: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Back from the packed slots (R·W, C) to every token (or to those at ``slots``), in row-major order."""
+        return packed.index_select(0, self.slots if slots is None else slots)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float | None) -> torch.Tensor:
         """Multi-head attention over packed (R·W, D) queries, keys and values, heads merged: (R·W, D)."""
