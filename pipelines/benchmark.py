@@ -10,6 +10,7 @@ a time in the flow's process.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -99,11 +100,23 @@ def task_runner_for(workers: int, dask_address: str | None) -> Any:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise RuntimeError("Dask workers need the dask extra: pip install 'dpo-bench[dask]' (or run with --workers 0)") from None
+    quiet_dask_logs()
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     keep_freed_memory()
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+def quiet_dask_logs() -> None:
+    """Dask's own logs at warnings and errors only.
+
+    At INFO its scheduler logs some 35 lines a run (each worker's registration, connections,
+    shutdown), and now and then a CommClosedError traceback when a worker's connection closes in a
+    normal shutdown. Set here, after ``distributed`` is imported: importing it sets the level from
+    Dask's config. The dashboard's address is still logged, by prefect-dask.
+    """
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def keep_freed_memory() -> None:

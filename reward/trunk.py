@@ -58,10 +58,10 @@ def selects_positions(model: nn.Module) -> bool:
         return False
     if body.training and max(config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) > 0:
         return False
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # its name from transformers 5.2x on
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return not checkpointing
+    # Checkpointing is switched on in the body and its blocks (transformers' GradientCheckpointingLayer).
+    # Looking there alone, not through the model's `is_activation_checkpointing`, which walks every
+    # module: 75 µs a call, on every forward (ad hoc).
+    return not any(getattr(m, "gradient_checkpointing", False) for m in (model, body, *body.h))
 
 
 def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,10 @@ def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd,
     with temporary_settings(updates={PREFECT_API_URL: None}):
         assert main(["run", "--config", str(config_file), "--workers", "2", "--reports-dir", str(reports),
                      "--run-id", "dask", "--quiet"]) == 0
-    assert capfd.readouterr().err.count("Starting temporary server") <= 1
+    err = capfd.readouterr().err
+    assert err.count("Starting temporary server") <= 1
+    # Dask's scheduler chatter (and the CommClosedError it logs at INFO on a normal shutdown) is not shown.
+    assert "distributed.scheduler" not in err and "CommClosedError" not in err
     record = json.loads((reports / "dask" / "run.json").read_text())
     assert record["status"] == "completed" and record["orchestrator"] == "prefect"
     # The run's own stages keep torch's default threads in this process; the two workers share the cores.

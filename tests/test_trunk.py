@@ -135,6 +135,9 @@ def test_models_it_does_not_reproduce_use_their_own_forward():
         assert not selects_positions(_gpt2(**unsupported))
     checkpointed = enable_gradient_checkpointing(_gpt2().train())
     assert not selects_positions(checkpointed)
+    assert not selects_positions(checkpointed.transformer)  # the body alone, as the reward model holds it
+    (getattr(checkpointed, "activation_checkpointing_disable", None) or checkpointed.gradient_checkpointing_disable)()
+    assert selects_positions(checkpointed)
     assert not selects_positions(TabularLM(5, torch.tensor([False, False, True, True, True]), torch.zeros(5, 5)))
     adapted = _gpt2()  # an adapter around the last QKV projection, as LoRA puts there: its weight alone is not the layer
     adapted.transformer.h[-1].attn.c_attn = torch.nn.Sequential(adapted.transformer.h[-1].attn.c_attn)
