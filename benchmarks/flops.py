@@ -5,13 +5,14 @@ Forward FLOPs of a GPT-2 (L blocks, width d, vocabulary V) over a B x T batch, c
 multiply-add as 2: per token and block 24·d² (the QKV, output and MLP projections) plus 4·T·d
 (attention scores and their weighted sum over the T positions the kernel computes), plus 2·d·V
 for the LM head. A training step is 3x its forward (backward ≈ 2x). The count follows what the
-code computes (``reward.trunk``): the projections and the MLP at the real tokens only; attention
-over the sequences packed into R rows of W slots, every slot attending over its row's W slots
-(4·W·d, empty slots included); the last block's keys and values (4·d²) at every real token, its
-queries, output projection and MLP (20·d²) only where its output is read, and so does the LM
-head: where a completion token is predicted, or for the reward model at one position per row and
-without the LM head. "useful share" is the part of those FLOPs a padding-free attention over each
-sequence's own length would need. Sampling with a KV cache costs one token's forward per step,
+code computes (``reward.trunk``): the projections and the MLP at the real tokens only, and a
+prefix that several sequences share once (a DPO pair's prompt); attention over the sequences
+packed into R rows of W slots, every slot attending over its row's W slots (4·W·d, empty slots
+and the copies of shared tokens included); the last block's keys and values (4·d²) at every
+computed token, its queries, output projection and MLP (20·d²) only where its output is read, and
+the LM head at every position read: where a completion token is predicted, or for the reward
+model at one position per row and without the LM head. "useful share" is the part of those FLOPs
+a padding-free attention over each computed token's own sequence would need. Sampling with a KV cache costs one token's forward per step,
 attending over the cache.
 
 Rates use process CPU time at 1 thread, so other processes on the cores distort them little;
@@ -49,22 +50,31 @@ def useful_fraction(mask: torch.Tensor) -> float:
     return float(mask.float().mean())
 
 
-def packed_flops(model, attention_mask: torch.Tensor, kept: torch.Tensor, lm_head: bool = True) -> tuple[float, float]:
-    """(computed, useful) forward FLOPs of one batch as ``reward.trunk`` runs it: the real tokens,
-    attention over packed rows, and the last block's queries, projection and MLP, and the LM head
-    when ``lm_head``, at the ``kept[b]`` positions of row b whose output is read."""
+def packed_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
+                 lm_head: bool = True) -> tuple[float, float]:
+    """(computed, useful) forward FLOPs of one batch as ``reward.trunk`` runs it: the tokens it
+    computes (each shared prefix once), attention over packed rows, and the last block's queries,
+    projection and MLP at the computed tokens whose output is read (``keep``, B x T), and the LM
+    head, when ``lm_head``, at every kept position."""
     from reward.trunk import Packing
 
     layers, d, vocab = shape(model)
     lengths = attention_mask.sum(-1)
-    packing = Packing(attention_mask.bool())
+    packing = Packing(attention_mask.bool(), input_ids)
     slots, width = packing.rows * packing.width, packing.width
-    tokens, n_kept = int(lengths.sum()), int(kept.sum())
-    computed = tokens * ((layers - 1) * 24 * d * d + 4 * d * d) + n_kept * 20 * d * d + layers * slots * 4 * width * d
-    useful = sum(int(n) * ((layers - 1) * (24 * d * d + 4 * int(n) * d) + 4 * d * d) + int(k) * (20 * d * d + 4 * int(n) * d)
-                 for n, k in zip(lengths, kept))
+    own = lengths.repeat_interleave(lengths)[packing.unique]  # each computed token's sequence length
+    read = packing.node[keep.flatten()[packing.tokens].nonzero().squeeze(1)]
+    n_read, n_kept = len(read.unique()), len(read)
+    computed = len(packing.unique) * ((layers - 1) * 24 * d * d + 4 * d * d) + n_read * 20 * d * d + layers * slots * 4 * width * d
+    useful = (float(((layers - 1) * (24 * d * d + 4 * own * d) + 4 * d * d).sum())
+              + float((20 * d * d + 4 * own[read.unique()] * d).sum()))
     head = n_kept * 2 * d * vocab if lm_head else 0
     return computed + head, useful + head
+
+
+def predicts_completion(batch) -> torch.Tensor:
+    """(B, T): the positions whose output predicts a completion token (what log-probs read)."""
+    return torch.nn.functional.pad(batch.completion_mask[:, 1:].bool(), (0, 1), value=False)
 
 
 def cpu_seconds(fn, repeats: int) -> tuple[float, float]:
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_bench.losses import LOSSES
     from dpo_bench.methods.sft import sft_loss
     from reward.bradley_terry import bt_loss
-    from reward.model import RewardModel
+    from reward.model import RewardModel, last_token_index
     from reward.train import PairTensors, adamw, pair_scores
 
     fx = fixture()
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step_flops(batch) -> tuple[float, float]:
         """(computed FLOPs of a training step, useful share) with the LM head at the completion tokens."""
-        computed, useful = packed_flops(fx.reference, batch.attention_mask, batch.completion_mask[:, 1:].sum(-1))
+        computed, useful = packed_flops(fx.reference, batch.input_ids, batch.attention_mask, predicts_completion(batch))
         return 3 * computed, useful / computed
 
     # SFT: 64 corpus sentences after a BOS prompt.
@@ -206,13 +216,15 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         rm_opt.step()
 
-    computed, useful = packed_flops(fx.reference, pair_batch.attention_mask, torch.ones(len(pair_batch), dtype=torch.long), lm_head=False)
+    last = torch.zeros_like(pair_batch.attention_mask, dtype=torch.bool)
+    last[torch.arange(len(pair_batch)), last_token_index(pair_batch.attention_mask)] = True
+    computed, useful = packed_flops(fx.reference, pair_batch.input_ids, pair_batch.attention_mask, last, lm_head=False)
     record("reward-model step (64 pairs)", 3 * computed, useful / computed, rm_step, "last block at 1 position per row")
 
     # Reference log-probs of every train pair (forward only, chunks trimmed to their longest row).
     everything = fx.prefs.chosen
     n = len(everything)
-    chunks = [packed_flops(fx.reference, c.attention_mask, c.completion_mask[:, 1:].sum(-1))
+    chunks = [packed_flops(fx.reference, c.input_ids, c.attention_mask, predicts_completion(c))
               for c in (everything.select(slice(s, s + 256)) for s in range(0, n, 256))]
     computed, useful = sum(c for c, _ in chunks), sum(u for _, u in chunks)
     record(f"reference log-probs ({n} sequences)", computed, useful / computed,

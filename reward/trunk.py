@@ -10,7 +10,10 @@ fifths out of a reward-model step (``python -m benchmarks.flops``).
 
 Nor does padding cost anything: every operation but attention is per token and runs on the (N, D)
 real tokens of the batch; attention runs on the sequences packed several to a row
-(:class:`Packing`). A batch of rows of very different lengths is one pass, not several.
+(:class:`Packing`). A batch of rows of very different lengths is one pass, not several. Nor is a
+prefix that several sequences share computed more than once: a token's hidden states depend only
+on the tokens up to it, so a DPO pair's prompt, or the opening words two sentences have in common,
+are computed once and read by every sequence that holds them.
 
 :func:`last_hidden_at` computes exactly that for transformers' GPT-2, with the model's own
 modules and the operations of its SDPA forward: the same hidden states and gradients to float
@@ -81,9 +84,9 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     body = _gpt2_body(model)
     heads = body.config.n_head
     scale = None if body.config.scale_attn_weights else 1.0
-    packing = Packing(real)
-    # The real tokens only, in row-major order: (N, D).
-    x = body.wte(input_ids.flatten()[packing.tokens]) + body.wpe(packing.positions)
+    packing = Packing(real, input_ids)
+    # The distinct prefixes' last tokens only (the real tokens, when no prefix is shared): (M, D).
+    x = body.wte(packing.ids) + body.wpe(packing.positions[packing.unique])
     dim = x.shape[-1]
     for block in body.h[:-1]:
         q, k, v = packing.scatter(block.attn.c_attn(block.ln_1(x))).split(dim, dim=1)
@@ -94,30 +97,39 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     h = block.ln_1(x)
     weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: h @ weight + bias, weight (D, 3D)
     k, v = packing.scatter(torch.addmm(bias[dim:], h, weight[:, dim:])).split(dim, dim=1)
-    kept = keep.flatten()[packing.tokens].nonzero().squeeze(1)  # which of the N tokens are read
-    kept_slots = packing.slots[kept]
-    q = packing.scatter(torch.addmm(bias[:dim], h[kept], weight[:, :dim]), kept_slots)
-    out = x[kept] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), kept_slots))
-    return body.ln_f(out + block.mlp(block.ln_2(out)))
+    kept = packing.node[keep.flatten()[packing.tokens].nonzero().squeeze(1)]  # the prefixes read, one per kept position
+    read, back = (kept, None) if packing.shares_nothing else torch.unique(kept, return_inverse=True)
+    read_slots = packing.slots[packing.unique[read]]
+    q = packing.scatter(torch.addmm(bias[:dim], h[read], weight[:, :dim]), read_slots)
+    out = x[read] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), read_slots))
+    out = body.ln_f(out + block.mlp(block.ln_2(out)))
+    return out if back is None else out[back]
 
 
 # Sequences are packed into rows at least this wide: attention's cost on a CPU is mostly per
 # (row, head), so short sequences share a row (``benchmarks/RESULTS.md``, "Packed real tokens").
 PACK_WIDTH = 32
 
+# Whether a prefix several sequences share is computed once (``benchmarks/RESULTS.md``, "Shared
+# prefixes"); off, every real token is computed, as before. The same numbers up to float rounding.
+SHARE_PREFIXES = True
+
 
 class Packing:
     """The real tokens of a padded batch, laid out for attention in packed rows.
 
-    Everything in a transformer but attention is per token: it runs on the (N, D) real tokens
-    alone, and padding costs nothing. Attention needs each sequence's tokens side by side: the
-    sequences are packed into R rows of W slots (W the longest sequence, at least
-    :data:`PACK_WIDTH`; best-fit decreasing), several short sequences per row, and each token
-    attends causally within its own sequence (a block-diagonal mask). The same attention as the
-    padded batch's, up to float rounding.
+    Everything in a transformer but attention is per token: it runs on the real tokens alone, and
+    padding costs nothing. Nor need it run twice on one prefix: a token's hidden states depend only
+    on the tokens up to it (and their positions, which count real tokens), so the tokens of
+    sequences that begin alike are computed once, at the ``unique`` tokens that stand for them.
+    Attention needs each sequence's tokens side by side: the sequences are packed into R rows of W
+    slots (W the longest sequence, at least :data:`PACK_WIDTH`; best-fit decreasing), several short
+    sequences per row, and each token attends causally within its own sequence (a block-diagonal
+    mask); a shared token's values are copied into every sequence that holds it, and its output is
+    read from one of them. The same attention as the padded batch's, up to float rounding.
     """
 
-    def __init__(self, real: torch.Tensor):
+    def __init__(self, real: torch.Tensor, input_ids: torch.Tensor):
         lengths = real.sum(1)
         self.width = max(PACK_WIDTH, int(lengths.max()) if len(lengths) else 0)
         start, self.rows = pack_rows(lengths.tolist(), self.width)
@@ -126,6 +138,21 @@ class Packing:
         self.positions = position_ids(real).flatten()[self.tokens]  # its position in its sequence
         sequence_of = torch.arange(real.shape[0], device=device).repeat_interleave(lengths)
         self.slots = torch.tensor(start, dtype=torch.long, device=device)[sequence_of] + self.positions  # (N,) its packed slot
+        ids = input_ids.flatten()[self.tokens]
+        stands_for = shared_prefixes(ids, self.positions, sequence_of, lengths) if SHARE_PREFIXES else None
+        self.shares_nothing = stands_for is None or bool((stands_for == torch.arange(len(ids), device=device)).all())
+        if self.shares_nothing:
+            self.unique = self.node = torch.arange(len(ids), device=device)
+        else:
+            self.unique = (stands_for == torch.arange(len(ids), device=device)).nonzero().squeeze(1)  # (M,) the tokens computed
+            index = torch.empty_like(stands_for)
+            index[self.unique] = torch.arange(len(self.unique), device=device)
+            self.node = index[stands_for]  # (N,) which of the M computed tokens each real token is
+        self.ids = ids[self.unique]  # (M,) the computed tokens' ids
+        # Each slot's computed token; an empty slot takes the first (any finite values do: it is
+        # masked out of every real token's attention, and its own output is never read).
+        self.source = torch.zeros(self.rows * self.width, dtype=torch.long, device=device)
+        self.source[self.slots] = self.node
         sequence = torch.full((self.rows * self.width,), -1, dtype=torch.long, device=device)
         sequence[self.slots] = sequence_of
         sequence = sequence.view(self.rows, self.width)
@@ -134,14 +161,23 @@ class Packing:
         # An empty slot attends to itself: a row of nothing would give NaN, whose 0-weighted
         # values would still reach real tokens through the backward.
         self.allowed = (allowed | torch.eye(self.width, dtype=torch.bool, device=device))[:, None]
+        self.unique_slots = self.slots[self.unique]
 
     def scatter(self, values: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token values (N, C), or those of the tokens at ``slots``, into the packed slots: (R·W, C)."""
-        return values.new_zeros(self.rows * self.width, values.shape[-1]).index_copy(0, self.slots if slots is None else slots, values)
+        """The computed tokens' values (M, C) into every slot that holds them: (R·W, C). With
+        ``slots``, ``values`` are those of the tokens at these slots alone, and the other slots get
+        the first's (queries whose output is not read)."""
+        if len(values) == 0:  # nothing to copy (no token, or none read): index_select refuses an empty source
+            return values.new_zeros(self.rows * self.width, values.shape[-1])
+        if slots is None:
+            return values.index_select(0, self.source)
+        source = torch.zeros(self.rows * self.width, dtype=torch.long, device=values.device)
+        source[slots] = torch.arange(len(slots), device=values.device)
+        return values.index_select(0, source)
 
     def gather(self, packed: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Back from the packed slots (R·W, C) to every token (or to those at ``slots``), in row-major order."""
-        return packed.index_select(0, self.slots if slots is None else slots)
+        """Back from the packed slots (R·W, C) to the computed tokens (M, C), or to those at ``slots``."""
+        return packed.index_select(0, self.unique_slots if slots is None else slots)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float | None) -> torch.Tensor:
         """Multi-head attention over packed (R·W, D) queries, keys and values, heads merged: (R·W, D)."""
@@ -149,6 +185,35 @@ class Packing:
         q, k, v = (t.view(rows, width, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
         mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, scale=scale)
         return mixed.transpose(1, 2).reshape(rows * width, dim)
+
+
+def shared_prefixes(ids: torch.Tensor, positions: torch.Tensor, sequence_of: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """For each real token (``ids``, row-major, at ``positions`` of the sequences ``sequence_of``),
+    the real token that stands for it: the same token at the same position of the first sequence
+    that has the same prefix up to there. A token that stands for itself is computed.
+
+    The sequences, sorted in lexicographic order, put those that share a prefix side by side: a
+    token is new where its sequence leaves the common prefix with the one before it, and every
+    other token is the one above it. No hashing: equal prefixes are compared token by token.
+    """
+    if len(ids) == 0:
+        return ids.new_zeros(0)
+    rows, longest = len(lengths), int(lengths.max())
+    aligned = ids.new_full((rows, longest), -1)  # each sequence's tokens from the left, -1 after its end
+    aligned[sequence_of, positions] = ids
+    distinct, which = torch.unique(aligned, dim=0, return_inverse=True)  # sorted lexicographically
+    common = (distinct[1:] == distinct[:-1]).cumprod(1).sum(1)  # each one's common prefix with the one before
+    common = torch.cat([common.new_zeros(1), common])
+    order = torch.arange(len(distinct), device=ids.device)
+    new = torch.arange(longest, device=ids.device)[None, :] >= common[:, None]
+    # The run of sorted sequences that share the prefix up to each position, named by its first.
+    run = torch.where(new, order[:, None], -1).cummax(0).values
+    # The first input sequence of each distinct one, then of each run, and where its tokens start.
+    sequence = torch.full((len(distinct),), rows, dtype=torch.long, device=ids.device)
+    sequence = sequence.scatter_reduce(0, which, torch.arange(rows, device=ids.device), "amin")
+    earliest = torch.full_like(run, rows).scatter_reduce(0, run, sequence[:, None].expand_as(run), "amin")
+    begins = lengths.cumsum(0) - lengths
+    return begins[earliest[run[which[sequence_of], positions], positions]] + positions
 
 
 def pack_rows(lengths: list[int], width: int) -> tuple[list[int], int]:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from reward.trunk import last_hidden_at, pack_rows, position_ids, selects_positions
+from reward.trunk import Packing, last_hidden_at, pack_rows, position_ids, selects_positions, shared_prefixes
 
 
 def _gpt2(seed=0, **overrides):
@@ -27,10 +27,11 @@ def _reference_hidden(model, ids, mask):
                  use_cache=False).hidden_states[-1]
 
 
-def _batch(seed, rows, width, left):
-    """Random ids; each row a random length of real tokens, padded on the left or the right."""
+def _batch(seed, rows, width, left, symbols=28):
+    """Random ids; each row a random length of real tokens, padded on the left or the right. Few
+    ``symbols`` make sequences that share prefixes, or are equal."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 30, (rows, width), generator=g)
+    ids = torch.randint(2, 2 + symbols, (rows, width), generator=g)
     lengths = torch.randint(1, width + 1, (rows,), generator=g)
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     if left:
@@ -40,14 +41,15 @@ def _batch(seed, rows, width, left):
 
 @given(seed=st.integers(0, 10**6), layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]), rows=st.integers(1, 6),
        width=st.integers(1, 12), left=st.booleans(), activation=st.sampled_from(["gelu_pytorch_tanh", "gelu_new", "relu"]),
-       scaled=st.booleans(), pack_width=st.sampled_from([1, 5, 32]))
-@settings(max_examples=50, deadline=None)
+       scaled=st.booleans(), pack_width=st.sampled_from([1, 5, 32]), symbols=st.sampled_from([2, 28]))
+@settings(max_examples=60, deadline=None)
 def test_last_hidden_at_equals_the_models_forward_in_value_and_gradient(seed, layers, heads, rows, width, left, activation, scaled,
-                                                                        pack_width):
-    """``pack_width`` 1 gives a row per sequence; 5 packs short sequences together, up to several rows."""
+                                                                        pack_width, symbols):
+    """``pack_width`` 1 gives a row per sequence; 5 packs short sequences together, up to several rows.
+    Two ``symbols`` make most sequences share a prefix with another, and some of them equal."""
     model = _gpt2(seed, n_layer=layers, n_head=heads, activation_function=activation, scale_attn_weights=scaled).train()
     assert selects_positions(model)
-    ids, mask = _batch(seed, rows, width, left)
+    ids, mask = _batch(seed, rows, width, left, symbols)
     g = torch.Generator().manual_seed(seed + 1)
     keep = mask.bool() & (torch.rand(ids.shape, generator=g) < 0.5)
     weights = torch.randn(int(keep.sum()), model.config.n_embd, generator=g)
@@ -106,6 +108,61 @@ def test_pack_rows_takes_the_longest_first_into_the_fullest_row_it_fits():
     assert pack_rows([7, 9, 18, 4, 14, 9, 7], 32) == ([32 + 18, 32 + 0, 0, 2 * 32, 18, 32 + 9, 32 + 25], 3)
     # Best fit: 5 goes to the row with 6 free (13 + 13), not to the first row with room (22, 10 free).
     assert pack_rows([22, 13, 13, 5], 32) == ([0, 32, 32 + 13, 32 + 26], 2)
+
+
+def _stands_for(sequences):
+    """shared_prefixes on a list of token lists."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(n) for n in lengths.tolist()]) if len(ids) else ids
+    sequence_of = torch.arange(len(sequences)).repeat_interleave(lengths)
+    return shared_prefixes(ids, positions, sequence_of, lengths).tolist()
+
+
+def test_shared_prefixes_on_a_worked_example():
+    # The DPO pair (5 1 | 7) and (5 1 | 8) shares its prompt; (5 1 7) again is the first sequence whole;
+    # (9) and (5) share nothing with the others' first token but (5) is the first's.
+    sequences = [[5, 1, 7], [5, 1, 8], [9], [5, 1, 7], [5]]
+    #                tokens:  0 1 2      3 4 5      6      7 8 9      10
+    assert _stands_for(sequences) == [0, 1, 2, 0, 1, 5, 6, 0, 1, 2, 0]
+    assert _stands_for([[3], [], [3, 4]]) == [0, 0, 2]  # an empty sequence takes no token
+    assert _stands_for([]) == [] and _stands_for([[], []]) == []
+
+
+@given(st.lists(st.lists(st.integers(0, 2), max_size=6), max_size=12))
+def test_shared_prefixes_stand_for_the_first_sequence_with_the_same_prefix(sequences):
+    where = [(i, t) for i, s in enumerate(sequences) for t in range(len(s))]
+    stands_for = _stands_for(sequences)
+    assert len(stands_for) == len(where)
+    for n, (i, t) in enumerate(where):
+        j, u = where[stands_for[n]]
+        assert u == t and sequences[j][:t + 1] == sequences[i][:t + 1]
+        assert j == min(k for k, s in enumerate(sequences) if s[:t + 1] == sequences[i][:t + 1])
+    # As many tokens are computed as there are distinct prefixes.
+    assert sum(stands_for[n] == n for n in range(len(where))) == len({tuple(sequences[i][:t + 1]) for i, t in where})
+
+
+def test_shared_prefixes_change_nothing_but_the_work():
+    """DPO's pairs share their prompts: the same hidden states and gradients with the sharing off."""
+    model = _gpt2(5).train()
+    ids, mask = _batch(5, 4, 9, left=True, symbols=3)
+    ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])  # chosen and rejected alike up to their last token
+    ids[4:, -1] = (ids[4:, -1] + 1 - 2) % 3 + 2
+    keep = mask.bool()
+    packing = Packing(keep, ids)
+    assert not packing.shares_nothing and len(packing.unique) < int(keep.sum())
+    weights = torch.randn(int(keep.sum()), model.config.n_embd, generator=torch.Generator().manual_seed(5))
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        with mock.patch("reward.trunk.SHARE_PREFIXES", share):
+            out = last_hidden_at(model, ids, mask, keep)
+        (out * weights).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (shared, shared_grads), (alone, alone_grads) = results
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, alone_grads):
+        torch.testing.assert_close(a, b, atol=1e-5 + 1e-6 * float(b.abs().max()), rtol=1e-4)
 
 
 def test_last_hidden_at_takes_the_body_as_well_as_the_lm():
