@@ -9,9 +9,10 @@ evaluation (every call of the evaluation at a checkpoint or an extra temperature
 
 ``--cell`` matches the start of a cell's label as the run logs it (``dpo β=0.3 seed=0``);
 ``--list`` prints the preset's cells. ``--ablate`` also runs every cell without the forward's
-speed-ups, alternating with the normal run on the same upstream stages: transformers' own GPT-2
-forward instead of ``reward.trunk``'s (a batch's rows in length groups, completion-only logits),
-then one padded pass per batch, then logits over every position too.
+speed-ups, alternating with the normal run on the same upstream stages: ``reward.trunk`` with
+every shared prefix computed once per sequence, then transformers' own GPT-2 forward instead of
+``reward.trunk``'s (a batch's rows in length groups, completion-only logits), then one padded pass
+per batch, then logits over every position too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import dataclasses
 import time
 from pathlib import Path
 
-from .common import DEFAULT_CACHE, add_threads_argument, load_average, median, models_own_forward, set_threads, table, write_result
+from .common import (
+    DEFAULT_CACHE, add_threads_argument, load_average, median, models_own_forward, prefixes_unshared, set_threads, table, write_result,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,12 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     saved_overhead, saved_keeps = batching.GROUP_OVERHEAD_TOKENS, logprobs.keeps_selected_logits
 
     def set_speedups(on: str) -> None:
-        """"all": as shipped; "groups": the model's own forward in length groups, completion-only
-        logits; "logits": one padded pass per batch; "none": full logits too."""
-        batching.GROUP_OVERHEAD_TOKENS = saved_overhead if on in ("all", "groups") else 10**9
+        """"all": as shipped; "unshared": shared prefixes computed for each sequence; "groups": the
+        model's own forward in length groups, completion-only logits; "logits": one padded pass per
+        batch; "none": full logits too."""
+        batching.GROUP_OVERHEAD_TOKENS = saved_overhead if on in ("all", "unshared", "groups") else 10**9
         logprobs.keeps_selected_logits = (lambda model: False) if on == "none" else saved_keeps
 
-    variants = [("current", "all"), ("own forward, length groups", "groups"), ("own forward, one pass", "logits"),
+    variants = [("current", "all"), ("prefixes unshared", "unshared"), ("own forward, length groups", "groups"), ("own forward, one pass", "logits"),
                 ("own forward, one pass, full logits", "none")] if args.ablate else [("current", "all")]
     rows = []
     for cell in chosen:
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                 # A fresh run each time: with the cache off, a run builds each stage once.
                 uncached = dataclasses.replace(bench, use_cache=False, started=0.0)
                 wall, cpu = time.perf_counter(), time.process_time()
-                with contextlib.nullcontext() if on == "all" else models_own_forward():
+                ablation = {"all": contextlib.nullcontext, "unshared": prefixes_unshared}.get(on, models_own_forward)
+                with ablation():
                     run_cell(uncached, cell, up)
                 runs[name]["wall"].append(time.perf_counter() - wall)
                 runs[name]["cpu"].append(time.process_time() - cpu)

@@ -166,6 +166,21 @@ def quiet_transformers() -> None:
 
 
 @contextmanager
+def prefixes_unshared() -> Iterator[None]:
+    """``reward.trunk`` computing every real token, a prefix shared by several sequences once for
+    each (``SHARE_PREFIXES`` off): the ablation of the shared prefixes in ``benchmarks.cell`` and
+    ``benchmarks.grouping``."""
+    import reward.trunk as trunk
+
+    saved = trunk.SHARE_PREFIXES
+    trunk.SHARE_PREFIXES = False
+    try:
+        yield
+    finally:
+        trunk.SHARE_PREFIXES = saved
+
+
+@contextmanager
 def models_own_forward() -> Iterator[None]:
     """GPT-2 through transformers' own forward, as every other model runs (a batch's rows in length
     groups, completion-only logits), instead of ``reward.trunk``'s packed real tokens: the ablation

@@ -1,14 +1,17 @@
 """How many forward passes a batch should be split into: DPO step time against the per-pass
 overhead that :func:`reward.batching.length_groups` charges (``GROUP_OVERHEAD_TOKENS``), and
-against GPT-2's packed forward (``reward.trunk``), which computes no padding in one pass.
+against GPT-2's packed forward (``reward.trunk``), which computes no padding in one pass, and
+a pair's shared prompt once.
 
 A DPO step on the train pairs in plain (not length-grouped) order, 64 pairs per step, the
 ``quick`` fixture's SFT model, 1 thread; each setting runs the same batches, interleaved, and
 reports the median step and the padding computed. The overheads run transformers' own forward,
 as every model but GPT-2 does; ``inf`` is one padded pass per batch (no grouping); ``packed`` is
-what GPT-2 runs. The completion-only logits are on in every setting.
+what GPT-2 runs; ``unshared`` is the same with every shared prefix computed once per sequence.
+The completion-only logits are on in every setting. ``computed_per_real`` counts the tokens
+computed per real token (padding raises it; shared prefixes lower it).
 
-    python -m benchmarks.grouping [--overheads packed 0 64 128 256 512 inf] [--steps 20] [--repeats 3]
+    python -m benchmarks.grouping [--overheads packed unshared 0 64 128 256 512 inf] [--steps 20] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ import time
 
 import torch
 
-from .common import add_threads_argument, fixture, interleave, load_average, median, models_own_forward, set_threads, table, write_result
+from .common import (
+    add_threads_argument, fixture, interleave, load_average, median, models_own_forward, prefixes_unshared, set_threads, table,
+    write_result,
+)
+
+PACKED = ("packed", "unshared")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--overheads", nargs="+", default=["packed", "0", "64", "128", "256", "512", "inf"])
+    p.add_argument("--overheads", nargs="+", default=["packed", "unshared", "0", "64", "128", "256", "512", "inf"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
@@ -45,22 +53,28 @@ def main(argv: list[str] | None = None) -> None:
         pair = concat_batches(fx.prefs.chosen.select(idx), fx.prefs.rejected.select(idx), pad).trim()
         batches.append((pair, fx.prefs.ref_chosen_logps[idx], fx.prefs.ref_rejected_logps[idx]))
 
-    def padded_share(overhead: float | str) -> float:
-        if overhead == "packed":
-            return 0.0
+    def computed_per_real(overhead: float | str) -> float:
+        """Tokens computed per real token: padding included, shared prefixes once when packed."""
+        from reward.trunk import Packing
+
         computed = real = 0
         for pair, _, _ in batches:
             lengths = pair.attention_mask.sum(-1)
-            groups = [list(range(len(pair)))] if overhead == float("inf") else batching.length_groups(lengths, int(overhead))
-            computed += sum(len(g) * int(lengths[g].max()) for g in groups)
             real += int(lengths.sum())
-        return 1 - real / computed
+            if overhead == "packed":
+                computed += len(Packing(pair.attention_mask.bool(), pair.input_ids).unique)
+            elif overhead == "unshared":
+                computed += int(lengths.sum())
+            else:
+                groups = [list(range(len(pair)))] if overhead == float("inf") else batching.length_groups(lengths, int(overhead))
+                computed += sum(len(g) * int(lengths[g].max()) for g in groups)
+        return computed / real
 
     def side(overhead: float | str):
         def run() -> float:
             if overhead == "packed":
                 return steps()
-            with models_own_forward():
+            with prefixes_unshared() if overhead == "unshared" else models_own_forward():
                 return steps()
 
         def steps() -> float:
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 q.requires_grad_(True)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
             saved = batching.GROUP_OVERHEAD_TOKENS
-            if overhead != "packed":
+            if overhead not in PACKED:
                 batching.GROUP_OVERHEAD_TOKENS = 10**9 if overhead == float("inf") else int(overhead)
             times = []
             try:
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             return median(times[2:])
         return run
 
-    overheads = [o if o == "packed" else float(o) for o in args.overheads]
+    overheads = [o if o in PACKED else float(o) for o in args.overheads]
     loads = [load_average()[0]]
     results = interleave({str(o): side(o) for o in overheads}, args.repeats)
     loads.append(load_average()[0])
@@ -94,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for o in overheads:
         ms = 1000 * median(results[str(o)])
-        label = o if o == "packed" else "inf (one pass)" if o == float("inf") else int(o)
+        label = o if o in PACKED else "inf (one pass)" if o == float("inf") else int(o)
         rows.append({"overhead_tokens": label, "step_ms": ms,
-                     "padding_share": padded_share(o), "speedup_vs_one_pass": (1000 * base / ms) if base else float("nan")})
-    print(table(rows, ["overhead_tokens", "step_ms", "padding_share", "speedup_vs_one_pass"]))
+                     "computed_per_real": computed_per_real(o), "speedup_vs_one_pass": (1000 * base / ms) if base else float("nan")})
+    print(table(rows, ["overhead_tokens", "step_ms", "computed_per_real", "speedup_vs_one_pass"]))
     path = write_result("grouping", {"threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
                                      "batch_pairs": n, "load": loads, "rows": rows, "raw": results})
     print(f"wrote {path}")
