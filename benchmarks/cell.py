@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         batching.GROUP_OVERHEAD_TOKENS = saved_overhead if on in ("all", "unshared", "groups") else 10**9
         logprobs.keeps_selected_logits = (lambda model: False) if on == "none" else saved_keeps
 
-    variants = [("current", "all"), ("prefixes unshared", "unshared"), ("own forward, length groups", "groups"), ("own forward, one pass", "logits"),
-                ("own forward, one pass, full logits", "none")] if args.ablate else [("current", "all")]
+    variants = [("current", "all"), ("prefixes unshared", "unshared"), ("own forward, length groups", "groups"),
+                ("own forward, one pass", "logits"), ("own forward, one pass, full logits", "none")] if args.ablate else [("current", "all")]
     rows = []
     for cell in chosen:
         up = upstream_for(cell, stages)

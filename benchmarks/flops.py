@@ -12,8 +12,8 @@ and the copies of shared tokens included); the last block's keys and values (4·
 computed token, its queries, output projection and MLP (20·d²) only where its output is read, and
 the LM head at every position read: where a completion token is predicted, or for the reward
 model at one position per row and without the LM head. "useful share" is the part of those FLOPs
-a padding-free attention over each computed token's own sequence would need. Sampling with a KV cache costs one token's forward per step,
-attending over the cache.
+a padding-free attention over each computed token's own sequence would need. Sampling with a KV
+cache costs one token's forward per step, attending over the cache.
 
 Rates use process CPU time at 1 thread, so other processes on the cores distort them little;
 the ceiling is a 2048 x 2048 float32 ``torch.mm`` at the same thread count.

@@ -5,7 +5,7 @@ a pair's shared prompt once.
 
 A DPO step on the train pairs in plain (not length-grouped) order, 64 pairs per step, the
 ``quick`` fixture's SFT model, 1 thread; each setting runs the same batches, interleaved, and
-reports the median step and the padding computed. The overheads run transformers' own forward,
+reports the median step and the tokens computed. The overheads run transformers' own forward,
 as every model but GPT-2 does; ``inf`` is one padded pass per batch (no grouping); ``packed`` is
 what GPT-2 runs; ``unshared`` is the same with every shared prefix computed once per sequence.
 The completion-only logits are on in every setting. ``computed_per_real`` counts the tokens
