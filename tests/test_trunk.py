@@ -120,8 +120,8 @@ def _stands_for(sequences):
 
 
 def test_shared_prefixes_on_a_worked_example():
-    # The DPO pair (5 1 | 7) and (5 1 | 8) shares its prompt; (5 1 7) again is the first sequence whole;
-    # (9) and (5) share nothing with the others' first token but (5) is the first's.
+    # The DPO pair (5 1 | 7) and (5 1 | 8) shares its prompt; (5 1 7) again is the first sequence
+    # whole; (9) shares nothing; (5) is the first sequence's first token.
     sequences = [[5, 1, 7], [5, 1, 8], [9], [5, 1, 7], [5]]
     #                tokens:  0 1 2      3 4 5      6      7 8 9      10
     assert _stands_for(sequences) == [0, 1, 2, 0, 1, 5, 6, 0, 1, 2, 0]
