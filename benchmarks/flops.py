@@ -63,13 +63,21 @@ def packed_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
     packing = Packing(attention_mask.bool(), input_ids)
     slots, width = packing.rows * packing.width, packing.width
     own = lengths.repeat_interleave(lengths)[packing.unique]  # each computed token's sequence length
-    read = packing.node[keep.flatten()[packing.tokens].nonzero().squeeze(1)]
-    n_read, n_kept = len(read.unique()), len(read)
-    computed = len(packing.unique) * ((layers - 1) * 24 * d * d + 4 * d * d) + n_read * 20 * d * d + layers * slots * 4 * width * d
+    kept = packing.node[keep.flatten()[packing.tokens].nonzero().squeeze(1)]
+    read = kept.unique()  # the computed tokens whose output is read
+    computed = len(packing.unique) * ((layers - 1) * 24 * d * d + 4 * d * d) + len(read) * 20 * d * d + layers * slots * 4 * width * d
     useful = (float(((layers - 1) * (24 * d * d + 4 * own * d) + 4 * d * d).sum())
-              + float((20 * d * d + 4 * own[read.unique()] * d).sum()))
-    head = n_kept * 2 * d * vocab if lm_head else 0
+              + float((20 * d * d + 4 * own[read] * d).sum()))
+    head = len(kept) * 2 * d * vocab if lm_head else 0
     return computed + head, useful + head
+
+
+def computed_share(batch) -> str:
+    """The share of a batch's real tokens that ``reward.trunk`` computes (each shared prefix once)."""
+    from reward.trunk import Packing
+
+    packing = Packing(batch.attention_mask.bool(), batch.input_ids)
+    return f"computes {len(packing.unique) / len(packing.tokens):.0%} of its real tokens"
 
 
 def predicts_completion(batch) -> torch.Tensor:
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
 
-    record("SFT step (64 sequences)", *step_flops(sft_batch), sft_step, f"padded T={sft_batch.input_ids.shape[1]}")
+    record("SFT step (64 sequences)", *step_flops(sft_batch), sft_step,
+           f"padded T={sft_batch.input_ids.shape[1]}; {computed_share(sft_batch)}")
 
     # DPO: 64 pairs, chosen and rejected in one forward.
     idx = torch.arange(64)
@@ -198,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
 
-    record("DPO step (64 pairs)", *step_flops(pair_batch), dpo_step, f"padded T={pair_batch.input_ids.shape[1]}")
+    record("DPO step (64 pairs)", *step_flops(pair_batch), dpo_step,
+           f"padded T={pair_batch.input_ids.shape[1]}; {computed_share(pair_batch)}")
     breakdown, mm_rate = op_breakdown(dpo_step) if args.profile else ([], float("nan"))
 
     # Reward model: the same 64 pairs; the trunk's output at one position per row, no LM head.

@@ -8,8 +8,8 @@ projection and MLP, five sixths of its matmuls, are needed only at the positions
 On the 2-layer GPT-2 of the benchmarks that takes a quarter of the FLOPs out of a DPO step and two
 fifths out of a reward-model step (``python -m benchmarks.flops``).
 
-Nor does padding cost anything: every operation but attention is per token and runs on the (N, D)
-real tokens of the batch; attention runs on the sequences packed several to a row
+Nor does padding cost anything: every operation but attention is per token and runs on the real
+tokens of the batch alone; attention runs on the sequences packed several to a row
 (:class:`Packing`). A batch of rows of very different lengths is one pass, not several. Nor is a
 prefix that several sequences share computed more than once: a token's hidden states depend only
 on the tokens up to it, so a DPO pair's prompt, or the opening words two sentences have in common,
@@ -139,12 +139,13 @@ class Packing:
         sequence_of = torch.arange(real.shape[0], device=device).repeat_interleave(lengths)
         self.slots = torch.tensor(start, dtype=torch.long, device=device)[sequence_of] + self.positions  # (N,) its packed slot
         ids = input_ids.flatten()[self.tokens]
-        stands_for = shared_prefixes(ids, self.positions, sequence_of, lengths) if SHARE_PREFIXES else None
-        self.shares_nothing = stands_for is None or bool((stands_for == torch.arange(len(ids), device=device)).all())
+        itself = torch.arange(len(ids), device=device)
+        stands_for = shared_prefixes(ids, self.positions, sequence_of, lengths) if SHARE_PREFIXES else itself
+        self.unique = (stands_for == itself).nonzero().squeeze(1)  # (M,) the tokens computed
+        self.shares_nothing = len(self.unique) == len(ids)
         if self.shares_nothing:
-            self.unique = self.node = torch.arange(len(ids), device=device)
+            self.unique = self.node = itself
         else:
-            self.unique = (stands_for == torch.arange(len(ids), device=device)).nonzero().squeeze(1)  # (M,) the tokens computed
             index = torch.empty_like(stands_for)
             index[self.unique] = torch.arange(len(self.unique), device=device)
             self.node = index[stands_for]  # (N,) which of the M computed tokens each real token is
