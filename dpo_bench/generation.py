@@ -6,6 +6,7 @@ forward only the new token is fed, with the cache the model returned.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,6 +54,19 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The name of the forward argument that takes the KV cache: ``cache`` in transformers 5.24 and
+    later (and :class:`~dpo_bench.policy.TabularLM`), where ``past_key_values`` is deprecated (a
+    FutureWarning, and an error from 5.40); ``past_key_values`` before that."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out) -> object:
+    """The KV cache a forward returned, under either name (see :func:`cache_keyword`); None if none."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 @torch.no_grad()
 def _sample_batch(
     model: nn.Module,
@@ -71,9 +85,10 @@ def _sample_batch(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new_tokens = []
     feed, past = ids, None
+    keyword = cache_keyword(model)
     for _ in range(max_new_tokens):
         pos = position_ids(mask)[:, -feed.shape[1]:]
-        out = model(input_ids=feed, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        out = model(input_ids=feed, attention_mask=mask, position_ids=pos, use_cache=True, **{keyword: past})
         logits = out.logits[:, -1].float()
         if temperature == 0:
             token = logits.argmax(-1)
@@ -84,7 +99,7 @@ def _sample_batch(
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
         if eos_id is not None:
             done = done | (token == eos_id)
-        past = out.past_key_values
+        past = returned_cache(out)
         feed = token[:, None] if past is not None else torch.cat([ids, torch.stack(new_tokens, 1)], 1)
         if bool(done.all()):
             break

@@ -1,8 +1,9 @@
 """Building policies and references: devices, seeds, the GPT-2 policy, the tabular policy, checkpoints.
 
 A policy is any causal language model whose ``forward(input_ids, attention_mask, position_ids,
-past_key_values, use_cache, output_hidden_states)`` returns an object with ``logits`` (B, T, V),
-``past_key_values`` and, when asked, ``hidden_states``. GPT-2 from transformers is one; the
+cache, use_cache, output_hidden_states)`` returns an object with ``logits`` (B, T, V), ``cache``
+and, when asked, ``hidden_states``; or, as in transformers before 5.24, with ``past_key_values``
+in place of ``cache``, both in and out (``dpo_bench.generation.cache_keyword``). GPT-2 from transformers is one; the
 :class:`TabularLM` of the exact bandit task is another, so every method runs unchanged on both.
 """
 
@@ -122,7 +123,7 @@ class TabularLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
         **_: object,
@@ -134,7 +135,7 @@ class TabularLM(nn.Module):
             pair = previous * self.vocab_size + input_ids
             hidden = (nn.functional.one_hot(pair, self.vocab_size * self.vocab_size).to(self.table.dtype),)
         # A table needs no cache; an empty tuple tells the sampler to feed only the new token.
-        return SimpleNamespace(logits=logits, past_key_values=(), hidden_states=hidden)
+        return SimpleNamespace(logits=logits, cache=(), hidden_states=hidden)
 
     def probabilities(self, context_ids: torch.Tensor) -> torch.Tensor:
         """π(·|x) for each context token id, shape (n_contexts, vocab), in float64 for exact quantities."""

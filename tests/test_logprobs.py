@@ -234,3 +234,33 @@ def test_ppo_log_probs_and_values_in_length_groups_match_one_padded_pass(monkeyp
     assert torch.allclose(logps, whole_logps, atol=1e-5)
     # Values count only on completion tokens (GAE and the value loss mask the rest).
     assert torch.allclose(values[mask], whole_values[mask], atol=1e-5)
+
+
+def test_sampling_passes_the_cache_under_the_name_the_model_takes():
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache``; the old name warns,
+    and goes in 5.40. Models of either kind sample the same tokens, with no warning."""
+    import warnings
+
+    from dpo_bench.generation import cache_keyword
+
+    model = _model(2)
+
+    class OldNames(torch.nn.Module):  # the forward of transformers before 5.24
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=use_cache, **{cache_keyword(self.inner): past_key_values})
+            cache = getattr(out, "cache", None)
+            return type("Out", (), {"logits": out.logits, "past_key_values": cache if cache is not None else out.past_key_values})
+
+    old = OldNames()
+    assert cache_keyword(old) == "past_key_values"
+    assert cache_keyword(TabularLM(4, torch.ones(4, 4))) == "cache"
+    kwargs = dict(max_new_tokens=8, eos_id=None, pad_id=0, temperature=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        new = sample(model, [[1, 4, 5], [2]], generator=torch.Generator(), **kwargs)
+    assert sample(old, [[1, 4, 5], [2]], generator=torch.Generator(), **kwargs).completion_ids == new.completion_ids
