@@ -181,6 +181,24 @@ def prefixes_unshared() -> Iterator[None]:
 
 
 @contextmanager
+def shards_in(where: str) -> Iterator[None]:
+    """Where a step's shards after the first run: ``processes``, in shard workers
+    (``dpo_bench.shard_workers``) started before the first step and waited for, so that every
+    timed step is one of theirs (the SFT stage starts them after its probe steps, and runs in
+    threads while they start); ``threads``, in threads, as before the workers."""
+    import dpo_bench.shard_workers as workers
+    import dpo_bench.training as training
+
+    saved = training.SHARD_WORKERS_AFTER_SECONDS, training.WAIT_FOR_SHARD_WORKERS, workers.USE_PROCESSES
+    training.SHARD_WORKERS_AFTER_SECONDS, training.WAIT_FOR_SHARD_WORKERS = 0.0, True
+    workers.USE_PROCESSES = where == "processes"
+    try:
+        yield
+    finally:
+        training.SHARD_WORKERS_AFTER_SECONDS, training.WAIT_FOR_SHARD_WORKERS, workers.USE_PROCESSES = saved
+
+
+@contextmanager
 def models_own_forward() -> Iterator[None]:
     """GPT-2 through transformers' own forward, as every other model runs (a batch's rows in length
     groups, completion-only logits), instead of ``reward.trunk``'s packed real tokens: the ablation

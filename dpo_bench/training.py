@@ -3,11 +3,13 @@ checkpoint schedule and the training log."""
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +20,9 @@ from reward.train import adamw, minibatches
 
 from .configs import field as cfield
 from .configs import non_negative, positive
+from .shard_workers import Part, ShardWorkers, WorkerStartError, part_gradient
 
+log = logging.getLogger(__name__)
 
 CheckpointFn = Callable[[int, nn.Module], None]
 
@@ -145,18 +149,40 @@ def draws_random_numbers(model: nn.Module) -> bool:
     return any(isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) > 0 for key in DROPOUT_CONFIG_KEYS)
 
 
+# Shard worker processes (dpo_bench.shard_workers) start when the steps left would take longer
+# than this in threads, judged from the first SHARD_PROBE_STEPS steps (a worker takes a few seconds
+# to start, on a core the threads would use); they take parts from the first step after they are up.
+SHARD_WORKERS_AFTER_SECONDS = 10.0
+SHARD_PROBE_STEPS = 10
+# Whether a step waits for workers that are starting instead of running in threads meanwhile:
+# benchmarks and tests set it (with SHARD_WORKERS_AFTER_SECONDS = 0) to time or test the workers alone.
+WAIT_FOR_SHARD_WORKERS = False
+
+
+class Job(NamedTuple):
+    """One part of a step's micro-batch: its items and their share of the batch."""
+
+    step: int
+    part: torch.Tensor
+    weight: float
+    in_place: bool  # the micro-batch's only part: its gradient goes straight into .grad
+
+
 class ShardRunner:
-    """Runs a step's shards: at once on ``threads`` threads, or in turn.
+    """Runs a step's shards: at once, in worker processes or threads, or in turn.
 
     Each shard's gradient is its own ``torch.autograd.grad``, and the step sums them in shard
-    order, so the result does not depend on how many ran at once. Concurrency needs the GIL-free
-    CPU kernels of torch and no shared random stream: a model that draws random numbers in its
-    forward (dropout) runs its shards in turn, as does one on an accelerator.
+    order, so the result does not depend on how many ran at once, nor where. Concurrency needs the
+    GIL-free CPU kernels of torch and no shared random stream: a model that draws random numbers in
+    its forward (dropout) runs its shards in turn, as does one on an accelerator.
 
     The process's torch threads are split between the shards running at once: one each on a
     2-core machine with 2 shards (the step's ops are then never split across cores, and the
     weights are bit-identical to the shards run in turn on one thread), several each on a
     machine with more cores, where a larger model's matmuls gain from them.
+
+    With :meth:`start_workers`, the shards after the first run in worker processes
+    (:mod:`dpo_bench.shard_workers`: no GIL between them) once the workers are up; in threads until then.
     """
 
     def __init__(self, threads: int):
@@ -166,6 +192,7 @@ class ShardRunner:
         self._pool = ThreadPoolExecutor(
             threads, thread_name_prefix="shard", initializer=torch.set_num_threads, initargs=(self.threads_each,),
         ) if threads > 1 else None
+        self.workers: ShardWorkers | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, shards: int, device: torch.device) -> "ShardRunner":
@@ -173,18 +200,40 @@ class ShardRunner:
             return cls(1)
         return cls(min(shards, torch.get_num_threads()))
 
+    def start_workers(self, loss_fn: Callable, params: Sequence[torch.Tensor]) -> None:
+        """Worker processes for the shards after the first, if they can serve ``loss_fn`` here."""
+        if self._pool is not None and self.workers is None:
+            self.workers = ShardWorkers.start(loss_fn, params, self.threads - 1, self.threads_each)
+
     def map(self, fn: Callable, items: Sequence) -> list:
         if self._pool is None:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
 
+    def gradients(self, run_part: Callable[[Job], Part], jobs: Sequence[Job]) -> list[Part]:
+        """``run_part`` of each job, in job order: the first in this thread and the others in the
+        workers when they are up and there is one for each, else at once in threads."""
+        if self.workers is not None and len(jobs) == self.workers.count + 1 and self._workers_up():
+            return self.workers.run(lambda: run_part(jobs[0]), [(job.part, job.weight) for job in jobs[1:]])
+        return self.map(run_part, jobs)
+
+    def _workers_up(self) -> bool:
+        try:
+            return self.workers.ready(wait=WAIT_FOR_SHARD_WORKERS)
+        except WorkerStartError as e:
+            log.warning("a shard worker failed to start; the shards run in threads: %s", e)
+            self.workers.close()
+            self.workers = None
+            return False
+
     @contextmanager
     def step(self) -> Iterator[None]:
         """A training step's span: while shards run at once, this thread's own torch work (summing
-        the gradients, clipping, the optimiser) runs on a shard's share of the threads too (one on
-        2 cores). With ``OMP_WAIT_POLICY=PASSIVE`` a second OpenMP thread sleeps between parallel
-        regions, and waking it for each small op made them slower: AdamW took 2.4 ms per step on 2
-        threads against 0.33 ms on 1 (the sentiment task's GPT-2, an ad hoc timing)."""
+        the gradients, clipping, the optimiser, and its own shard beside the workers') runs on a
+        shard's share of the threads too (one on 2 cores). With ``OMP_WAIT_POLICY=PASSIVE`` a second
+        OpenMP thread sleeps between parallel regions, and waking it for each small op made them
+        slower: AdamW took 2.4 ms per step on 2 threads against 0.33 ms on 1 (the sentiment task's
+        GPT-2, an ad hoc timing)."""
         if self._pool is None:
             yield
             return
@@ -196,6 +245,9 @@ class ShardRunner:
             torch.set_num_threads(self._own_threads)
 
     def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
         if self._pool is not None:
             self._pool.shutdown()
 
@@ -239,19 +291,18 @@ def optimise(
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     runner = ShardRunner.for_model(model, config.shards, device)
+    # When to decide on shard worker processes: after the probe steps, or at once.
+    decide_at = 1 if SHARD_WORKERS_AFTER_SECONDS <= 0 else 2 + SHARD_PROBE_STEPS
+    probe_start = 0.0
 
-    def run_part(job: tuple[int, torch.Tensor, float, bool]):
+    def run_part(job: Job) -> Part:
         """One part's loss and metrics, and its weighted gradient: into ``.grad`` when it is the
         micro-batch's only part (``in_place``), else returned, for the step to sum in order."""
-        step, part, weight, in_place = job
-        part_loss, part_metrics = loss_fn(part)
-        check_finite(part_loss, label, step, log)
-        if in_place:
-            (part_loss * weight).backward()
-            grads = ()
-        else:
-            grads = torch.autograd.grad(part_loss * weight, params, allow_unused=True)
-        return part_loss.detach().cpu(), part_metrics, grads, weight
+        if not job.in_place:
+            return part_gradient(loss_fn, params, job.part, job.weight)
+        part_loss, part_metrics = loss_fn(job.part)
+        (part_loss * job.weight).backward()
+        return part_loss.detach().cpu(), part_metrics, ()
 
     def batch_gradients(step: int, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The batch's gradient into ``.grad``; returns its loss and metrics. Each part is weighted
@@ -264,19 +315,27 @@ def optimise(
         loss, metrics = torch.zeros(()), {}
         for micro in idx.chunk(config.accumulation_steps):
             parts = shard_indices(micro, config.shards, lengths)
-            jobs = [(step, part, share(part), len(parts) == 1) for part in parts]
-            results = [run_part(jobs[0])] if len(jobs) == 1 else runner.map(run_part, jobs)
-            for part_loss, part_metrics, grads, weight in results:  # in part order, whichever finished first
+            jobs = [Job(step, part, share(part), len(parts) == 1) for part in parts]
+            results = [run_part(jobs[0])] if len(jobs) == 1 else runner.gradients(run_part, jobs)
+            for job, (part_loss, part_metrics, grads) in zip(jobs, results):  # in part order, whichever finished first
+                check_finite(part_loss, label, step, log)
                 for p, g in zip(params, grads):
                     if g is not None:
-                        p.grad = g if p.grad is None else p.grad + g
-                loss = loss + part_loss * weight
+                        # A worker's gradient is its shared buffer, which its next part overwrites: copied.
+                        p.grad = (g.clone() if g.is_shared() else g) if p.grad is None else p.grad + g
+                loss = loss + part_loss * job.weight
                 for k, v in part_metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + v * weight
+                    metrics[k] = metrics.get(k, 0.0) + v * job.weight
         return loss, metrics
 
     try:
         for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
+            if step == 2:
+                probe_start = time.perf_counter()  # the first step warms up
+            if step == decide_at and runner.threads > 1:
+                each = (time.perf_counter() - probe_start) / SHARD_PROBE_STEPS if step > 1 else math.inf
+                if (config.steps - step + 1) * each > SHARD_WORKERS_AFTER_SECONDS:
+                    runner.start_workers(loss_fn, params)
             with runner.step():
                 idx = next(batches)
                 optimizer.zero_grad(set_to_none=True)

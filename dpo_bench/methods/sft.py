@@ -42,6 +42,23 @@ def sft_loss(model: nn.Module, batch) -> torch.Tensor:
     return -logps.sum() / n_tokens
 
 
+@dataclass(frozen=True, eq=False)
+class SFTBatchLoss:
+    """SFT's loss on the items ``idx``: a class, not a closure, so that it pickles and a step's
+    shards can run in worker processes (:mod:`dpo_bench.shard_workers`)."""
+
+    model: nn.Module
+    prompts: Sequence[Sequence[int]]
+    completions: Sequence[Sequence[int]]
+    pad_id: int
+    device: torch.device
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        idx = idx.tolist()
+        batch = collate([self.prompts[i] for i in idx], [self.completions[i] for i in idx], self.pad_id).to(self.device)
+        return sft_loss(self.model, batch), {}
+
+
 def supervised_finetune(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -57,13 +74,7 @@ def supervised_finetune(
     progress: bool = True,
 ) -> nn.Module:
     """Train ``model`` in place to maximise log p(completion | prompt); returns it."""
-    device = next(model.parameters()).device
-
-    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        idx = idx.tolist()
-        batch = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id).to(device)
-        return sft_loss(model, batch), {}
-
+    loss_fn = SFTBatchLoss(model, prompts, completions, pad_id, next(model.parameters()).device)
     return optimise(
         model, config, loss_fn, n_items=len(prompts), generator=generator, log=log, label=label, progress=progress,
         checkpoint=checkpoint, n_checkpoints=n_checkpoints, weight_decay=config.weight_decay, log_every=10,
