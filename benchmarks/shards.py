@@ -2,12 +2,15 @@
 
 ``supervised_finetune`` on a preset's corpus (``default``: the stage ``make bench`` runs first,
 alone on the machine), length-grouped batches of 64 as in the stage, from the task's fresh model.
-Settings alternate repeat by repeat; each run reports its mean step over ``--steps`` steps
-(warm-up included: the first steps are no slower), and the table the median over runs.
+Settings alternate repeat by repeat; each run reports its median step over ``--steps`` steps
+(the first two left out: warm-up, and the start of a shard worker), and the table the median over
+runs.
 
 - ``1 shard, 1 thread``: one pass per batch, one torch thread;
 - ``1 shard, 2 threads``: one pass on two intra-op threads (the stage before shards);
-- ``2 shards, 2 threads``: the stage now: two shards at once, one torch thread each;
+- ``2 shards, 2 threads``: two shards at once in two threads, one torch thread each (the stage
+  while its shard worker starts, or where none can);
+- ``2 shards, 2 processes``: the stage once its worker is up: the second shard in a worker process;
 - ``2 shards, 1 thread``: the same shards in turn (what a one-core machine runs).
 
     python -m benchmarks.shards [--preset default] [--steps 100] [--repeats 5]
@@ -20,13 +23,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 
 import torch
 
-from .common import fixture, interleave, load_average, median, table, write_result
+from .common import StepClock, fixture, interleave, load_average, median, shards_in, table, write_result
+from .trl_support import ticking_optimiser_steps
 
-SETTINGS = {"1 shard, 1 thread": (1, 1), "1 shard, 2 threads": (1, 2), "2 shards, 2 threads": (2, 2), "2 shards, 1 thread": (2, 1)}
+# shards, torch threads, where the second shard runs
+SETTINGS = {"1 shard, 1 thread": (1, 1, "threads"), "1 shard, 2 threads": (1, 2, "threads"), "2 shards, 2 threads": (2, 2, "threads"),
+            "2 shards, 2 processes": (2, 2, "processes"), "2 shards, 1 thread": (2, 1, "threads")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,13 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     loads = [load_average()[0]]
 
     def run(name: str) -> float:
-        shards, threads = SETTINGS[name]
+        shards, threads, where = SETTINGS[name]
         torch.set_num_threads(threads)
         model = copy.deepcopy(init)
-        start = time.perf_counter()
-        supervised_finetune(model, prompts, completions, SFTConfig(steps=args.steps, shards=shards), pad_id=fx.task.pad_id,
-                            generator=torch.Generator().manual_seed(0), log=TrainLog(), progress=False)
-        seconds = (time.perf_counter() - start) / args.steps
+        clock = StepClock()
+        with ticking_optimiser_steps(clock), shards_in(where):
+            supervised_finetune(model, prompts, completions, SFTConfig(steps=args.steps, shards=shards), pad_id=fx.task.pad_id,
+                                generator=torch.Generator().manual_seed(0), log=TrainLog(), progress=False)
+        seconds = median(clock.step_times())
         torch.set_num_threads(own_threads)
         final[name] = model
         loads.append(load_average()[0])
@@ -68,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     def same(a: str, b: str) -> bool:
         return all(torch.equal(x, y) for x, y in zip(final[a].parameters(), final[b].parameters()))
 
-    identical = same("2 shards, 2 threads", "2 shards, 1 thread")
-    print(f"2 shards at once and in turn give identical weights: {identical}; "
+    identical = same("2 shards, 2 threads", "2 shards, 1 thread") and same("2 shards, 2 processes", "2 shards, 1 thread")
+    print(f"2 shards at once (threads, processes) and in turn give identical weights: {identical}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average {min(loads):.2f}-{max(loads):.2f}")
     path = write_result("shards", {"config": vars(args), "rows": rows, "step_seconds": step_s, "identical_weights": identical,
                                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_range": [min(loads), max(loads)]})

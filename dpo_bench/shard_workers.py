@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import time
 import traceback
 from typing import Callable, Sequence
 
@@ -85,6 +86,7 @@ class ShardWorkers:
         self.count = count
         self._ready = [False] * count
         self.pids: list[int] = []
+        self._started = time.perf_counter()
         context = mp.get_context("spawn")  # fork copies the threads' locks in whatever state they are
         for p in self.params:
             p.share_memory_()
@@ -124,6 +126,9 @@ class ShardWorkers:
                     self._receive(i)
                 except RuntimeError as e:
                     raise WorkerStartError(str(e)) from e
+                if all(self._ready):
+                    log.info("%d shard worker process%s up after %.1f s", self.count, "es" * (self.count > 1),
+                             time.perf_counter() - self._started)
         return all(self._ready)
 
     def run(self, own: Callable[[], Part], parts: Sequence[tuple[torch.Tensor, float]]) -> list[Part]:
