@@ -30,8 +30,10 @@ import logging
 import multiprocessing
 import os
 import pickle
+import threading
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Sequence
 
 import torch
@@ -52,9 +54,11 @@ def part_gradient(loss_fn: Callable, params: Sequence[torch.Tensor], part: torch
     return loss.detach().cpu(), metrics, grads
 
 
-def _serve(conn, loss_fn: Callable, params: list[torch.Tensor], buffers: list[torch.Tensor], threads: int) -> None:
-    """A worker's loop: a part in, its gradient into ``buffers`` and its loss out, until None or EOF."""
+def _serve(conn, threads: int) -> None:
+    """A worker: the loss, the parameters in it and the gradient buffers in; then its loop, a part in,
+    its gradient into the buffers and its loss out, until None or EOF."""
     torch.set_num_threads(threads)
+    loss_fn, params, buffers = conn.recv()
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -74,6 +78,13 @@ def _serve(conn, loss_fn: Callable, params: list[torch.Tensor], buffers: list[to
             conn.send(("error", traceback.format_exc()))
 
 
+def _send(conn, payload: bytes) -> None:
+    try:
+        conn.send_bytes(payload)
+    except OSError:  # the worker died or was stopped while starting: ready() or close() tells
+        pass
+
+
 class WorkerStartError(RuntimeError):
     """A shard worker died before it was ready (it could not unpickle the loss, say)."""
 
@@ -91,16 +102,20 @@ class ShardWorkers:
         for p in self.params:
             p.share_memory_()
         self._buffers = [[torch.empty_like(p).share_memory_() for p in self.params] for _ in range(count)]
+        # Pickled here, between steps (a loss that does not pickle fails now, before any process
+        # starts), and sent from a thread: a worker reads it only once it has imported torch and
+        # the rest, seconds during which this process trains on.
+        payloads = [ForkingPickler.dumps((loss_fn, self.params, buffers)) for buffers in self._buffers]
         self._conns, self._procs = [], []
         try:
-            for buffers in self._buffers:
+            for payload in payloads:
                 ours, theirs = context.Pipe()
-                proc = context.Process(target=_serve, args=(theirs, loss_fn, self.params, buffers, threads),
-                                       name="shard-worker", daemon=True)
-                proc.start()  # pickles the loss, the model in it, here: a loss that does not pickle fails now
+                proc = context.Process(target=_serve, args=(theirs, threads), name="shard-worker", daemon=True)
+                proc.start()
                 theirs.close()
                 self._conns.append(ours)
                 self._procs.append(proc)
+                threading.Thread(target=_send, args=(ours, payload), name="shard-worker-start", daemon=True).start()
         except BaseException:
             self.close()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 
@@ -23,7 +24,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API server for the whole session (≈10 s), never a hand-started one."""
+    from prefect.server.api.server import SubprocessASGIServer
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):
+        server = getattr(SubprocessASGIServer, "_instances", {}).get(None)
         yield
+    # The harness has stopped its server; Prefect 3.9 would stop it again at exit, logging to the
+    # stream pytest has closed by then (a "--- Logging error ---" traceback after the summary).
+    if server is not None:
+        atexit.unregister(server.stop)
