@@ -144,6 +144,11 @@ class ShardWorkers:
                 if all(self._ready):
                     log.info("%d shard worker process%s up after %.1f s", self.count, "es" * (self.count > 1),
                              time.perf_counter() - self._started)
+        return self.all_up
+
+    @property
+    def all_up(self) -> bool:
+        """Whether every worker was ready when last asked (:meth:`ready` asks)."""
         return all(self._ready)
 
     def run(self, own: Callable[[], Part], parts: Sequence[tuple[torch.Tensor, float]]) -> list[Part]:
