@@ -176,10 +176,12 @@ class ShardWorkers:
         return torch.tensor(value, dtype=dtype), metrics, grads
 
     def close(self) -> None:
-        """Stops the workers: those still starting at once, the others once their part is done."""
-        for conn in self._conns:
+        """Stops the workers: those still starting at once (the thread sending them the loss may
+        still be writing to their pipe), the others once their part is done."""
+        for conn, ready in zip(self._conns, self._ready):
             try:
-                conn.send(None)
+                if ready:
+                    conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
         for proc, ready in zip(self._procs, self._ready):

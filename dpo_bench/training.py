@@ -237,7 +237,7 @@ class ShardRunner:
         for where, seconds in self._seconds.items():
             if seconds:
                 median = sorted(seconds)[len(seconds) // 2]
-                label = "with shard workers" if where == "workers" else "in threads"
+                label = "with shard workers" if where == "workers" else "without"
                 parts.append(f"{len(seconds)} steps {label} (median {1000 * median:.1f} ms)")
         return ", ".join(parts)
 

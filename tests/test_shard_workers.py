@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,7 @@ def workers_from_the_first_step(monkeypatch):
     monkeypatch.setattr(training, "WAIT_FOR_SHARD_WORKERS", True)
 
 
-def test_shards_in_worker_processes_give_the_same_bits_as_shards_in_turn(two_threads, workers_from_the_first_step, monkeypatch):
+def test_shards_in_worker_processes_give_the_same_bits_as_shards_in_turn(two_threads, workers_from_the_first_step, monkeypatch, caplog):
     served, pids = [], []
     run = ShardWorkers.run
 
@@ -36,8 +37,10 @@ def test_shards_in_worker_processes_give_the_same_bits_as_shards_in_turn(two_thr
 
     monkeypatch.setattr(ShardWorkers, "run", counting)
     model, data = _model(), _sft_data()
-    in_workers, losses_in_workers, grads_in_workers = _sft(model, data, threads=2, shards=2, steps=4)
+    with caplog.at_level(logging.INFO, logger="dpo_bench.training"):
+        in_workers, losses_in_workers, grads_in_workers = _sft(model, data, threads=2, shards=2, steps=4)
     assert served == [1, 1, 1, 1]  # every step's second shard went to the worker
+    assert "sft: 4 steps with shard workers (median" in caplog.text
     in_turn, losses_in_turn, grads_in_turn = _sft(model, data, threads=1, shards=2, steps=4)
     assert _max_diff(in_workers, in_turn) == 0.0
     assert losses_in_workers == losses_in_turn
@@ -138,3 +141,16 @@ def test_workers_start_only_when_the_steps_left_would_take_long_in_threads(two_t
     assert started == [(1, 1)]  # one worker, one torch thread
     _sft(model, data, threads=1, shards=2, steps=2 + training.SHARD_PROBE_STEPS)  # shards in turn: no workers
     assert started == [(1, 1)]
+
+
+def test_while_workers_start_the_shards_run_in_turn_in_this_thread(two_threads):
+    """A starting worker takes a core: the threads would only contend with it."""
+    runner = ShardRunner(2)
+    runner.workers = SimpleNamespace(count=1, all_up=False, ready=lambda wait: False, close=lambda: None)
+    jobs = [Job(1, torch.tensor([0]), 0.5, False), Job(1, torch.tensor([1]), 0.5, False)]
+    try:
+        assert runner.gradients(lambda job: threading.current_thread().name, jobs) == [threading.current_thread().name] * 2
+        runner.workers = None
+        assert all(name.startswith("shard") for name in runner.gradients(lambda job: threading.current_thread().name, jobs))
+    finally:
+        runner.close()
