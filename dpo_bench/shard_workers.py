@@ -4,7 +4,7 @@ Threads (:class:`~dpo_bench.training.ShardRunner`) run a step's shards at once, 
 model's forward is a few hundred calls into torch from Python, and each call hands the GIL back
 and forth between the cores: on the sentiment task's GPT-2, two SFT shards took 10.8-11.1 ms at
 once in threads against 7.6-8.1 ms in two processes, and 7.6-7.8 ms for one shard alone (ad hoc,
-``benchmarks/RESULTS.md``, "Shards in processes"). So the shards after the first go to worker
+``benchmarks/RESULTS.md``, "Shards in worker processes"). So the shards after the first go to worker
 processes, one each, and the first runs in the training process:
 
 - The weights are shared, not copied: the model's tensors are moved into shared memory, and each
@@ -14,14 +14,14 @@ processes, one each, and the first runs in the training process:
   the part's loss and ``torch.autograd.grad`` on as many torch threads as a thread would, writes
   the gradients into shared buffers, and answers with the loss and metrics. The same operations on
   the same threads as a shard thread: the weights are bit-identical to the shards run in turn
-  (``tests/test_training.py``).
-- A worker takes a few seconds to start (it imports torch and the model's library); until every
-  worker is ready, the steps run their shards in threads, as before.
+  (``tests/test_shard_workers.py``).
+- A worker takes a few seconds to start (it imports torch and the model's library), on a core the
+  shards would use: until every worker is up, the steps run their shards in turn.
 
-The loss must pickle: a module-level class such as SFT's :class:`~dpo_bench.methods.sft.SFTLoss`,
+The loss must pickle: a module-level class such as SFT's :class:`~dpo_bench.methods.sft.SFTBatchLoss`,
 not a closure. A loss that does not, a process that may not have children (a daemonic one, such
-as a Dask worker's), or shared memory too small for the model: the shards run in threads, and the
-log says why.
+as a Dask worker's), shared memory too small for the model, or a worker that fails to start: the
+shards run in threads, and the log says why.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch.multiprocessing as mp
 
 log = logging.getLogger(__name__)
 
-# Shard workers, and the fallback to threads, can be switched off (benchmarks.common.shards_in_threads).
+# Off, the shards run in threads (benchmarks.common.shards_in).
 USE_PROCESSES = True
 
 Part = tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor | None, ...]]
@@ -129,6 +129,8 @@ class ShardWorkers:
                 return cls(loss_fn, params, count, threads)
             except (pickle.PicklingError, AttributeError, TypeError) as e:
                 why = f"the loss does not pickle ({type(e).__name__}: {e}); make it a module-level class"
+            except (RuntimeError, OSError) as e:  # shared memory refused, or no process could start
+                why = f"no worker could start ({type(e).__name__}: {e})"
         log.info("shards run in threads: %s", why)
         return None
 
