@@ -184,8 +184,8 @@ def prefixes_unshared() -> Iterator[None]:
 def shards_in(where: str) -> Iterator[None]:
     """Where a step's shards after the first run: ``processes``, in shard workers
     (``dpo_bench.shard_workers``) started before the first step and waited for, so that every
-    timed step is one of theirs (the SFT stage starts them after its probe steps, and runs in
-    threads while they start); ``threads``, in threads, as before the workers."""
+    timed step is one of theirs (the SFT stage starts them after its probe steps, and runs its
+    shards in turn while they start); ``threads``, in threads, as before the workers."""
     import dpo_bench.shard_workers as workers
     import dpo_bench.training as training
 

@@ -10,8 +10,8 @@ Ours runs as the SFT stage does: each batch in ``SFTConfig.shards`` shards (2), 
 are computed at once when torch has a thread for each (``--threads 2``), in turn otherwise: the
 second shard in a worker process (``--shards-in processes``, started before the first step, so
 that every timed step is one the SFT stage runs once its worker is up) or in a thread
-(``--shards-in threads``). ``--shards 1`` gives the single-pass step. ``--each-best`` runs every repeat of each side in a
-process of its own, with the OpenMP waiting that is fastest for it: ours under
+(``--shards-in threads``). ``--shards 1`` gives the single-pass step. ``--each-best`` runs every
+repeat of each side in a process of its own, with the OpenMP waiting that is fastest for it: ours under
 ``OMP_WAIT_POLICY=PASSIVE`` (what ``make`` and ``dpo-bench`` set), TRL with it unset (threads that
 spin while they wait, faster for TRL on an idle machine).
 
