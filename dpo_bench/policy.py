@@ -3,8 +3,9 @@
 A policy is any causal language model whose ``forward(input_ids, attention_mask, position_ids,
 cache, use_cache, output_hidden_states)`` returns an object with ``logits`` (B, T, V), ``cache``
 and, when asked, ``hidden_states``; or, as in transformers before 5.24, with ``past_key_values``
-in place of ``cache``, both in and out (``dpo_bench.generation.cache_keyword``). GPT-2 from transformers is one; the
-:class:`TabularLM` of the exact bandit task is another, so every method runs unchanged on both.
+in place of ``cache``, both in and out (``dpo_bench.generation.cache_keyword``). GPT-2 from
+transformers is one; the :class:`TabularLM` of the exact bandit task is another, so every method
+runs unchanged on both.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def checkpoint_steps(total: int, n_checkpoints: int) -> list[int]:
 
 SHARDS_DOC = (
     "split each micro-batch into this many shards whose gradients are computed at once on the CPU, torch's threads "
-    "shared between them (data parallelism in one process); the result depends on the shards, not on whether they "
-    "run at once"
+    "shared between them (data parallelism: the shards after the first in worker processes once they are up, in "
+    "threads before); the result depends on the shards, not on whether or where they run at once"
 )
 
 
