@@ -154,3 +154,30 @@ def test_while_workers_start_the_shards_run_in_turn_in_this_thread(two_threads):
         assert all(name.startswith("shard") for name in runner.gradients(lambda job: threading.current_thread().name, jobs))
     finally:
         runner.close()
+
+
+class _NanOnItem:
+    """A loss that pickles, and is NaN on the batches that hold item ``bad``."""
+
+    def __init__(self, model, bad: int):
+        self.model, self.bad = model, bad
+
+    def __call__(self, idx):
+        out = self.model(input_ids=torch.ones(len(idx), 3, dtype=torch.long)).logits.mean()
+        return (out * float("nan") if self.bad in idx.tolist() else out), {}
+
+
+def test_a_non_finite_loss_in_a_workers_part_names_the_run_and_step(two_threads, workers_from_the_first_step, monkeypatch):
+    from reward.train import minibatches
+
+    from dpo_bench.training import NonFiniteLossError, OptimConfig, TrainLog, optimise
+
+    second = int(next(minibatches(2, 2, torch.Generator().manual_seed(0), None))[1])  # the worker's item at step 1
+    served = []
+    run = ShardWorkers.run
+    monkeypatch.setattr(ShardWorkers, "run", lambda self, own, parts: served.append(parts[0][0].tolist()) or run(self, own, parts))
+    model = _model().train()
+    with pytest.raises(NonFiniteLossError, match=r"my-run: loss is nan at step 1"):
+        optimise(model, OptimConfig(steps=2, batch_size=2, shards=2, group_by_length=False), _NanOnItem(model, second),
+                 n_items=2, generator=torch.Generator().manual_seed(0), log=TrainLog(), label="my-run", progress=False)
+    assert served == [[second]]
