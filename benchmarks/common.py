@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
+from unittest import mock
 
 import torch
 
@@ -165,19 +166,13 @@ def quiet_transformers() -> None:
         pass
 
 
-@contextmanager
-def prefixes_unshared() -> Iterator[None]:
+def prefixes_unshared() -> ContextManager:
     """``reward.trunk`` computing every real token, a prefix shared by several sequences once for
     each (``SHARE_PREFIXES`` off): the ablation of the shared prefixes in ``benchmarks.cell`` and
     ``benchmarks.grouping``."""
     import reward.trunk as trunk
 
-    saved = trunk.SHARE_PREFIXES
-    trunk.SHARE_PREFIXES = False
-    try:
-        yield
-    finally:
-        trunk.SHARE_PREFIXES = saved
+    return mock.patch.object(trunk, "SHARE_PREFIXES", False)
 
 
 @contextmanager
@@ -189,13 +184,9 @@ def shards_in(where: str) -> Iterator[None]:
     import dpo_bench.shard_workers as workers
     import dpo_bench.training as training
 
-    saved = training.SHARD_WORKERS_AFTER_SECONDS, training.WAIT_FOR_SHARD_WORKERS, workers.USE_PROCESSES
-    training.SHARD_WORKERS_AFTER_SECONDS, training.WAIT_FOR_SHARD_WORKERS = 0.0, True
-    workers.USE_PROCESSES = where == "processes"
-    try:
+    with mock.patch.multiple(training, SHARD_WORKERS_AFTER_SECONDS=0.0, WAIT_FOR_SHARD_WORKERS=True), \
+            mock.patch.object(workers, "USE_PROCESSES", where == "processes"):
         yield
-    finally:
-        training.SHARD_WORKERS_AFTER_SECONDS, training.WAIT_FOR_SHARD_WORKERS, workers.USE_PROCESSES = saved
 
 
 @contextmanager
@@ -206,9 +197,6 @@ def models_own_forward() -> Iterator[None]:
     import dpo_bench.logprobs as logprobs
     import reward.model as reward_model
 
-    saved = logprobs.selects_positions, reward_model.selects_positions
-    logprobs.selects_positions = reward_model.selects_positions = lambda model: False
-    try:
+    never = lambda model: False  # noqa: E731
+    with mock.patch.object(logprobs, "selects_positions", never), mock.patch.object(reward_model, "selects_positions", never):
         yield
-    finally:
-        logprobs.selects_positions, reward_model.selects_positions = saved

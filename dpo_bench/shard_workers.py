@@ -2,10 +2,10 @@
 
 Threads (:class:`~dpo_bench.training.ShardRunner`) run a step's shards at once, but a small
 model's forward is a few hundred calls into torch from Python, and each call hands the GIL back
-and forth between the cores: on the sentiment task's GPT-2, two SFT shards took 10.8-11.1 ms at
-once in threads against 7.6-8.1 ms in two processes, and 7.6-7.8 ms for one shard alone (ad hoc,
-``benchmarks/RESULTS.md``, "Shards in worker processes"). So the shards after the first go to worker
-processes, one each, and the first runs in the training process:
+and forth between the cores: the ``default`` SFT step in two shards took 17.7 ms in two threads
+and 14.5 ms with the second in a worker process (``python -m benchmarks.shards``;
+``benchmarks/RESULTS.md``, "Shards in worker processes"). So the shards after the first go to
+worker processes, one each, and the first runs in the training process:
 
 - The weights are shared, not copied: the model's tensors are moved into shared memory, and each
   worker unpickles the loss with the model in it onto the same memory. The optimiser updates them
@@ -59,7 +59,7 @@ def _serve(conn, threads: int) -> None:
     its gradient into the buffers and its loss out, until None or EOF."""
     torch.set_num_threads(threads)
     loss_fn, params, buffers = conn.recv()
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", None))
     while True:
         try:
             job = conn.recv()
@@ -96,7 +96,6 @@ class ShardWorkers:
         self.params = list(params)
         self.count = count
         self._ready = [False] * count
-        self.pids: list[int] = []
         self._started = time.perf_counter()
         context = mp.get_context("spawn")  # fork copies the threads' locks in whatever state they are
         for p in self.params:
@@ -149,6 +148,10 @@ class ShardWorkers:
         return self.all_up
 
     @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
+    @property
     def all_up(self) -> bool:
         """Whether every worker was ready when last asked (:meth:`ready` asks)."""
         return all(self._ready)
@@ -169,7 +172,6 @@ class ShardWorkers:
             raise RuntimeError(f"shard worker {proc.pid} exited (exit code {proc.exitcode})") from e
         if kind == "ready":
             self._ready[i] = True
-            self.pids.append(payload)
             return None
         if kind == "error":
             raise RuntimeError(f"shard worker {self._procs[i].pid} failed:\n{payload}")

@@ -209,6 +209,14 @@ class ShardRunner:
             self.workers = ShardWorkers.start(loss_fn, params, self.threads - 1, self.threads_each)
             self.workers_started = self.workers is not None
 
+    def consider_workers(self, loss_fn: Callable, params: Sequence[torch.Tensor], steps_left: int) -> None:
+        """Starts workers if the ``steps_left`` would take longer than :data:`SHARD_WORKERS_AFTER_SECONDS`
+        at the mean of the steps recorded so far, the first left out (it warms up); at once if none."""
+        probe = self._seconds["threads"][1:]
+        each = sum(probe) / len(probe) if probe else math.inf
+        if steps_left * each > SHARD_WORKERS_AFTER_SECONDS:
+            self.start_workers(loss_fn, params)
+
     def map(self, fn: Callable, items: Sequence) -> list:
         if self._pool is None:
             return [fn(item) for item in items]
@@ -222,13 +230,16 @@ class ShardRunner:
             return self.workers.run(lambda: run_part(jobs[0]), [(job.part, job.weight) for job in jobs[1:]])
         if self.workers is not None and not self.workers.all_up:
             # Workers starting take the other cores: the shards run in turn here until they are up
-            # (ad hoc, on 2 cores: 15-16 ms a step, against 21 ms in two threads beside the start).
+            # (ad hoc, `default`'s SFT on 2 cores: 18.6-20.3 ms a step, against 21.4 ms in two
+            # threads beside the starting worker).
             return [run_part(job) for job in jobs]
         return self.map(run_part, jobs)
 
     def record(self, seconds: float) -> None:
-        """A step's wall time, counted where its shards ran."""
-        self._seconds["workers" if self._served_by_workers else "threads"].append(seconds)
+        """A step's wall time, counted where its shards ran (for the probe and the summary; kept only
+        where shards can run at once)."""
+        if self._pool is not None:
+            self._seconds["workers" if self._served_by_workers else "threads"].append(seconds)
         self._served_by_workers = False
 
     def summary(self) -> str:
@@ -315,9 +326,8 @@ def optimise(
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     runner = ShardRunner.for_model(model, config.shards, device)
-    # When to decide on shard worker processes: after the probe steps, or at once.
+    # When to decide on shard worker processes: after the probe steps (and the first), or at once.
     decide_at = 1 if SHARD_WORKERS_AFTER_SECONDS <= 0 else 2 + SHARD_PROBE_STEPS
-    probe_start = 0.0
 
     def run_part(job: Job) -> Part:
         """One part's loss and metrics, and its weighted gradient: into ``.grad`` when it is the
@@ -354,12 +364,8 @@ def optimise(
 
     try:
         for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
-            if step == 2:
-                probe_start = time.perf_counter()  # the first step warms up
-            if step == decide_at and runner.threads > 1:
-                each = (time.perf_counter() - probe_start) / SHARD_PROBE_STEPS if step > 1 else math.inf
-                if (config.steps - step + 1) * each > SHARD_WORKERS_AFTER_SECONDS:
-                    runner.start_workers(loss_fn, params)
+            if step == decide_at:
+                runner.consider_workers(loss_fn, params, config.steps - step + 1)
             began = time.perf_counter()
             with runner.step():
                 idx = next(batches)

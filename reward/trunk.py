@@ -99,7 +99,7 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     k, v = packing.scatter(torch.addmm(bias[dim:], h, weight[:, dim:])).split(dim, dim=1)
     kept = packing.node[keep.flatten()[packing.tokens].nonzero().squeeze(1)]  # the prefixes read, one per kept position
     read, back = (kept, None) if packing.shares_nothing else torch.unique(kept, return_inverse=True)
-    read_slots = packing.slots[packing.unique[read]]
+    read_slots = packing.unique_slots[read]
     q = packing.scatter(torch.addmm(bias[:dim], h[read], weight[:, :dim]), read_slots)
     out = x[read] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), read_slots))
     out = body.ln_f(out + block.mlp(block.ln_2(out)))
