@@ -24,15 +24,15 @@ from .policy_eval import EvalConfig
 from .preferences import PreferenceConfig
 from .presets import preset_names
 from .tasks import TASK_CONFIGS, get_task_class
+from .verdict import VerdictConfig
 
 
 @dataclass(frozen=True)
 class GridEntry:
-    """One method of the grid: its strength values, seeds and config overrides."""
+    """One method of the grid: its strength values and config overrides."""
 
     method: str = field("", "registered method name (see `dpo-bench methods`)")
     values: tuple[float, ...] = field((), "values of the method's strength parameter to sweep (empty: its default)")
-    seeds: tuple[int, ...] = field((0,), "seeds; each (value, seed) is one cell")
     config: dict[str, Any] = field(default_factory=dict, doc="overrides of the method's config fields")
     name: str = field("", "name in reports and metrics (default: the method); give variants of one method distinct names")
     preferences: dict[str, Any] = field(
@@ -51,8 +51,6 @@ class GridEntry:
         method = get_method(self.method)
         if self.values and method.strength is None:
             raise ConfigError(f"values: method '{self.method}' has no strength parameter to sweep")
-        if not self.seeds:
-            raise ConfigError("seeds: need at least one seed")
         # Validate the overrides and every value now, before anything runs.
         for value in self.values or (None,):
             method.make_config(self.config, value)
@@ -60,7 +58,7 @@ class GridEntry:
 
 @dataclass(frozen=True)
 class Cell:
-    """One trained policy of the grid: (method, strength value, seed), with its entry's variant settings."""
+    """One trained policy of the grid: (method, strength value, pipeline seed), with its entry's variant settings."""
 
     method: str
     value: float | None
@@ -114,7 +112,10 @@ class BenchConfig:
 
     preset: str = field("custom", "name of the preset this config came from")
     task: str = field("sentiment", "benchmark task: sentiment (default, offline), bandit (exact, tabular) or hf (your model and data)")
-    seed: int = field(0, "run seed; every stage and cell derives its own seed from it")
+    seed: int = field(0, "the pipeline seed when `seeds` is empty; every stage and cell derives its own seed from it")
+    seeds: tuple[int, ...] = field((), "whole-pipeline seeds: each seed trains its own SFT model, samples and labels its own "
+                                       "preference data, trains its own reward model and every cell; the report's intervals and "
+                                       "tests are drawn between seeds (empty: the one seed `seed`)")
     device: str = field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     threads: int = field(0, "torch threads per stage (0 = torch's default)")
     freeze_blocks: int = field(0, "fix the first n transformer blocks of every trained policy")
@@ -128,12 +129,17 @@ class BenchConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig, doc="evaluation of every policy")
     checks: ChecksConfig = field(default_factory=ChecksConfig, doc="the empirical invariance checks")
     questions: QuestionsConfig = field(default_factory=QuestionsConfig, doc="grid entries that answer the reading notes' questions")
+    verdict: VerdictConfig = field(default_factory=VerdictConfig, doc="the frontier's KL budgets and the headline's verdict")
     grid: tuple[GridEntry, ...] = field((), "the methods to run")
 
     def __post_init__(self) -> None:
         if self.task not in TASK_CONFIGS:
             raise ConfigError(f"task: unknown task '{self.task}'; known tasks: {', '.join(sorted(TASK_CONFIGS))}")
         non_negative("threads", self.threads)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: each seed may appear once, got {list(self.seeds)}")
+        for s in self.seeds:
+            non_negative("seeds", s)
         non_negative("freeze_blocks", self.freeze_blocks)
         if not self.grid:
             raise ConfigError("grid: the grid is empty; add at least one [[grid]] entry with a method")
@@ -158,12 +164,22 @@ class BenchConfig:
     def task_config(self) -> Any:
         return getattr(self, self.task)
 
+    @property
+    def pipeline_seeds(self) -> tuple[int, ...]:
+        """The seeds of the run's whole pipelines, in the order they run."""
+        return self.seeds or (self.seed,)
+
+    def for_seed(self, seed: int) -> "BenchConfig":
+        """The config of one pipeline: every stage of it reads ``seed``."""
+        return replace(self, seed=seed, seeds=())
+
     def cells(self) -> list[Cell]:
+        """Every cell of every pipeline seed, seed by seed in grid order."""
         out = []
-        for entry in self.grid:
-            overrides = tuple(sorted(entry.config.items()))
-            for value in entry.values or (None,):
-                for seed in entry.seeds:
+        for seed in self.pipeline_seeds:
+            for entry in self.grid:
+                overrides = tuple(sorted(entry.config.items()))
+                for value in entry.values or (None,):
                     out.append(Cell(entry.method, value, seed, overrides, entry.name, tuple(sorted(entry.preferences.items())),
                                     entry.freeze_blocks, entry.freeze_embeddings))
         return out
@@ -178,6 +194,8 @@ class BenchConfig:
         """Keep only the grid entries of ``names`` (each must be registered; absent ones get defaults)."""
         for name in names:
             get_method(name)
+        # The reference is every frontier's anchor (KL 0): it stays.
+        names = list(dict.fromkeys(["sft", *names]))
         kept = [e for e in self.grid if e.method in names]
         kept += [GridEntry(method=n) for n in names if n not in {e.method for e in kept}]
         entries = {e.name or e.method for e in kept}
@@ -197,6 +215,10 @@ def from_dict_config(data: dict) -> BenchConfig:
         if name in data and not isinstance(data[name], config_cls):
             data[name] = from_dict(config_cls, data[name], name)
     if "grid" in data:
+        for i, e in enumerate(data["grid"]):
+            if isinstance(e, dict) and "seeds" in e:
+                raise ConfigError(f"grid[{i}].seeds: a seed is now a whole pipeline (its own SFT model, preference data and "
+                                  f"reward model); set the top-level seeds = [...] instead")
         data["grid"] = [e if isinstance(e, GridEntry) else from_dict(GridEntry, e, f"grid[{i}]") for i, e in enumerate(data["grid"])]
     return from_dict(BenchConfig, data)
 
@@ -251,15 +273,21 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
     # the preset's task settings too (a file's own grid replaces the preset's bandit grid).
     data: dict = {}
     for layer in (base, file_data):
-        data = _merge_replacing_grid(data, layer)
+        data = _merge_replacing_grid(data, _one_seed(layer))
         data.pop("task_overrides", None)
         data = _merge_replacing_grid(data, _task_overrides(layer).get(task, {}))
-    data = merge(data, overrides)
+    data = merge(data, _one_seed(overrides))
     try:
         return from_dict_config(data)
     except ConfigError as e:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+def _one_seed(layer: dict) -> dict:
+    """A layer that names a ``seed`` but no ``seeds`` asks for that one pipeline, whatever seeds the
+    layers below it ran."""
+    return {**layer, "seeds": []} if "seed" in layer and "seeds" not in layer else layer
 
 
 def _task_overrides(data: dict) -> dict:

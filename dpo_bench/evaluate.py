@@ -28,6 +28,9 @@ __all__ = [
     "sequence_kl",
     "within_prompt_spearman",
     "exact_kl",
+    "holm",
+    "benjamini_hochberg",
+    "seed_paired_test",
 ]
 
 ArrayLike = Union[np.ndarray, Sequence[float]]
@@ -292,6 +295,85 @@ def exact_kl(p: ArrayLike, q: ArrayLike) -> Union[np.ndarray, float]:
     terms = np.where(support & (qa == 0), np.inf, terms)
     kl = terms.sum(axis=-1)
     return float(kl) if pa.ndim == 1 else kl
+
+
+def _checked_pvalues(pvalues: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(p as a float array of the input's shape, mask of its non-NaN entries); p in [0, 1]."""
+    p = np.array(pvalues, dtype=float)
+    present = ~np.isnan(p)
+    if ((p[present] < 0) | (p[present] > 1)).any():
+        raise ValueError("p-values must lie in [0, 1] (NaN marks a missing test)")
+    return p, present
+
+
+def holm(pvalues: ArrayLike) -> np.ndarray:
+    """Holm-Bonferroni step-down adjusted p-values (Holm 1979). Shape in = shape out.
+
+    With the m non-NaN p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted value is
+    p~_(i) = min(1, max_{j <= i} (m - j + 1) p_(j)): rejecting where p~ <= alpha controls the
+    family-wise error rate at alpha under any dependence. The running max keeps the adjusted values
+    in the order of the raw ones. NaN entries (tests not run) are passed through and not counted
+    in m. Tied p-values get equal adjusted values, so the result does not depend on input order.
+    """
+    p, present = _checked_pvalues(pvalues)
+    finite = p[present]
+    order = np.argsort(finite, kind="stable")
+    m = finite.size
+    factors = m - np.arange(m)  # m, m - 1, ..., 1
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(factors * finite[order]))
+    p[present] = adjusted
+    return p
+
+
+def benjamini_hochberg(pvalues: ArrayLike) -> np.ndarray:
+    """Benjamini-Hochberg step-up adjusted p-values (Benjamini & Hochberg 1995). Shape in = out.
+
+    With the m non-NaN p-values sorted ascending, p~_(i) = min(1, min_{j >= i} m p_(j) / j):
+    rejecting where p~ <= q controls the false discovery rate at q for independent or positively
+    dependent tests. NaN entries are passed through and not counted in m. The arithmetic is
+    scipy's `false_discovery_control`; this adds the NaN passthrough.
+    """
+    p, present = _checked_pvalues(pvalues)
+    if present.any():
+        p[present] = stats.false_discovery_control(p[present], method="bh")
+    return p
+
+
+ONE_SEED = "one seed: evaluation error only"
+
+
+def seed_paired_test(
+    per_seed_diffs: ArrayLike, within_seed_stderr: float | None = None, confidence: float = CONFIDENCE
+) -> tuple[Estimate, float, str]:
+    """Between-seed test of a paired difference: (estimate with interval, two-sided p, method).
+
+    per_seed_diffs: (S,) the difference a - b measured in each training seed, both methods
+    evaluated on the same prompts within a seed.
+    S >= 2: one-sample t-test of mean(d) = 0 over the seeds, df = S - 1, n = S. Each d_s carries
+    its own prompt-level evaluation noise on top of the training (seed) noise, so the spread of
+    the d_s already folds the evaluation noise in: within_seed_stderr is ignored, adding it
+    would count that noise twice.
+    S == 1: there is no seed spread to measure. The test is a normal test of d / se with
+    se = within_seed_stderr, the per-prompt paired stderr sd(d_i)/sqrt(n_prompts) (required); it
+    speaks only to evaluation noise, never to whether another training seed would agree, and the
+    method string says so.
+    """
+    d = _as_1d(per_seed_diffs, "per_seed_diffs")
+    if not np.isfinite(d).all():
+        raise ValueError("per_seed_diffs must be finite")
+    if d.size >= 2:
+        est, p = difference_test(d, np.zeros_like(d), paired=True, confidence=confidence)
+        return est, p, f"paired t over {d.size} seeds"
+    if within_seed_stderr is None or not (math.isfinite(within_seed_stderr) and within_seed_stderr >= 0):
+        raise ValueError(
+            f"one seed needs a finite within_seed_stderr >= 0 (the per-prompt paired stderr), got {within_seed_stderr}"
+        )
+    diff, se = float(d[0]), float(within_seed_stderr)
+    if se == 0.0:
+        return Estimate(diff, 0.0, diff, diff, 1), (1.0 if diff == 0.0 else 0.0), ONE_SEED
+    est = estimate_from_mean_stderr(diff, se, 1, df=math.inf, confidence=confidence)
+    return est, float(2.0 * stats.norm.sf(abs(diff) / se)), ONE_SEED
 
 
 # =============================================================================================

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Collection
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .configs import ConfigError, field, positive
-from .evaluate import Estimate, estimate_from_samples, sequence_kl, win_rate
+from .evaluate import Estimate, estimate_from_samples, win_rate
 from .generation import sample
 from .logprobs import batched_sequence_logps
 
@@ -78,6 +78,7 @@ def evaluate_policy(
     temperature: float = 1.0,
     judge: Any = None,
     only: Collection[str] | None = None,
+    splits: Sequence[str] = ("test",),
 ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """Metric rows (``metric, value, stderr, ci_low, ci_high, n``) and the per-prompt samples.
 
@@ -85,8 +86,22 @@ def evaluate_policy(
     ``task.reward_metric``: ``gold_reward`` for a gold scorer, ``judge_reward`` for a proxy.
     ``only`` restricts the rows to these metrics and skips the forward passes the others need
     (the log-probs for the KL, the reward model for the proxy reward).
+
+    ``splits``: the prompts sampled, "test" (``task.eval_prompts``, the reported ones) and
+    "val" (``task.val_prompts``, where a method's best setting is chosen). The metric rows are
+    the test prompts'; the frame holds one row per prompt of every split, with its ``split``.
+
+    KL: ``kl`` is the sequence KL(π‖π_ref) estimated from the samples by the policy's own
+    ``kl_estimate`` (a language model: the exact per-token KL summed along each completion;
+    best-of-N: from its pool of reference draws), else by the log-ratio of the samples.
     """
-    prompts = task.eval_prompts
+    test, val = list(task.eval_prompts), list(getattr(task, "val_prompts", []) or [])
+    unknown = set(splits) - {"test", "val"}
+    if unknown or "test" not in splits:
+        raise ValueError(f"splits must hold 'test' and may hold 'val', got {list(splits)}")
+    prompts = test + (val if "val" in splits else [])
+    split = np.array(["test"] * len(test) + ["val"] * (len(prompts) - len(test)))
+    is_test = split == "test"
     prompt_ids = [task.encode_prompt(p) for p in prompts]
     samples = policy.sample(prompt_ids, generator=generator, temperature=temperature)
     completions = [task.decode_completion(c) for c in samples.completion_ids]
@@ -94,40 +109,50 @@ def evaluate_policy(
     gold = (judge if judge is not None else task.gold).score(prompts, completions)
     fluent = task.fluency(prompts, completions)
     lengths = np.array([len(c) for c in samples.completion_ids], dtype=float)
+    truncated = np.array([len(c) >= task.max_new_tokens and (not c or c[-1] != task.eos_id) for c in samples.completion_ids])
     wanted = (lambda metric: True) if only is None else (lambda metric: metric in only)  # noqa: E731
     missing = np.full(len(prompts), np.nan)
-    ref_logps, policy_logps = missing, missing
+    ref_logps, policy_logps, kl = missing, missing, missing
     if wanted("kl"):
         ref_logps = batched_sequence_logps(reference, samples.batch).numpy()
         policy_logps = policy.sequence_logps(samples.batch)
         policy_logps = missing if policy_logps is None else policy_logps.numpy()
+        estimate = getattr(policy, "kl_estimate", None)
+        estimated = estimate(samples, reference) if estimate is not None else None
+        kl = np.asarray(estimated, dtype=float) if estimated is not None else policy_logps - ref_logps
     proxy = missing
     if reward_model is not None and wanted("proxy_reward"):
         proxy = reward_model.score(samples.batch.input_ids, samples.batch.attention_mask).numpy()
 
     rows = [
-        _row(reward, estimate_from_samples(gold)),
-        _row("win_rate", win_rate(gold, reference_samples.gold)),
-        _row("fluency", estimate_from_samples(fluent.astype(float))) if fluent is not None else None,
-        _row("length", estimate_from_samples(lengths)),
+        _row(reward, estimate_from_samples(gold[is_test])),
+        _row("win_rate", win_rate(gold[is_test], reference_samples.gold)),
+        _row("fluency", estimate_from_samples(fluent[is_test].astype(float))) if fluent is not None else None,
+        _row("length", estimate_from_samples(lengths[is_test])),
+        _row("truncated", estimate_from_samples(truncated[is_test].astype(float))),
     ]
     rows = [r for r in rows if r is not None]
     if reward_model is not None:
-        rows.append(_row("proxy_reward", estimate_from_samples(proxy)))
+        rows.append(_row("proxy_reward", estimate_from_samples(proxy[is_test])))
     if temperature == 1.0:
         if wanted("kl"):
-            analytic = policy.analytic_kl()
-            kl = exact_estimate(analytic, len(prompts)) if analytic is not None else sequence_kl(policy_logps, ref_logps)
-            rows.append(_row("kl", kl))
+            rows.append(_row("kl", estimate_from_samples(kl[is_test])))
+            bound = policy.analytic_kl()
+            if bound is not None:  # best-of-N's log N − (N−1)/N: an upper bound, shown beside the estimate
+                rows.append(_row("kl_bound", exact_estimate(bound, int(is_test.sum()))))
         exact = task.exact_evaluation(policy, reference)
         if exact:
             # Closed forms replace the sampled estimates of the same quantities.
-            rows = [r for r in rows if r["metric"] not in exact] + [_row(m, exact_estimate(v, len(prompts))) for m, v in exact.items()]
+            rows = [r for r in rows if r["metric"] not in exact] + [_row(m, exact_estimate(v, int(is_test.sum()))) for m, v in exact.items()]
     rows = [r for r in rows if wanted(r["metric"])]
+    ref_completions = list(reference_samples.completions) + [None] * (len(prompts) - len(test))
+    ref_gold = np.concatenate([np.asarray(reference_samples.gold, dtype=float), np.full(len(prompts) - len(test), np.nan)])
     frame = pd.DataFrame({
+        "split": split, "prompt_index": np.concatenate([np.arange(len(test)), np.arange(len(prompts) - len(test))]),
         "prompt": prompts, "completion": completions, reward: gold, "proxy_reward": proxy,
-        "policy_logp": policy_logps, "ref_logp": ref_logps, "fluent": fluent if fluent is not None else np.nan,
-        "ref_completion": reference_samples.completions, f"ref_{reward}": reference_samples.gold,
+        "policy_logp": policy_logps, "ref_logp": ref_logps, "kl": kl, "length": lengths, "truncated": truncated,
+        "fluent": fluent if fluent is not None else np.nan,
+        "ref_completion": ref_completions, f"ref_{reward}": ref_gold,
     })
     return rows, frame
 

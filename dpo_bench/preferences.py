@@ -1,10 +1,12 @@
 """The preference dataset every method consumes: K completions per train prompt from the
-reference, labelled by the Bradley-Terry (K = 2) or Plackett-Luce (K > 2) model on the gold reward.
+reference, labelled on the gold reward: each of the K(K−1)/2 pairs by the Bradley-Terry model (the
+DPO paper's IMDb recipe, K = 4: six pairs a prompt), or whole K-wise rankings by Plackett-Luce.
 Sampling (:func:`sample_candidates`) and labelling (:func:`label_candidates`) are separate steps,
 so labels at several temperatures can be drawn from one set of candidates.
 
 Temperature 0 labels deterministically by the gold reward (the DPO paper's choice); pairs whose
-gold rewards tie carry no label and are dropped, as are rows whose sampled completions repeat.
+gold rewards tie carry no label and are dropped, as are pairs of identical (or empty) completions
+(with Plackett-Luce rankings, the whole row).
 A fraction of prompts is held out: the reward model's accuracy and the DPO policy's implicit-reward
 accuracy are measured on pairs no method trained on.
 """
@@ -34,8 +36,12 @@ class PreferenceConfig:
     k: int = field(2, "completions sampled per train prompt (2 = pairs; > 2 = Plackett-Luce rankings)")
     label_temperature: float = field(0.0, "Bradley-Terry temperature of the labels (0 = deterministic, as the DPO paper)")
     sampling_temperature: float = field(1.0, "temperature when sampling completions from the reference")
+    labels: Literal["pairwise", "plackett_luce"] = field(
+        "pairwise", "K > 2: label every pair by Bradley-Terry (the DPO paper's IMDb recipe), or rank each prompt's K "
+                    "completions by Plackett-Luce (needed by dpo_pl; pairwise methods then read pairs_from_rankings)"
+    )
     pairs_from_rankings: Literal["best_vs_worst", "all_pairs", "adjacent"] = field(
-        "best_vs_worst", "how pairwise methods read K > 2 rankings"
+        "best_vs_worst", "with labels = \"plackett_luce\": how pairwise methods read the K-wise rankings"
     )
     heldout_fraction: float = field(0.1, "share of train prompts held out to measure reward accuracy")
     n_prompts: int = field(0, "use only the first n train prompts (0 = all)")
@@ -58,8 +64,8 @@ class PreferenceFrames:
     pairs: pd.DataFrame
     rankings: pd.DataFrame | None
     n_prompts: int
-    n_dropped_ties: int
-    n_dropped_repeats: int
+    n_dropped_ties: int  # pairs (or, for rankings, rows) dropped for tied gold rewards
+    n_dropped_repeats: int  # pairs (rows) dropped for identical or empty completions
 
 
 def heldout_split(prompts: list[str], fraction: float) -> list[str]:
@@ -140,6 +146,8 @@ def label_candidates(candidates: Candidates, config: PreferenceConfig, seed: int
         })[keep].reset_index(drop=True)
         return PreferenceFrames(pairs, None, len(prompts), int((distinct & tie).sum()), n_repeats)
 
+    if config.labels == "pairwise":
+        return _all_pairs(prompts, completions, gold, splits, config.label_temperature, rng)
     order, tied = sample_pl_rankings(rng, gold, config.label_temperature)
     keep = distinct & ~tied
     rankings = pd.DataFrame({
@@ -150,6 +158,31 @@ def label_candidates(candidates: Candidates, config: PreferenceConfig, seed: int
     })[keep].reset_index(drop=True)
     pairs = pairs_from_rankings(rankings, config.pairs_from_rankings)
     return PreferenceFrames(pairs, rankings, len(prompts), int((distinct & tied).sum()), n_repeats)
+
+
+def _all_pairs(prompts: list[str], completions: np.ndarray, gold: np.ndarray, splits: list[str], temperature: float,
+               rng: np.random.Generator) -> PreferenceFrames:
+    """Every one of each prompt's K(K−1)/2 pairs, each labelled by its own Bradley-Terry draw; pairs
+    of identical or empty completions, and pairs whose gold rewards tie (at temperature 0), dropped.
+    A prompt's pairs share its split, so no held-out prompt is trained on."""
+    n, k = completions.shape
+    a, b = np.triu_indices(k, 1)
+    rows = np.repeat(np.arange(n), len(a))
+    col_a, col_b = np.tile(a, n), np.tile(b, n)
+    text_a, text_b = completions[rows, col_a], completions[rows, col_b]
+    a_wins, tie = sample_bt_labels(rng, gold[rows, col_a], gold[rows, col_b], temperature)
+    repeat = np.array([x == y or not x or not y for x, y in zip(text_a, text_b)], dtype=bool)
+    keep = ~repeat & ~tie
+    chosen_col, rejected_col = np.where(a_wins, col_a, col_b), np.where(a_wins, col_b, col_a)
+    pairs = pd.DataFrame({
+        "prompt": np.asarray(prompts, dtype=object)[rows],
+        "chosen": completions[rows, chosen_col],
+        "rejected": completions[rows, rejected_col],
+        "gold_chosen": gold[rows, chosen_col],
+        "gold_rejected": gold[rows, rejected_col],
+        "split": np.asarray(splits, dtype=object)[rows],
+    })[keep].reset_index(drop=True)
+    return PreferenceFrames(pairs, None, n, int((tie & ~repeat).sum()), int(repeat.sum()))
 
 
 def pairs_from_rankings(rankings: pd.DataFrame, mode: str) -> pd.DataFrame:

@@ -26,13 +26,15 @@ from .configs import to_dict
 from .invariance import run_invariance_checks
 from .methods.base import get_method
 from .report import build_report
+from .verdict import collect_per_prompt, objective_rows, verdict_frames
 from .stages import (
     METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, label_temperature_rms,
     preference_info, prepare_task, process_alive, reference_eval, reference_logps, run_cell, samples_preferences, train_rm,
     train_sft, write_json, write_parquet,
 )
 
-RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "history.parquet", "run.json")
+RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "per_prompt.parquet", "frontier.parquet",
+             "comparisons.parquet", "invariance.parquet", "history.parquet", "run.json")
 
 
 class RunExistsError(RuntimeError):
@@ -186,32 +188,56 @@ def invariance_checks(bench: Bench, stages: dict[str, Stage | None], cells: list
     return pd.read_parquet(stage.path / "invariance.parquet")
 
 
+def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: BenchConfig) -> pd.DataFrame:
+    """``per_prompt.parquet`` (every cell's per-prompt results), ``frontier.parquet`` and
+    ``comparisons.parquet`` (the verdict) in ``run_dir``; returns the RLHF cells' objective rows
+    for the metrics."""
+    per_prompt = collect_per_prompt([stage.path / "per_prompt.parquet" for _, stage in cells])
+    write_parquet(per_prompt, run_dir / "per_prompt.parquet")
+    roles = {c.display_name: get_method(c.method).role for c, _ in cells}
+    frames = verdict_frames(per_prompt, roles, config.verdict)
+    for name in ("frontier", "comparisons"):
+        if name in frames:
+            write_parquet(frames[name], run_dir / f"{name}.parquet")
+        else:
+            (run_dir / f"{name}.parquet").unlink(missing_ok=True)
+    return objective_rows(per_prompt, roles) if not per_prompt.empty else pd.DataFrame()
+
+
 def finish_run(
-    bench: Bench, run_dir: Path, run_id: str, stages: dict[str, Stage | None], cells: list[tuple[Cell, Stage]],
+    bench: Bench, run_dir: Path, run_id: str, pipelines: dict[int, dict[str, Stage | None]], cells: list[tuple[Cell, Stage]],
     timings: Timings, started: float, started_at: str, extra: dict | None = None, results_db: str | None = None,
 ) -> dict[str, Path]:
-    """Write metrics, samples, invariance, run.json and the report into ``run_dir``.
+    """Write metrics, samples, the frontier, invariance, run.json and the report into ``run_dir``.
 
-    The run is also compared with the previous runs of its preset in the results store
-    (``history.parquet``, the report's History section) and appended to it; ``results_db`` is a
-    SQLAlchemy URL, by default the SQLite file ``results.db`` beside the run directory.
+    ``pipelines`` maps each pipeline seed to its shared stages. The invariance checks read the
+    first seed's pipeline. The run is also compared with the previous runs of its preset in the
+    results store (``history.parquet``, the report's History section) and appended to it;
+    ``results_db`` is a SQLAlchemy URL, by default the SQLite file ``results.db`` beside the run
+    directory.
     """
     config = bench.config
     results_db = results_db or store.default_url(run_dir.parent)
-    frames = [pd.read_parquet(stages["ref_eval"].path / "metrics.parquet")]
-    if stages.get("sft") and (stages["sft"].path / "train_metrics.parquet").exists():
-        frames.append(pd.read_parquet(stages["sft"].path / "train_metrics.parquet"))
-    if stages.get("reward_model"):
-        frames.append(pd.read_parquet(stages["reward_model"].path / "metrics.parquet"))
+    first_seed = next(iter(pipelines))
+    first = pipelines[first_seed]
+    frames = []
+    for seed, stages in pipelines.items():
+        frames.append(pd.read_parquet(stages["ref_eval"].path / "metrics.parquet"))
+        if stages.get("sft") and (stages["sft"].path / "train_metrics.parquet").exists():
+            frames.append(pd.read_parquet(stages["sft"].path / "train_metrics.parquet"))
+        if stages.get("reward_model"):
+            frames.append(pd.read_parquet(stages["reward_model"].path / "metrics.parquet"))
     samples, statuses = [], {}
     for cell, stage in cells:
         frames.append(pd.read_parquet(stage.path / "metrics.parquet"))
         if (stage.path / "samples.parquet").exists():
             samples.append(pd.read_parquet(stage.path / "samples.parquet"))
         statuses[cell.label] = cell_status(stage)
-    frames.append(label_temperature_rms(bench, stages))
-    task = bench.task_summary(stages["task"])
-    frames.append(head_to_head(cells, frames, task["reward_metric"]))
+    frames.append(label_temperature_rms(bench.for_seed(first_seed), first))
+    task = bench.task_summary(first["task"])
+    for seed in pipelines:
+        frames.append(head_to_head([(c, s) for c, s in cells if c.seed == seed], frames, task["reward_metric"]))
+    frames.append(write_verdict_files(run_dir, cells, config))
     metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
     metrics.insert(0, "task", config.task)
     metrics.insert(0, "run_id", run_id)
@@ -220,30 +246,39 @@ def finish_run(
     sample_frame = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame()
     write_parquet(sample_frame, run_dir / "samples.parquet")
 
-    invariance = invariance_checks(bench, stages, cells)
+    invariance = invariance_checks(bench.for_seed(first_seed), first, [(c, s) for c, s in cells if c.seed == first_seed])
     write_parquet(invariance, run_dir / "invariance.parquet")
 
     fingerprints = dict(task["fingerprints"])
-    if stages.get("preferences"):
-        info = preference_info(stages["preferences"])
+    seeds_info = {}
+    for seed, stages in pipelines.items():
+        info = preference_info(stages["preferences"]) if stages.get("preferences") else None
+        seeds_info[str(seed)] = {"preferences": info, "stage_keys": {n: st.key for n, st in stages.items() if st is not None}}
+    if first.get("preferences"):
+        info = preference_info(first["preferences"])
         fingerprints.update({k.removesuffix("_fingerprint"): v for k, v in info.items() if k.endswith("_fingerprint")})
     failed = [label for label, s in statuses.items() if s["status"] != "ok"]
     record = {
-        "run_id": run_id, "task": config.task, "preset": config.preset, "seed": config.seed,
+        "run_id": run_id, "task": config.task, "preset": config.preset, "seed": first_seed, "seeds": list(pipelines),
         "status": "completed" if not failed else "completed_with_failures",
         "started_at": started_at, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "config": to_dict(config), "fingerprints": fingerprints, "versions": versions(),
         "device": str(bench.device), "host": socket.gethostname(), "code_version": bench.version,
         "cache_dir": str(Path(bench.cache_dir).resolve()), "cache_used": bench.use_cache,
-        "timings": timings.stages, "cached_stages": sorted({s.name for s in [*stages.values(), *(st for _, st in cells)] if s and s.cached}),
+        "timings": timings.stages,
+        "cached_stages": sorted({s.name for s in [*(x for st in pipelines.values() for x in st.values()), *(x for _, x in cells)]
+                                 if s and s.cached}),
         "cells": statuses, "failed_cells": failed,
-        "torch_threads": {**{name: built_threads(s) for name, s in stages.items() if s is not None},
+        "torch_threads": {**{f"{name}{seed_label(config, seed)}": built_threads(s) for seed, st in pipelines.items()
+                             for name, s in st.items() if s is not None},
                           **{cell.label: built_threads(stage) for cell, stage in cells}},
-        "preferences": preference_info(stages["preferences"]) if stages.get("preferences") else None,
+        "preferences": seeds_info[str(first_seed)]["preferences"],
+        "pipelines": seeds_info,
+        "shared_stages": ["task"],
         "methods": {
             c.display_name: {"method": c.method, "description": get_method(c.method).description,
-                             "strength": get_method(c.method).strength}
+                             "strength": get_method(c.method).strength, "role": get_method(c.method).role}
             for c, _ in sorted(cells, key=lambda cs: cs[0].display_name)
         },
         "notes": [f"cell {label} failed: {statuses[label]['error']}" for label in failed],
@@ -284,7 +319,8 @@ def run_benchmark(
     on_stage: Callable[[str], None] | None = None,
     results_db: str | None = None,
 ) -> Path:
-    """Run every stage in this process and write ``reports_dir/<run_id>/``; returns that directory.
+    """Run every stage of every pipeline seed in this process and write ``reports_dir/<run_id>/``;
+    returns that directory.
 
     ``results_db``: the results store's SQLAlchemy URL (default: ``reports_dir/results.db``).
     """
@@ -292,34 +328,46 @@ def run_benchmark(
     timings = Timings()
     say = on_stage or (lambda _msg: None)
     with RunLock(run_dir):
-        stages = plan_stages(bench, timings, say)
+        pipelines: dict[int, dict[str, Stage | None]] = {}
         cells = []
-        for cell in config.cells():
-            say(f"training {cell.label}")
-            cells.append((cell, timings.record(run_cell(bench, cell, upstream_for(cell, stages)), cell.label)))
+        for seed in config.pipeline_seeds:
+            seeded = bench.for_seed(seed)
+            pipelines[seed] = stages = plan_stages(seeded, timings, say, seed_label(config, seed))
+            for cell in seeded.config.cells():
+                say(f"training {cell.label}")
+                cells.append((cell, timings.record(run_cell(seeded, cell, upstream_for(cell, stages)), cell.label)))
         say("writing the report")
-        finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at, results_db=results_db)
+        finish_run(bench, run_dir, run_id, pipelines, cells, timings, started, started_at, results_db=results_db)
     return run_dir
 
 
-def plan_stages(bench: Bench, timings: Timings, say: Callable[[str], None] = lambda _m: None) -> dict[str, Stage | None]:
-    """The shared stages, in dependency order, skipping those no method of the grid needs."""
+def seed_label(config: BenchConfig, seed: int) -> str:
+    """What timings and logs append to a shared stage's name: its pipeline seed, when there are several."""
+    return f" seed={seed}" if len(config.pipeline_seeds) > 1 else ""
+
+
+def plan_stages(bench: Bench, timings: Timings, say: Callable[[str], None] = lambda _m: None,
+                suffix: str = "") -> dict[str, Stage | None]:
+    """One pipeline's shared stages, in dependency order, skipping those no method of the grid needs."""
     needs = bench.config.needs()
     stages: dict[str, Stage | None] = {}
-    say("preparing the task")
-    stages["task"] = timings.record(prepare_task(bench))
-    say("training the SFT model")
-    stages["sft"] = timings.record(train_sft(bench, stages["task"]))
-    say("evaluating the reference")
-    stages["ref_eval"] = timings.record(reference_eval(bench, stages["task"], stages["sft"]))
-    say("sampling the preference data")
-    stages["candidates"] = (timings.record(build_candidates(bench, stages["task"], stages["sft"]))
-                            if samples_preferences(bench) else None)
-    stages["preferences"] = timings.record(build_preferences(bench, stages["task"], stages["sft"], stages["candidates"]))
-    stages["ref_logps"] = timings.record(reference_logps(bench, stages["task"], stages["sft"], stages["preferences"])) \
+
+    def record(stage: Stage) -> Stage:
+        return timings.record(stage, stage.name + suffix)
+
+    say(f"preparing the task{suffix}")
+    stages["task"] = record(prepare_task(bench))
+    say(f"training the SFT model{suffix}")
+    stages["sft"] = record(train_sft(bench, stages["task"]))
+    say(f"evaluating the reference{suffix}")
+    stages["ref_eval"] = record(reference_eval(bench, stages["task"], stages["sft"]))
+    say(f"sampling the preference data{suffix}")
+    stages["candidates"] = record(build_candidates(bench, stages["task"], stages["sft"])) if samples_preferences(bench) else None
+    stages["preferences"] = record(build_preferences(bench, stages["task"], stages["sft"], stages["candidates"]))
+    stages["ref_logps"] = record(reference_logps(bench, stages["task"], stages["sft"], stages["preferences"])) \
         if needs & {"preferences", "rankings"} else None
-    say("training the reward model")
-    stages["reward_model"] = timings.record(train_rm(bench, stages["task"], stages["sft"], stages["preferences"]))
+    say(f"training the reward model{suffix}")
+    stages["reward_model"] = record(train_rm(bench, stages["task"], stages["sft"], stages["preferences"]))
     return stages
 
 

@@ -51,6 +51,9 @@ from .training import NonFiniteLossError, TrainLog
 
 log = logging.getLogger("dpo_bench")
 
+#: What a cell's per_prompt.parquet keeps of each evaluated prompt (besides the reward, step and cell).
+PER_PROMPT_COLUMNS = ["split", "prompt_index", "kl", "proxy_reward", "length", "truncated", "fluent"]
+
 METRIC_COLUMNS = ["run_id", "task", "method", "beta", "seed", "step", "temperature", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
 
 
@@ -161,6 +164,10 @@ class Bench:
         # lets the task, reference and reward model load once per worker, not once per cell.
         # Memo keys are content-addressed stage keys, so sharing them across cells is safe.
         self._memo = _process_memo(f"{Path(self.cache_dir).resolve()}|{self.config.device}")
+
+    def for_seed(self, seed: int) -> "Bench":
+        """The same run (store, code version, start, memo) for one pipeline seed."""
+        return replace(self, config=self.config.for_seed(seed))
 
     def with_preferences(self, preferences: PreferenceConfig) -> "Bench":
         """The same run (store, code version, start, memo) with other preference data: a grid
@@ -300,7 +307,7 @@ def train_sft(bench: Bench, task_stage: Stage) -> Stage:
                 generator=torch.Generator().manual_seed(seed), log=train_log, label="SFT", progress=bench.progress,
             )
         save_policy(model, out / "model")
-        write_parquet(_train_rows(train_log, "sft", float("nan"), 0), out / "train_metrics.parquet")
+        write_parquet(_train_rows(train_log, "sft", float("nan"), config.seed), out / "train_metrics.parquet")
 
     sft_data = to_dict(config.sft) if get_task_class(config.task).exact is False else {}
     return bench.run_stage("sft", {"task": task_stage.key, "sft": sft_data, "seed": seed}, build)
@@ -455,7 +462,7 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
             log=train_log.log, progress=bench.progress,
         )
         save_module(model, out / "reward_model.safetensors")
-        rows = _train_rows(train_log, "reward_model", float("nan"), 0)
+        rows = _train_rows(train_log, "reward_model", float("nan"), config.seed)
         metric_rows = []
         tr_w, tr_l = evaluate_reward_model(model, train_pairs, task.pad_id)
         metric_rows.append(_accuracy_row("rm_train_accuracy", tr_w, tr_l))
@@ -470,7 +477,7 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
             metric_rows += _calibration_rows(r_w.numpy() - r_l.numpy())
         # Reward-model rows carry their labels' Bradley-Terry temperature in the temperature column.
         label_t = config.preferences.label_temperature
-        extra = pd.DataFrame([{"method": "reward_model", "beta": float("nan"), "seed": 0, "step": 0, "temperature": label_t, **r}
+        extra = pd.DataFrame([{"method": "reward_model", "beta": float("nan"), "seed": config.seed, "step": 0, "temperature": label_t, **r}
                               for r in metric_rows])
         write_parquet(pd.concat([rows, extra], ignore_index=True)[METRIC_COLUMNS[2:]], out / "metrics.parquet")
 
@@ -518,7 +525,7 @@ def reference_eval(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
             ref = reference_samples(task, reference, t, derive_seed(config.seed, "reference_eval", t))
             write_parquet(pd.DataFrame({"completion": ref.completions, "gold": ref.gold}), out / f"reference_T{t:g}.parquet")
         frontier = task.exact_frontier(reference, np.geomspace(0.01, 100, 60))
-        rows = [{"method": "optimum", "beta": f["beta"], "seed": 0, "step": 0, "temperature": 1.0, "metric": m,
+        rows = [{"method": "optimum", "beta": f["beta"], "seed": config.seed, "step": 0, "temperature": 1.0, "metric": m,
                  "value": f[m], "stderr": 0.0, "ci_low": f[m], "ci_high": f[m], "n": 1}
                 for f in frontier for m in ("gold_reward", "kl")]
         write_parquet(pd.DataFrame(rows, columns=METRIC_COLUMNS[2:]), out / "metrics.parquet")
@@ -609,6 +616,7 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         prefs = preference_tensors(bench, up.task, up.preferences, up.ref_logps) if up.preferences and up.ref_logps else None
         generator = seed_everything(seed)
         rows: list[dict] = []
+        per_prompt: list[pd.DataFrame] = []
         last_samples: dict[str, pd.DataFrame] = {}
         strength = cell.strength_value
 
@@ -622,9 +630,11 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
             metric_rows, samples = evaluate_policy(
                 policy, task=task, reference=reference, reward_model=reward_model, judge=judge,
                 reference_samples=judged_reference_samples(bench, up, task, judge, 1.0), generator=eval_gen, temperature=1.0,
+                splits=("test", "val"),
             )
             rows.extend({"step": step, "temperature": 1.0, **r} for r in metric_rows)
-            last_samples["samples"] = samples.assign(step=step)
+            per_prompt.append(samples[PER_PROMPT_COLUMNS + [task.reward_metric]].assign(step=step))
+            last_samples["samples"] = samples[samples["split"] == "test"].drop(columns=["split", "prompt_index"]).assign(step=step)
 
         ctx = MethodContext(
             task=task, reference=reference, device=bench.device, seed=seed, generator=generator, checkpoint=checkpoint,
@@ -660,6 +670,10 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         if not task.has_gold:  # trainers log the judge's scores as train/gold_reward; name them honestly
             train["metric"] = train["metric"].replace("train/gold_reward", "train/judge_reward")
         write_parquet(pd.concat([metrics, train], ignore_index=True), out / "metrics.parquet")
+        if per_prompt:
+            # Every checkpoint's per-prompt results on the validation and test prompts: the frontier's input.
+            frame = pd.concat(per_prompt, ignore_index=True).rename(columns={task.reward_metric: "reward"})
+            write_parquet(frame.assign(method=name, beta=strength, seed=cell.seed), out / "per_prompt.parquet")
         if "samples" in last_samples:
             # Every eval prompt's final gold reward, for head-to-head win rates between cells.
             write_parquet(last_samples["samples"][[task.reward_metric]], out / "final_gold.parquet")
@@ -821,17 +835,18 @@ def variant_preferences_job(bench: Bench, stages: dict, cell: Cell) -> Stage:
     return replace(up.ref_logps, cached=not built, seconds=time.perf_counter() - start if built else 0.0)
 
 
-def _job_builders(bench: Bench, stages: dict) -> dict[str, tuple[Callable[[], Stage], tuple[str, ...]]]:
+def _job_builders(bench: Bench, stages: dict, checks: bool = True) -> dict[str, tuple[Callable[[], Stage], tuple[str, ...]]]:
     """The stages besides the main chain and the grid cells, by name, longest first: how to build
-    each, and which of the run's stages it needs. They are the empirical checks' own stages (the
-    Lemma 2 PPO runs, the reward models at other label temperatures) and the grid's own
-    preference data (an entry's ``preferences`` override, such as 4-wise rankings)."""
+    each, and which of the pipeline's stages it needs. They are the empirical checks' own stages
+    (the Lemma 2 PPO runs, the reward models at other label temperatures; only with ``checks``: the
+    checks read the first pipeline seed's) and the grid's own preference data (an entry's
+    ``preferences`` override, such as 4-wise rankings)."""
     config = bench.config
     builders: dict[str, tuple[Callable[[], Stage], tuple[str, ...]]] = {}
     task = bench.task_summary(stages["task"])
-    if config.checks.empirical and not task["exact"] and task["has_gold"]:
+    if checks and config.checks.empirical and not task["exact"] and task["has_gold"]:
         builders["lemma2 PPO"] = (lambda: lemma2_ppo_stage(bench, stages), ("sft", "ref_eval"))
-    for t in config.checks.label_temperatures:
+    for t in config.checks.label_temperatures if checks else ():
         builders[f"reward model T={t:g}"] = (lambda t=float(t): label_temperature_rm(bench, stages, t), ("sft", "candidates"))
     for cell in config.cells():
         name = f"preferences {cell.display_name}"
@@ -840,11 +855,11 @@ def _job_builders(bench: Bench, stages: dict) -> dict[str, tuple[Callable[[], St
     return builders
 
 
-def worker_jobs(bench: Bench, stages: dict) -> list[str]:
+def worker_jobs(bench: Bench, stages: dict, checks: bool = True) -> list[str]:
     """The names of the jobs (see ``_job_builders``) whose inputs ``stages`` holds, longest first. A
     parallel run computes them on the task runner beside the main chain and the grid; the report
     and the cells then read them from the store."""
-    return [name for name, (_, needs) in _job_builders(bench, stages).items() if all(n in stages for n in needs)]
+    return [name for name, (_, needs) in _job_builders(bench, stages, checks).items() if all(n in stages for n in needs)]
 
 
 def check_stage(bench: Bench, stages: dict, job: str) -> Stage:

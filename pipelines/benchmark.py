@@ -11,7 +11,8 @@ a time in the flow's process.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack
+from functools import partial
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
-from dpo_bench.run import RunLock, Timings, finish_run, start_run, upstream_for
+from dpo_bench.run import RunLock, Timings, finish_run, seed_label, start_run, upstream_for
 from dpo_bench.stages import (
     Bench, Stage, Upstream, build_candidates, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, run_job,
     samples_preferences, train_rm, train_sft, worker_jobs,
@@ -86,9 +87,9 @@ def job_task(bench: Bench, stages: dict, job: str) -> Stage:
 
 
 @task(name="report", cache_policy=NONE)
-def report_task(bench: Bench, run_dir: Path, run_id: str, stages: dict, cells: list, timings: Timings,
+def report_task(bench: Bench, run_dir: Path, run_id: str, pipelines: dict, cells: list, timings: Timings,
                 started: float, started_at: str, extra: dict, results_db: str | None) -> dict:
-    return finish_run(bench, run_dir, run_id, stages, cells, timings, started, started_at, extra, results_db=results_db)
+    return finish_run(bench, run_dir, run_id, pipelines, cells, timings, started, started_at, extra, results_db=results_db)
 
 
 def task_runner_for(workers: int, dask_address: str | None) -> Any:
@@ -146,7 +147,8 @@ def benchmark_flow(
     workers: int | None = None,
     dask_address: str | None = None,
 ) -> str:
-    """SFT → preferences → reward model → every method of the grid → evaluation → report.
+    """For every pipeline seed: SFT → preferences → reward model → every method of the grid →
+    evaluation; then the frontier, the verdict and the report.
 
     The run appends to the results store ``results_db`` (a SQLAlchemy URL; default
     ``<reports_dir>/results.db``) and its report compares it with the previous runs of its preset.
@@ -161,59 +163,83 @@ def benchmark_flow(
     bench, run_dir, run_id, started, started_at = start_run(bench_config, reports_dir, run_id, cache_dir, use_cache, progress)
     timings = Timings()
     n_workers = 0 if dask_address else resolve_workers(workers, bench_config)
+    seeds = bench_config.pipeline_seeds
     with RunLock(run_dir):
-        logger.info("run %s: task %s, %d cells, cache %s", run_id, bench_config.task, len(bench_config.cells()), bench.cache_dir)
-        stages: dict[str, Stage | None] = {"task": timings.record(prepare_task_task(bench))}
-        stages["sft"] = timings.record(train_sft_task(bench, stages["task"]))
-        stages["ref_eval"] = timings.record(reference_eval_task(bench, stages["task"], stages["sft"]))
-        # The cluster starts after SFT, which needs every core; workers get their share of threads.
-        # Threads are in no cache key: pinning them changes where cells run, not what they compute.
-        threads = worker_threads(n_workers, bench_config)
-        worker = replace(bench, config=replace(bench_config, threads=threads)) if threads else bench
-        runner = task_runner_for(n_workers, dask_address)
-        with runner if runner is not None else nullcontext():
-            jobs: dict[str, Any] = {}
+        logger.info("run %s: task %s, pipeline seeds %s, %d cells, cache %s", run_id, bench_config.task,
+                    ", ".join(map(str, seeds)), len(bench_config.cells()), bench.cache_dir)
+        pipelines: dict[int, dict[str, Stage | None]] = {}
+        submitted: list[tuple[Cell, Any]] = []
+        done: list[tuple[Cell, Stage]] = []
+        jobs: dict[tuple[int, str], Any] = {}
+        runner = None
+        with ExitStack() as stack:
+            for seed in seeds:
+                seeded, suffix = bench.for_seed(seed), seed_label(bench_config, seed)
+                stages: dict[str, Stage | None] = {}
+                pipelines[seed] = stages
+                record = partial(_record, timings, suffix)
 
-            def submit_jobs() -> None:
-                """Start, on the workers, every job whose inputs are built and that is not started yet."""
-                for job in worker_jobs(bench, stages):
-                    if job not in jobs:
-                        jobs[job] = runner.submit(job_task, {"bench": worker, "stages": dict(stages), "job": job})
+                stages["task"] = record(prepare_task_task(seeded))
+                stages["sft"] = record(train_sft_task(seeded, stages["task"]))
+                stages["ref_eval"] = record(reference_eval_task(seeded, stages["task"], stages["sft"]))
+                if runner is None and (n_workers or dask_address):
+                    # The cluster starts after the first SFT, which needs every core; workers get their
+                    # share of threads. Threads are in no cache key: they change where cells run, not what
+                    # they compute.
+                    threads = worker_threads(n_workers, bench_config)
+                    worker = replace(bench, config=replace(bench_config, threads=threads)) if threads else bench
+                    runner = stack.enter_context(task_runner_for(n_workers, dask_address))
+                    logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads")
+                seeded_worker = worker.for_seed(seed) if runner is not None else seeded
+                checks = seed == seeds[0]  # the invariance checks read the first pipeline's stages
+                submit_jobs = partial(_submit_jobs, runner, jobs, seed, seeded_worker, stages, checks)
 
-            if runner is not None:
-                logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads")
-                # The jobs that need only the SFT model (the Lemma 2 PPO runs, the grid's own
-                # preference variants) start now, on the workers, while this process samples the
-                # preference candidates; those that label the candidates start once they exist.
-                submit_jobs()
-            stages["candidates"] = (timings.record(candidates_task(bench, stages["task"], stages["sft"]))
-                                    if samples_preferences(bench) else None)
-            if runner is not None:
-                submit_jobs()
-            stages["preferences"] = timings.record(preferences_task(bench, stages["task"], stages["sft"], stages["candidates"]))
-            needs = bench_config.needs()
-            stages["ref_logps"] = (
-                timings.record(reference_logps_task(bench, stages["task"], stages["sft"], stages["preferences"]))
-                if needs & {"preferences", "rankings"} else None
-            )
-            stages["reward_model"] = timings.record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
-            cells = bench_config.cells()
-            if runner is not None:
-                futures = [runner.submit(cell_task, {"bench": worker, "cell": cell, "upstream": upstream_for(cell, stages),
-                                                     "label": cell.label}) for cell in cells]
-                done = [(cell, timings.record(f.result(), cell.label)) for cell, f in zip(cells, futures)]
-                stages.update({f"job:{job}": timings.record(f.result(), job) for job, f in jobs.items()})
-            else:
-                # One cell at a time: torch already uses every core, and threads would share its RNG state.
-                done = [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label))
-                        for cell in cells]
-        paths = report_task(bench, run_dir, run_id, stages, done, timings, started, started_at, {"orchestrator": "prefect"},
+                if runner is not None:
+                    # The jobs that need only the SFT model (the Lemma 2 PPO runs, the grid's own
+                    # preference variants) start now, on the workers, while this process samples the
+                    # preference candidates; those that label the candidates start once they exist.
+                    submit_jobs()
+                stages["candidates"] = (record(candidates_task(seeded, stages["task"], stages["sft"]))
+                                        if samples_preferences(seeded) else None)
+                if runner is not None:
+                    submit_jobs()
+                stages["preferences"] = record(preferences_task(seeded, stages["task"], stages["sft"], stages["candidates"]))
+                stages["ref_logps"] = (
+                    record(reference_logps_task(seeded, stages["task"], stages["sft"], stages["preferences"]))
+                    if bench_config.needs() & {"preferences", "rankings"} else None
+                )
+                stages["reward_model"] = record(reward_model_task(seeded, stages["task"], stages["sft"], stages["preferences"]))
+                cells = seeded.config.cells()
+                if runner is not None:
+                    # This seed's cells train on the workers while this process builds the next seed's pipeline.
+                    submitted += [(cell, runner.submit(cell_task, {"bench": seeded_worker, "cell": cell,
+                                                                   "upstream": upstream_for(cell, stages), "label": cell.label}))
+                                  for cell in cells]
+                else:
+                    # One cell at a time: torch already uses every core, and threads would share its RNG state.
+                    done += [(cell, timings.record(cell_task(seeded, cell, upstream_for(cell, stages), cell.label), cell.label))
+                             for cell in cells]
+            done += [(cell, timings.record(f.result(), cell.label)) for cell, f in submitted]
+            for (seed, job), f in jobs.items():
+                pipelines[seed][f"job:{job}"] = timings.record(f.result(), job + seed_label(bench_config, seed))
+        paths = report_task(bench, run_dir, run_id, pipelines, done, timings, started, started_at, {"orchestrator": "prefect"},
                             results_db)
     markdown = Path(paths["markdown"]).read_text()
     create_markdown_artifact(markdown=markdown, key=_artifact_key(bench_config.preset, "report"), description=f"dpo-bench report {run_id}")
     create_table_artifact(table=_results_table(run_dir), key=_artifact_key(bench_config.preset, "results"), description=f"final results {run_id}")
     logger.info("report: %s", paths["html"])
     return str(run_dir)
+
+
+def _record(timings: Timings, suffix: str, stage: Stage) -> Stage:
+    return timings.record(stage, stage.name + suffix)
+
+
+def _submit_jobs(runner: Any, jobs: dict, seed: int, bench: Bench, stages: dict, checks: bool) -> None:
+    """Start, on the workers, every job of the pipeline whose inputs are built and that is not started yet."""
+    for job in worker_jobs(bench, stages, checks):
+        if (seed, job) not in jobs:
+            jobs[(seed, job)] = runner.submit(job_task, {"bench": bench, "stages": dict(stages), "job": job})
 
 
 def _artifact_key(preset: str, what: str) -> str:

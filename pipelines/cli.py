@@ -38,13 +38,26 @@ def _parse_methods(text: str | None) -> list[str] | None:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
+def _parse_seeds(text: str) -> list[int]:
+    from dpo_bench.configs import ConfigError
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--seeds: expected comma-separated non-negative integers such as 0,1,2, got '{text}'")
+    return [int(p) for p in parts]
+
+
 def resolve_config(args: argparse.Namespace):
     """Preset (or a previous run's config), then the TOML file, then flags; validated."""
     from dpo_bench.bench import from_dict_config, load_config, merge
     from dpo_bench.configs import ConfigError
     from dpo_bench.run import read_run
 
-    overrides = {flag: getattr(args, flag) for flag in ("seed", "device", "task", "threads") if getattr(args, flag, None) is not None}
+    overrides = {flag: getattr(args, flag) for flag in ("device", "task", "threads") if getattr(args, flag, None) is not None}
+    if getattr(args, "seed", None) is not None:
+        overrides.update(seed=args.seed, seeds=[])
+    if getattr(args, "seeds", None):
+        overrides["seeds"] = _parse_seeds(args.seeds)
     hf = {key: getattr(args, key) for key in ("model", "data") if getattr(args, key, None)}
     if hf:
         # --model / --data are the hf task's; they select it unless --task names it.
@@ -66,7 +79,8 @@ def dry_run_plan(config) -> str:
     from dpo_bench.configs import to_dict
     from dpo_bench.policy import resolve_device
 
-    lines = [f"task {config.task}, preset {config.preset}, seed {config.seed}, "
+    seeds = ", ".join(map(str, config.pipeline_seeds))
+    lines = [f"task {config.task}, preset {config.preset}, pipeline seeds {seeds}, "
              f"device {config.device} (here: {resolve_device(config.device)})"]
     downloads = getattr(config.task_config, "downloads", None)
     items = downloads() if downloads else []
@@ -340,7 +354,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["sentiment", "bandit", "hf"],
                    help="benchmark task: sentiment (offline IMDb analogue), bandit (exact, tabular) or hf (your model and data)")
     p.add_argument("--methods", metavar="A,B,...", help="run only these methods (comma-separated; see `dpo-bench methods`)")
-    p.add_argument("--seed", type=int, help="run seed; every stage and cell derives its own seed from it")
+    p.add_argument("--seed", type=int, help="run one pipeline with this seed (instead of the preset's seeds)")
+    p.add_argument("--seeds", metavar="A,B,...", help="whole-pipeline seeds, e.g. 0,1,2: each seed trains its own SFT model, "
+                                                      "preference data, reward model and cells; the report's tests are between seeds")
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="torch threads per stage (0 = torch's default)")
     p.add_argument("--from-run", metavar="RUN_DIR", help="repeat a run: take the resolved config from RUN_DIR/run.json")

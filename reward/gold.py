@@ -1,7 +1,8 @@
 """Gold (ground-truth) reward scorers: what every method is finally judged by.
 
-`VaderGold` is the default task's reward (the offline stand-in for the DPO paper's sentiment
-classifier); `TableGold` is the exact reward of the tabular bandit task.
+`RelativeVaderGold` is the default task's reward (the offline stand-in for the DPO paper's
+sentiment classifier): VADER's score of what the policy wrote. `VaderGold` scores prompt and
+completion together; `TableGold` is the exact reward of the tabular bandit task.
 """
 
 from __future__ import annotations
@@ -69,6 +70,29 @@ class VaderGold:
             dtype=np.float64,
             count=len(prompts),
         )
+
+
+class RelativeVaderGold(VaderGold):
+    """VADER's compound score of prompt and completion read together, minus the prompt's own:
+    the sentiment the completion adds, in [-2, 2].
+
+    Reading the two together keeps what the prompt does to the completion ("the movie was not"
+    + "good ." is negative); subtracting the prompt's score keeps the prompt's own sentiment from
+    counting as the policy's. With a neutral prompt (the sentiment task's openings) the
+    subtraction is exactly 0 and the score is VADER's score of the whole review. A shift that
+    depends on the prompt alone leaves the KL-regularised optimal policy unchanged (the DPO
+    paper's Lemma 2), so the subtraction changes what is reported, not what a method should learn.
+    """
+
+    name = "vader_relative"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        """Compound of prompt + completion minus compound of the prompt, float64 of shape (n,)."""
+        together = super().score(prompts, completions)
+        own = np.fromiter(
+            (self._compound(p.strip()) for p in prompts), dtype=np.float64, count=len(prompts)
+        )
+        return together - own
 
 
 class TableGold:

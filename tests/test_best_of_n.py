@@ -3,11 +3,14 @@ the largest N builds once, and another replicate seed gets another pool."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from dpo_bench.bench import Cell, load_config
+from dpo_bench.evaluate import exact_kl
+from dpo_bench.methods.base import best_of_n_kl
 from dpo_bench.methods.best_of_n import BestOfNPolicy, pack, unpack
 from dpo_bench.run import Timings, plan_stages, upstream_for
 from dpo_bench.stages import Bench, StoreShared, run_cell
@@ -27,9 +30,9 @@ def _proxy(stage) -> pd.Series:
 
 def test_every_n_chooses_among_prefixes_of_one_pool(bandit):
     bench, stages, cache = bandit
-    cells = {n: Cell("best_of_n", n, 0) for n in (8, 2, 1)}
+    cells = {n: Cell("best_of_n", n, 0, overrides=(("kl_pool", 8),)) for n in (8, 2, 1)}
     built = {n: run_cell(bench, cell, upstream_for(cell, stages)) for n, cell in cells.items()}
-    # N = 8 drew rounds 0-7 at the one eval temperature; N = 2 and N = 1 drew nothing more.
+    # N = 8 drew rounds 0-7 at the one eval temperature (its KL pool of 8 too); N = 2 and N = 1 drew nothing more.
     assert len([p for p in (cache / "shared").iterdir() if not p.name.startswith(".")]) == 8
     # More draws of the same pool can only find a better-scored completion for every prompt, and
     # N = 1 is the pool's first draw: with independent draws per N neither would hold row by row.
@@ -58,6 +61,23 @@ def test_without_a_shared_store_each_call_draws_afresh(bandit):
     a, b = (policy.sample(prompts, generator=torch.Generator().manual_seed(s), temperature=1.0) for s in (0, 1))
     assert a.completion_ids != b.completion_ids
     assert a.batch.completion_mask.sum().item() == sum(len(c) for c in a.completion_ids)
+
+
+def test_the_kl_estimated_from_a_large_pool_is_the_exact_best_of_n_kl(bandit):
+    """On the bandit best-of-N's distribution is known exactly (order statistics of the reward
+    model's scores), so its KL is too; the estimate from a pool of draws must find it, and stay
+    below log N − (N−1)/N."""
+    bench, stages, _ = bandit
+    task = bench.task(stages["task"])
+    reference, rm = bench.reference(stages["sft"]), bench.reward_model(stages["reward_model"], stages["sft"])
+    contexts = task.context_ids
+    for n in (2, 4):
+        policy = BestOfNPolicy(reference, rm, n, task, pool=4000)
+        samples = policy.sample([[int(x)] for x in contexts], generator=torch.Generator().manual_seed(n), temperature=1.0)
+        estimate = policy.kl_estimate(samples)
+        exact = exact_kl(policy.distribution(contexts).numpy(), reference.probabilities(contexts).double().numpy())
+        np.testing.assert_allclose(estimate, exact, atol=0.03)
+        assert (estimate <= best_of_n_kl(n) + 1e-9).all() and exact.max() > 0.05
 
 
 def test_packed_rows_unpack_to_themselves():

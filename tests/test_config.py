@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,8 +99,8 @@ def test_toml_file_overrides_its_preset_and_replaces_the_grid(tmp_path):
     path.write_text('preset = "quick"\nseed = 7\n[sft]\nsteps = 5\n[[grid]]\nmethod = "ipo"\nvalues = [0.2, 0.4]\n')
     config = load_config(None, path)
     assert config.preset == "quick" and config.seed == 7 and config.sft.steps == 5
-    assert config.sentiment.n_sentences == 8000  # from the preset
-    assert [c.label for c in config.cells()] == ["ipo β=0.2 seed=0", "ipo β=0.4 seed=0"]
+    assert config.sentiment.n_reviews == 8000  # from the preset
+    assert [c.label for c in config.cells()] == ["ipo β=0.2 seed=7", "ipo β=0.4 seed=7"]
 
 
 def test_task_overrides_apply_only_to_their_task():
@@ -125,8 +124,10 @@ def test_a_files_keys_override_its_presets_task_overrides(tmp_path):
 
 
 def test_with_methods_keeps_the_grid_entries_and_rejects_unknown_names():
-    config = load_config("default").with_methods(["dpo", "simpo"])
-    assert [c.display_name for c in config.cells()] == ["dpo"] * 3 + ["dpo_frozen"] * 2 + ["simpo"]
+    config = load_config("full").with_methods(["dpo", "simpo"])
+    # The reference stays: it is every frontier's anchor.
+    one_seed = [c.display_name for c in config.cells() if c.seed == 0]
+    assert one_seed == ["sft"] + ["dpo"] * 3 + ["simpo"] * 2 + ["dpo_frozen"] * 2
     assert config.questions.freeze_frozen == "dpo_frozen" and config.questions.pl_listwise == ""
     with pytest.raises(ConfigError, match="unknown method 'dpx'"):
         load_config("default").with_methods(["dpx"])
@@ -140,47 +141,38 @@ def test_config_round_trips_through_its_dict():
     assert isinstance(config, BenchConfig)
 
 
-def test_the_readmes_seed_spread_config_trains_three_seeds(tmp_path):
+def test_the_readmes_seed_spread_config_runs_three_whole_pipelines(tmp_path):
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("<!-- seeds-config -->", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "seeds.toml"
     path.write_text(block)
     config = load_config(path=path)
+    assert config.pipeline_seeds == (0, 1, 2, 3, 4)
     seeds = {}
     for cell in config.cells():
-        seeds.setdefault((cell.method, cell.value), []).append(cell.seed)
-    assert seeds == {("sft", None): [0], ("ppo", 0.05): [0, 1, 2], ("dpo", 0.1): [0, 1, 2]}
-    # everything else is the default preset's, so seed 0 reuses the default run's cached cells
+        seeds.setdefault(cell.display_name, set()).add(cell.seed)
+    assert all(s == {0, 1, 2, 3, 4} for s in seeds.values())
+    # everything else is the default preset's, so seeds 0-2 reuse the default run's cached stages and cells
     default = load_config("default")
     assert config.sft == default.sft and config.preferences == default.preferences and config.evaluation == default.evaluation
-    assert {c for c in config.cells() if c.seed == 0} <= set(default.cells())
+    assert {c for c in config.cells() if c.seed in default.pipeline_seeds} <= set(default.cells())
 
 
-BENCH_CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+def test_seeds_are_whole_pipelines_and_each_pipeline_has_its_own_cells():
+    config = load_config("quick", overrides={"seeds": [3, 5]})
+    assert config.pipeline_seeds == (3, 5)
+    assert [c.seed for c in config.cells()] == [3] * (len(config.cells()) // 2) + [5] * (len(config.cells()) // 2)
+    one = config.for_seed(5)
+    assert one.pipeline_seeds == (5,) and {c.seed for c in one.cells()} == {5}
+    # A layer that names one seed runs that one pipeline, whatever seeds the preset runs.
+    assert load_config("quick", overrides={"seeds": [1, 2]}).pipeline_seeds == (1, 2)
+    assert load_config("default", overrides={"seed": 7}).pipeline_seeds == (7,)
+    with pytest.raises(ConfigError, match="seeds: each seed may appear once"):
+        load_config("quick", overrides={"seeds": [1, 1]})
 
 
-def test_the_family_seeds_config_reruns_the_presets_entries_on_other_seeds():
-    config = load_config(path=BENCH_CONFIGS / "dpo_family_seeds.toml")
-    preset = load_config("default")
-    default = {e.name or e.method: e for e in preset.grid}
-    assert {e.method for e in config.grid} == {"preferred_ft", "dpo", "dpo_pl", "ipo"}
-    for entry in config.grid:
-        same = default[entry.name or entry.method]
-        assert 0 not in entry.seeds
-        assert replace(entry, seeds=same.seeds) == same
-    # the same upstream stages as the preset: a default run's cache serves it
-    assert config.sft == preset.sft and config.preferences == preset.preferences
-
-
-def test_the_dpo_budget_config_sweeps_learning_rates_at_the_presets_steps():
-    config = load_config(path=BENCH_CONFIGS / "dpo_budget.toml")
-    lrs = {e.config["lr"]: len(e.seeds) for e in config.grid}
-    assert lrs == {2e-4: 8, 3e-4: 8, 5e-4: 4}
-    assert {e.config["steps"] for e in config.grid} == {150} and {e.values for e in config.grid} == {(0.1,)}
-
-
-def test_the_ppo_budget_config_doubles_the_presets_learning_rate():
-    config = load_config(path=BENCH_CONFIGS / "ppo_budget.toml")
-    default_lr = get_method("ppo").make_config({}, 0.1).lr
-    assert sorted(e.config["lr"] for e in config.grid) == [default_lr, 2 * default_lr]
-    assert all(e.method == "ppo" and e.values == (0.1,) and len(e.seeds) == 4 for e in config.grid)
+def test_a_grid_entry_with_seeds_names_the_new_setting(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text('[[grid]]\nmethod = "dpo"\nseeds = [0, 1]\n')
+    with pytest.raises(ConfigError, match=r"grid\[0\]\.seeds: a seed is now a whole pipeline .*top-level seeds"):
+        load_config(path=path)

@@ -29,11 +29,13 @@ def _markers(cache: Path, stage: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((cache / stage).glob("*/_complete.json"))]
 
 
-# The bandit's quick settings, plus what a parallel run starts beside the grid: the grid's own
-# 3-wise preference data, a reward model at another label temperature, best-of-N's shared draws.
+# The bandit's quick settings on two pipeline seeds, plus what a parallel run starts beside the
+# grid: the grid's own 3-wise preference data, a reward model at another label temperature (the
+# checks': first seed only), best-of-N's shared draws.
 GRID = """
 preset = "quick"
 task = "bandit"
+seeds = [0, 1]
 
 [checks]
 label_temperatures = [1.0]
@@ -50,7 +52,7 @@ config = { steps = 200, lr = 0.05 }
 method = "dpo_pl"
 name = "dpo_pl_k3"
 values = [0.5]
-preferences = { k = 3 }
+preferences = { k = 3, labels = "plackett_luce" }
 config = { steps = 200, lr = 0.05 }
 
 [[grid]]
@@ -96,15 +98,17 @@ def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd,
     assert os.getpid() not in pids and len(pids) == 2
     assert {c["torch_threads"] for c in cells} == {worker_threads}
     assert {record["torch_threads"][c.label] for c in config.cells()} == {worker_threads}
-    assert all(c["pid"] == os.getpid() for c in _markers(reports / ".cache", "sft"))
-    # The jobs ran on the workers: the 3-wise candidates and their labels, the reward model at
-    # T = 1 (on the main candidates: one candidates stage per sampling config), the shared draws.
-    candidates = {m["key_data"]["sampling"]["k"]: m["pid"] for m in _markers(reports / ".cache", "candidates")}
-    assert candidates.keys() == {2, 3} and candidates[2] == os.getpid() and candidates[3] in pids
+    sft = _markers(reports / ".cache", "sft")
+    assert len(sft) == 2 and all(c["pid"] == os.getpid() for c in sft)
+    # The jobs ran on the workers: each seed's 3-wise candidates and their labels, the reward model
+    # at T = 1 for the first seed (on its main candidates: one candidates stage per sampling config),
+    # the shared draws (best-of-N's KL pool of 32 rounds per seed).
+    candidates = sorted((m["key_data"]["sampling"]["k"], m["pid"] in pids) for m in _markers(reports / ".cache", "candidates"))
+    assert candidates == [(2, False), (2, False), (3, True), (3, True)]
     reward_models = [m["pid"] for m in _markers(reports / ".cache", "reward_model")]
-    assert len(reward_models) == 2 and reward_models.count(os.getpid()) == 1 and len(set(reward_models) & pids) == 1
+    assert len(reward_models) == 3 and reward_models.count(os.getpid()) == 2 and len(set(reward_models) & pids) == 1
     shared = _markers(reports / ".cache", "shared")
-    assert len(shared) == 8 and {m["pid"] for m in shared} <= pids
+    assert len(shared) == 2 * 32 and {m["pid"] for m in shared} <= pids
 
     local = run_benchmark(config, tmp_path / "local", run_id="local", progress=False)
     dask_metrics = pd.read_parquet(reports / "dask" / "metrics.parquet").drop(columns="run_id")

@@ -1,5 +1,6 @@
-"""The `quick` preset end to end: through the Prefect flow, every output file, finite metrics,
-identical metrics when run again from scratch, and a cached rerun that recomputes nothing."""
+"""The `quick` preset end to end (two whole-pipeline seeds): through the Prefect flow, every output
+file, finite metrics, the frontier and the verdict, identical results when run again from scratch
+in this process, and a cached rerun that recomputes nothing."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from dpo_bench.bench import load_config
 from dpo_bench.run import run_benchmark
 from dpo_bench.stages import METRIC_COLUMNS
 
-RUN_FILES = ["report.md", "report.html", "metrics.parquet", "samples.parquet", "invariance.parquet", "run.json",
-             "figures/frontier.png", "figures/win_rates.png", "figures/training_curves.png"]
+RUN_FILES = ["report.md", "report.html", "metrics.parquet", "samples.parquet", "per_prompt.parquet", "frontier.parquet",
+             "comparisons.parquet", "invariance.parquet", "run.json", "figures/frontier.png", "figures/win_rates.png",
+             "figures/training_curves.png"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,10 @@ def quick_run(tmp_path_factory, prefect_harness):
     reports = tmp_path_factory.mktemp("reports")
     cache = tmp_path_factory.mktemp("cache")
     config = load_config("quick")
-    run_dir = benchmark_flow(config=config.to_dict(), reports_dir=str(reports), run_id="flow", cache_dir=str(cache), progress=False)
+    # No Dask workers: the cells run in the flow's process with its threads, as in run_benchmark
+    # (test_dask.py runs a grid on workers).
+    run_dir = benchmark_flow(config=config.to_dict(), reports_dir=str(reports), run_id="flow", cache_dir=str(cache),
+                             progress=False, workers=0)
     return config, reports, cache, run_dir
 
 
@@ -58,7 +63,7 @@ def test_metrics_follow_the_contract_and_are_finite(quick_run):
 def test_run_record_has_what_reproduces_the_run(quick_run):
     config, _, cache, run_dir = quick_run
     record = json.loads(open(f"{run_dir}/run.json").read())
-    assert record["seed"] == config.seed and record["status"] == "completed"
+    assert record["seeds"] == list(config.pipeline_seeds) == [0, 1] and record["status"] == "completed"
     assert record["config"] == config.to_dict()
     assert {"preferences", "corpus", "train_prompts", "eval_prompts"} <= set(record["fingerprints"])
     assert record["cache_dir"] == str(cache.resolve())
@@ -66,7 +71,12 @@ def test_run_record_has_what_reproduces_the_run(quick_run):
     assert "torch" in record["versions"] and record["device"] == "cpu"
     # Every stage's and cell's torch thread count: their numbers depend on it at float level.
     threads = record["torch_threads"]
-    assert {"task", "sft", "preferences", "reward_model"} <= set(threads) and {c.label for c in config.cells()} <= set(threads)
+    assert {f"{stage} seed={s}" for stage in ("task", "sft", "preferences", "reward_model") for s in (0, 1)} <= set(threads)
+    assert {c.label for c in config.cells()} <= set(threads)
+    # Each seed is its own pipeline: its own SFT model, preference data and reward model.
+    keys = {seed: record["pipelines"][seed]["stage_keys"] for seed in ("0", "1")}
+    assert keys["0"]["task"] == keys["1"]["task"]
+    assert all(keys["0"][stage] != keys["1"][stage] for stage in ("sft", "candidates", "preferences", "reward_model"))
     assert all(isinstance(n, int) and n >= 1 for n in threads.values())
 
 
@@ -87,10 +97,29 @@ def test_the_report_has_its_sections(quick_run):
     assert "Bayes ceiling" in markdown
 
 
-def test_same_seed_gives_the_same_metrics_from_scratch(quick_run, tmp_path):
+def test_the_frontier_and_the_verdict_are_drawn_between_seeds(quick_run):
+    config, _, _, run_dir = quick_run
+    frontier = pd.read_parquet(f"{run_dir}/frontier.parquet")
+    assert {"method", "kl_budget", "gold_reward", "ci_low", "ci_high", "n_seeds"} <= set(frontier.columns)
+    assert set(frontier["kl_budget"]) <= set(config.verdict.kl_budgets) and (frontier["n_seeds"] == 2).all()
+    assert ((frontier["ci_low"] <= frontier["gold_reward"]) & (frontier["gold_reward"] <= frontier["ci_high"])).all()
+    comparisons = pd.read_parquet(f"{run_dir}/comparisons.parquet")
+    assert set(comparisons["method_a"]) == {"ppo"} and set(comparisons["method_b"]) == {"dpo"}
+    assert (comparisons["test"] == "paired t over 2 seeds").all() and (comparisons["p_adjusted"] >= comparisons["p"]).all()
+    per_prompt = pd.read_parquet(f"{run_dir}/per_prompt.parquet")
+    sizes = per_prompt[(per_prompt["method"] == "sft")].groupby(["seed", "split"]).size().to_dict()
+    task = config.sentiment
+    assert sizes == {(s, split): n for s in (0, 1) for split, n in (("test", task.n_eval_prompts), ("val", task.n_val_prompts))}
+    headline = open(f"{run_dir}/report.md").read().split("## Headline", 1)[1].split("##", 1)[0]
+    assert "RLHF (ppo)" in headline.splitlines()[2] and "2 whole-pipeline seeds" in headline
+
+
+def test_the_flow_and_the_in_process_run_give_the_same_results(quick_run, tmp_path):
     config, _, _, run_dir = quick_run
     again = run_benchmark(config, tmp_path, run_id="again", cache_dir=tmp_path / "fresh-cache", progress=False)
     pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(again))
+    for name in ("frontier", "comparisons", "per_prompt"):
+        pd.testing.assert_frame_equal(pd.read_parquet(f"{run_dir}/{name}.parquet"), pd.read_parquet(again / f"{name}.parquet"))
 
 
 def test_a_second_run_comes_from_the_cache(quick_run):

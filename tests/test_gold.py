@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from dpo_bench.tasks.corpus import CorpusConfig, ReviewGrammar, generate_corpus
-from reward.gold import GoldScorer, TableGold, VaderGold
+from dpo_bench.tasks.corpus import CorpusConfig, ReviewGrammar, generate_corpus, make_prompts
+from reward.gold import GoldScorer, RelativeVaderGold, TableGold, VaderGold
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_vader_reads_the_prompts_intensifier(vader):
 
 
 def test_vader_values_equal_the_reference_analyzer(vader, analyzer):
-    sentences = generate_corpus(CorpusConfig(n_sentences=300, seed=2))
+    sentences = generate_corpus(CorpusConfig(n_reviews=300, seed=2))
     rng = np.random.default_rng(0)
     prompts, completions = [], []
     for sentence in sentences:
@@ -93,9 +93,74 @@ def test_vader_scores_lie_in_the_unit_interval(vader, words, cut):
     assert -1.0 <= score <= 1.0
 
 
-def test_scorers_satisfy_the_protocol(vader):
+# -- RelativeVaderGold --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def relative() -> RelativeVaderGold:
+    return RelativeVaderGold()
+
+
+def test_relative_equals_vader_of_the_whole_review_on_neutral_prompts(relative, vader, analyzer):
+    reviews = generate_corpus(CorpusConfig(n_reviews=400, seed=5))
+    train, val, test = make_prompts(reviews, 200, 50, 50, seed=5)
+    by_prompt = {}
+    for review in reviews:
+        for k in range(len(review.split()) + 1):
+            by_prompt.setdefault(" ".join(review.split()[:k]), review)
+    prompts = train + val + test
+    completions = [by_prompt[p][len(p) + 1:] for p in prompts]
+    scores = relative.score(prompts, completions)
+    np.testing.assert_array_equal(scores, vader.score(prompts, completions))
+    expected = [analyzer.polarity_scores(by_prompt[p])["compound"] for p in prompts]
+    np.testing.assert_array_equal(scores, expected)
+    assert scores.dtype == np.float64 and scores.shape == (300,)
+
+
+def test_relative_removes_the_prompts_own_score(relative, analyzer):
+    prompts = ["the movie was great .", "the plot was awful .", "the movie was great ."]
+    completions = ["the acting was dull .", "the acting was dull .", ""]
+    scores = relative.score(prompts, completions)
+    for score, p, c in zip(scores, prompts, completions):
+        together = analyzer.polarity_scores(VaderGold.text(p, c))["compound"]
+        assert score == together - analyzer.polarity_scores(p)["compound"]
+    # The same completion is worth more after a prompt that was negative on its own, and an
+    # empty completion adds nothing.
+    assert scores[1] > scores[0] and scores[2] == 0.0
+
+
+def test_relative_still_reads_the_prompts_negation(relative):
+    negated, plain = relative.score(["the movie was not", "the movie was"], ["good .", "good ."])
+    assert negated < 0 < plain
+
+
+def test_relative_differs_from_vader_only_by_a_function_of_the_prompt(relative, vader):
+    prompts = ["the movie was great ."] * 3 + ["we saw the drama ."] * 3
+    completions = ["the plot was dull .", "i loved it .", "the cast performed badly ."] * 2
+    shift = vader.score(prompts, completions) - relative.score(prompts, completions)
+    np.testing.assert_allclose(shift[:3], shift[0])
+    np.testing.assert_array_equal(shift[3:], 0.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(words=st.lists(st.sampled_from(ReviewGrammar().vocabulary), max_size=30),
+       cut=st.integers(0, 30))
+def test_relative_scores_lie_in_minus_two_to_two(relative, words, cut):
+    prompt, completion = " ".join(words[:cut]), " ".join(words[cut:])
+    (score,) = relative.score([prompt], [completion])
+    assert -2.0 <= score <= 2.0
+
+
+def test_relative_length_mismatch(relative):
+    with pytest.raises(ValueError, match="length"):
+        relative.score(["a", "b"], ["c"])
+    assert relative.score([], []).shape == (0,)
+
+
+def test_scorers_satisfy_the_protocol(vader, relative):
     table = TableGold(np.zeros((1, 1)), ["x0"], ["y0"])
-    for scorer in (vader, table):
+    assert relative.name != vader.name
+    for scorer in (vader, relative, table):
         assert isinstance(scorer, GoldScorer)
         assert isinstance(scorer.name, str) and scorer.name
 

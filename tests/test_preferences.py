@@ -43,6 +43,35 @@ def test_every_row_is_kept_or_counted_as_dropped(golds, seed):
     assert len(noisy.pairs) == n and noisy.n_dropped_ties == 0
 
 
+def test_four_samples_give_six_pairs_each_labelled_by_its_own_gold_rewards():
+    """The DPO paper's IMDb recipe: K = 4 completions a prompt, all 6 pairs labelled by Bradley-Terry."""
+    candidates = _candidates([["a", "b", "c", "d"], ["e", "e", "f", "g"]], [[0.4, -0.2, 0.9, 0.4], [0.1, 0.1, 0.3, -0.5]])
+    frames = label_candidates(candidates, PreferenceConfig(k=4, label_temperature=0.0), seed=0)
+    pairs = {(r.prompt, r.chosen, r.rejected) for r in frames.pairs.itertuples()}
+    # p0: a and d tie (0.4); p1: the two "e" are one completion.
+    assert pairs == {("p0", "a", "b"), ("p0", "c", "a"), ("p0", "c", "b"), ("p0", "d", "b"), ("p0", "c", "d"),
+                     ("p1", "f", "e"), ("p1", "e", "g"), ("p1", "f", "g")}
+    # 12 pairs less the tie (a, d) and the identical pair (e, e); each "e" is paired with f and g.
+    assert len(frames.pairs) == 10
+    assert (frames.n_dropped_ties, frames.n_dropped_repeats, frames.n_prompts) == (1, 1, 2)
+    assert frames.rankings is None
+    assert (frames.pairs["gold_chosen"] > frames.pairs["gold_rejected"]).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(-2, 2), min_size=4, max_size=4), min_size=1, max_size=15), st.integers(0, 2**31))
+def test_every_pair_of_four_is_kept_or_counted_as_dropped(golds, seed):
+    n = len(golds)
+    candidates = _candidates([[f"x{i}", f"y{i}", f"z{i}", f"w{i}"] for i in range(n)], [list(map(float, g)) for g in golds])
+    frames = label_candidates(candidates, PreferenceConfig(k=4, label_temperature=0.0), seed)
+    assert len(frames.pairs) + frames.n_dropped_ties + frames.n_dropped_repeats == 6 * n
+    assert frames.n_dropped_ties == sum(g[a] == g[b] for g in golds for a in range(4) for b in range(a + 1, 4))
+    # A prompt's pairs share its split: no held-out prompt is trained on.
+    assert (frames.pairs.groupby("prompt")["split"].nunique() == 1).all()
+    noisy = label_candidates(candidates, PreferenceConfig(k=4, label_temperature=1.0), seed)
+    assert len(noisy.pairs) == 6 * n and noisy.n_dropped_ties == 0
+
+
 def test_candidates_round_trip_through_their_frame_exactly():
     candidates = _candidates([["a b", "c"], ["d", "e f"]], [[0.1234567890123, -2.0], [1e-17, 3.5]])
     back = Candidates.from_frame(candidates.to_frame())

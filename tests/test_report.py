@@ -285,6 +285,47 @@ def test_headline_names_the_best_method(plain_run):
     assert "Every setting was trained with one seed" in text
 
 
+def _with_verdict(run_dir: Path, ppo_objective: float) -> Path:
+    """The synthetic run with a frontier, the verdict's comparisons (PPO behind DPO at 0.5 nats,
+    not separated at 1 nat) and PPO's objective beside best-of-4's (1.0)."""
+    pd.DataFrame([
+        dict(method=m, kl_budget=k, gold_reward=g, ci_low=g - 0.05, ci_high=g + 0.05, n_seeds=3, kl=k, stderr=0.02, role=r)
+        for m, r, points in (("ppo", "rlhf", ((0.5, 0.2), (1.0, 0.4), (2.0, 0.6))), ("dpo", "direct", ((0.5, 0.35), (1.0, 0.45))))
+        for k, g in points]).to_parquet(run_dir / "frontier.parquet")
+    pd.DataFrame([
+        dict(method_a="ppo", method_b="dpo", kl_budget=0.5, diff=-0.15, ci_low=-0.2, ci_high=-0.1, p=0.002, p_adjusted=0.004,
+             correction="holm", test="paired t over 3 seeds", n_seeds=3),
+        dict(method_a="ppo", method_b="dpo", kl_budget=1.0, diff=-0.05, ci_low=-0.2, ci_high=0.1, p=0.3, p_adjusted=0.3,
+             correction="holm", test="paired t over 3 seeds", n_seeds=3),
+    ]).to_parquet(run_dir / "comparisons.parquet")
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    extra = [_row(metrics["run_id"].iloc[0], "ppo", 0.1, 0, 300, 1.0, metric, value, 0.01)
+             for metric, value in (("objective", ppo_objective), ("objective/sft", 0.2), ("objective/best_of_n (N=4)", 1.0))]
+    pd.concat([metrics, pd.DataFrame(extra)], ignore_index=True).to_parquet(run_dir / "metrics.parquet")
+    record = json.loads((run_dir / "run.json").read_text())
+    record["seeds"] = [0, 1, 2]
+    record["methods"]["ppo"]["role"] = "rlhf"
+    (run_dir / "run.json").write_text(json.dumps(record))
+    build_report(run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("ppo_objective, converged", [(0.8, False), (1.2, True)])
+def test_the_headline_opens_with_the_verdict_and_flags_an_unconverged_ppo(tmp_path, ppo_objective, converged):
+    run_dir = _with_verdict(make_run(tmp_path), ppo_objective)
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    lines = [ln for ln in _sections(md)["Headline"].splitlines() if ln.startswith("- ")]
+    assert lines[0].startswith("- dpo is ahead of RLHF (ppo) at 0.5 nats")
+    assert "at 1 nat -0.050 [-0.200, 0.100], Holm p = 0.300" in lines[0]
+    text = "\n".join(lines)
+    assert ("NOT CONVERGED: ppo (kl\\_coef=0.1), seed 0" in text) is not converged
+    assert ("Every RLHF cell (1) scores above every best-of-N" in text) is converged
+    # With a verdict the comparisons of final checkpoints (Welch, best on the test prompts) are gone.
+    assert "reaches the highest gold reward" not in text and "At matched KL" not in text
+    frontier = _sections(md)["Frontier"]
+    assert "KL ≤ 2" in frontier and "not reached" in frontier and "p (Holm)" in frontier
+
+
 def test_results_table_marks_the_best(plain_run):
     run_dir, _ = plain_run
     md = (run_dir / "report.md").read_text(encoding="utf-8")

@@ -29,7 +29,7 @@ seed = 3
 threads = 1
 
 [sentiment]
-n_sentences = 2000
+n_reviews = 2000
 n_train_prompts = 300
 n_eval_prompts = 48
 

@@ -11,10 +11,13 @@ from scipy import stats
 
 from dpo_bench.evaluate import (
     Estimate,
+    benjamini_hochberg,
     difference_test,
     estimate_from_samples,
     exact_kl,
+    holm,
     mean_stderr,
+    seed_paired_test,
     sequence_kl,
     tost_equivalence,
     wilson_interval,
@@ -294,3 +297,118 @@ def test_within_prompt_spearman_drops_singleton_prompts_and_handles_degenerate_i
     y = np.array([0.0, 2.0, 1.0, 4.0, -100.0])
     assert within_prompt_spearman(ids, x, y) == pytest.approx(1.0)
     assert math.isnan(within_prompt_spearman(np.arange(5), x, y))  # every prompt has one response
+
+
+# --- multiple comparisons --------------------------------------------------------------------
+
+pvalue = st.one_of(st.floats(0.0, 1.0), st.just(float("nan")))
+pvalue_lists = st.lists(pvalue, max_size=20)
+
+
+def test_holm_hand_case():
+    # sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04);
+    # running max: 0.02, 0.03, 0.06, 0.06 (the last raised to keep the order)
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_hand_case_with_nan_and_cap():
+    # m = 3 (NaN not counted): 0.2 x3 = 0.6, 0.5 x2 = 1.0, 0.9 x1 = 0.9 -> running max 0.6, 1.0, 1.0
+    out = holm([0.5, np.nan, 0.2, 0.9])
+    np.testing.assert_allclose(out, [1.0, np.nan, 0.6, 1.0])
+    np.testing.assert_allclose(holm([0.6, 0.9]), [1.0, 1.0])  # 0.6 x2 = 1.2, capped
+
+
+def test_benjamini_hochberg_hand_case():
+    # sorted: 0.01 x4/1 = 0.04, 0.04 x4/2 = 0.08, 0.045 x4/3 = 0.06, 0.9 x4/4 = 0.9;
+    # running min from the top: 0.9, 0.06, 0.06 (0.08 lowered), 0.04
+    np.testing.assert_allclose(benjamini_hochberg([0.9, 0.045, 0.01, 0.04]), [0.9, 0.06, 0.04, 0.06])
+
+
+def test_benjamini_hochberg_hand_case_with_nan():
+    # m = 3: 0.02 x3/1 = 0.06, 0.03 x3/2 = 0.045, 0.6 x3/3 = 0.6 -> running min 0.045, 0.045, 0.6
+    out = benjamini_hochberg([np.nan, 0.02, 0.6, np.nan, 0.03])
+    np.testing.assert_allclose(out, [np.nan, 0.045, 0.6, np.nan, 0.045])
+
+
+@pytest.mark.parametrize("adjust", [holm, benjamini_hochberg])
+def test_adjustments_of_a_single_test_and_of_nothing(adjust):
+    np.testing.assert_array_equal(adjust([0.03]), [0.03])
+    assert adjust([]).shape == (0,)
+    assert np.isnan(adjust([np.nan])).all()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        adjust([0.5, 1.5])
+
+
+@QUICK
+@pytest.mark.parametrize("adjust", [holm, benjamini_hochberg])
+@given(p=pvalue_lists, data=st.data())
+def test_adjustments_do_not_depend_on_input_order(adjust, p, data):
+    p = np.array(p, dtype=float)
+    perm = np.array(data.draw(st.permutations(range(p.size))), dtype=int)
+    np.testing.assert_array_equal(adjust(p[perm]), adjust(p)[perm])
+
+
+@QUICK
+@pytest.mark.parametrize("adjust", [holm, benjamini_hochberg])
+@given(p=pvalue_lists)
+def test_adjustments_are_monotone_bounded_and_pass_nan_through(adjust, p):
+    p = np.array(p, dtype=float)
+    adj = adjust(p)
+    present = ~np.isnan(p)
+    np.testing.assert_array_equal(np.isnan(adj), ~present)
+    raw, out = p[present], adj[present]
+    assert (out >= raw).all() and (out <= 1.0).all()
+    order = np.argsort(raw, kind="stable")
+    assert (np.diff(out[order]) >= 0).all()
+
+
+@QUICK
+@given(p=pvalue_lists)
+def test_holm_is_never_below_benjamini_hochberg(p):
+    # (m - i + 1) p_(i) >= m p_(i) / i since i (m - i + 1) - m = (i - 1)(m - i) >= 0
+    p = np.array(p, dtype=float)
+    present = ~np.isnan(p)
+    assert (holm(p)[present] >= benjamini_hochberg(p)[present] - 1e-15).all()
+
+
+@QUICK
+@given(p=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20))
+def test_holm_smallest_is_bonferroni(p):
+    p = np.array(p)
+    assert holm(p).min() == pytest.approx(min(1.0, p.size * p.min()))
+
+
+# --- between-seed paired test ----------------------------------------------------------------
+
+
+def test_seed_paired_test_is_a_one_sample_t_over_seeds():
+    d = np.array([0.12, 0.05, 0.20, 0.08])
+    est, p, method = seed_paired_test(d)
+    ref = stats.ttest_1samp(d, 0.0)
+    ci = ref.confidence_interval(0.95)
+    assert p == pytest.approx(ref.pvalue)
+    assert est.value == pytest.approx(d.mean()) and est.n == 4
+    assert est.stderr == pytest.approx(d.std(ddof=1) / 2.0)
+    assert (est.ci_low, est.ci_high) == pytest.approx((ci.low, ci.high))
+    assert method == "paired t over 4 seeds"
+
+
+def test_seed_paired_test_ignores_the_within_seed_error_with_several_seeds():
+    d = [0.3, -0.1, 0.2]
+    assert seed_paired_test(d, within_seed_stderr=10.0)[:2] == seed_paired_test(d)[:2]
+
+
+def test_seed_paired_test_one_seed_is_a_normal_test_on_the_per_prompt_error():
+    est, p, method = seed_paired_test([0.1], within_seed_stderr=0.04)
+    z = stats.norm.ppf(0.975)
+    assert p == pytest.approx(2 * stats.norm.sf(2.5))
+    assert (est.value, est.stderr, est.n) == (0.1, 0.04, 1)
+    assert (est.ci_low, est.ci_high) == pytest.approx((0.1 - z * 0.04, 0.1 + z * 0.04))
+    assert "one seed: evaluation error only" in method
+
+
+def test_seed_paired_test_one_seed_needs_the_within_seed_error():
+    with pytest.raises(ValueError, match="within_seed_stderr"):
+        seed_paired_test([0.1])
+    est, p, _ = seed_paired_test([0.0], within_seed_stderr=0.0)
+    assert est.value == 0.0 and p == 1.0

@@ -8,7 +8,6 @@ names a module or callable; importing it registers the method).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Literal, Protocol, Sequence
@@ -19,10 +18,17 @@ from torch import nn
 
 from ..configs import ConfigError, from_dict
 from ..generation import Samples, sample
-from ..logprobs import SequenceBatch, batched_sequence_logps
+from ..logprobs import SequenceBatch, batched_sequence_logps, batched_token_kl
+from ..frontier import best_of_n_kl_bound
 from ..training import CheckpointFn, TrainLog
 
 Need = Literal["preferences", "rankings", "reward_model", "gold"]
+
+Role = Literal["reference", "rlhf", "direct", "oracle", "inference", "baseline"]
+"""What a method is in the verdict: the reference; RLHF (PPO against the learned reward model); a
+direct method trained on the preferences (the DPO family, and a researcher's own method by
+default), which the verdict compares with RLHF; an oracle that optimises the gold reward; an
+inference-time baseline (best-of-N); or a supervised baseline (Preferred-FT, Unlikelihood)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class Method:
     needs: frozenset[str] = frozenset()
     strength: str | None = None
     stronger_when: Literal["higher", "lower"] | None = "higher"
+    role: Role = "direct"
 
     def make_config(self, overrides: dict | None = None, strength: float | None = None) -> Any:
         data = dict(overrides or {})
@@ -68,13 +75,14 @@ def register_method(
     needs: Sequence[str] = (),
     strength: str | None = None,
     stronger_when: Literal["higher", "lower"] | None = "higher",
+    role: Role = "direct",
 ) -> Callable[[Callable], Callable]:
-    """Decorator registering ``train(ctx, config) -> Policy`` as method ``name``."""
+    """Decorator registering ``train(ctx, config) -> Policy`` as method ``name`` (``role``: see :data:`Role`)."""
 
     def wrap(train: Callable) -> Callable:
         if strength is not None and strength not in config.__dataclass_fields__:
             raise ValueError(f"method '{name}': strength '{strength}' is not a field of {config.__name__}")
-        METHODS[name] = Method(name, description, config, train, frozenset(needs), strength, stronger_when)
+        METHODS[name] = Method(name, description, config, train, frozenset(needs), strength, stronger_when, role)
         return train
 
     return wrap
@@ -183,7 +191,13 @@ class ModelPolicy:
     def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
         return batched_sequence_logps(self.model, batch)
 
+    def kl_estimate(self, samples: Samples, reference: nn.Module) -> np.ndarray:
+        """Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) per sample (B,): on the policy's own samples, an
+        unbiased, non-negative estimate of the sequence KL (:func:`~dpo_bench.logprobs.batched_token_kl`)."""
+        return batched_token_kl(self.model, reference, samples.batch).numpy()
+
     def analytic_kl(self) -> float | None:
+        """An upper bound on the KL known without sampling (best-of-N's); None for a trained model."""
         return None
 
     def distribution(self, context_ids: torch.Tensor) -> torch.Tensor:
@@ -193,5 +207,6 @@ class ModelPolicy:
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL of best-of-N sampling from the reference: log N − (N−1)/N (Stiennon et al. 2020)."""
-    return math.log(n) - (n - 1) / n
+    """log N − (N−1)/N (Stiennon et al. 2020): an upper bound on the KL of best-of-N sampling from the
+    reference, exact for a continuous reward distribution (:func:`~dpo_bench.frontier.best_of_n_kl_bound`)."""
+    return best_of_n_kl_bound(n)

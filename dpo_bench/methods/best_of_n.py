@@ -1,7 +1,9 @@
 """Best-of-N: N samples from the reference, keep the one the learned reward model scores highest.
 
-No training; its KL to the reference is log N − (N−1)/N (Stiennon et al. 2020, appendix), and on
-the bandit its exact distribution follows from order statistics of the reward model's scores.
+No training. Its KL to the reference is estimated per prompt from a pool of reference draws, by the
+exact discrete formula of Beirami et al. 2024 on the pool's empirical distribution;
+log N − (N−1)/N (Stiennon et al. 2020, appendix) is only an upper bound, reported beside it. On the
+bandit its exact distribution follows from order statistics of the reward model's scores.
 
 In a run, the cells of every N share one pool of draws (common random numbers): draw r of a
 prompt is the same for N = 4, 16 and 32, so N = 4 keeps the best of the first 4 of the draws N = 32
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from ..configs import ConfigError, field
+from ..frontier import best_of_n_kl_estimate
 from ..generation import Samples, sample
 from ..logprobs import collate
 from ..policy import derive_seed
@@ -32,33 +35,54 @@ class BestOfNConfig:
     """Best-of-N sampling against the learned reward model."""
 
     n: int = field(4, "N: completions drawn from the reference per prompt (larger moves further from it)")
+    kl_pool: int = field(32, "reference draws per prompt that the KL estimate reads (at least n are drawn; the cells of a "
+                             "run share the draws, so the pool costs one sampling pass of this size)")
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.kl_pool < 1:
+            raise ConfigError(f"kl_pool must be >= 1, got {self.kl_pool}")
+
+    @property
+    def pool(self) -> int:
+        """Draws per prompt: the N the policy picks among come first, the KL estimate reads all."""
+        return max(self.n, self.kl_pool)
 
 
 class BestOfNPolicy:
-    def __init__(self, reference, reward_model, n: int, task, shared: SharedStore | None = None):
+    def __init__(self, reference, reward_model, n: int, task, shared: SharedStore | None = None, pool: int | None = None):
         self.reference, self.reward_model, self.n, self.task, self.shared = reference, reward_model, n, task, shared
+        self.pool = max(n, pool or n)
+        self._pool_scores: torch.Tensor | None = None  # (P, pool) of the last sample() call
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], *, generator: torch.Generator, temperature: float) -> Samples:
         """The best of N draws per prompt: from the run's shared pool when there is one (``generator``
-        is then unused), else N fresh draws per prompt from ``generator``."""
+        is then unused), else fresh draws from ``generator``. ``pool`` draws are made per prompt;
+        the policy picks among the first N, and :meth:`kl_estimate` reads them all."""
         prompts = [list(p) for p in prompt_ids]
         if self.shared is None:
-            repeated = [p for p in prompts for _ in range(self.n)]
+            repeated = [p for p in prompts for _ in range(self.pool)]
             drawn = self._draw(repeated, generator, temperature)
-            scores = drawn["scores"].view(-1, self.n)
-            completions = [drawn["completions"][i * self.n:(i + 1) * self.n] for i in range(len(prompts))]
+            scores = drawn["scores"].view(-1, self.pool)
+            completions = [drawn["completions"][i * self.pool:(i + 1) * self.pool] for i in range(len(prompts))]
         else:
-            rounds = {r: self._round(prompts, temperature, r) for r in reversed(range(self.n))}
-            scores = torch.stack([rounds[r]["scores"] for r in range(self.n)], dim=1)
-            completions = [[rounds[r]["completions"][i] for r in range(self.n)] for i in range(len(prompts))]
+            rounds = {r: self._round(prompts, temperature, r) for r in reversed(range(self.pool))}
+            scores = torch.stack([rounds[r]["scores"] for r in range(self.pool)], dim=1)
+            completions = [[rounds[r]["completions"][i] for r in range(self.pool)] for i in range(len(prompts))]
+        self._pool_scores = scores
         # The first of equal scores wins (argmax returns the first maximum).
-        best = scores.argmax(-1).tolist()
+        best = scores[:, :self.n].argmax(-1).tolist()
         picked = [row[b] for row, b in zip(completions, best)]
         return Samples(prompts, picked, collate(prompts, picked, self.task.pad_id))
+
+    def kl_estimate(self, samples: Samples, reference=None) -> np.ndarray:
+        """Per prompt, KL(best-of-N ‖ reference) from the pool the last samples were picked from (see
+        :func:`dpo_bench.frontier.best_of_n_kl_estimate`): identical completions score alike, so
+        ties group repeated draws."""
+        if self._pool_scores is None or self._pool_scores.shape[0] != len(samples):
+            raise RuntimeError("kl_estimate reads the pool of the last sample() call; sample these prompts first")
+        return best_of_n_kl_estimate(self._pool_scores.double().numpy(), self.n)
 
     def _draw(self, prompts: list[list[int]], generator: torch.Generator, temperature: float) -> dict:
         task = self.task
@@ -82,6 +106,7 @@ class BestOfNPolicy:
         return None
 
     def analytic_kl(self) -> float:
+        """log N − (N−1)/N: an upper bound on the KL (exact for a continuous reward distribution)."""
         return best_of_n_kl(self.n)
 
     def distribution(self, context_ids: torch.Tensor) -> torch.Tensor:
@@ -121,13 +146,14 @@ def fingerprint_ids(rows: list[list[int]]) -> str:
 
 @register_method(
     "best_of_n",
-    description="best of N reference samples by the learned reward model (no training; KL = log N − (N−1)/N)",
+    description="best of N reference samples by the learned reward model (no training; an inference-time baseline)",
     config=BestOfNConfig,
     needs=("reward_model",),
     strength="n",
     stronger_when="lower",
+    role="inference",
 )
 def run_best_of_n(ctx: MethodContext, config: BestOfNConfig) -> BestOfNPolicy:
-    policy = BestOfNPolicy(ctx.reference, ctx.reward_model, config.n, ctx.task, ctx.shared)
+    policy = BestOfNPolicy(ctx.reference, ctx.reward_model, config.n, ctx.task, ctx.shared, config.pool)
     ctx.checkpoint(0, policy)
     return policy

@@ -231,6 +231,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     config=PPOConfig,
     needs=("reward_model",),
     strength="kl_coef",
+    role="rlhf",
 )
 def train_ppo_rm(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
     return train_ppo(ctx, config, "reward_model")
@@ -242,6 +243,7 @@ def train_ppo_rm(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
     config=PPOConfig,
     needs=("gold",),
     strength="kl_coef",
+    role="oracle",
 )
 def train_ppo_gold(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
     return train_ppo(ctx, config, "gold")

@@ -89,7 +89,8 @@ class ReferenceConfig:
     """The SFT model itself: no training."""
 
 
-@register_method("sft", description="the SFT model itself (the reference); every other method starts from it", config=ReferenceConfig)
+@register_method("sft", description="the SFT model itself (the reference); every other method starts from it", config=ReferenceConfig,
+                 role="reference")
 def train_reference_method(ctx: MethodContext, config: ReferenceConfig) -> ModelPolicy:
     ctx.checkpoint(0, ctx.reference)
     return ModelPolicy(ctx.reference, ctx.task)
@@ -111,6 +112,7 @@ class PreferredFTConfig(SFTConfig):
     description="maximum likelihood on the chosen completions (DPO paper's Preferred-FT baseline)",
     config=PreferredFTConfig,
     needs=("preferences",),
+    role="baseline",
 )
 def train_preferred_ft(ctx: MethodContext, config: PreferredFTConfig) -> ModelPolicy:
     prefs = ctx.preferences

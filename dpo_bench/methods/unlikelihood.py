@@ -48,6 +48,7 @@ def unlikelihood_loss(
     needs=("preferences",),
     strength="alpha",
     stronger_when="lower",
+    role="baseline",
 )
 def train_unlikelihood(ctx: MethodContext, config: UnlikelihoodConfig) -> ModelPolicy:
     prefs = ctx.preferences

@@ -14,6 +14,7 @@ from .load import RunData
 from .questions import questions_blocks
 from .results import checkpoint_results
 from .tables import Table
+from .verdict import comparisons_table, frontier_table, verdict_findings
 
 SECTION_TITLES = ("Headline", "Results", "History", "Frontier", "Win rates", "Training curves",
                   "Reward model", "Invariance checks", "Questions from the reading notes", "Samples", "Provenance")
@@ -75,7 +76,7 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
                    figures: dict[str, bytes]) -> Document:
     s = {t: Section(t) for t in SECTION_TITLES}
 
-    s["Headline"].blocks.append(Findings(headline(data, final, configs)))
+    s["Headline"].blocks.append(Findings(headline(data, final, configs, verdict_findings(data))))
     reward = data.reward
 
     if final.empty:
@@ -91,6 +92,9 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
     if history_table is not None:
         s["History"].blocks.append(TableBlock(history_table))
 
+    for table in (frontier_table(data), comparisons_table(data)):
+        if table is not None:
+            s["Frontier"].blocks.append(TableBlock(table))
     has_opt = (data.metrics["method"] == "optimum").any()
     s["Frontier"].blocks += _figure_or_note(
         figures, "frontier",

@@ -107,60 +107,89 @@ def _col(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
 
 
+FAMILY_COLOURS = {"rlhf": "#D55E00", "direct": "#0072B2", "oracle": "#555555", "inference": "#CC79A7", "baseline": "#009E73"}
+FAMILY_NAMES = {"rlhf": "RLHF", "direct": "DPO family", "oracle": "oracle", "inference": "inference-time", "baseline": "baseline"}
+
+
+def _role(data: RunData, method: str) -> str:
+    info = (data.run.get("methods") or {}).get(method)
+    return str(info.get("role", "direct")) if isinstance(info, dict) else "direct"
+
+
+def _shade(colour: str, fraction: float) -> tuple[float, float, float]:
+    """``colour`` mixed with white: fraction 0 is the colour, 1 is white."""
+    rgb = np.array(matplotlib.colors.to_rgb(colour))
+    return tuple(rgb + (1.0 - rgb) * fraction)
+
+
 def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> bytes | None:
-    """Reward against KL for every checkpoint of every cell (DPO paper, Figure 2 left)."""
+    """Reward against KL (DPO paper, Figure 2 left): each method's frontier at the KL budgets, with
+    its interval, over the seed-mean checkpoints of each strength.
+
+    One colour per method family (RLHF, DPO family, oracle, inference-time, baseline); within a
+    family the methods differ by marker and line style; a method's strengths are shades of its
+    colour (darker: stronger regularisation toward the reference); checkpoints of one strength are
+    joined by a thin line; the budgets are vertical guides.
+    """
     m = data.reward.metric
     opt = data.metrics[data.metrics["method"] == "optimum"]
-    has_points = (not checkpoints.empty and m in checkpoints
-                  and "kl" in checkpoints)
-    if not has_points and opt.empty:
+    has_points = not checkpoints.empty and m in checkpoints and "kl" in checkpoints
+    envelope = data.frontier if data.frontier is not None and not data.frontier.empty else None
+    if not has_points and opt.empty and envelope is None:
         return None
 
     def draw():
-        fig, ax = plt.subplots(figsize=(8.0, 5.2))
+        fig, ax = plt.subplots(figsize=(8.4, 5.4))
         entries = 0
         x_max = math.inf
         if has_points:
-            kl = checkpoints["kl"] + _col(checkpoints, "kl_stderr").fillna(0)
-            if np.isfinite(kl).any():
-                x_max = 1.25 * float(np.nanmax(kl)) or math.inf
+            pts = checkpoints.dropna(subset=[m, "kl"])
+            means = pts.groupby(["method", "beta", "step"], dropna=False)[[m, "kl"]].mean().reset_index()
+            if len(means):
+                x_max = 1.15 * float(np.nanmax(means["kl"])) or math.inf
+            for method, g in means.groupby("method", sort=True):
+                if method == REFERENCE_METHOD:
+                    ax.plot(g["kl"], g[m], ls="none", marker="*", ms=13, color="#000000", zorder=4, label="SFT (reference)")
+                    entries += 1
+                    continue
+                colour = FAMILY_COLOURS.get(_role(data, method), "#777777")
+                betas = sorted(set(g["beta"].dropna())) or [float("nan")]
+                stronger_high = (data.run.get("methods") or {}).get(method, {}).get("strength") not in ("n", "alpha")
+                for i, (beta, b) in enumerate(g.groupby("beta", dropna=False, sort=True)):
+                    rank = i / max(len(betas) - 1, 1)
+                    shade = _shade(colour, 0.6 * (1 - rank if stronger_high else rank))
+                    b = b.sort_values("step")
+                    ax.plot(b["kl"], b[m], color=shade, lw=0.8, marker=palette.marker(method), ms=3.5, alpha=0.8, zorder=2)
         if not opt.empty:
-            o = opt.pivot_table(index="beta", columns="metric", values="value", aggfunc="first")
+            o = opt.pivot_table(index="beta", columns="metric", values="value", aggfunc="mean")
             if {m, "kl"} <= set(o.columns):
                 o = o.dropna(subset=[m, "kl"]).sort_values("kl")
-                # the exact frontier can run far past the methods; keep the view on them,
-                # with one point beyond the edge so the line reaches it
-                beyond = o.index[o["kl"] > x_max]
-                if len(beyond) and len(o) - len(beyond) >= 2:
-                    o = o[(o["kl"] <= x_max) | (o.index == beyond[0])]
-                else:
-                    x_max = math.inf
-                ax.plot(o["kl"], o[m], color="#000000", lw=1.6, zorder=1,
-                        label="exact optimum π* (reward–KL frontier)")
+                if math.isfinite(x_max):
+                    o = o[o["kl"] <= x_max]
+                ax.plot(o["kl"], o[m], color="#000000", lw=1.6, zorder=1, label="exact optimum π* (reward–KL frontier)")
                 entries += 1
-        if has_points:
-            pts = checkpoints.dropna(subset=[m, "kl"])
-            labelled = set()
-            for (method, beta, _seed), g in pts.groupby(CELL, dropna=False, sort=True):
-                g = g.sort_values("step")
-                colour, marker = palette.colour(method), palette.marker(method)
-                key = data.config_label(method, beta)
-                ax.errorbar(g["kl"], g[m], xerr=_col(g, "kl_stderr").fillna(0),
-                            yerr=_col(g, f"{m}_stderr").fillna(0), color=colour,
-                            marker=marker, ms=4, lw=1.1, ls=palette.linestyle(method, beta),
-                            elinewidth=0.8, capsize=2, alpha=0.75, zorder=2,
-                            label=label(key) if key not in labelled else None)
-                if key not in labelled:
-                    entries += 1
-                labelled.add(key)
-                last = g.iloc[-1]
-                ax.plot([last["kl"]], [last[m]], ls="none", marker=marker, ms=10,
-                        color=colour, mec="#000000", mew=1.2, zorder=3)
-        if math.isfinite(x_max):
-            ax.set_xlim(ax.get_xlim()[0], x_max)
-        ax.set_xlabel("KL(π ‖ π_ref) [nats per sequence]")
-        ax.set_ylabel(f"{data.reward.name} (mean ± s.e.)")
-        ax.set_title("Reward–KL frontier (large markers: final checkpoints)", fontsize=10)
+        if envelope is not None:
+            for k in sorted(set(envelope["kl_budget"])):
+                ax.axvline(k, color="#999999", lw=0.7, ls=":", zorder=0)
+            families: dict[str, list[str]] = {}
+            for method in sorted(set(envelope["method"])):
+                families.setdefault(_role(data, method), []).append(method)
+            for method, g in envelope.groupby("method", sort=True):
+                g = g.sort_values("kl_budget")
+                role = _role(data, method)
+                colour = FAMILY_COLOURS.get(role, "#777777")
+                style = LINESTYLES[families[role].index(method) % len(LINESTYLES)]
+                ax.plot(g["kl_budget"], g["gold_reward"], color=colour, lw=2.2, ls=style, marker=palette.marker(method), ms=7,
+                        mec="#000000", mew=0.6, zorder=3, label=label(f"{method} ({FAMILY_NAMES.get(role, role)})"))
+                ax.fill_between(g["kl_budget"], g["ci_low"], g["ci_high"], color=colour, alpha=0.12, lw=0, zorder=1)
+                entries += 1
+            x_max = max(x_max if math.isfinite(x_max) else 0.0, 1.05 * float(envelope["kl_budget"].max()))
+        if math.isfinite(x_max) and x_max > 0:
+            ax.set_xlim(-0.02 * x_max, x_max)
+        ax.set_xlabel("KL(π ‖ π_ref) [nats per sequence]; dotted: the KL budgets")
+        ax.set_ylabel(f"{data.reward.name} (test prompts)")
+        ax.set_title("Reward–KL frontier: thick lines read each method's frontier at the budgets (band: 95% interval);\n"
+                     "thin lines join a strength's checkpoints (seed means; lighter: weaker regularisation)", fontsize=9)
         ax.grid(alpha=0.3)
         _legend(ax, entries)
         return fig
@@ -440,7 +469,7 @@ def figures_key(data: RunData) -> str:
     h = hashlib.sha256(matplotlib.__version__.encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         h.update(path.read_bytes())
-    for frame in (data.metrics.drop(columns=["run_id"], errors="ignore"), data.invariance):
+    for frame in (data.metrics.drop(columns=["run_id"], errors="ignore"), data.invariance, data.frontier):
         if frame is not None:
             h.update(",".join(map(str, frame.columns)).encode())
             h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())

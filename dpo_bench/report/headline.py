@@ -185,12 +185,17 @@ def failed_cells(data: RunData) -> list[Finding]:
     return findings
 
 
-def headline(data: RunData, final: pd.DataFrame, configs: pd.DataFrame) -> list[Finding]:
+def headline(data: RunData, final: pd.DataFrame, configs: pd.DataFrame, verdict: list[Finding] | None = None) -> list[Finding]:
+    """The headline, opening with the ``verdict`` (``report.verdict``). With a verdict, the comparisons
+    of final checkpoints below are left out: the verdict draws them on the frontier, between seeds,
+    with the best settings chosen on validation prompts. Runs without one (older run directories)
+    get them."""
     reward = data.reward
     # Without a gold reward the reader must know it before reading any number.
     findings: list[Finding] = [Finding(reward.note, warning=True)] if reward.note else []
+    findings += verdict or []
     findings += failed_cells(data)
-    if not configs.empty:
+    if not configs.empty and not verdict:
         findings += best_overall(configs, reward)
         findings += versus_sft(configs, reward)
         findings += matched_kl(configs, reward)

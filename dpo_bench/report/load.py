@@ -83,6 +83,9 @@ class RunData:
     run: dict[str, Any] = field(default_factory=dict)
     # history.parquet: this run's and earlier runs' final results (absent in older run directories)
     history: pd.DataFrame | None = None
+    # frontier.parquet and comparisons.parquet: gold reward at KL budgets, and the verdict's tests
+    frontier: pd.DataFrame | None = None
+    comparisons: pd.DataFrame | None = None
 
     @property
     def run_id(self) -> str:
@@ -192,6 +195,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         invariance=invariance,
         run=_read_run_json(run_dir / "run.json"),
         history=_read_parquet(run_dir / "history.parquet"),
+        frontier=_read_parquet(run_dir / "frontier.parquet"),
+        comparisons=_read_parquet(run_dir / "comparisons.parquet"),
     )
 
 

@@ -22,7 +22,7 @@ _STAT_COLUMNS = ("value", "stderr", "ci_low", "ci_high", "n")
 
 
 def is_eval_metric(metric: pd.Series) -> pd.Series:
-    return ~metric.str.startswith(("train/", "h2h/", "rm_"))
+    return ~metric.str.startswith(("train/", "h2h/", "rm_", "objective"))
 
 
 def at_unit_temperature(df: pd.DataFrame) -> pd.DataFrame:

@@ -79,7 +79,10 @@ class Task(ABC):
     # --- text <-> tokens ---
     tokenizer: Any
     train_prompts: list[str]
-    eval_prompts: list[str]
+    eval_prompts: list[str]  # the test prompts: every reported number is theirs
+    #: Prompts where a method's best setting is chosen, disjoint from the test prompts; a task
+    #: without them has the frontier's settings chosen on the test prompts (the report says so).
+    val_prompts: list[str] = []
 
     @property
     def pad_id(self) -> int:

@@ -1,12 +1,17 @@
 """The synthetic movie-review corpus of the `sentiment` task.
 
-A seeded generator of short review sentences (an offline stand-in for IMDb), the grammar that
+A seeded generator of short movie reviews (an offline stand-in for IMDb), the grammar that
 produced them (used again as the fluency measure: "could the generator have written this?"),
-review-prefix prompts, and a word-level tokenizer for the policy.
+the prompts cut from them, and a word-level tokenizer for the policy.
 
-Sentiment words are taken from VADER's lexicon, so the gold reward (VADER's compound score, see
-`reward.gold.VaderGold`) reads them; every other word of the grammar is neutral to VADER except
-the intensifiers, which are VADER boosters, and "not", which VADER negates.
+A review is a neutral opening sentence ("we saw the new documentary at the cinema on friday .")
+followed by a body of one or two sentiment-bearing sentences and, sometimes, a closing
+("overall , the film was not good ."). A prompt is the opening, perhaps with the first few
+neutral words of the body, cut before any word VADER reads: writing the sentiment is the
+policy's job, and the gold reward (see `reward.gold.RelativeVaderGold`) scores what it wrote.
+
+Sentiment words are taken from VADER's lexicon; every other word of the grammar is neutral to
+VADER except the intensifiers, which are VADER boosters, and "not", which VADER negates.
 """
 
 from __future__ import annotations
@@ -83,6 +88,30 @@ _SEEM = ["felt", "seemed"]
 _INTENSIFIERS = "really very extremely quite so incredibly totally".split()
 _VERB_INTENSIFIERS = "really absolutely totally completely".split()
 
+# The opening: who watched what, where, when and with whom. Every word is neutral to VADER (a
+# test checks each against the lexicon, the boosters and the negations), which rules out some
+# natural choices: "friend", "friends", "comedy", "horror", "romance", "thriller", "festival",
+# "holidays", "alone" and "original" all carry a valence.
+_RELATIVES = """
+sister brother wife husband roommate dad mom parents kids cousin girlfriend boyfriend partner
+neighbor
+""".split()
+_WATCHED = ["watched", "saw", "rented", "streamed", "caught", "rewatched", "finally watched",
+            "went to see"]
+# Kinds of film that no body sentence names: after "the" the next word tells opening from body.
+_FILM_KINDS = """
+documentary western drama musical mystery adaptation prequel cartoon biopic anime miniseries
+reboot satire fantasy
+""".split()
+_FILM_MODIFIERS = "new latest recent old animated indie french italian japanese korean".split()
+_PLACES = ["at the cinema", "at the theater", "at home", "on netflix", "on the plane",
+           "on my laptop", "on tv", "on the couch"]
+_TIMES = ["last night", "last week", "last weekend", "this weekend", "yesterday", "on friday",
+          "on saturday", "on sunday", "after work", "after dinner"]
+
+OPENING_SLOT_PROBABILITY = 0.5
+"""Probability of each optional slot of an opening (a film modifier, a place, a time, company)."""
+
 
 @functools.lru_cache(maxsize=1)
 def vader_lexicon() -> dict[str, float]:
@@ -90,6 +119,20 @@ def vader_lexicon() -> dict[str, float]:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return dict(SentimentIntensityAnalyzer().lexicon)
+
+
+@functools.lru_cache(maxsize=1)
+def _vader_rule_words() -> frozenset[str]:
+    from vaderSentiment.vaderSentiment import BOOSTER_DICT, NEGATE
+
+    # "but" and "least" have rules of their own in VADER; "!" and "?" add emphasis.
+    return frozenset(BOOSTER_DICT) | frozenset(NEGATE) | {"but", "least", "!", "?"}
+
+
+def vader_reads(word: str) -> bool:
+    """True iff VADER gives `word` a role: a valence in its lexicon, a booster, a negation, or a
+    word or mark with a rule of its own ("but", "least", "!", "?"). Every other word is neutral."""
+    return word in vader_lexicon() or word in _vader_rule_words()
 
 
 def _sentiment_split(candidates: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -145,6 +188,9 @@ class _Words:
         nfa.add_words(start, self.words, end)
         return end
 
+    def max_length(self) -> int:
+        return 1
+
     def vocabulary(self) -> set[str]:
         return set(self.words)
 
@@ -165,6 +211,9 @@ class _Sentiment:
         nfa.add_words(start, self.positive + self.negative, end)
         return end
 
+    def max_length(self) -> int:
+        return 1
+
     def vocabulary(self) -> set[str]:
         return set(self.positive) | set(self.negative)
 
@@ -182,6 +231,9 @@ class _Seq:
         for part in self.parts:
             state = part.compile(nfa, state)
         return state
+
+    def max_length(self) -> int:
+        return sum(part.max_length() for part in self.parts)
 
     def vocabulary(self) -> set[str]:
         return set().union(*(part.vocabulary() for part in self.parts))
@@ -205,6 +257,9 @@ class _Optional:
         nfa.eps[self.body.compile(nfa, entry)].append(exit_)
         return exit_
 
+    def max_length(self) -> int:
+        return self.body.max_length()
+
     def vocabulary(self) -> set[str]:
         return self.body.vocabulary()
 
@@ -226,6 +281,9 @@ class _Alternatives:
             nfa.eps[option.compile(nfa, entry)].append(exit_)
         return exit_
 
+    def max_length(self) -> int:
+        return max(option.max_length() for option in self.options)
+
     def vocabulary(self) -> set[str]:
         return set().union(*(option.vocabulary() for option in self.options))
 
@@ -242,6 +300,9 @@ class _Terminal:
         nfa.add_words(start, (".", "!"), end)
         return end
 
+    def max_length(self) -> int:
+        return 1
+
     def vocabulary(self) -> set[str]:
         return {".", "!"}
 
@@ -253,6 +314,9 @@ class _Probs:
     negation: float
     but: float
     exclaim: float
+    second_sentence: float
+    closing: float
+    opening_slot: float
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -261,12 +325,22 @@ def _check_probability(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
 
 
+def _words(*ws: str) -> _Words:
+    return _Words(tuple(ws))
+
+
+def _phrases(texts: Sequence[str]) -> _Alternatives:
+    """One of several fixed phrases ("went to see", "at the cinema"), chosen uniformly."""
+    return _Alternatives(tuple(_Seq(tuple(_words(w) for w in text.split())) for text in texts))
+
+
 class ReviewGrammar:
-    """Eleven templates of short movie-review sentences, their sampler and an exact recogniser.
+    """Short movie reviews: a neutral opening, a body of sentiment-bearing sentences drawn from
+    ten templates, sometimes a closing; their sampler and an exact recogniser.
 
     Built deterministically from fixed word lists and VADER's lexicon. The recogniser is a lazily
-    determinised NFA compiled from the same template tree that `sample` walks, so `is_sentence`
-    accepts exactly the token sequences `sample` can return (given probabilities in (0, 1)).
+    determinised NFA compiled from the same tree that `sample` walks, so `is_sentence` accepts
+    exactly the token sequences (whole reviews) `sample` can return, given probabilities in (0, 1).
     """
 
     def __init__(
@@ -276,18 +350,24 @@ class ReviewGrammar:
         p_not: float = 0.2,
         p_but: float = 0.2,
         p_exclaim: float = 0.03,
+        p_second_sentence: float = 0.85,
+        p_closing: float = 0.25,
     ) -> None:
         for name, value in [
             ("p_intensifier", p_intensifier),
             ("p_not", p_not),
             ("p_but", p_but),
             ("p_exclaim", p_exclaim),
+            ("p_second_sentence", p_second_sentence),
+            ("p_closing", p_closing),
         ]:
             _check_probability(name, value)
         self.p_intensifier = float(p_intensifier)
         self.p_not = float(p_not)
         self.p_but = float(p_but)
         self.p_exclaim = float(p_exclaim)
+        self.p_second_sentence = float(p_second_sentence)
+        self.p_closing = float(p_closing)
 
         adjectives = _sentiment_split(_ADJECTIVE_CANDIDATES)
         adverbs = _sentiment_split(_ADVERB_CANDIDATES)
@@ -302,12 +382,11 @@ class ReviewGrammar:
             for w in ws
         }
 
-        def words(*ws: str) -> _Words:
-            return _Words(tuple(ws))
-
+        words = _words
         det, noun = words(*_DETERMINERS), words(*_NOUNS)
         be, seem = words(*_BE), words(*_SEEM)
         intensifier = _Optional(words(*_INTENSIFIERS), "intensifier")
+        verb_intensifier = _Optional(words(*_VERB_INTENSIFIERS), "intensifier")
         adjective = _Sentiment(*adjectives)
         adj_phrase = _Seq((intensifier, adjective))
         # "not" only after a copula ("was not good"), never after "felt".
@@ -325,7 +404,7 @@ class ReviewGrammar:
             "but",
         )
         end = _Terminal()
-        self._templates: tuple[_Seq, ...] = (
+        self._sentences: tuple[_Seq, ...] = (
             # the plot was not very good .
             _Seq((det, noun, be, negatable, but_clause, end)),
             # the acting felt really dull .
@@ -333,17 +412,7 @@ class ReviewGrammar:
             # i thought the ending was not bad , but the script felt weak .
             _Seq((words("i"), words("thought"), det, noun, be, negatable, but_clause, end)),
             # i really loved the film .
-            _Seq(
-                (
-                    words("i"),
-                    _Optional(words(*_VERB_INTENSIFIERS), "intensifier"),
-                    _Sentiment(*verbs),
-                    det,
-                    noun,
-                    but_clause,
-                    end,
-                )
-            ),
+            _Seq((words("i"), verb_intensifier, _Sentiment(*verbs), det, noun, but_clause, end)),
             # the movie was very beautifully shot .
             _Seq(
                 (det, words(*_WORKS), be, intensifier, _Sentiment(*adverbs),
@@ -351,8 +420,6 @@ class ReviewGrammar:
             ),
             # the cast performed wonderfully .
             _Seq((det, words(*_CREWS), words("performed"), intensifier, _Sentiment(*adverbs), end)),
-            # overall , the film was not good .
-            _Seq((words("overall"), words(","), det, noun, be, negatable, end)),
             # the ending made me feel so sad .
             _Seq(
                 (det, noun, words("made"), words("me"), words("feel"), intensifier,
@@ -368,37 +435,84 @@ class ReviewGrammar:
                  words("finish"), end)
             ),
         )
+        sentence = _Alternatives(self._sentences)
+        closing = _Alternatives(
+            (
+                # overall , the film was not good .
+                _Seq((words("overall"), words(","), det, noun, be, negatable, end)),
+                # overall , i really enjoyed it .
+                _Seq((words("overall"), words(","), words("i"), verb_intensifier,
+                      _Sentiment(*verbs), words("it"), end)),
+            )
+        )
+
+        def slot(node: object) -> _Optional:
+            return _Optional(node, "opening_slot")
+
+        watched = _phrases(_WATCHED)
+        work = _Seq((det, slot(words(*_FILM_MODIFIERS)), words(*_FILM_KINDS)))
+        where, when = slot(_phrases(_PLACES)), slot(_phrases(_TIMES))
+        relative = words(*_RELATIVES)
+        self._opening = _Alternatives(
+            (
+                # i watched this drama last night with my sister .
+                _Seq((words("i", "we"), watched, work, where, when,
+                      slot(_Seq((words("with"), words("my"), relative))), words("."))),
+                # my brother and i rented the new western at home .
+                _Seq((words("my"), relative, words("and"), words("i"), watched, work, where, when,
+                      words("."))),
+            )
+        )
+        self._review = _Seq(
+            (
+                self._opening,
+                sentence,
+                _Optional(sentence, "second_sentence"),
+                _Optional(closing, "closing"),
+            )
+        )
         self.positive_words = tuple(sorted(w for w, v in self.sentiment_words.items() if v > 0))
         self.negative_words = tuple(sorted(w for w, v in self.sentiment_words.items() if v < 0))
         # Every token the grammar can produce, sorted.
-        self.vocabulary: tuple[str, ...] = tuple(
-            sorted(set().union(*(t.vocabulary() for t in self._templates)))
-        )
+        self.vocabulary: tuple[str, ...] = tuple(sorted(self._review.vocabulary()))
+        # Every token an opening can hold: all neutral to VADER (a test checks it).
+        self.opening_vocabulary: tuple[str, ...] = tuple(sorted(self._opening.vocabulary()))
         self._compile()
 
     @property
     def n_templates(self) -> int:
-        return len(self._templates)
+        """Number of body-sentence templates."""
+        return len(self._sentences)
+
+    @property
+    def max_opening_tokens(self) -> int:
+        """Length of the longest opening, in tokens (its final "." included)."""
+        return self._opening.max_length()
+
+    @property
+    def max_review_tokens(self) -> int:
+        """Length of the longest review, in tokens."""
+        return self._review.max_length()
 
     # -- sampling -------------------------------------------------------------------------------
 
     def sample(self, rng: np.random.Generator, p_positive: float) -> list[str]:
-        """One sentence as a list of tokens; each sentiment slot is positive w.p. p_positive."""
+        """One review as a list of tokens; each sentiment slot is positive w.p. p_positive."""
         _check_probability("p_positive", p_positive)
-        probs = _Probs(p_positive, self.p_intensifier, self.p_not, self.p_but, self.p_exclaim)
+        probs = _Probs(
+            p_positive, self.p_intensifier, self.p_not, self.p_but, self.p_exclaim,
+            self.p_second_sentence, self.p_closing, OPENING_SLOT_PROBABILITY,
+        )
         out: list[str] = []
-        self._templates[int(rng.random() * len(self._templates))].sample(rng, probs, out)
+        self._review.sample(rng, probs, out)
         return out
 
     # -- recognition ----------------------------------------------------------------------------
 
     def _compile(self) -> None:
         nfa = _Nfa()
-        start, accept = nfa.new_state(), nfa.new_state()
-        for template in self._templates:
-            entry = nfa.new_state()
-            nfa.eps[start].append(entry)
-            nfa.eps[template.compile(nfa, entry)].append(accept)
+        start = nfa.new_state()
+        accept = self._review.compile(nfa, start)
         self._nfa = nfa
         self._nfa_accept = accept
         # Lazy subset construction: DFA state i is the NFA state set `_dfa_sets[i]`; -1 is dead.
@@ -448,13 +562,13 @@ class ReviewGrammar:
         return state
 
     def is_sentence(self, tokens: Sequence[str]) -> bool:
-        """True iff `sample` could return exactly this token sequence."""
+        """True iff `sample` could return exactly this token sequence: one whole review."""
         state = self._run(tokens)
         return state >= 0 and self._dfa_accepting[state]
 
     def is_prefix(self, tokens: Sequence[str]) -> bool:
-        """True iff the tokens start some producible sentence (the empty sequence and whole
-        sentences included). Exact because every NFA state lies on a start-to-accept path."""
+        """True iff the tokens start some producible review (the empty sequence and whole
+        reviews included). Exact because every NFA state lies on a start-to-accept path."""
         return self._run(tokens) >= 0
 
 
@@ -467,17 +581,16 @@ class ReviewGrammar:
 class CorpusConfig:
     """How the synthetic review corpus and its prompts are generated."""
 
-    n_sentences: int = 32000
-    """Number of sentences in the corpus."""
+    n_reviews: int = 32000
+    """Number of reviews in the corpus."""
     p_positive: float = 0.47
     """Probability that a sentiment slot takes a positive word; 0.47 puts the corpus mean VADER
-    compound near 0 (measured: -0.005 at seed 0, where 0.45 gives -0.025)."""
+    compound of whole reviews near 0 (measured on 32000 reviews: -0.003 at seed 0, where 0.45
+    gives -0.033 and 0.5 gives +0.044)."""
     seed: int = 0
-    """Seed of the corpus generator."""
-    min_prompt_tokens: int = 2
-    """Shortest review prefix used as a prompt, in tokens."""
-    max_prompt_tokens: int = 8
-    """Longest review prefix used as a prompt, in tokens."""
+    """Seed of the corpus generator and of the prompt split."""
+    max_prompt_body_tokens: int = 5
+    """A prompt is the opening plus up to this many neutral tokens of the first body sentence."""
     p_intensifier: float = 0.35
     """Probability that an optional intensifier ("really", "very", ...) is present."""
     p_not: float = 0.2
@@ -486,84 +599,113 @@ class CorpusConfig:
     """Probability that a sentence carries a ", but ..." clause where its template allows one."""
     p_exclaim: float = 0.03
     """Probability that a sentence ends in "!" rather than "."."""
+    p_second_sentence: float = 0.85
+    """Probability that the body has a second sentence."""
+    p_closing: float = 0.25
+    """Probability that the review ends with an "overall , ..." closing sentence."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_sentences, int) or self.n_sentences < 1:
-            raise ValueError(f"n_sentences must be a positive integer, got {self.n_sentences!r}")
+        if not isinstance(self.n_reviews, int) or self.n_reviews < 1:
+            raise ValueError(f"n_reviews must be a positive integer, got {self.n_reviews!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("p_positive", "p_intensifier", "p_not", "p_but", "p_exclaim"):
+        for name in _GRAMMAR_PROBABILITIES + ("p_positive",):
             _check_probability(name, getattr(self, name))
-        if not isinstance(self.min_prompt_tokens, int) or self.min_prompt_tokens < 1:
-            raise ValueError(
-                f"min_prompt_tokens must be a positive integer, got {self.min_prompt_tokens!r}"
-            )
-        max_tokens = self.max_prompt_tokens
-        if not isinstance(max_tokens, int) or max_tokens < self.min_prompt_tokens:
-            raise ValueError(
-                f"max_prompt_tokens must be an integer >= min_prompt_tokens "
-                f"({self.min_prompt_tokens}), got {self.max_prompt_tokens!r}"
-            )
+        body = self.max_prompt_body_tokens
+        if not isinstance(body, int) or body < 0:
+            raise ValueError(f"max_prompt_body_tokens must be a non-negative integer, got {body!r}")
 
     @property
     def grammar(self) -> ReviewGrammar:
         """The grammar these probabilities describe (cached per distinct setting)."""
-        return _grammar(self.p_intensifier, self.p_not, self.p_but, self.p_exclaim)
+        return _grammar(*(getattr(self, name) for name in _GRAMMAR_PROBABILITIES))
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Length of the longest possible prompt, in tokens."""
+        return self.grammar.max_opening_tokens + self.max_prompt_body_tokens
+
+
+_GRAMMAR_PROBABILITIES = (
+    "p_intensifier", "p_not", "p_but", "p_exclaim", "p_second_sentence", "p_closing",
+)
 
 
 @functools.lru_cache(maxsize=8)
-def _grammar(p_intensifier: float, p_not: float, p_but: float, p_exclaim: float) -> ReviewGrammar:
-    return ReviewGrammar(p_intensifier=p_intensifier, p_not=p_not, p_but=p_but, p_exclaim=p_exclaim)
+def _grammar(*probabilities: float) -> ReviewGrammar:
+    return ReviewGrammar(**dict(zip(_GRAMMAR_PROBABILITIES, probabilities)))
 
 
 def generate_corpus(config: CorpusConfig) -> list[str]:
-    """`config.n_sentences` sentences, tokens joined by single spaces; a function of the config."""
+    """`config.n_reviews` reviews, tokens joined by single spaces; a function of the config."""
     grammar = config.grammar
     rng = np.random.default_rng(config.seed)
-    return [" ".join(grammar.sample(rng, config.p_positive)) for _ in range(config.n_sentences)]
+    return [" ".join(grammar.sample(rng, config.p_positive)) for _ in range(config.n_reviews)]
 
 
 def _hash_key(seed: int, text: str) -> bytes:
     return hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
 
 
-def make_prompts(
-    sentences: Sequence[str],
-    n_train: int,
-    n_eval: int,
-    *,
-    min_tokens: int = 2,
-    max_tokens: int = 8,
-    seed: int = 0,
-) -> tuple[list[str], list[str]]:
-    """Disjoint train and eval prompts: distinct review prefixes of min..max tokens.
+def neutral_lead(tokens: Sequence[str]) -> int:
+    """How many tokens at the start of `tokens` are neutral: before the first word VADER reads
+    (`vader_reads`) or the first punctuation mark."""
+    for i, token in enumerate(tokens):
+        if vader_reads(token) or token in {".", ",", "!"}:
+            return i
+    return len(tokens)
 
-    Each sentence yields at most one prefix, of a length drawn uniformly from
-    [min_tokens, min(max_tokens, len - 1)], so something is always left to complete. The distinct
-    prefixes are ordered by a seeded hash of their text; the first `n_eval` are eval prompts and
-    the next `n_train` train prompts, so the two sets are disjoint as strings.
+
+def prompt_of(review: str, body_tokens: int) -> str:
+    """The review's opening (up to and including its first ".") plus the first `body_tokens`
+    tokens of its body, which must be neutral: a ValueError otherwise."""
+    tokens = review.split()
+    if "." not in tokens:
+        raise ValueError(f"review has no opening sentence (no '.'): {review!r}")
+    opening = tokens.index(".") + 1
+    if body_tokens > neutral_lead(tokens[opening:]):
+        raise ValueError(f"the first {body_tokens} body tokens of {review!r} are not all neutral")
+    return " ".join(tokens[: opening + body_tokens])
+
+
+def make_prompts(
+    reviews: Sequence[str],
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    *,
+    max_body_tokens: int = 5,
+    seed: int = 0,
+) -> tuple[list[str], list[str], list[str]]:
+    """Disjoint train, validation and test prompts: distinct neutral openings of reviews.
+
+    Each review yields one prompt (`prompt_of`): its opening plus k neutral tokens of its body,
+    k drawn uniformly from [0, min(max_body_tokens, neutral lead)], so the prompt stops before
+    any word VADER reads and the completion writes all of the review's sentiment. The distinct
+    prompts are ordered by a seeded hash of their text: the first `n_test` are test prompts, the
+    next `n_val` validation and the next `n_train` train prompts, disjoint as strings (and the
+    test prompts do not change when `n_train` or `n_val` do).
     """
-    if n_train < 0 or n_eval < 0:
-        raise ValueError(f"n_train and n_eval must be non-negative, got {n_train} and {n_eval}")
-    if min_tokens < 1 or max_tokens < min_tokens:
-        raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}")
+    for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if value < 0:
+            raise ValueError(f"{name} must be non-negative, got {value}")
+    if max_body_tokens < 0:
+        raise ValueError(f"max_body_tokens must be non-negative, got {max_body_tokens}")
     rng = np.random.default_rng(seed)
-    prefixes: dict[str, None] = {}
-    for sentence in sentences:
-        tokens = sentence.split()
-        longest = min(max_tokens, len(tokens) - 1)
-        if longest < min_tokens:
-            continue
-        length = int(rng.integers(min_tokens, longest + 1))
-        prefixes.setdefault(" ".join(tokens[:length]), None)
-    needed = n_train + n_eval
-    if len(prefixes) < needed:
+    prompts: dict[str, None] = {}
+    for review in reviews:
+        tokens = review.split()
+        opening = tokens.index(".") + 1 if "." in tokens else 0
+        longest = min(max_body_tokens, neutral_lead(tokens[opening:]))
+        prompts.setdefault(prompt_of(review, int(rng.integers(0, longest + 1))), None)
+    needed = n_train + n_val + n_test
+    if len(prompts) < needed:
         raise ValueError(
-            f"only {len(prefixes)} distinct prefixes of {min_tokens}-{max_tokens} tokens, "
-            f"need n_train + n_eval = {needed}"
+            f"only {len(prompts)} distinct prompts in {len(reviews)} reviews, "
+            f"need n_train + n_val + n_test = {needed}"
         )
-    ordered = sorted(prefixes, key=lambda p: _hash_key(seed, p))
-    return ordered[n_eval:needed], ordered[:n_eval]
+    ordered = sorted(prompts, key=lambda p: _hash_key(seed, p))
+    return ordered[n_test + n_val : needed], ordered[n_test : n_test + n_val], ordered[:n_test]
 
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
@@ -606,5 +748,5 @@ def build_tokenizer(vocabulary: Sequence[str]):
 
 
 def fluent(grammar: ReviewGrammar, prompt: str, completion: str) -> bool:
-    """True iff prompt and completion together form a sentence the grammar could produce."""
+    """True iff prompt and completion together form a whole review the grammar could produce."""
     return grammar.is_sentence((prompt + " " + completion).split())

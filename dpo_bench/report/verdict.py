@@ -1,0 +1,196 @@
+"""The verdict the project exists for, from ``frontier.parquet`` and ``comparisons.parquet``: RLHF
+against the DPO family at fixed KL budgets, each method's frontier at those budgets, and what the
+numbers rest on (seeds, prompts, correction, dropped pairs, truncation).
+
+Sentences are unescaped text; the markdown and HTML renderers escape them.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from . import fmt
+from .headline import Finding
+from .load import REFERENCE_METHOD, RunData
+from .tables import Cell, Table
+
+ALPHA = 0.05
+ROLE_NAMES = {"rlhf": "RLHF", "direct": "DPO family", "oracle": "oracle", "inference": "inference-time baseline",
+              "baseline": "supervised baseline", "reference": "reference"}
+CORRECTIONS = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
+
+
+def _budget(k: float) -> str:
+    return f"{k:g} nat" + ("" if k == 1 else "s")
+
+
+def _role(data: RunData, method: str) -> str:
+    info = (data.run.get("methods") or {}).get(method)
+    return str(info.get("role", "direct")) if isinstance(info, dict) else "direct"
+
+
+def _display(data: RunData, method: str) -> str:
+    role = _role(data, method)
+    return f"{method} ({ROLE_NAMES[role]})" if role in ("oracle", "inference", "rlhf") else method
+
+
+def verdict_findings(data: RunData) -> list[Finding]:
+    """The headline's opening: RLHF against each DPO-family method at every budget both reach."""
+    comparisons, frontier = data.comparisons, data.frontier
+    if frontier is None or frontier.empty:
+        return []
+    config = (data.run.get("config") or {}).get("verdict") or {}
+    rlhf = str(config.get("rlhf", "ppo"))
+    findings: list[Finding] = []
+    if comparisons is None or comparisons.empty:
+        reached = set(frontier["method"])
+        why = (f"the grid has no '{rlhf}' entry" if rlhf not in reached
+               else "no method of the DPO family shares a KL budget with it in every seed")
+        findings.append(Finding(f"No verdict on RLHF against the DPO family: {why}.", warning=True))
+    else:
+        correction = CORRECTIONS.get(str(comparisons["correction"].iloc[0]), str(comparisons["correction"].iloc[0]))
+        for other, g in comparisons.groupby("method_b", sort=True):
+            parts, better, worse = [], [], []
+            for _, r in g.sort_values("kl_budget").iterrows():
+                significant = fmt.finite(r["p_adjusted"]) and r["p_adjusted"] < ALPHA
+                if significant:
+                    (better if r["diff"] > 0 else worse).append(_budget(r["kl_budget"]))
+                parts.append(f"at {_budget(r['kl_budget'])} {fmt.signed(r['diff'])} "
+                             f"[{fmt.num(r['ci_low'])}, {fmt.num(r['ci_high'])}], {correction} {fmt.pvalue(r['p_adjusted'])}")
+            if better or worse:
+                claim = "; ".join(s for s in (f"RLHF ({rlhf}) is ahead of {other} at {', '.join(better)}" if better else "",
+                                              f"{other} is ahead of RLHF ({rlhf}) at {', '.join(worse)}" if worse else "") if s)
+            else:
+                claim = f"The evidence does not separate RLHF ({rlhf}) from {other} at any budget both reach"
+            findings.append(Finding(f"{claim}. Gold reward difference {rlhf} − {other} on the test prompts: {'; '.join(parts)}."))
+    findings += _baselines(data, frontier)
+    findings += objective_findings(data)
+    findings += _evidence(data, comparisons)
+    return findings
+
+
+def objective_findings(data: RunData) -> list[Finding]:
+    """Each RLHF cell on its own objective E[r̂] − c·KL: below a best-of-N from the reference at the
+    same c, it has not converged, and its gold reward says little about RLHF yet."""
+    rows = data.metrics[data.metrics["metric"].str.startswith("objective")]
+    if rows.empty:
+        return []
+    out, converged = [], 0
+    for (method, c, seed), g in rows.groupby(["method", "beta", "seed"], sort=True):
+        own = g[g["metric"] == "objective"]
+        if own.empty:
+            continue
+        value = float(own["value"].iloc[0])
+        beaten = g[g["metric"].str.startswith("objective/best_of_n") & (g["value"] > value)]
+        if beaten.empty:
+            converged += 1
+            continue
+        top = beaten.loc[beaten["value"].idxmax()]
+        out.append(Finding(
+            f"NOT CONVERGED: {data.config_label(method, c)}, seed {int(seed)}: its objective E[r̂] − c·KL is "
+            f"{fmt.pm(value, own['stderr'].iloc[0])}, below {top['metric'].removeprefix('objective/')}'s "
+            f"{fmt.pm(top['value'], top['stderr'])} at the same c; its gold reward says little about RLHF.", warning=True))
+    if converged and not out:
+        out.append(Finding(f"Every RLHF cell ({converged}) scores above every best-of-N on its own objective E[r̂] − c·KL "
+                           "(c its kl_coef, r̂ the learned reward model)."))
+    return out
+
+
+def _baselines(data: RunData, frontier: pd.DataFrame) -> list[Finding]:
+    """Where the oracle and the inference-time baseline stand: shown, not competing."""
+    out = []
+    for method, g in frontier.groupby("method", sort=True):
+        role = _role(data, method)
+        if role not in ("oracle", "inference"):
+            continue
+        top = g.sort_values("kl_budget").iloc[-1]
+        out.append(Finding(
+            f"{method} is {'an oracle (it optimises the gold reward itself)' if role == 'oracle' else 'an inference-time baseline (no training)'}, "
+            f"shown for scale, not as a competitor: at {_budget(top['kl_budget'])} it reaches {fmt.num(top['gold_reward'])} "
+            f"[{fmt.num(top['ci_low'])}, {fmt.num(top['ci_high'])}]."))
+    return out
+
+
+def _evidence(data: RunData, comparisons: pd.DataFrame | None) -> list[Finding]:
+    """What the verdict rests on: seeds, prompts, the test, the correction; dropped pairs; truncation."""
+    run = data.run
+    seeds = run.get("seeds") or sorted(set(data.metrics["seed"]))
+    config = run.get("config") or {}
+    task = config.get(run.get("task", ""), {}) or {}
+    text = (f"{len(seeds)} whole-pipeline seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}): each trains its own "
+            "SFT model, preference data, reward model and policies (the task's prompts are shared). Each method's frontier "
+            "is the upper envelope of its strengths and checkpoints, with the SFT model at KL 0, chosen on "
+            f"{task.get('n_val_prompts', 'the validation')} validation prompts and read on {task.get('n_eval_prompts', 'the')} "
+            "test prompts; intervals are a bootstrap over seeds, then prompts")
+    if comparisons is not None and not comparisons.empty:
+        test = str(comparisons["test"].iloc[0])
+        correction = CORRECTIONS.get(str(comparisons["correction"].iloc[0]), "")
+        text += f"; differences are paired on prompts within a seed and tested between seeds ({test}), {correction}-corrected over {len(comparisons)} claims"
+    out = [Finding(text + ".", warning=len(seeds) < 2)]
+    pipelines = run.get("pipelines") or {}
+    drops = []
+    for seed, info in pipelines.items():
+        prefs = (info or {}).get("preferences") or {}
+        if prefs:
+            drops.append((seed, prefs.get("n_pairs", 0), prefs.get("n_prompts", 0), prefs.get("n_dropped_ties", 0),
+                          prefs.get("n_dropped_repeats", 0)))
+    if drops:
+        out.append(Finding("Preference data per seed (pairs kept from prompts; pairs dropped as tied / identical): "
+                           + "; ".join(f"seed {s}: {n:,} from {p:,}; {t:,} / {r:,}" for s, n, p, t, r in drops) + "."))
+    trunc = data.metrics[(data.metrics["metric"] == "truncated") & (data.metrics["temperature"] == 1.0)]
+    if not trunc.empty:
+        last = trunc[trunc["step"] == trunc.groupby(["method", "beta", "seed"], dropna=False)["step"].transform("max")]
+        ref = last[last["method"] == REFERENCE_METHOD]["value"]
+        worst = last.loc[last["value"].idxmax()]
+        out.append(Finding(
+            f"Completions cut at the length limit without EOS: SFT {fmt.num(100 * ref.mean(), 2)}%"
+            f"; at most {fmt.num(100 * worst['value'], 2)}% for a final policy ({data.config_label(worst['method'], worst['beta'])}, "
+            f"seed {int(worst['seed'])}).", warning=bool(worst["value"] > 0.05)))
+    length = data.metrics[(data.metrics["metric"] == "length") & (data.metrics["method"] == REFERENCE_METHOD)]
+    if not length.empty:
+        out.append(Finding(f"The SFT model's completions average {fmt.num(length['value'].mean(), 3)} tokens on the test prompts."))
+    return out
+
+
+def frontier_table(data: RunData) -> Table | None:
+    """Gold reward at each KL budget, per method (rows) and budget (columns), with its interval."""
+    frontier = data.frontier
+    if frontier is None or frontier.empty:
+        return None
+    budgets = sorted(set(frontier["kl_budget"]))
+    order = {"rlhf": 0, "direct": 1, "baseline": 2, "inference": 3, "oracle": 4}
+    methods = sorted(set(frontier["method"]), key=lambda m: (order.get(_role(data, m), 1), m))
+    rows = []
+    for method in methods:
+        g = frontier[frontier["method"] == method].set_index("kl_budget")
+        row = [Cell(_display(data, method))]
+        for k in budgets:
+            if k in g.index:
+                r = g.loc[k]
+                row.append(Cell(f"{fmt.num(r['gold_reward'])} [{fmt.num(r['ci_low'])}, {fmt.num(r['ci_high'])}]",
+                                sort=float(r["gold_reward"])))
+            else:
+                row.append(Cell("not reached"))
+        rows.append(row)
+    return Table(["method"] + [f"KL ≤ {k:g}" for k in budgets], rows,
+                 "Gold reward on the test prompts at each KL budget (nats), read on each method's frontier: the mean over "
+                 "seeds, with a 95% bootstrap interval over seeds and prompts. 'not reached': some seed's policies never "
+                 "reach that KL, and a frontier is never extrapolated.")
+
+
+def comparisons_table(data: RunData) -> Table | None:
+    comparisons = data.comparisons
+    if comparisons is None or comparisons.empty:
+        return None
+    correction = CORRECTIONS.get(str(comparisons["correction"].iloc[0]), "")
+    rows = []
+    for _, r in comparisons.sort_values(["method_b", "kl_budget"]).iterrows():
+        significant = fmt.finite(r["p_adjusted"]) and r["p_adjusted"] < ALPHA
+        rows.append([Cell(f"{r['method_a']} − {r['method_b']}"), Cell(f"{r['kl_budget']:g}", sort=float(r["kl_budget"])),
+                     Cell(fmt.signed(r["diff"]), significant, float(r["diff"])),
+                     Cell(f"[{fmt.num(r['ci_low'])}, {fmt.num(r['ci_high'])}]"),
+                     Cell(fmt.pvalue(r["p"]), sort=float(r["p"])), Cell(fmt.pvalue(r["p_adjusted"]), significant, float(r["p_adjusted"])),
+                     Cell(str(int(r["n_seeds"])))])
+    return Table(["comparison", "KL budget", "difference", "95% interval", "p", f"p ({correction})", "seeds"], rows,
+                 f"Paired differences of test gold reward at each budget; p adjusted by {correction} across every row; "
+                 f"bold: adjusted p < {ALPHA}.")

@@ -1,0 +1,132 @@
+"""The verdict: each method's reward-KL frontier across seeds, and RLHF against the DPO family at
+fixed KL budgets.
+
+Inputs are the cells' per-prompt results (``per_prompt.parquet``: every checkpoint's gold reward
+and KL on the validation and test prompts). A method's points are its (strength, checkpoint)
+pairs; its frontier is their upper envelope with the reference at KL 0 (``frontier.py``), chosen
+on validation prompts and read on test prompts. Conclusions are drawn between seeds, paired on the
+prompts within a seed, and corrected for the number of claims (Holm by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from .configs import ConfigError, field, positive
+from .evaluate import benjamini_hochberg, estimate_from_samples, holm
+from .frontier import compare_at_budgets, frontier_table
+
+COMPARISON_COLUMNS = ["method_a", "method_b", "kl_budget", "diff", "ci_low", "ci_high", "p", "p_adjusted", "correction",
+                      "test", "n_seeds", "gold_a", "gold_b"]
+
+
+@dataclass(frozen=True)
+class VerdictConfig:
+    """How the frontier is read and what the headline's verdict compares."""
+
+    kl_budgets: tuple[float, ...] = field((0.25, 0.5, 1.0, 2.0, 4.0), "KL budgets (nats) at which every frontier is read")
+    rlhf: str = field("ppo", "the grid entry (name) that stands for RLHF in the verdict")
+    correction: Literal["holm", "bh"] = field("holm", "multiplicity correction across the verdict's claims: Holm "
+                                                       "(family-wise error) or Benjamini-Hochberg (false discovery rate)")
+    n_bootstrap: int = field(1000, "bootstrap draws (over seeds, then prompts) for the frontier's intervals")
+
+    def __post_init__(self) -> None:
+        if not self.kl_budgets or any(not np.isfinite(b) or b <= 0 for b in self.kl_budgets):
+            raise ConfigError(f"kl_budgets must be positive numbers, got {list(self.kl_budgets)}")
+        if list(self.kl_budgets) != sorted(set(self.kl_budgets)):
+            raise ConfigError(f"kl_budgets must be increasing and distinct, got {list(self.kl_budgets)}")
+        positive("n_bootstrap", self.n_bootstrap)
+
+
+def collect_per_prompt(paths: list[Path]) -> pd.DataFrame:
+    """The cells' ``per_prompt.parquet`` files, stacked (cells that wrote none are skipped)."""
+    frames = [pd.read_parquet(p) for p in paths if p.exists()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def frontier_inputs(per_prompt: pd.DataFrame, reference: str = "sft") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(points, anchor) in the form ``frontier.frontier_table`` reads.
+
+    points: ``method, seed, point, split, prompt, gold, kl``, one row per prompt of every checkpoint of
+    every strength (``point`` names the strength and step); anchor: the reference's ``seed, split,
+    prompt, gold``. Rows with a non-finite KL (a policy that cannot give one) are left out.
+    """
+    frame = per_prompt.rename(columns={"reward": "gold", "prompt_index": "prompt"})
+    if not (frame["split"] == "val").any():
+        # A task without validation prompts: settings are chosen on the test prompts themselves.
+        frame = pd.concat([frame, frame[frame["split"] == "test"].assign(split="val")], ignore_index=True)
+    is_ref = frame["method"] == reference
+    anchor = frame.loc[is_ref, ["seed", "split", "prompt", "gold"]].reset_index(drop=True)
+    points = frame[~is_ref & np.isfinite(frame["kl"].astype(float))].copy()
+    points["point"] = points["beta"].map(lambda b: "" if pd.isna(b) else f"{b:g}") + "@" + points["step"].astype(str)
+    return points[["method", "seed", "point", "split", "prompt", "gold", "kl"]].reset_index(drop=True), anchor
+
+
+def verdict_comparisons(points: pd.DataFrame, anchor: pd.DataFrame, roles: dict[str, str], config: VerdictConfig) -> pd.DataFrame:
+    """RLHF against every method of the DPO family (role "direct") at each budget both reach in every
+    seed: paired difference of test gold reward (a − b), its interval and p-value over seeds, and the
+    p-value adjusted across all these claims."""
+    methods = set(points["method"])
+    if config.rlhf not in methods:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    rows = []
+    for other in sorted(m for m in methods if roles.get(m) == "direct"):
+        table = compare_at_budgets(points, anchor, config.rlhf, other, list(config.kl_budgets))
+        rows += [{"method_a": config.rlhf, "method_b": other, **r} for r in table.to_dict("records")]
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    adjust = holm if config.correction == "holm" else benjamini_hochberg
+    out["p_adjusted"] = adjust(out["p"].to_numpy(dtype=float))
+    out["correction"] = config.correction
+    return out.reindex(columns=COMPARISON_COLUMNS + [c for c in out.columns if c not in COMPARISON_COLUMNS])
+
+
+def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], reference: str = "sft") -> pd.DataFrame:
+    """Each RLHF cell checked on its own objective E[r̂] − c·KL (r̂ the learned reward model's score,
+    c its kl_coef), on the test prompts at its final checkpoint, beside the SFT model's and every
+    best-of-N's at the same c (best-of-N with its estimated KL). The regularised optimum scores at
+    least as high as any policy, so a cell below a best-of-N from the reference has not converged.
+
+    Rows in the metrics' columns on the cell's keys: ``objective`` (the cell's), ``objective/sft``
+    and ``objective/<best-of-N cell>``, with standard errors over prompts.
+    """
+    columns = ["method", "beta", "seed", "step", "temperature", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
+    test = per_prompt[per_prompt["split"] == "test"] if not per_prompt.empty else per_prompt
+    rows = []
+    for (method, c, seed), cell in test.groupby(["method", "beta", "seed"]):
+        if roles.get(method) != "rlhf":
+            continue
+        final = cell[cell["step"] == cell["step"].max()]
+        same_seed = test[test["seed"] == seed]
+        others = {"objective": final}
+        others[f"objective/{reference}"] = same_seed[same_seed["method"] == reference]
+        for (other, n), g in same_seed[same_seed["method"].map(roles.get) == "inference"].groupby(["method", "beta"]):
+            others[f"objective/{other} (N={n:g})"] = g[g["step"] == g["step"].max()]
+        for metric, g in others.items():
+            values = (g["proxy_reward"] - c * g["kl"].fillna(0.0)).to_numpy(dtype=float)
+            if not len(values) or not np.isfinite(values).all():
+                continue
+            est = estimate_from_samples(values)
+            rows.append({"method": method, "beta": c, "seed": seed, "step": int(final["step"].iloc[0]), "temperature": 1.0,
+                         "metric": metric, "value": est.value, "stderr": est.stderr, "ci_low": est.ci_low,
+                         "ci_high": est.ci_high, "n": est.n})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def verdict_frames(per_prompt: pd.DataFrame, roles: dict[str, str], config: VerdictConfig,
+                   reference: str = "sft") -> dict[str, pd.DataFrame]:
+    """The run's ``frontier`` and ``comparisons`` tables (empty without the reference's cell, the
+    frontier's anchor)."""
+    if per_prompt.empty or not (per_prompt["method"] == reference).any():
+        return {}
+    points, anchor = frontier_inputs(per_prompt, reference)
+    frontier = frontier_table(points, anchor, list(config.kl_budgets), n_boot=config.n_bootstrap, seed=0)
+    frontier["role"] = frontier["method"].map(lambda m: roles.get(m, "direct"))
+    frontier["chosen_on"] = "val" if (per_prompt["split"] == "val").any() else "test"
+    return {"frontier": frontier, "comparisons": verdict_comparisons(points, anchor, roles, config)}
