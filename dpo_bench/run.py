@@ -342,8 +342,9 @@ def run_benchmark(
 
 
 def seed_label(config: BenchConfig, seed: int) -> str:
-    """What timings and logs append to a shared stage's name: its pipeline seed, when there are several."""
-    return f" seed={seed}" if len(config.pipeline_seeds) > 1 else ""
+    """What timings and logs append to a shared stage's name: its pipeline seed, when there are several
+    (", seed 1": a cell's label says "seed=1", and the reference's cell is named like its stage)."""
+    return f", seed {seed}" if len(config.pipeline_seeds) > 1 else ""
 
 
 def plan_stages(bench: Bench, timings: Timings, say: Callable[[str], None] = lambda _m: None,

@@ -11,18 +11,18 @@ a time in the flow's process.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import nullcontext
 from functools import partial
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
-from dpo_bench.run import RunLock, Timings, finish_run, seed_label, start_run, upstream_for
+from dpo_bench.run import RunLock, Timings, finish_run, plan_stages, seed_label, start_run, upstream_for
 from dpo_bench.stages import (
     Bench, Stage, Upstream, build_candidates, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, run_job,
     samples_preferences, train_rm, train_sft, worker_jobs,
@@ -155,71 +155,54 @@ def benchmark_flow(
     Grid cells and the jobs beside them (the checks' own stages, the grid's own preference data)
     run on a local Dask cluster of ``workers`` processes (None: one per core when that pays,
     decided on the machine running the flow; 0: one at a time in this process), or on the Dask
-    scheduler at ``dask_address``. Scheduled runs get the
-    same workers as ``dpo-bench run``: the flow starts the cluster itself.
+    scheduler at ``dask_address``. Scheduled runs get the same workers as ``dpo-bench run``: the
+    flow starts the cluster itself. The first seed's shared stages run in this process; with
+    workers, the later seeds' run on them, one pipeline a worker, while this process finishes the
+    first seed's, so that no more processes than cores are busy.
     """
     bench_config: BenchConfig = from_dict_config(config)
     logger = get_run_logger()
     bench, run_dir, run_id, started, started_at = start_run(bench_config, reports_dir, run_id, cache_dir, use_cache, progress)
     timings = Timings()
     n_workers = 0 if dask_address else resolve_workers(workers, bench_config)
-    seeds = bench_config.pipeline_seeds
+    first, *later = bench_config.pipeline_seeds
     with RunLock(run_dir):
         logger.info("run %s: task %s, pipeline seeds %s, %d cells, cache %s", run_id, bench_config.task,
-                    ", ".join(map(str, seeds)), len(bench_config.cells()), bench.cache_dir)
-        pipelines: dict[int, dict[str, Stage | None]] = {}
-        submitted: list[tuple[Cell, Any]] = []
-        done: list[tuple[Cell, Stage]] = []
-        jobs: dict[tuple[int, str], Any] = {}
-        runner = None
-        with ExitStack() as stack:
-            for seed in seeds:
-                seeded, suffix = bench.for_seed(seed), seed_label(bench_config, seed)
-                stages: dict[str, Stage | None] = {}
-                pipelines[seed] = stages
-                record = partial(_record, timings, suffix)
-
-                stages["task"] = record(prepare_task_task(seeded))
-                stages["sft"] = record(train_sft_task(seeded, stages["task"]))
-                stages["ref_eval"] = record(reference_eval_task(seeded, stages["task"], stages["sft"]))
-                if runner is None and (n_workers or dask_address):
-                    # The cluster starts after the first SFT, which needs every core; workers get their
-                    # share of threads. Threads are in no cache key: they change where cells run, not what
-                    # they compute.
-                    threads = worker_threads(n_workers, bench_config)
-                    worker = replace(bench, config=replace(bench_config, threads=threads)) if threads else bench
-                    runner = stack.enter_context(task_runner_for(n_workers, dask_address))
-                    logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads")
-                seeded_worker = worker.for_seed(seed) if runner is not None else seeded
-                checks = seed == seeds[0]  # the invariance checks read the first pipeline's stages
-                submit_jobs = partial(_submit_jobs, runner, jobs, seed, seeded_worker, stages, checks)
-
-                if runner is not None:
-                    # The jobs that need only the SFT model (the Lemma 2 PPO runs, the grid's own
-                    # preference variants) start now, on the workers, while this process samples the
-                    # preference candidates; those that label the candidates start once they exist.
-                    submit_jobs()
-                stages["candidates"] = (record(candidates_task(seeded, stages["task"], stages["sft"]))
-                                        if samples_preferences(seeded) else None)
-                if runner is not None:
-                    submit_jobs()
-                stages["preferences"] = record(preferences_task(seeded, stages["task"], stages["sft"], stages["candidates"]))
-                stages["ref_logps"] = (
-                    record(reference_logps_task(seeded, stages["task"], stages["sft"], stages["preferences"]))
-                    if bench_config.needs() & {"preferences", "rankings"} else None
-                )
-                stages["reward_model"] = record(reward_model_task(seeded, stages["task"], stages["sft"], stages["preferences"]))
-                cells = seeded.config.cells()
-                if runner is not None:
-                    # This seed's cells train on the workers while this process builds the next seed's pipeline.
-                    submitted += [(cell, runner.submit(cell_task, {"bench": seeded_worker, "cell": cell,
-                                                                   "upstream": upstream_for(cell, stages), "label": cell.label}))
-                                  for cell in cells]
-                else:
-                    # One cell at a time: torch already uses every core, and threads would share its RNG state.
-                    done += [(cell, timings.record(cell_task(seeded, cell, upstream_for(cell, stages), cell.label), cell.label))
-                             for cell in cells]
-            done += [(cell, timings.record(f.result(), cell.label)) for cell, f in submitted]
+                    ", ".join(map(str, bench_config.pipeline_seeds)), len(bench_config.cells()), bench.cache_dir)
+        record = partial(_record, timings, seed_label(bench_config, first))
+        seeded = bench.for_seed(first)
+        stages: dict[str, Stage | None] = {"task": record(prepare_task_task(seeded))}
+        stages["sft"] = record(train_sft_task(seeded, stages["task"]))
+        stages["ref_eval"] = record(reference_eval_task(seeded, stages["task"], stages["sft"]))
+        pipelines: dict[int, dict[str, Stage | None]] = {first: stages}
+        # The cluster starts after the first SFT, which needs every core; workers get their share of
+        # threads. Threads are in no cache key: they change where cells run, not what they compute.
+        threads = worker_threads(n_workers, bench_config)
+        worker = replace(bench, config=replace(bench_config, threads=threads)) if threads else bench
+        runner = task_runner_for(n_workers, dask_address)
+        with runner if runner is not None else nullcontext():
+            jobs: dict[tuple[int, str], Any] = {}
+            submitted: list[tuple[Cell, Any]] = []
+            if runner is None:
+                _first_pipeline(seeded, stages, record, None, jobs)
+                done = _cells_here(seeded, stages, timings)
+                for seed in later:
+                    pipelines[seed], stage_seconds = pipeline_task(bench.for_seed(seed), seed)
+                    timings.stages.update(stage_seconds)
+                    done += _cells_here(bench.for_seed(seed), pipelines[seed], timings)
+            else:
+                logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads")
+                # The later seeds' pipelines build on the workers, one each, while this process finishes
+                # the first seed's: then the first seed's cells, then each later seed's as its pipeline ends.
+                futures = {seed: runner.submit(pipeline_task, {"bench": worker.for_seed(seed), "seed": seed}) for seed in later}
+                _first_pipeline(seeded, stages, record, partial(_submit_jobs, runner, jobs, first, worker.for_seed(first), stages, True), jobs)
+                submitted += _submit_cells(runner, worker.for_seed(first), stages)
+                for seed, future in futures.items():
+                    pipelines[seed], stage_seconds = future.result()
+                    timings.stages.update(stage_seconds)
+                    _submit_jobs(runner, jobs, seed, worker.for_seed(seed), pipelines[seed], False)
+                    submitted += _submit_cells(runner, worker.for_seed(seed), pipelines[seed])
+                done = [(cell, timings.record(f.result(), cell.label)) for cell, f in submitted]
             for (seed, job), f in jobs.items():
                 pipelines[seed][f"job:{job}"] = timings.record(f.result(), job + seed_label(bench_config, seed))
         paths = report_task(bench, run_dir, run_id, pipelines, done, timings, started, started_at, {"orchestrator": "prefect"},
@@ -233,6 +216,46 @@ def benchmark_flow(
 
 def _record(timings: Timings, suffix: str, stage: Stage) -> Stage:
     return timings.record(stage, stage.name + suffix)
+
+
+def _first_pipeline(bench: Bench, stages: dict, record: Callable[[Stage], Stage], submit_jobs: Callable[[], None] | None,
+                    jobs: dict) -> None:
+    """The first seed's stages after its reference evaluation, in this process, as Prefect tasks.
+    With workers, the jobs that need only the SFT model (the Lemma 2 PPO runs, the grid's own
+    preference variants) start on them now, while this process samples the preference candidates;
+    those that label the candidates start once they exist."""
+    if submit_jobs:
+        submit_jobs()
+    stages["candidates"] = record(candidates_task(bench, stages["task"], stages["sft"])) if samples_preferences(bench) else None
+    if submit_jobs:
+        submit_jobs()
+    stages["preferences"] = record(preferences_task(bench, stages["task"], stages["sft"], stages["candidates"]))
+    stages["ref_logps"] = (record(reference_logps_task(bench, stages["task"], stages["sft"], stages["preferences"]))
+                           if bench.config.needs() & {"preferences", "rankings"} else None)
+    stages["reward_model"] = record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
+
+
+@task(name="pipeline", task_run_name="pipeline[seed={seed}]", cache_policy=NONE)
+def pipeline_task(bench: Bench, seed: int) -> tuple[dict, dict[str, float]]:
+    """One later seed's shared stages (SFT, reference evaluation, preferences, reward model): (its
+    stages, their seconds). On a worker when there are workers, while the first seed's cells train."""
+    timings = Timings()
+    stages = plan_stages(bench, timings, suffix=f", seed {seed}")
+    for name, stage in stages.items():
+        if stage is not None:
+            _logged(stage, f"{name}, seed {seed}")
+    return stages, timings.stages
+
+
+def _cells_here(bench: Bench, stages: dict, timings: Timings) -> list[tuple[Cell, Stage]]:
+    """One cell at a time in this process: torch already uses every core, and threads would share its RNG state."""
+    return [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label))
+            for cell in bench.config.cells()]
+
+
+def _submit_cells(runner: Any, bench: Bench, stages: dict) -> list[tuple[Cell, Any]]:
+    return [(cell, runner.submit(cell_task, {"bench": bench, "cell": cell, "upstream": upstream_for(cell, stages), "label": cell.label}))
+            for cell in bench.config.cells()]
 
 
 def _submit_jobs(runner: Any, jobs: dict, seed: int, bench: Bench, stages: dict, checks: bool) -> None:

@@ -79,11 +79,11 @@ def test_default_workers_follow_the_grid_the_task_and_the_machine(monkeypatch):
     from dpo_bench.bench import load_config
     from pipelines.workers import resolve_workers, worker_threads
 
-    default, quick = load_config("default"), load_config("quick")
+    default, quick = load_config("default"), load_config("quick", overrides={"seed": 0})
     bandit = load_config("default", overrides={"task": "bandit"})
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert resolve_workers(None, default) == 2 and worker_threads(2, default) == 1
-    assert resolve_workers(None, quick) == 0  # 3 cells: starting workers does not pay
+    assert resolve_workers(None, quick) == 0  # one seed of 3 cells: starting workers does not pay
     assert resolve_workers(None, bandit) == 0  # table policies
     assert resolve_workers(3, quick) == 3 and worker_threads(0, quick) == 0
     monkeypatch.setattr("os.cpu_count", lambda: 1)
@@ -100,3 +100,14 @@ def test_default_workers_follow_the_grid_the_task_and_the_machine(monkeypatch):
 def test_negative_workers_are_refused_before_anything_starts(command, capsys):
     assert main([*command, "--preset", "quick", "--workers", "-1"]) == 2
     assert "dpo-bench: --workers must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_seeds_on_the_command_line_are_whole_pipelines(capsys):
+    assert main(["check-config", "--preset", "quick", "--seeds", "3,4"]) == 0
+    out = capsys.readouterr().out
+    assert "dpo β=0.5 seed=3" in out and "ppo kl_coef=0.1 seed=4" in out and "seed=0" not in out
+    assert main(["check-config", "--preset", "quick", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "dpo β=0.5 seed=7" in out and "seed=1" not in out
+    assert main(["check-config", "--preset", "quick", "--seeds", "0,one"]) == 2
+    assert "--seeds: expected comma-separated non-negative integers such as 0,1,2, got '0,one'" in capsys.readouterr().err

@@ -29,11 +29,11 @@ def test_default_preset_sweeps_three_strengths_per_method():
     assert values and all(len(v) >= 3 for v in values.values()), values
 
 
-def test_default_preset_compares_its_questions_at_equal_training_budgets():
-    """The reading notes' questions hold everything but the one factor fixed: PL on K-wise
-    rankings sees as many labelled completions per step and passes over its data as pairwise DPO,
-    and the frozen variant differs from its base only in the frozen block."""
-    config = load_config("default")
+def test_full_preset_compares_its_questions_at_equal_training_budgets():
+    """The reading notes' questions hold everything but the one factor fixed: PL ranks the same four
+    completions a prompt that pairwise DPO reads as six pairs, and sees as many completions per
+    step; the frozen variant differs from its base only in the frozen block."""
+    config = load_config("full")
     entries = {e.name or e.method: e for e in config.grid}
     q = config.questions
 
@@ -46,8 +46,9 @@ def test_default_preset_compares_its_questions_at_equal_training_budgets():
 
     (_, pl, k_pl, n_pl), (_, pw, k_pw, n_pw) = optim(q.pl_listwise), optim(q.pl_pairwise)
     assert (pl.lr, pl.steps, pl.warmup_steps) == (pw.lr, pw.steps, pw.warmup_steps)
-    assert pl.batch_size * k_pl == pw.batch_size * k_pw  # labelled completions per step
-    assert n_pl * k_pl == n_pw * k_pw  # labelled completions in the data
+    assert pl.batch_size * k_pl == pw.batch_size * 2  # completions per step: rankings of K, pairs of 2
+    assert (n_pl, k_pl) == (n_pw, k_pw)  # the same sampled completions, ranked or paired
+    assert entries[q.pl_listwise].preferences == {"labels": "plackett_luce"}
     (frozen, fc, *_), (base, bc, *_) = optim(q.freeze_frozen), optim(q.freeze_base)
     assert fc == bc and frozen.freeze_blocks and not base.freeze_blocks
     assert set(frozen.values) <= set(base.values)
@@ -99,7 +100,7 @@ def test_toml_file_overrides_its_preset_and_replaces_the_grid(tmp_path):
     path.write_text('preset = "quick"\nseed = 7\n[sft]\nsteps = 5\n[[grid]]\nmethod = "ipo"\nvalues = [0.2, 0.4]\n')
     config = load_config(None, path)
     assert config.preset == "quick" and config.seed == 7 and config.sft.steps == 5
-    assert config.sentiment.n_reviews == 8000  # from the preset
+    assert config.sentiment.n_reviews == 4000  # from the preset
     assert [c.label for c in config.cells()] == ["ipo β=0.2 seed=7", "ipo β=0.4 seed=7"]
 
 
@@ -117,7 +118,7 @@ def test_a_files_keys_override_its_presets_task_overrides(tmp_path):
     path.write_text('preset = "quick"\ntask = "bandit"\n\n[[grid]]\nmethod = "dpo"\nvalues = [0.3]\n\n'
                     '[task_overrides.bandit.evaluation]\nn_checkpoints = 1\n')
     config = load_config(path=path)
-    assert [c.label for c in config.cells()] == ["dpo β=0.3 seed=0"]
+    assert [c.label for c in config.cells()] == ["dpo β=0.3 seed=0", "dpo β=0.3 seed=1"]
     assert config.reward_model.lr == 0.05 and config.evaluation.n_checkpoints == 1
     # On another task neither table applies.
     assert load_config(path=path, overrides={"task": "sentiment"}).evaluation.n_checkpoints == load_config("quick").evaluation.n_checkpoints

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo_bench.policy import derive_seed
 from pipelines.cli import main
 
 BIN = Path(sys.executable).parent
@@ -152,8 +153,10 @@ def test_serve_schedules_runs_and_a_triggered_run_writes_its_report(server, clie
     # The scheduled run started its own Dask workers: its cells were built outside the flow's process.
     markers = {stage: [json.loads(m.read_text()) for m in (reports / ".cache" / stage).glob("*/_complete.json")]
                for stage in ("sft", "cell")}
-    assert len(markers["sft"]) == 1 and len(markers["cell"]) == 3  # sft and dpo at two β
-    assert all(m["pid"] != markers["sft"][0]["pid"] for m in markers["cell"])
+    # quick's two pipeline seeds: the first SFT in the flow's process, the second on a worker.
+    assert len(markers["sft"]) == 2 and len(markers["cell"]) == 6  # per seed: sft and dpo at two β
+    flow_pid = next(m["pid"] for m in markers["sft"] if m["key_data"]["seed"] == derive_seed(0, "sft"))
+    assert all(m["pid"] != flow_pid for m in markers["cell"])
     # SIGTERM to `serve` pauses its schedule: no more runs start while nobody serves them.
     assert client.read_deployment_by_name("dpo-bench/nightly").paused
 

@@ -71,8 +71,10 @@ def test_run_record_has_what_reproduces_the_run(quick_run):
     assert "torch" in record["versions"] and record["device"] == "cpu"
     # Every stage's and cell's torch thread count: their numbers depend on it at float level.
     threads = record["torch_threads"]
-    assert {f"{stage} seed={s}" for stage in ("task", "sft", "preferences", "reward_model") for s in (0, 1)} <= set(threads)
+    assert {f"{stage}, seed {s}" for stage in ("task", "sft", "preferences", "reward_model") for s in (0, 1)} <= set(threads)
     assert {c.label for c in config.cells()} <= set(threads)
+    # The SFT stage and the reference's cell each keep their own time.
+    assert {"sft, seed 0", "sft seed=0", "sft, seed 1", "sft seed=1"} <= set(record["timings"])
     # Each seed is its own pipeline: its own SFT model, preference data and reward model.
     keys = {seed: record["pipelines"][seed]["stage_keys"] for seed in ("0", "1")}
     assert keys["0"]["task"] == keys["1"]["task"]

@@ -44,7 +44,7 @@ def diverging_method():
 
 
 def test_a_nan_loss_fails_its_cell_keeps_its_last_good_checkpoint_and_the_others_finish(tmp_path):
-    config = load_config("quick", overrides={"task": "bandit", "grid": [
+    config = load_config("quick", overrides={"task": "bandit", "seed": 0, "grid": [
         {"method": "sft"}, {"method": "diverging"}, {"method": "dpo", "values": [0.5], "config": {"steps": 20}}]})
     run_dir = run_benchmark(config, tmp_path, run_id="nan", progress=False)
     record = json.loads((run_dir / "run.json").read_text())
