@@ -109,7 +109,7 @@ def evaluate_policy(
     gold = (judge if judge is not None else task.gold).score(prompts, completions)
     fluent = task.fluency(prompts, completions)
     lengths = np.array([len(c) for c in samples.completion_ids], dtype=float)
-    truncated = np.array([len(c) >= task.max_new_tokens and (not c or c[-1] != task.eos_id) for c in samples.completion_ids])
+    truncated = task.truncated(samples.completion_ids)
     wanted = (lambda metric: True) if only is None else (lambda metric: metric in only)  # noqa: E731
     missing = np.full(len(prompts), np.nan)
     ref_logps, policy_logps, kl = missing, missing, missing
