@@ -800,10 +800,19 @@ def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
 LEMMA2_VARIANTS = ("r", "r+f", "r+g")
 
 
+#: What the Lemma 2 check's PPO runs change in PPO's defaults: they optimise their reward variants
+#: raw, without the EOS penalty. Its kl_coef was chosen on the gold reward's own scale (README, "Why
+#: the Lemma 2 check uses kl_coef = 1"), and a normaliser fitted on each variant would divide r + f(x)
+#: by a larger std than r (f adds variance), so the runs the check compares would pay different
+#: prices for KL: the invariance it tests would fail by construction.
+LEMMA2_PPO_OVERRIDES = {"normalise_reward": False, "missing_eos_penalty": 0.0}
+
+
 def ppo_against(task, reference: torch.nn.Module, device: torch.device, ppo_config: Any, scores: Callable, seed: int,
                 reference_samples: ReferenceSamples, label: str, progress: bool = False) -> pd.DataFrame:
     """PPO-GT from the reference against the reward ``scores(prompts, completions)`` with seed
-    schedule ``seed``, evaluated on the eval prompts: the per-prompt samples frame."""
+    schedule ``seed``, evaluated on the eval prompts: the per-prompt samples frame. A custom score
+    has no normaliser, so ``ppo_config.normalise_reward`` must be false (as :data:`LEMMA2_PPO_OVERRIDES` sets)."""
     ctx = MethodContext(
         task=task, reference=reference, device=device, seed=seed, generator=seed_everything(seed),
         checkpoint=lambda step, policy: None, n_checkpoints=1, gold_scores=scores, progress=progress, label=label,
@@ -827,7 +836,8 @@ def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
         task, reference = bench.task(stages["task"]), bench.reference(stages["sft"])
         method = get_method("ppo_gt")
         checks = config.checks
-        ppo_config = method.make_config({"iterations": checks.lemma2_iterations, "lr": checks.lemma2_lr}, checks.lemma2_kl_coef)
+        ppo_config = method.make_config({"iterations": checks.lemma2_iterations, "lr": checks.lemma2_lr, **LEMMA2_PPO_OVERRIDES},
+                                        checks.lemma2_kl_coef)
         ref_samples = load_reference_samples(stages["ref_eval"], 1.0)
         for variant in variants:
             def scores(prompts, completions, _variant=variant):
