@@ -11,7 +11,7 @@ from dpo_bench.configs import ConfigError
 from dpo_bench.generation import truncated
 from dpo_bench.logprobs import collate
 from dpo_bench.methods.ppo import (
-    PolicyWithValueHead, PPOConfig, clipped_policy_loss, clipped_value_loss, eos_penalised_scores, gae,
+    AdaptiveKLController, PolicyWithValueHead, PPOConfig, clipped_policy_loss, clipped_value_loss, eos_penalised_scores, gae,
     initial_value_head, kl_penalised_rewards, reward_normaliser, whiten,
 )
 from reward.model import RewardModel
@@ -192,3 +192,10 @@ def test_a_reward_model_without_a_normaliser_refuses_to_normalise():
     with pytest.raises(RuntimeError, match="normaliser"):
         rm.normalised_score(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
 
+
+def test_the_kl_controller_moves_kl_coef_toward_its_target_at_most_two_percent_an_iteration():
+    controller = AdaptiveKLController(0.1, target=2.0, horizon=10.0)
+    controller.update(kl=8.0)  # error clipped to +0.2: ×(1 + 0.2/10)
+    assert controller.value == pytest.approx(0.102)
+    controller.update(kl=1.8)  # error −0.1: ×(1 − 0.01)
+    assert controller.value == pytest.approx(0.102 * 0.99)
