@@ -464,6 +464,7 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
         )
         normalisers = fit_normalisers(task, model, sft_samples(train))
         model.set_normaliser(normalisers["reward_model"])
+        normalisers["reward_model"] = model.normaliser  # as the model keeps it (float32)
         write_json(out / "normalisers.json", {
             "fitted_on": "the unique (prompt, completion) texts of the train pairs, chosen and rejected: SFT samples",
             **{name: n.to_dict() if n else None for name, n in normalisers.items()},

@@ -40,9 +40,10 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        # r̂'s normaliser: NaN until set_normaliser (a score is not silently left raw).
+        # r̂'s normaliser: NaN until set_normaliser (a score is not silently left raw). float32, as
+        # the scores are (MPS has no float64).
         for name in ("score_mean", "score_std", "score_count"):
-            self.register_buffer(name, torch.tensor(float("nan"), dtype=torch.float64))
+            self.register_buffer(name, torch.tensor(float("nan")))
         # The LM head's logits are not needed: a transformers model computes them for the last
         # position only (a 50k-word vocabulary makes them the largest matmul of a small model).
         self._trunk_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.trunk.forward).parameters else {}

@@ -44,8 +44,8 @@ def test_the_stage_fits_both_normalisers_on_the_train_pairs_sft_samples(bandit):
     raw = _raw_scores(task, rm, samples["prompt"], samples["completion"])
     # by hand: the mean and population std of the loaded model's raw scores of those texts
     assert rm.normaliser.n == len(samples)
-    assert rm.normaliser.mean == pytest.approx(raw.mean(), abs=1e-6)
-    assert rm.normaliser.std == pytest.approx(np.sqrt(((raw - raw.mean()) ** 2).mean()), abs=1e-6)
+    assert rm.normaliser.mean == pytest.approx(raw.mean(), rel=1e-6, abs=1e-6)  # kept as float32
+    assert rm.normaliser.std == pytest.approx(np.sqrt(((raw - raw.mean()) ** 2).mean()), rel=1e-6)
     # the gold reward's: the gold column of the same samples (the candidates' gold rewards)
     gold = pd.concat([train[["prompt", "chosen", "gold_chosen"]].set_axis(["prompt", "completion", "gold"], axis=1),
                       train[["prompt", "rejected", "gold_rejected"]].set_axis(["prompt", "completion", "gold"], axis=1)])
