@@ -149,10 +149,11 @@ def clipped_value_loss(
 class AdaptiveKLController:
     """Ziegler et al.'s proportional controller: kl_coef ← kl_coef·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
 
-    ``n`` and ``horizon`` in the same unit. Ziegler et al. count episodes with a horizon of 10,000,
-    1% of their 1M-episode runs; this benchmark's runs are 2,500-4,000 episodes (40-60 iterations
-    of 64), where that horizon lets kl_coef move by 8% at most. PPO counts iterations instead, with
-    a horizon of 10 (their paper's K_β = 0.1 per update), whatever the rollout batch.
+    ``n`` and ``horizon`` in the same unit. Ziegler et al.'s code counts episodes with a horizon of
+    10,000, 1% or less of runs of 1-2M episodes; this benchmark's runs are 2,500-4,000 episodes
+    (40-60 iterations of 64), where that horizon lets kl_coef move by 8% at most. PPO counts
+    iterations instead, with a horizon of 10 (their paper's K_β = 0.1 per update), whatever the
+    rollout batch.
     """
 
     def __init__(self, kl_coef: float, target: float, horizon: float):
