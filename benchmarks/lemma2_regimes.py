@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_bench.methods.base import get_method
     from dpo_bench.policy import derive_seed
     from dpo_bench.run import Timings, plan_stages
-    from dpo_bench.stages import Bench, load_reference_samples, ppo_against
+    from dpo_bench.stages import LEMMA2_PPO_OVERRIDES, Bench, load_reference_samples, ppo_against
 
     config = load_config(args.preset)
     bench = Bench(config, Path(args.cache_dir), progress=False)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     task, reference = bench.task(stages["task"]), bench.reference(stages["sft"])
     ref_samples = load_reference_samples(stages["ref_eval"], 1.0)
     method = get_method("ppo_gt")
-    ppo_config = method.make_config({"iterations": args.iterations, "lr": args.lr}, args.kl_coef)
+    ppo_config = method.make_config({"iterations": args.iterations, "lr": args.lr, **LEMMA2_PPO_OVERRIDES}, args.kl_coef)
 
     def reward(variant: str):
         def scores(prompts, completions):

@@ -10,6 +10,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,11 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+
+def truncated(completion_ids: Sequence[Sequence[int]], eos_id: int | None, max_new_tokens: int) -> np.ndarray:
+    """(B,) bool: the completions cut at ``max_new_tokens`` before they emitted ``eos_id``."""
+    return np.array([len(c) >= max_new_tokens and (not c or c[-1] != eos_id) for c in completion_ids], dtype=bool)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

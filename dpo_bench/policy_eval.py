@@ -1,5 +1,6 @@
 """Evaluating a policy at a checkpoint: gold reward, sequence KL to the reference, win rate
-against the reference's completion for the same prompt, fluency, proxy reward, length.
+against the reference's completion for the same prompt, fluency, proxy reward (the learned reward
+model's score normalised on SFT samples, r̂: the reward PPO optimises), length.
 
 Sampled estimates carry their standard errors; on an exact task (the bandit) gold reward, KL and
 win rate are computed in closed form instead and reported with stderr 0.
@@ -109,7 +110,7 @@ def evaluate_policy(
     gold = (judge if judge is not None else task.gold).score(prompts, completions)
     fluent = task.fluency(prompts, completions)
     lengths = np.array([len(c) for c in samples.completion_ids], dtype=float)
-    truncated = np.array([len(c) >= task.max_new_tokens and (not c or c[-1] != task.eos_id) for c in samples.completion_ids])
+    truncated = task.truncated(samples.completion_ids)
     wanted = (lambda metric: True) if only is None else (lambda metric: metric in only)  # noqa: E731
     missing = np.full(len(prompts), np.nan)
     ref_logps, policy_logps, kl = missing, missing, missing
@@ -122,7 +123,8 @@ def evaluate_policy(
         kl = np.asarray(estimated, dtype=float) if estimated is not None else policy_logps - ref_logps
     proxy = missing
     if reward_model is not None and wanted("proxy_reward"):
-        proxy = reward_model.score(samples.batch.input_ids, samples.batch.attention_mask).numpy()
+        # r̂, the normalised score PPO optimises and best-of-N ranks by: E[r̂] − c·KL is PPO's objective.
+        proxy = reward_model.normalised_score(samples.batch.input_ids, samples.batch.attention_mask).numpy()
 
     rows = [
         _row(reward, estimate_from_samples(gold[is_test])),

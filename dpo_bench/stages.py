@@ -32,6 +32,7 @@ import torch
 
 from reward.bradley_terry import bayes_ceiling, pairwise_accuracy
 from reward.model import RewardModel
+from reward.normalise import Normaliser
 from reward.train import PairTensors, evaluate_reward_model, train_reward_model
 
 from .bench import BenchConfig, Cell
@@ -461,6 +462,13 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
             model, train_pairs, config.reward_model, pad_id=task.pad_id, generator=torch.Generator().manual_seed(seed),
             log=train_log.log, progress=bench.progress,
         )
+        normalisers = fit_normalisers(task, model, sft_samples(train))
+        model.set_normaliser(normalisers["reward_model"])
+        normalisers["reward_model"] = model.normaliser  # as the model keeps it (float32)
+        write_json(out / "normalisers.json", {
+            "fitted_on": "the unique (prompt, completion) texts of the train pairs, chosen and rejected: SFT samples",
+            **{name: n.to_dict() if n else None for name, n in normalisers.items()},
+        })
         save_module(model, out / "reward_model.safetensors")
         rows = _train_rows(train_log, "reward_model", float("nan"), config.seed)
         metric_rows = []
@@ -483,6 +491,34 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
 
     return bench.run_stage("reward_model", {"sft": sft.key, "preferences": prefs.key,
                                             "reward_model": to_dict(config.reward_model), "seed": seed}, build)
+
+
+def sft_samples(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The unique (prompt, completion) texts of preference pairs, chosen and rejected, in order of
+    first appearance. The train pairs' completions are the SFT model's samples (the candidates
+    they were labelled from), so the reward normalisers are fitted on them."""
+    sides = [pairs[["prompt", side]].rename(columns={side: "completion"}) for side in ("chosen", "rejected")]
+    return pd.concat(sides, ignore_index=True).drop_duplicates(ignore_index=True)
+
+
+def fit_normalisers(task: Any, model: RewardModel, samples: pd.DataFrame) -> dict[str, Normaliser | None]:
+    """r̂'s and the gold reward's normalisers, fitted on ``samples`` (:func:`sft_samples`): the
+    reward model's raw scores, and the scores of the judge PPO-GT optimises (the gold reward; None
+    when the task has no judge apart from this reward model). Raw accuracy and calibration are
+    computed apart from them."""
+    batch = _collate_texts(task, samples["prompt"], samples["completion"])
+    raw = model.score(batch.input_ids, batch.attention_mask)
+    judge = task.judge(model)
+    gold = judge.score(list(samples["prompt"]), list(samples["completion"])) if judge is not None else None
+    return {"reward_model": Normaliser.fit(raw.numpy()), "gold": Normaliser.fit(gold) if gold is not None else None}
+
+
+def gold_normaliser(stage: Stage | None) -> Normaliser | None:
+    """The gold reward's normaliser fitted when the reward-model ``stage`` was built (None without one)."""
+    if stage is None:
+        return None
+    data = json.loads((stage.path / "normalisers.json").read_text()).get("gold")
+    return Normaliser.from_dict(data) if data else None
 
 
 def _accuracy_row(metric: str, r_w: torch.Tensor, r_l: torch.Tensor) -> dict:
@@ -639,7 +675,8 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         ctx = MethodContext(
             task=task, reference=reference, device=bench.device, seed=seed, generator=generator, checkpoint=checkpoint,
             n_checkpoints=config.evaluation.n_checkpoints, preferences=prefs, reward_model=reward_model,
-            gold_scores=judge.score if judge is not None else None, freeze_blocks=freeze_blocks, freeze_embeddings=freeze_embeddings,
+            gold_scores=judge.score if judge is not None else None, gold_normaliser=gold_normaliser(up.reward_model),
+            freeze_blocks=freeze_blocks, freeze_embeddings=freeze_embeddings,
             progress=bench.progress, label=cell.label, shared=StoreShared(bench, up, cell.seed),
         )
         status = {"status": "ok", "error": None, "label": cell.label}
@@ -764,10 +801,19 @@ def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
 LEMMA2_VARIANTS = ("r", "r+f", "r+g")
 
 
+#: What the Lemma 2 check's PPO runs change in PPO's defaults: they optimise their reward variants
+#: raw, without the EOS penalty. Its kl_coef was chosen on the gold reward's own scale (README, "Why
+#: the Lemma 2 check uses kl_coef = 1"), and a normaliser fitted on each variant would divide r + f(x)
+#: by a larger std than r (f adds variance), so the runs the check compares would pay different
+#: prices for KL: the invariance it tests would fail by construction.
+LEMMA2_PPO_OVERRIDES = {"normalise_reward": False, "missing_eos_penalty": 0.0}
+
+
 def ppo_against(task, reference: torch.nn.Module, device: torch.device, ppo_config: Any, scores: Callable, seed: int,
                 reference_samples: ReferenceSamples, label: str, progress: bool = False) -> pd.DataFrame:
     """PPO-GT from the reference against the reward ``scores(prompts, completions)`` with seed
-    schedule ``seed``, evaluated on the eval prompts: the per-prompt samples frame."""
+    schedule ``seed``, evaluated on the eval prompts: the per-prompt samples frame. A custom score
+    has no normaliser, so ``ppo_config.normalise_reward`` must be false (as :data:`LEMMA2_PPO_OVERRIDES` sets)."""
     ctx = MethodContext(
         task=task, reference=reference, device=device, seed=seed, generator=seed_everything(seed),
         checkpoint=lambda step, policy: None, n_checkpoints=1, gold_scores=scores, progress=progress, label=label,
@@ -791,7 +837,8 @@ def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
         task, reference = bench.task(stages["task"]), bench.reference(stages["sft"])
         method = get_method("ppo_gt")
         checks = config.checks
-        ppo_config = method.make_config({"iterations": checks.lemma2_iterations, "lr": checks.lemma2_lr}, checks.lemma2_kl_coef)
+        ppo_config = method.make_config({"iterations": checks.lemma2_iterations, "lr": checks.lemma2_lr, **LEMMA2_PPO_OVERRIDES},
+                                        checks.lemma2_kl_coef)
         ref_samples = load_reference_samples(stages["ref_eval"], 1.0)
         for variant in variants:
             def scores(prompts, completions, _variant=variant):

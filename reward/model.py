@@ -3,6 +3,12 @@
 The score of a sequence is the head applied at its last real token (the DPO paper's and
 InstructGPT's choice). The trunk is any model that returns ``hidden_states`` when asked, so the
 same class scores GPT-2 sequences and the bandit's tabular sequences.
+
+Two scales: :meth:`RewardModel.score` is the raw r(x, y), whose differences are Bradley-Terry
+log-odds (accuracy and calibration read them); :meth:`RewardModel.normalised_score` is r̂, the score
+standardised on the SFT model's samples (:mod:`reward.normalise`), which is what PPO, best-of-N and
+the proxy reward read as a reward. The normaliser is kept in the model's buffers, so it is saved and
+loaded with the weights.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch import nn
 
 from .batching import by_length_groups
+from .normalise import Normaliser
 from .trunk import last_hidden_at, position_ids, selects_positions
 
 
@@ -33,6 +40,10 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # r̂'s normaliser: NaN until set_normaliser (a score is not silently left raw). float32, as
+        # the scores are (MPS has no float64).
+        for name in ("score_mean", "score_std", "score_count"):
+            self.register_buffer(name, torch.tensor(float("nan")))
         # The LM head's logits are not needed: a transformers model computes them for the last
         # position only (a 50k-word vocabulary makes them the largest matmul of a small model).
         self._trunk_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.trunk.forward).parameters else {}
@@ -63,9 +74,26 @@ class RewardModel(nn.Module):
             last = out.hidden_states[-1][rows, index]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
 
+    def set_normaliser(self, normaliser: Normaliser) -> None:
+        """Keep ``normaliser`` (fitted on this model's raw scores of SFT samples) for r̂."""
+        for name, value in (("score_mean", normaliser.mean), ("score_std", normaliser.std), ("score_count", normaliser.n)):
+            getattr(self, name).fill_(float(value))
+
+    @property
+    def normaliser(self) -> Normaliser:
+        if not torch.isfinite(self.score_std):
+            raise RuntimeError("this reward model has no normaliser: fit one on SFT samples' raw scores "
+                               "(Normaliser.fit) and call set_normaliser, as the reward-model stage does")
+        return Normaliser(self.score_mean.item(), self.score_std.item(), int(self.score_count.item()))
+
+    def normalised_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """r̂ = (r − mean) / std with the SFT samples' mean and std: on the CPU as float32, shape (B,)."""
+        normaliser = self.normaliser
+        return normaliser(self.score(input_ids, attention_mask, batch_size))
+
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Scores without gradients, chunked; returned on the CPU as float32."""
+        """Raw scores r(x, y) without gradients, chunked; returned on the CPU as float32."""
         was_training = self.training
         self.eval()
         device = self.head.weight.device

@@ -1,11 +1,21 @@
 """PPO's named steps against hand-computed cases."""
 
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from dpo_bench.methods.ppo import clipped_policy_loss, clipped_value_loss, gae, kl_penalised_rewards, whiten
+from dpo_bench.configs import ConfigError
+from dpo_bench.generation import truncated
+from dpo_bench.logprobs import collate
+from dpo_bench.methods.ppo import (
+    AdaptiveKLController, PolicyWithValueHead, PPOConfig, clipped_policy_loss, clipped_value_loss, eos_penalised_scores, gae,
+    initial_value_head, kl_penalised_rewards, reward_normaliser, whiten,
+)
+from reward.model import RewardModel
+from reward.normalise import Normaliser
 
 
 def test_kl_penalised_reward_puts_the_score_on_the_last_token():
@@ -68,3 +78,124 @@ def test_clipped_value_loss_takes_the_pessimistic_branch():
     # clipped value 1.2 is further from the return (1.8² > 1²)
     loss = clipped_value_loss(values, old, returns, torch.ones(1, 1), clip_range=0.2)
     assert abs(loss.item() - 0.5 * 1.8 ** 2) < 1e-6
+
+
+# --- the reward PPO reads: normalised, less the EOS penalty -------------------------------------
+
+
+def test_normaliser_is_the_mean_and_population_std_of_its_scores():
+    scores = np.array([1.0, 2.0, 3.0, 6.0])
+    n = Normaliser.fit(scores)
+    # mean 12/4 = 3; squared deviations 4, 1, 0, 9: variance 14/4 (ddof 0)
+    assert (n.mean, n.n) == (3.0, 4) and n.std == pytest.approx(math.sqrt(3.5))
+    assert n(scores) == pytest.approx((scores - 3.0) / math.sqrt(3.5))
+    assert n(torch.tensor(scores)).tolist() == pytest.approx(n(scores).tolist())  # tensors alike
+    assert Normaliser.from_dict(n.to_dict()) == n
+
+
+def test_normalised_scores_have_mean_zero_and_std_one_on_the_samples_fitted():
+    scores = np.random.default_rng(0).normal(0.7, 2.3, size=500)
+    normalised = Normaliser.fit(scores)(scores)
+    assert normalised.mean() == pytest.approx(0.0, abs=1e-12)
+    assert normalised.std() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_constant_score_is_only_centred_and_no_score_is_refused():
+    assert Normaliser.fit([2.0, 2.0]) == Normaliser(2.0, 1.0, 2)
+    with pytest.raises(ValueError):
+        Normaliser.fit([])
+    with pytest.raises(ValueError):
+        Normaliser.fit([1.0, float("nan")])
+
+
+def test_a_completion_is_truncated_when_cut_at_the_cap_without_eos():
+    eos = 2
+    completions = [[5, 2], [5, 6, 7], [5, 6, 2], [7]]
+    # EOS at the cap (row 2) is a finished text; a short one (row 3) stopped for no other reason than EOS.
+    assert truncated(completions, eos, max_new_tokens=3).tolist() == [False, True, False, False]
+
+
+def test_the_eos_penalty_is_subtracted_from_truncated_completions_only():
+    scores = torch.tensor([0.5, -1.0, 2.0])
+    cut = torch.tensor([True, False, True])
+    assert eos_penalised_scores(scores, cut, 1.0).tolist() == [-0.5, -1.0, 1.0]
+    assert torch.equal(eos_penalised_scores(scores, cut, 0.0), scores)  # 0 turns it off
+
+
+def test_the_bandit_never_counts_a_completion_truncated(tmp_path):
+    from dpo_bench.tasks.bandit import BanditConfig, BanditTask
+
+    task = BanditTask(BanditConfig(), tmp_path)
+    # a one-token response has no EOS to emit: none is missing
+    assert not task.truncated([[int(task.response_ids[0])]] * 3).any()
+
+
+def _tiny_gpt2(seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+
+
+def _reward_model(trunk, mean: float, std: float) -> RewardModel:
+    rm = RewardModel(trunk).eval()
+    torch.nn.init.normal_(rm.head.weight)
+    torch.nn.init.constant_(rm.head.bias, 0.3)
+    rm.set_normaliser(Normaliser(mean, std, 10))
+    return rm
+
+
+def test_the_value_head_from_the_reward_model_predicts_its_normalised_score():
+    """value_init = reward_model: V at a position is r̂ of the prefix ending there (same trunk),
+    with the head normalised as the reward is: w/std and (b − mean)/std."""
+    trunk = _tiny_gpt2(0)
+    rm = _reward_model(trunk, mean=1.5, std=4.0)
+    ctx = SimpleNamespace(reward_model=rm, label="ppo")
+    config = PPOConfig(value_init="reward_model")
+    head = initial_value_head(ctx, config, "reward_model", reward_normaliser(ctx, config, "reward_model"))
+    model = PolicyWithValueHead(trunk, head).eval()
+    batch = collate([[3, 4]], [[5, 6, 7]], pad_id=0)
+    with torch.no_grad():
+        _, values = model.logps_and_values(batch)
+    # values[:, t] is read where token t+1 is predicted: the state after input_ids[:, :t+1]
+    for t in (1, 2, 3):
+        prefix = batch.input_ids[:, :t + 1]
+        assert values[0, t].item() == pytest.approx(rm.normalised_score(prefix, torch.ones_like(prefix)).item(), abs=1e-5)
+    assert values[0, 0].item() == 0.0  # a prompt position: no value is read there
+
+
+def test_value_init_without_normalisation_copies_the_head_and_zero_is_zero():
+    trunk = _tiny_gpt2(1)
+    rm = _reward_model(trunk, mean=1.5, std=4.0)
+    ctx = SimpleNamespace(reward_model=rm, label="ppo")
+    raw = PPOConfig(value_init="reward_model", normalise_reward=False)
+    weight, bias = initial_value_head(ctx, raw, "reward_model", reward_normaliser(ctx, raw, "reward_model"))
+    assert torch.equal(weight, rm.head.weight) and torch.equal(bias, rm.head.bias)
+    assert initial_value_head(ctx, PPOConfig(), "reward_model", rm.normaliser) is None
+    assert PolicyWithValueHead(trunk).value_head.weight.abs().sum() == 0
+
+
+def test_ppo_gt_refuses_a_value_head_from_the_reward_model_and_needs_gold_statistics():
+    ctx = SimpleNamespace(reward_model=None, gold_normaliser=None, label="ppo_gt")
+    with pytest.raises(ConfigError, match="value_init"):
+        initial_value_head(ctx, PPOConfig(value_init="reward_model"), "gold", None)
+    with pytest.raises(ConfigError, match="normalise_reward"):
+        reward_normaliser(ctx, PPOConfig(), "gold")
+    assert reward_normaliser(ctx, PPOConfig(normalise_reward=False), "gold") is None
+    gold = Normaliser(0.1, 0.5, 100)
+    assert reward_normaliser(SimpleNamespace(gold_normaliser=gold, label=""), PPOConfig(), "gold") == gold
+
+
+def test_a_reward_model_without_a_normaliser_refuses_to_normalise():
+    rm = RewardModel(_tiny_gpt2(2))
+    with pytest.raises(RuntimeError, match="normaliser"):
+        rm.normalised_score(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
+
+
+def test_the_kl_controller_moves_kl_coef_toward_its_target_at_most_two_percent_an_iteration():
+    controller = AdaptiveKLController(0.1, target=2.0, horizon=10.0)
+    controller.update(kl=8.0)  # error clipped to +0.2: ×(1 + 0.2/10)
+    assert controller.value == pytest.approx(0.102)
+    controller.update(kl=1.8)  # error −0.1: ×(1 − 0.01)
+    assert controller.value == pytest.approx(0.102 * 0.99)

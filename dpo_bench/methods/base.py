@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from reward.normalise import Normaliser
+
 from ..configs import ConfigError, from_dict
 from ..generation import Samples, sample
 from ..logprobs import SequenceBatch, batched_sequence_logps, batched_token_kl
@@ -157,8 +159,11 @@ class MethodContext:
     n_checkpoints: int
     log: TrainLog = field(default_factory=TrainLog)
     preferences: PreferenceTensors | None = None
-    reward_model: Any = None  # reward.model.RewardModel, scores (input_ids, attention_mask)
+    reward_model: Any = None  # reward.model.RewardModel: raw .score and normalised .normalised_score (input_ids, attention_mask)
     gold_scores: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None
+    # The gold scores' mean and std on the SFT samples the reward model's normaliser was fitted on
+    # (reward.normalise.Normaliser); None where no reward-model stage fitted one.
+    gold_normaliser: Normaliser | None = None
     freeze_blocks: int = 0
     freeze_embeddings: bool = False
     progress: bool = True

@@ -1,5 +1,9 @@
 """Best-of-N: N samples from the reference, keep the one the learned reward model scores highest.
 
+It reads r̂, the reward model's score normalised on SFT samples, as PPO and the proxy reward do: a
+positive affine map of the raw score, so the same completion wins, and the pool's scores are on
+the proxy reward's scale.
+
 No training. Its KL to the reference is estimated per prompt from a pool of reference draws, by the
 exact discrete formula of Beirami et al. 2024 on the pool's empirical distribution;
 log N − (N−1)/N (Stiennon et al. 2020, appendix) is only an upper bound, reported beside it. On the
@@ -89,7 +93,7 @@ class BestOfNPolicy:
         drawn = sample(self.reference, prompts, max_new_tokens=task.max_new_tokens, eos_id=task.eos_id, pad_id=task.pad_id,
                        generator=generator, temperature=temperature)
         return {"completions": drawn.completion_ids,
-                "scores": self.reward_model.score(drawn.batch.input_ids, drawn.batch.attention_mask).float()}
+                "scores": self.reward_model.normalised_score(drawn.batch.input_ids, drawn.batch.attention_mask).float()}
 
     def _round(self, prompts: list[list[int]], temperature: float, r: int) -> dict:
         """Draw ``r`` of the shared pool: one completion per prompt and its reward-model score."""
@@ -117,7 +121,7 @@ class BestOfNPolicy:
         for row, x in enumerate(context_ids.tolist()):
             support = torch.nonzero(ref[row] > 0).squeeze(-1)
             ids = torch.stack([torch.full_like(support, x), support], dim=1)
-            scores = self.reward_model.score(ids, torch.ones_like(ids)).double().numpy()
+            scores = self.reward_model.normalised_score(ids, torch.ones_like(ids)).double().numpy()
             probs = ref[row, support].numpy()
             # Group tied scores; P(best lies in a group) = F(≤g)^N − F(<g)^N, split within it by π_ref.
             for s in np.unique(scores):

@@ -84,6 +84,7 @@ class BanditTask(Task):
     name = "bandit"
     config_cls = BanditConfig
     exact = True
+    ends_with_eos = False  # a response is one token: there is no EOS to emit, and none is missing
 
     @classmethod
     def prepare(cls, config: BanditConfig, workdir: Path) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..generation import truncated
+
 TASKS: dict[str, type["Task"]] = {}
 
 
@@ -42,6 +44,10 @@ class Task(ABC):
     #: learned reward model, or with a judge not declared gold) sets it False, and evaluation
     #: then names its scores ``judge_reward``: a ``gold_reward`` only ever comes from a gold scorer.
     has_gold: bool = True
+    #: True when a completion is meant to end with EOS, so that one cut at ``max_new_tokens``
+    #: without it is truncated (reported, and penalised by PPO); the bandit's one-token responses
+    #: have no EOS to emit.
+    ends_with_eos: ClassVar[bool] = True
     #: Where the task's own models (a judge, a pretrained policy) run; the stages set it.
     device: torch.device = torch.device("cpu")
 
@@ -100,6 +106,13 @@ class Task(ABC):
 
     @abstractmethod
     def decode_completion(self, ids: Sequence[int]) -> str: ...
+
+    def truncated(self, completion_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """(B,) bool: the sampled completions cut at ``max_new_tokens`` without EOS (none, where a
+        completion does not end with one)."""
+        if not self.ends_with_eos:
+            return np.zeros(len(completion_ids), dtype=bool)
+        return truncated(completion_ids, self.eos_id, self.max_new_tokens)
 
     # --- scoring ---
     gold: Any  # reward.gold.GoldScorer, or None for a task without a scorer of its own
