@@ -51,7 +51,7 @@ config = { iterations = 8 }
 
 
 def scaled_overrides(scale: int) -> dict:
-    return {"sentiment": {"n_reviews": 8000 * scale, "n_train_prompts": 800 * scale, "n_eval_prompts": 200 * scale},
+    return {"sentiment": {"n_reviews": 8000 * scale, "n_train_prompts": 800 * scale, "n_val_prompts": 100 * scale, "n_eval_prompts": 200 * scale},
             "sft": {"steps": 100}, "reward_model": {"steps": 30}}
 
 

@@ -31,6 +31,7 @@ threads = 1
 [sentiment]
 n_reviews = 2000
 n_train_prompts = 300
+n_val_prompts = 24
 n_eval_prompts = 48
 
 [sft]
