@@ -451,3 +451,14 @@ def test_the_questions_section_prints_no_markup_characters(tmp_path):
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     questions = page[page.index("<h2>Questions from the reading notes</h2>"):]
     assert "`" not in questions[:questions.index("<h2>", 10)]
+
+
+def test_without_best_of_n_no_cell_is_called_converged(tmp_path):
+    run_dir = make_run(tmp_path)
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    extra = [_row(metrics["run_id"].iloc[0], "ppo", 0.1, 0, 300, 1.0, m, v, 0.01) for m, v in (("objective", 1.0), ("objective/sft", 0.2))]
+    pd.concat([metrics, pd.DataFrame(extra)], ignore_index=True).to_parquet(run_dir / "metrics.parquet")
+    from dpo_bench.report.load import load_run
+    from dpo_bench.report.verdict import objective_findings
+
+    assert objective_findings(load_run(run_dir)) == []

@@ -81,7 +81,10 @@ def objective_findings(data: RunData) -> list[Finding]:
         if own.empty:
             continue
         value = float(own["value"].iloc[0])
-        beaten = g[g["metric"].str.startswith("objective/best_of_n") & (g["value"] > value)]
+        baselines = g[g["metric"].str.startswith("objective/best_of_n")]
+        if baselines.empty:  # no best-of-N in the grid: nothing to hold the cell against
+            continue
+        beaten = baselines[baselines["value"] > value]
         if beaten.empty:
             converged += 1
             continue
