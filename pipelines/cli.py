@@ -102,7 +102,8 @@ def dry_run_plan(config) -> str:
         name = f"{judge} {task_config.get('judge_model', '')}".strip() if judge == "classifier" else judge
         gold = task_config.get("judge_is_gold")
         lines.append(f"judge: {name} ({'declared the gold reward' if gold else 'not gold: reported as judge_reward'})")
-    lines.append("stages: task, reference (SFT), reference evaluation, preferences, reference log-probs, reward model")
+    lines.append("stages of each pipeline seed: reference (SFT), reference evaluation, preferences, reference log-probs, "
+                 "reward model (the task's data is shared)")
     cells = config.cells()
     lines.append(f"{len(cells)} cells:")
     lines += [f"  {cell.label}" for cell in cells]
