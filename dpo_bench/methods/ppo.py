@@ -214,9 +214,9 @@ def initial_value_head(ctx: MethodContext, config: PPOConfig, score_source: str,
     """The value head's (weight, bias) at the start: None (zero), or the reward model's head,
     normalised as the reward is (w/std, (b − mean)/std), so that it predicts r̂ from the trunk's state.
 
-    The policy's trunk is the SFT model, the one the reward model's trunk was fine-tuned from, so
-    the head starts close to, not at, the reward model's scores (Huang et al. initialise a separate
-    value network from the whole reward model)."""
+    The policy's trunk is the SFT model, and the reward model's trunk is fine-tuned away from it: on
+    the default task the reward model's head on the SFT trunk hardly correlates with r̂ (README,
+    "PPO"). Huang et al. initialise a separate value network, trunk and head, from the reward model."""
     if config.value_init == "zero":
         return None
     if score_source != "reward_model":
