@@ -1,0 +1,99 @@
+"""Which optimiser setting of a method solves its own problem best? Reads a tuning run
+(``benchmarks/configs/tune_*.toml``) and ranks its settings on the validation prompts.
+
+Every method of the comparison solves the same KL-regularised problem, max E[r] − c·KL, and a
+setting of its optimiser (learning rate, batch, length) is better when it reaches a higher value of
+it. PPO reads r as the reward model standardised on SFT samples, so its objective is
+E[r̂] − p·P(truncated) − c·KL (p its missing-EOS penalty). DPO at β solves the problem for the
+Bradley-Terry reward it fits implicitly, in the reward model's own units: E[r_BT] − β·KL, which is
+σ·(E[r̂] − (β/σ)·KL) with σ the reward model's standard deviation on SFT samples; the learned reward
+model stands in for r_BT. Neither criterion reads the gold reward, which the benchmark's verdict is
+about, and both are read on validation prompts, which the report never shows.
+
+    python -m benchmarks.tuning RUN_DIR [--name tuning_ppo]
+
+Prints, per setting and checkpoint, the objective's mean over pipeline seeds (with each seed's
+value), the gold reward and KL for context, and the winner; writes the table to
+``benchmarks/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .common import table, write_result
+
+EOS_PENALTY = 1.0  # PPOConfig.missing_eos_penalty's default
+
+
+def reward_model_std(run: dict, seed: int) -> float:
+    """σ of the seed's reward model on SFT samples (its normaliser), from the run's stage cache."""
+    key = run["pipelines"][str(seed)]["stage_keys"]["reward_model"]
+    path = Path(run["cache_dir"]) / "reward_model" / key / "normalisers.json"
+    return float(json.loads(path.read_text())["reward_model"]["std"])
+
+
+def objectives(run_dir: Path) -> pd.DataFrame:
+    """One row per (setting, seed, checkpoint): the validation objective, gold reward and KL."""
+    run = json.loads((run_dir / "run.json").read_text())
+    per_prompt = pd.read_parquet(run_dir / "per_prompt.parquet")
+    val = per_prompt[per_prompt["split"] == "val"]
+    overrides = {entry["name"] or entry["method"]: entry["config"] for entry in run["config"]["grid"]}
+    reward = "gold_reward" if "gold_reward" in val else "reward"
+    rows = []
+    for (name, strength, seed, step), g in val.groupby(["method", "beta", "seed", "step"]):
+        method = run["methods"][name]["method"]
+        kl = g["kl"].fillna(0.0)
+        if method in ("ppo", "ppo_gt"):
+            penalty = overrides.get(name, {}).get("missing_eos_penalty", EOS_PENALTY)
+            objective = g["proxy_reward"] - penalty * g["truncated"] - strength * kl
+            c = strength
+        elif run["methods"][name]["role"] == "direct":
+            c = strength / reward_model_std(run, int(seed))
+            objective = g["proxy_reward"] - c * kl
+        else:
+            continue
+        rows.append({"setting": name, "strength": strength, "seed": int(seed), "step": int(step), "c": c, "objective": objective.mean(),
+                     "gold_reward": g[reward].mean(), "kl": kl.mean()})
+    frame = pd.DataFrame(rows)
+    # Best-of-4 from the reference on the same objective, at each setting's c: the bar a converged
+    # policy clears (README, "The verdict").
+    bon = val[(val["method"] == "best_of_n") & (val["beta"] == 4)]
+    if len(bon) and len(frame):
+        by_seed = {int(s): g for s, g in bon.groupby("seed")}
+        frame["best_of_4"] = [(by_seed[s]["proxy_reward"] - c * by_seed[s]["kl"]).mean() if s in by_seed else float("nan")
+                              for s, c in zip(frame["seed"], frame["c"])]
+    return frame
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds per (setting, strength, checkpoint), best first."""
+    agg = frame.groupby(["setting", "strength", "step"]).agg(
+        objective=("objective", "mean"), objective_min=("objective", "min"), objective_max=("objective", "max"),
+        best_of_4=("best_of_4", "mean"), gold_reward=("gold_reward", "mean"), kl=("kl", "mean"), seeds=("seed", "nunique"),
+    )
+    return agg.sort_values("objective", ascending=False).reset_index()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a tuning run's directory (reports/<run_id>)")
+    parser.add_argument("--name", default=None, help="results file name (default: tuning_<run_id>)")
+    args = parser.parse_args(argv)
+    ranked = summary(objectives(args.run_dir))
+    rows = [{"setting": r.setting, "strength": f"{r.strength:g}", "step": r.step,
+             "val objective [seeds' range]": f"{r.objective:.3f} [{r.objective_min:.3f}, {r.objective_max:.3f}]",
+             "best-of-4": f"{r.best_of_4:.3f}", "val gold": f"{r.gold_reward:.3f}", "val KL": f"{r.kl:.2f}", "seeds": r.seeds}
+            for r in ranked.itertuples()]
+    print(table(rows, list(rows[0])))
+    best = ranked.iloc[0]
+    print(f"\nwinner: {best.setting} ({best.strength:g}) at step {best.step} (objective {best.objective:.3f})")
+    write_result(args.name or f"tuning_{args.run_dir.name}", {"ranked": ranked.to_dict(orient="records")})
+
+
+if __name__ == "__main__":
+    main()
