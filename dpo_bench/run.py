@@ -178,7 +178,7 @@ def invariance_checks(bench: Bench, stages: dict[str, Stage | None], cells: list
     """The invariance checks, cached like a stage on every stage they read and the run's config
     (a cached run then need not load models to check them again)."""
     key = {
-        "config": {k: v for k, v in to_dict(bench.config).items() if k not in ("threads", "device", "preset")},
+        "config": {k: v for k, v in to_dict(bench.config).items() if k not in ("threads", "device", "preset", "report")},
         # The jobs' stages ("job:...", present when they ran on workers) follow from the config.
         "stages": {name: s.key for name, s in stages.items() if s is not None and not name.startswith("job:")},
         "cells": [s.key for _, s in cells],
