@@ -132,3 +132,13 @@ def test_the_over_optimisation_figure_shows_best_of_n_and_ppo_against_sqrt_kl(tm
     frontier = _sections((run_dir / "report.md").read_text(encoding="utf-8"))["Frontier"]
     assert "figures/reward_vs_sqrt_kl.png" in frontier and "Gao et al. 2022" in frontier
     assert (run_dir / "figures" / "reward_vs_sqrt_kl.png").is_file()
+
+
+def test_the_readmes_report_config_chooses_the_curves_axis(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- report-config -->", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "report.toml"
+    path.write_text('preset = "quick"\n' + block)
+    assert load_config(path=path).report.curves_x == "tokens"

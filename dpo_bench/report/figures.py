@@ -492,7 +492,7 @@ def reward_against_sqrt_kl(data: RunData, checkpoints: pd.DataFrame, palette: Pa
             else:  # one line per kl_coef over its checkpoints; darker: a larger kl_coef
                 betas = sorted(set(g["beta"]))
                 lines = [(label(data.config_label(method, beta)), b.sort_values("step"),
-                          _shade(colour, 0.6 * (1 - i / max(len(betas) - 1, 1))), "-")
+                          _shade(colour, 0.6 * (1 - i / (len(betas) - 1) if len(betas) > 1 else 0.0)), "-")
                          for i, (beta, b) in enumerate(g.groupby("beta", sort=True))]
             for name, line, shade, style in lines:
                 for ax, metric in zip(axes, (m, "proxy_reward")):
