@@ -227,7 +227,8 @@ def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: 
             (run_dir / f"{name}.parquet").unlink(missing_ok=True)
     if per_prompt.empty:
         return pd.DataFrame()
-    objectives = {(c.display_name, c.strength_value, c.seed): rlhf_objective(c, stage, (pipelines or {}).get(c.seed, {}).get("reward_model"))
+    reward_models = {seed: stages.get("reward_model") for seed, stages in (pipelines or {}).items()}
+    objectives = {(c.display_name, c.strength_value, c.seed): rlhf_objective(c, stage, reward_models.get(c.seed))
                   for c, stage in cells if roles[c.display_name] == "rlhf"}
     return objective_rows(per_prompt, roles, objectives)
 

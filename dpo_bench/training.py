@@ -39,15 +39,19 @@ COMPUTE_METRICS = {
     "seconds": "compute/seconds",  # wall seconds of training, checkpoint evaluations left out
     "inference_samples": "compute/inference_samples",  # completions drawn per prompt to answer it (best-of-N: N)
 }
+#: Metrics measured on the clock, not computed: two runs of one config (in process or as a flow, on
+#: Dask workers, resumed) agree on every other metric to the bit, and on these only roughly.
+WALL_CLOCK_METRICS = frozenset({COMPUTE_METRICS["seconds"]})
 
 
 @dataclass
 class ComputeMeter:
     """What training has cost so far: optimiser steps, completions sampled, tokens trained on and
     wall seconds. Trainers :meth:`add` to it; the clock runs from :meth:`start`, and stops while
-    :meth:`paused` (a checkpoint's evaluation is not training). Forward passes without a gradient
-    (reference log-probs, PPO's old log-probs and values) and the shared stages (the SFT model,
-    the preference data, the reward model) are not counted: they are the same for every cell."""
+    :meth:`paused` (a checkpoint's evaluation is not training). The tokens are those the updates
+    train on: forward passes without a gradient (reference log-probs, PPO's old log-probs and
+    values) are left out, and so are the stages every cell shares (the SFT model, the preference
+    data, the reward model)."""
 
     steps: int = 0
     samples: int = 0

@@ -91,7 +91,8 @@ def compute_caption(data: RunData) -> str:
     k = (config.get("preferences") or {}).get("k")
     prompts = (data.run.get("preferences") or {}).get("n_prompts")
     if k and prompts:
-        data_cost = f"the preference data ({k} completions sampled from the SFT model for each of {prompts:,} train prompts, per seed)"
+        data_cost = (f"the preference data ({k} completions sampled from the SFT model for each of {prompts:,} train "
+                     "prompts, per seed)")
     else:
         data_cost = "the preference data (sampled from the SFT model, or given)"
     return ("Compute up to each cell's final checkpoint: optimiser steps (PPO: iterations × epochs × minibatches); samples "
