@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from reward.train import RewardTrainConfig
 
@@ -107,6 +107,15 @@ class QuestionsConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """How the report draws what the run measured (a report rebuilt by `dpo-bench report` may choose again)."""
+
+    curves_x: Literal["steps", "samples", "tokens", "seconds"] = field(
+        "steps", "x-axis of the training-curves figure: optimiser steps, samples generated in training, tokens trained on, "
+                 "or wall seconds of training (each cell's compute/ metrics), so methods are compared at equal compute")
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """Everything a run needs; `dpo-bench run --config FILE.toml` reads this structure."""
 
@@ -130,6 +139,7 @@ class BenchConfig:
     checks: ChecksConfig = field(default_factory=ChecksConfig, doc="the empirical invariance checks")
     questions: QuestionsConfig = field(default_factory=QuestionsConfig, doc="grid entries that answer the reading notes' questions")
     verdict: VerdictConfig = field(default_factory=VerdictConfig, doc="the frontier's KL budgets and the headline's verdict")
+    report: ReportConfig = field(default_factory=ReportConfig, doc="how the report draws the run (the training curves' x-axis)")
     grid: tuple[GridEntry, ...] = field((), "the methods to run")
 
     def __post_init__(self) -> None:

@@ -96,6 +96,12 @@ def longest_rows(*batches: SequenceBatch) -> torch.Tensor:
     return batching.longest_rows(*(b.attention_mask for b in batches))
 
 
+def item_tokens(*batches: SequenceBatch) -> torch.Tensor:
+    """Per item, its non-pad tokens summed across ``batches`` (row i of each is item i): what its
+    forward and backward passes read (a DPO pair: chosen plus rejected), the cell's compute."""
+    return torch.stack([b.attention_mask.sum(1) for b in batches]).sum(0)
+
+
 def forward(model: nn.Module, batch: SequenceBatch, output_hidden_states: bool = False, **kwargs):
     return model(
         input_ids=batch.input_ids,

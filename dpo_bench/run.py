@@ -26,11 +26,11 @@ from .configs import to_dict
 from .invariance import run_invariance_checks
 from .methods.base import get_method
 from .report import build_report
-from .verdict import collect_per_prompt, objective_rows, verdict_frames
+from .verdict import Objective, collect_per_prompt, objective_rows, verdict_frames
 from .stages import (
-    METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, label_temperature_rms,
-    preference_info, prepare_task, process_alive, reference_eval, reference_logps, run_cell, samples_preferences, train_rm,
-    train_sft, write_json, write_parquet,
+    METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, fitted_normaliser,
+    label_temperature_rms, preference_info, prepare_task, process_alive, reference_eval, reference_logps, run_cell,
+    samples_preferences, train_rm, train_sft, write_json, write_parquet,
 )
 
 RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "per_prompt.parquet", "frontier.parquet",
@@ -178,7 +178,7 @@ def invariance_checks(bench: Bench, stages: dict[str, Stage | None], cells: list
     """The invariance checks, cached like a stage on every stage they read and the run's config
     (a cached run then need not load models to check them again)."""
     key = {
-        "config": {k: v for k, v in to_dict(bench.config).items() if k not in ("threads", "device", "preset")},
+        "config": {k: v for k, v in to_dict(bench.config).items() if k not in ("threads", "device", "preset", "report")},
         # The jobs' stages ("job:...", present when they ran on workers) follow from the config.
         "stages": {name: s.key for name, s in stages.items() if s is not None and not name.startswith("job:")},
         "cells": [s.key for _, s in cells],
@@ -188,10 +188,34 @@ def invariance_checks(bench: Bench, stages: dict[str, Stage | None], cells: list
     return pd.read_parquet(stage.path / "invariance.parquet")
 
 
-def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: BenchConfig) -> pd.DataFrame:
+def rlhf_objective(cell: Cell, stage: Stage, reward_model: Stage | None) -> Objective:
+    """What an RLHF cell's PPO maximised, read from its resolved config: c its kl_coef, or with
+    ``target_kl`` > 0 the adaptive controller's kl_coef at the final checkpoint (the logged
+    ``train/kl_coef``); p its ``missing_eos_penalty``; the raw reward-model score when
+    ``normalise_reward`` is off. A method without these fields is held to E[r̂] − c·KL, c its strength."""
+    config = cell.config()
+    kl_coef = float(getattr(config, "kl_coef", cell.strength_value))
+    adaptive = float(getattr(config, "target_kl", 0.0)) > 0
+    if adaptive:
+        metrics = pd.read_parquet(stage.path / "metrics.parquet")
+        logged = metrics[metrics["metric"] == "train/kl_coef"]
+        if (stage.path / "per_prompt.parquet").exists():
+            final = int(pd.read_parquet(stage.path / "per_prompt.parquet", columns=["step"])["step"].max())
+            logged = logged[logged["step"] <= final]
+        if logged.empty:
+            adaptive = False
+        else:
+            kl_coef = float(logged.sort_values("step")["value"].iloc[-1])
+    raw = None if getattr(config, "normalise_reward", True) else fitted_normaliser(reward_model, "reward_model")
+    return Objective(kl_coef, float(getattr(config, "missing_eos_penalty", 0.0)), adaptive, raw)
+
+
+def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: BenchConfig,
+                        pipelines: dict[int, dict[str, Stage | None]] | None = None) -> pd.DataFrame:
     """``per_prompt.parquet`` (every cell's per-prompt results), ``frontier.parquet`` and
     ``comparisons.parquet`` (the verdict) in ``run_dir``; returns the RLHF cells' objective rows
-    for the metrics."""
+    for the metrics (each cell on its own :func:`rlhf_objective`; ``pipelines``: each seed's
+    stages, whose reward model a cell reads)."""
     per_prompt = collect_per_prompt([stage.path / "per_prompt.parquet" for _, stage in cells])
     write_parquet(per_prompt, run_dir / "per_prompt.parquet")
     roles = {c.display_name: get_method(c.method).role for c, _ in cells}
@@ -201,7 +225,12 @@ def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: 
             write_parquet(frames[name], run_dir / f"{name}.parquet")
         else:
             (run_dir / f"{name}.parquet").unlink(missing_ok=True)
-    return objective_rows(per_prompt, roles) if not per_prompt.empty else pd.DataFrame()
+    if per_prompt.empty:
+        return pd.DataFrame()
+    reward_models = {seed: stages.get("reward_model") for seed, stages in (pipelines or {}).items()}
+    objectives = {(c.display_name, c.strength_value, c.seed): rlhf_objective(c, stage, reward_models.get(c.seed))
+                  for c, stage in cells if roles[c.display_name] == "rlhf"}
+    return objective_rows(per_prompt, roles, objectives)
 
 
 def finish_run(
@@ -237,7 +266,7 @@ def finish_run(
     task = bench.task_summary(first["task"])
     for seed in pipelines:
         frames.append(head_to_head([(c, s) for c, s in cells if c.seed == seed], frames, task["reward_metric"]))
-    frames.append(write_verdict_files(run_dir, cells, config))
+    frames.append(write_verdict_files(run_dir, cells, config, pipelines))
     metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
     metrics.insert(0, "task", config.task)
     metrics.insert(0, "run_id", run_id)

@@ -303,6 +303,7 @@ def train_sft(bench: Bench, task_stage: Stage) -> Stage:
         train_log = TrainLog()
         if data is not None:
             prompts, completions = data
+            train_log.compute.start()  # the reference's training: a cost every cell shares
             supervised_finetune(
                 model, prompts, completions, config.sft, pad_id=task.pad_id,
                 generator=torch.Generator().manual_seed(seed), log=train_log, label="SFT", progress=bench.progress,
@@ -515,9 +516,15 @@ def fit_normalisers(task: Any, model: RewardModel, samples: pd.DataFrame) -> dic
 
 def gold_normaliser(stage: Stage | None) -> Normaliser | None:
     """The gold reward's normaliser fitted when the reward-model ``stage`` was built (None without one)."""
+    return fitted_normaliser(stage, "gold")
+
+
+def fitted_normaliser(stage: Stage | None, scorer: str) -> Normaliser | None:
+    """``scorer``'s normaliser ("gold" or "reward_model") fitted when the reward-model ``stage`` was
+    built (None without one)."""
     if stage is None:
         return None
-    data = json.loads((stage.path / "normalisers.json").read_text()).get("gold")
+    data = json.loads((stage.path / "normalisers.json").read_text()).get(scorer)
     return Normaliser.from_dict(data) if data else None
 
 
@@ -655,8 +662,15 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         per_prompt: list[pd.DataFrame] = []
         last_samples: dict[str, pd.DataFrame] = {}
         strength = cell.strength_value
+        train_log = TrainLog()
 
         def checkpoint(step: int, policy: Any) -> None:
+            # What training has cost up to this checkpoint; its evaluation is not training.
+            train_log.log_compute(step)
+            with train_log.compute.paused():
+                evaluate_checkpoint(step, policy)
+
+        def evaluate_checkpoint(step: int, policy: Any) -> None:
             if isinstance(policy, torch.nn.Module):
                 if policy is not reference:
                     # The last evaluated policy is kept: after a failure it is the last good checkpoint.
@@ -674,13 +688,14 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
 
         ctx = MethodContext(
             task=task, reference=reference, device=bench.device, seed=seed, generator=generator, checkpoint=checkpoint,
-            n_checkpoints=config.evaluation.n_checkpoints, preferences=prefs, reward_model=reward_model,
+            n_checkpoints=config.evaluation.n_checkpoints, log=train_log, preferences=prefs, reward_model=reward_model,
             gold_scores=judge.score if judge is not None else None, gold_normaliser=gold_normaliser(up.reward_model),
             freeze_blocks=freeze_blocks, freeze_embeddings=freeze_embeddings,
             progress=bench.progress, label=cell.label, shared=StoreShared(bench, up, cell.seed),
         )
         status = {"status": "ok", "error": None, "label": cell.label}
         start = time.perf_counter()
+        train_log.compute.start()
         try:
             policy = method.train(ctx, method_config)
             final_step = max((r["step"] for r in rows), default=0)

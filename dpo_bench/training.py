@@ -31,12 +31,77 @@ class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message names the method, step and last finite values."""
 
 
+#: What a cell's training has cost, metric by metric (the ``compute/`` rows of its metrics).
+COMPUTE_METRICS = {
+    "steps": "compute/steps",  # optimiser steps
+    "samples": "compute/samples",  # completions sampled during training (PPO's rollouts)
+    "tokens": "compute/tokens",  # non-pad tokens through the forward and backward passes of the updates
+    "seconds": "compute/seconds",  # wall seconds of training, checkpoint evaluations left out
+    "inference_samples": "compute/inference_samples",  # completions drawn per prompt to answer it (best-of-N: N)
+}
+#: Metrics measured on the clock, not computed: two runs of one config (in process or as a flow, on
+#: Dask workers, resumed) agree on every other metric to the bit, and on these only roughly.
+WALL_CLOCK_METRICS = frozenset({COMPUTE_METRICS["seconds"]})
+
+
+@dataclass
+class ComputeMeter:
+    """What training has cost so far: optimiser steps, completions sampled, tokens trained on and
+    wall seconds. Trainers :meth:`add` to it; the clock runs from :meth:`start`, and stops while
+    :meth:`paused` (a checkpoint's evaluation is not training). The tokens are those the updates
+    train on: forward passes without a gradient (reference log-probs, PPO's old log-probs and
+    values) are left out, and so are the stages every cell shares (the SFT model, the preference
+    data, the reward model)."""
+
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    inference_samples: int = 1
+    _seconds: float = 0.0
+    _since: float | None = None
+    started: bool = False
+
+    def start(self) -> None:
+        self.started = True
+        self._since = time.perf_counter()
+
+    def add(self, steps: int = 0, samples: int = 0, tokens: int = 0) -> None:
+        self.steps += int(steps)
+        self.samples += int(samples)
+        self.tokens += int(tokens)
+
+    @property
+    def seconds(self) -> float:
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self._seconds + running
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The clock stops inside (a checkpoint's evaluation), and goes on after."""
+        self._seconds, self._since = self.seconds, None
+        try:
+            yield
+        finally:
+            if self.started:
+                self._since = time.perf_counter()
+
+    def metrics(self) -> dict[str, float]:
+        """The ``compute/`` metrics so far (:data:`COMPUTE_METRICS`)."""
+        values = {"steps": self.steps, "samples": self.samples, "tokens": self.tokens, "seconds": self.seconds,
+                  "inference_samples": self.inference_samples}
+        return {COMPUTE_METRICS[k]: float(v) for k, v in values.items()}
+
+
 @dataclass
 class TrainLog:
-    """Training curves: ``records`` of (step, metric, value, n)."""
+    """Training curves: ``records`` of (step, metric, value, n). Once ``compute`` is started, every
+    logged step also records what training has cost up to it (the ``compute/`` metrics), so the
+    curves can be drawn against steps, samples, tokens or seconds."""
 
     records: list[tuple[int, str, float, int]] = field(default_factory=list)
     last_finite: dict[str, float] = field(default_factory=dict)
+    compute: ComputeMeter = field(default_factory=ComputeMeter)
+    _compute_steps: set[int] = field(default_factory=set, repr=False)
 
     def log(self, step: int, n: int = 0, **metrics: float) -> None:
         for name, value in metrics.items():
@@ -44,6 +109,16 @@ class TrainLog:
             self.records.append((step, name, value, n))
             if math.isfinite(value):
                 self.last_finite[name] = value
+        if self.compute.started:
+            self.log_compute(step)
+
+    def log_compute(self, step: int) -> None:
+        """The ``compute/`` metrics at ``step``, once per step (a checkpoint after a logged step adds none)."""
+        if step in self._compute_steps:
+            return
+        self._compute_steps.add(step)
+        for name, value in self.compute.metrics().items():
+            self.records.append((step, name, value, 0))
 
 
 def check_finite(loss: torch.Tensor, what: str, step: int, log: TrainLog) -> None:
@@ -304,6 +379,7 @@ def optimise(
     log_every: int = 1,
     lengths: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> nn.Module:
     """The loop every method with a loss shares: minibatch indices → ``loss_fn(idx)`` → AdamW step.
 
@@ -317,6 +393,9 @@ def optimise(
     (:class:`ShardRunner`). Each part's loss is weighted by its share of the batch, so the
     gradient is the whole batch's: its share of the items, or of ``weights`` when the loss is a
     mean over something else (SFT's is over completion tokens: ``weights`` counts them per item).
+
+    ``tokens`` (non-pad tokens each item puts through the forward and backward passes; default
+    ``lengths``) and the steps are added to ``log.compute``, the cell's compute.
     """
     model.train()
     optimizer = make_optimizer(model, config.lr, weight_decay)
@@ -375,6 +454,8 @@ def optimise(
                 optimizer.step()
                 schedule.step()
             runner.record(time.perf_counter() - began)
+            counted = tokens if tokens is not None else lengths
+            log.compute.add(steps=1, tokens=int(counted[idx].sum()) if counted is not None else 0)
             if step % log_every == 0 or step == config.steps:
                 log.log(step, len(idx), **{"train/loss": loss.item(), **{f"train/{k}": v for k, v in metrics.items()}})
             if step in evals:

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from reward.normalise import Normaliser
+
 from .configs import ConfigError, field, positive
 from .evaluate import benjamini_hochberg, estimate_from_samples, holm
 from .frontier import compare_at_budgets, frontier_table
@@ -87,35 +89,77 @@ def verdict_comparisons(points: pd.DataFrame, anchor: pd.DataFrame, roles: dict[
     return out.reindex(columns=COMPARISON_COLUMNS + [c for c in out.columns if c not in COMPARISON_COLUMNS])
 
 
-def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], reference: str = "sft") -> pd.DataFrame:
-    """Each RLHF cell checked on its own objective E[r̂] − c·KL (r̂ the learned reward model's score,
-    c its kl_coef), on the test prompts at its final checkpoint, beside the SFT model's and every
-    best-of-N's at the same c (best-of-N with its estimated KL). The regularised optimum scores at
-    least as high as any policy, so a cell below a best-of-N from the reference has not converged.
+@dataclass(frozen=True)
+class Objective:
+    """What an RLHF cell maximises, per prompt: s(r̂) − eos_penalty·[truncated] − kl_coef·KL.
+
+    r̂ is the learned reward model's score normalised on SFT samples (the per-prompt
+    ``proxy_reward``); s(r̂) is r̂ itself when PPO read normalised scores, else the raw score
+    r̂·std + mean (``raw``: the normaliser it was fitted with). ``eos_penalty`` is PPO's
+    ``missing_eos_penalty``, taken from a completion cut at the length cap without EOS.
+    ``adaptive``: ``kl_coef`` is the adaptive KL controller's final value (``target_kl`` > 0),
+    not the config's.
+    """
+
+    kl_coef: float
+    eos_penalty: float = 0.0
+    adaptive: bool = False
+    raw: Normaliser | None = None
+
+    def values(self, frame: pd.DataFrame) -> np.ndarray:
+        """The objective of each row of a per-prompt frame (``proxy_reward``, ``truncated``, ``kl``)."""
+        score = frame["proxy_reward"].to_numpy(dtype=float)
+        if self.raw is not None:
+            score = score * self.raw.std + self.raw.mean
+        truncated = frame["truncated"].to_numpy(dtype=float) if "truncated" in frame else np.zeros(len(frame))
+        return score - self.eos_penalty * truncated - self.kl_coef * frame["kl"].fillna(0.0).to_numpy(dtype=float)
+
+
+#: The metrics that say which objective a cell was checked on: its c (the config's kl_coef, or the
+#: adaptive controller's final one) and its EOS penalty.
+OBJECTIVE_KL_COEF, OBJECTIVE_KL_COEF_ADAPTIVE, OBJECTIVE_EOS_PENALTY = (
+    "objective_kl_coef", "objective_kl_coef_adaptive", "objective_eos_penalty")
+
+
+def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], objectives: dict[tuple[str, float, int], Objective] | None = None,
+                   reference: str = "sft") -> pd.DataFrame:
+    """Each RLHF cell checked on its own objective E[s(r̂) − p·truncated] − c·KL (:class:`Objective`:
+    ``objectives[(method, beta, seed)]``; without one, E[r̂] − c·KL with c the cell's ``beta``), on
+    the test prompts at its final checkpoint, beside the SFT model's and every best-of-N's on the
+    same objective (best-of-N with its estimated KL). The regularised optimum scores at least as high
+    as any policy, so a cell below a best-of-N from the reference has not converged.
 
     Rows in the metrics' columns on the cell's keys: ``objective`` (the cell's), ``objective/sft``
-    and ``objective/<best-of-N cell>``, with standard errors over prompts.
+    and ``objective/<best-of-N cell>``, with standard errors over prompts; and the objective's c
+    (``objective_kl_coef``, or ``objective_kl_coef_adaptive`` when it is the adaptive controller's
+    final kl_coef) and p (``objective_eos_penalty``).
     """
     columns = ["method", "beta", "seed", "step", "temperature", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
     test = per_prompt[per_prompt["split"] == "test"] if not per_prompt.empty else per_prompt
     rows = []
-    for (method, c, seed), cell in test.groupby(["method", "beta", "seed"]):
+    for (method, beta, seed), cell in test.groupby(["method", "beta", "seed"]):
         if roles.get(method) != "rlhf":
             continue
+        objective = (objectives or {}).get((method, beta, seed)) or Objective(float(beta))
         final = cell[cell["step"] == cell["step"].max()]
+        step = int(final["step"].iloc[0])
         same_seed = test[test["seed"] == seed]
         others = {"objective": final}
         others[f"objective/{reference}"] = same_seed[same_seed["method"] == reference]
         for (other, n), g in same_seed[same_seed["method"].map(roles.get) == "inference"].groupby(["method", "beta"]):
             others[f"objective/{other} (N={n:g})"] = g[g["step"] == g["step"].max()]
         for metric, g in others.items():
-            values = (g["proxy_reward"] - c * g["kl"].fillna(0.0)).to_numpy(dtype=float)
+            values = objective.values(g)
             if not len(values) or not np.isfinite(values).all():
                 continue
             est = estimate_from_samples(values)
-            rows.append({"method": method, "beta": c, "seed": seed, "step": int(final["step"].iloc[0]), "temperature": 1.0,
+            rows.append({"method": method, "beta": beta, "seed": seed, "step": step, "temperature": 1.0,
                          "metric": metric, "value": est.value, "stderr": est.stderr, "ci_low": est.ci_low,
                          "ci_high": est.ci_high, "n": est.n})
+        for metric, value in ((OBJECTIVE_KL_COEF_ADAPTIVE if objective.adaptive else OBJECTIVE_KL_COEF, objective.kl_coef),
+                              (OBJECTIVE_EOS_PENALTY, objective.eos_penalty)):
+            rows.append({"method": method, "beta": beta, "seed": seed, "step": step, "temperature": 1.0, "metric": metric,
+                         "value": value, "stderr": 0.0, "ci_low": value, "ci_high": value, "n": 1})
     return pd.DataFrame(rows, columns=columns)
 
 

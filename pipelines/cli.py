@@ -58,6 +58,8 @@ def resolve_config(args: argparse.Namespace):
         overrides.update(seed=args.seed, seeds=[])
     if getattr(args, "seeds", None):
         overrides["seeds"] = _parse_seeds(args.seeds)
+    if getattr(args, "curves_x", None):
+        overrides["report"] = {"curves_x": args.curves_x}
     hf = {key: getattr(args, key) for key in ("model", "data") if getattr(args, key, None)}
     if hf:
         # --model / --data are the hf task's; they select it unless --task names it.
@@ -312,7 +314,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if missing:
         print(f"dpo-bench: {run_dir} is not a run directory (missing {', '.join(missing)})", file=sys.stderr)
         return 2
-    paths = build_report(run_dir)
+    try:
+        paths = build_report(run_dir, curves_x=args.curves_x)
+    except ValueError as e:
+        print(f"dpo-bench: {e}", file=sys.stderr)
+        return 2
     print(f"dpo-bench: wrote {paths['markdown']} and {paths['html']}")
     return 0
 
@@ -361,6 +367,11 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="torch threads per stage (0 = torch's default)")
     p.add_argument("--from-run", metavar="RUN_DIR", help="repeat a run: take the resolved config from RUN_DIR/run.json")
+    p.add_argument("--curves-x", metavar="AXIS", help=CURVES_X_HELP)
+
+
+CURVES_X_HELP = ("x-axis of the report's training curves: steps (optimiser steps, the default), samples (generated in "
+                 "training), tokens (trained on) or seconds (of training); [report] curves_x in a config")
 
 
 def _add_store_option(p: argparse.ArgumentParser) -> None:
@@ -452,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="rebuild report.md and report.html from a run directory's files")
     report.add_argument("run_dir", help="a directory written by `dpo-bench run`")
+    report.add_argument("--curves-x", metavar="AXIS", help=CURVES_X_HELP.replace("; [report] curves_x in a config",
+                                                                               " (default: the run's [report] curves_x)"))
     report.set_defaults(func=cmd_report)
 
     check = sub.add_parser("check-config", help="validate a config (preset + TOML + flags) without running it")

@@ -18,6 +18,7 @@ import torch
 
 from dpo_bench.bench import load_config
 from dpo_bench.run import run_benchmark
+from dpo_bench.training import WALL_CLOCK_METRICS
 
 DPO_BENCH = str(Path(sys.executable).parent / "dpo-bench")
 
@@ -66,7 +67,9 @@ def _cell_tmp_dir(cache: Path) -> Path | None:
 
 def _frames(run_dir: Path) -> dict[str, pd.DataFrame]:
     frames = {name: pd.read_parquet(run_dir / f"{name}.parquet") for name in ("metrics", "samples", "invariance")}
-    frames["metrics"] = frames["metrics"].drop(columns="run_id")
+    metrics = frames["metrics"].drop(columns="run_id")
+    # Wall-clock metrics are measured, not computed: no two runs share them.
+    frames["metrics"] = metrics[~metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True)
     return frames
 
 

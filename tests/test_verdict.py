@@ -10,7 +10,8 @@ import pytest
 
 from dpo_bench.configs import ConfigError
 from dpo_bench.evaluate import benjamini_hochberg, holm
-from dpo_bench.verdict import VerdictConfig, frontier_inputs, objective_rows, verdict_comparisons, verdict_frames
+from dpo_bench.verdict import Objective, VerdictConfig, frontier_inputs, objective_rows, verdict_comparisons, verdict_frames
+from reward.normalise import Normaliser
 
 ROLES = {"sft": "reference", "ppo": "rlhf", "dpo": "direct", "ipo": "direct", "ppo_gt": "oracle", "best_of_n": "inference"}
 
@@ -98,9 +99,59 @@ def test_each_rlhf_cell_is_checked_on_its_own_objective_against_sft_and_best_of_
         rows("dpo", 0.1, 30, [9.0, 9.0], [0.0, 0.0]),  # not RLHF: no objective of its own
     ], ignore_index=True)
     out = objective_rows(per_prompt, ROLES).set_index("metric")
-    assert set(out.index) == {"objective", "objective/sft", "objective/best_of_n (N=4)"}
+    assert set(out.index) == {"objective", "objective/sft", "objective/best_of_n (N=4)", "objective_kl_coef", "objective_eos_penalty"}
+    assert out.loc["objective_kl_coef", "value"] == 0.5 and out.loc["objective_eos_penalty", "value"] == 0.0
     assert (out["method"] == "ppo").all() and (out["beta"] == 0.5).all() and (out["step"] == 20).all()
     # ppo: mean(2 − 0.5, 3 − 1.5) = 1.5; sft: mean(0, 1) = 0.5; best-of-4: mean(1.25, 2.15) = 1.7.
     np.testing.assert_allclose(out.loc[["objective", "objective/sft", "objective/best_of_n (N=4)"], "value"], [1.5, 0.5, 1.7])
     np.testing.assert_allclose(out.loc["objective", "stderr"], np.std([1.5, 1.5], ddof=1) / np.sqrt(2))
     np.testing.assert_allclose(out.loc["objective/best_of_n (N=4)", "stderr"], np.std([1.25, 2.15], ddof=1) / np.sqrt(2))
+
+
+def test_the_objective_is_what_ppo_maximises_eos_penalty_and_adaptive_kl_coef_included():
+    """E[r̂ − p·truncated] − c·KL for the cell and every policy it is held against, with the cell's
+    own p and c (here the adaptive controller's final kl_coef 0.2, not the config's 0.5), by hand."""
+    def rows(method, beta, step, proxy, kl, truncated):
+        return pd.DataFrame({"method": method, "beta": beta, "seed": 0, "step": step, "split": "test", "prompt_index": [0, 1],
+                             "reward": 0.0, "proxy_reward": proxy, "kl": kl, "truncated": truncated})
+
+    per_prompt = pd.concat([
+        rows("sft", np.nan, 0, [0.0, 1.0], [0.0, 0.0], [False, True]),
+        rows("ppo", 0.5, 20, [2.0, 3.0], [1.0, 3.0], [True, False]),
+        rows("best_of_n", 4.0, 0, [1.5, 2.5], [0.5, 0.7], [True, True]),
+    ], ignore_index=True)
+    objective = Objective(kl_coef=0.2, eos_penalty=1.5, adaptive=True)
+    out = objective_rows(per_prompt, ROLES, {("ppo", 0.5, 0): objective}).set_index("metric")
+    # ppo: mean(2 − 1.5 − 0.2, 3 − 0.6) = mean(0.3, 2.4) = 1.35
+    # sft: mean(0, 1 − 1.5) = −0.25
+    # best-of-4: mean(1.5 − 1.5 − 0.1, 2.5 − 1.5 − 0.14) = mean(−0.1, 0.86) = 0.38
+    np.testing.assert_allclose(out.loc[["objective", "objective/sft", "objective/best_of_n (N=4)"], "value"], [1.35, -0.25, 0.38])
+    np.testing.assert_allclose(out.loc["objective", "stderr"], np.std([0.3, 2.4], ddof=1) / np.sqrt(2))
+    # The row says which c it used: the controller's, not the config's (the beta column keeps the cell's key).
+    assert "objective_kl_coef" not in out.index
+    assert out.loc["objective_kl_coef_adaptive", "value"] == 0.2 and out.loc["objective_eos_penalty", "value"] == 1.5
+    assert (out["beta"] == 0.5).all()
+
+
+def test_an_objective_on_raw_scores_undoes_the_normalisation():
+    """normalise_reward off: PPO read r = r̂·std + mean, so the objective does too."""
+    frame = pd.DataFrame({"proxy_reward": [1.0, -1.0], "kl": [2.0, 0.0], "truncated": [False, True]})
+    objective = Objective(kl_coef=0.1, eos_penalty=0.5, raw=Normaliser(mean=3.0, std=2.0, n=10))
+    np.testing.assert_allclose(objective.values(frame), [5.0 - 0.2, 1.0 - 0.5])
+
+
+def test_a_cell_is_held_to_its_own_config_and_its_controllers_final_kl_coef(tmp_path):
+    """The objective's c and p come from the cell's resolved config; with target_kl > 0, c is the
+    train/kl_coef logged at the final checkpoint (not after it: a failed cell's last checkpoint is earlier)."""
+    from dpo_bench.bench import Cell
+    from dpo_bench.run import rlhf_objective
+    from dpo_bench.stages import Stage
+
+    pd.DataFrame({"metric": ["train/kl_coef"] * 3 + ["train/kl"], "step": [1, 2, 3, 2], "value": [0.1, 0.13, 0.17, 9.0]}
+                 ).to_parquet(tmp_path / "metrics.parquet")
+    pd.DataFrame({"step": [0, 2, 2]}).to_parquet(tmp_path / "per_prompt.parquet")
+    stage = Stage("cell", "key", tmp_path)
+    adaptive = rlhf_objective(Cell("ppo", 0.1, 0, (("missing_eos_penalty", 0.5), ("target_kl", 2.0))), stage, None)
+    assert adaptive == Objective(kl_coef=0.13, eos_penalty=0.5, adaptive=True)
+    fixed = rlhf_objective(Cell("ppo", 0.1, 0), stage, None)
+    assert fixed == Objective(kl_coef=0.1, eos_penalty=1.0)  # PPOConfig's default missing_eos_penalty

@@ -159,5 +159,7 @@ def fingerprint_ids(rows: list[list[int]]) -> str:
 )
 def run_best_of_n(ctx: MethodContext, config: BestOfNConfig) -> BestOfNPolicy:
     policy = BestOfNPolicy(ctx.reference, ctx.reward_model, config.n, ctx.task, ctx.shared, config.pool)
+    # No training: its cost is N samples (and N reward-model scores) per prompt it answers.
+    ctx.log.compute.inference_samples = config.n
     ctx.checkpoint(0, policy)
     return policy

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from ..configs import field, positive
-from ..logprobs import concat_batches, longest_rows, sequence_logps
+from ..logprobs import concat_batches, item_tokens, longest_rows, sequence_logps
 from ..losses import LOSSES, LossSpec
 from ..training import OptimConfig, optimise
 from .base import MethodContext, ModelPolicy, register_method
@@ -95,11 +95,12 @@ def train_dpo_family(ctx: MethodContext, config: DPOConfig, spec: LossSpec) -> M
             margin = config.beta * ((chosen - ref_c) - (rejected - ref_r))
         return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
 
-    lengths = longest_rows(*(ranked_batches if spec.listwise else [prefs.chosen, prefs.rejected]))
+    batches = ranked_batches if spec.listwise else [prefs.chosen, prefs.rejected]
+    lengths = longest_rows(*batches)
     optimise(
         policy, config, loss_fn, n_items=len(lengths), generator=ctx.generator,
         log=ctx.log, label=ctx.label, progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
-        max_grad_norm=10.0, lengths=lengths,
+        max_grad_norm=10.0, lengths=lengths, tokens=item_tokens(*batches),
     )
     return ModelPolicy(policy, ctx.task)
 

@@ -245,6 +245,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
         # 1. rollouts
         pick = torch.randint(len(prompt_ids), (config.rollout_batch,), generator=ctx.generator).tolist()
         samples = ctx.sample(model.policy, [prompt_ids[i] for i in pick])
+        ctx.log.compute.add(samples=len(pick))
         batch = samples.batch.trim().to(device)
         mask = batch.completion_mask[:, 1:].float()
         # 2. scores: normalised on SFT samples, less the penalty where EOS is missing
@@ -281,6 +282,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
+                ctx.log.compute.add(steps=1, tokens=int(mb.attention_mask.sum()))
         if controller:
             controller.update(kl)
         ctx.log.log(

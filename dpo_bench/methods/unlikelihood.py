@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from ..configs import field, non_negative
-from ..logprobs import concat_batches, longest_rows, token_logps
+from ..logprobs import concat_batches, item_tokens, longest_rows, token_logps
 from ..training import OptimConfig, optimise
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
@@ -64,6 +64,6 @@ def train_unlikelihood(ctx: MethodContext, config: UnlikelihoodConfig) -> ModelP
     optimise(
         policy, config, loss_fn, n_items=len(prefs), generator=ctx.generator, log=ctx.log, label=ctx.label,
         progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
-        lengths=longest_rows(prefs.chosen, prefs.rejected),
+        lengths=longest_rows(prefs.chosen, prefs.rejected), tokens=item_tokens(prefs.chosen, prefs.rejected),
     )
     return ModelPolicy(policy, ctx.task)

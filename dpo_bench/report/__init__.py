@@ -8,6 +8,7 @@ so ``dpo-bench report RUN_DIR`` can rebuild a report without retraining.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from . import html as html_writer
@@ -20,15 +21,18 @@ from .results import checkpoint_results, config_results, final_results
 __all__ = ["build_report", "load_run", "RunData", "SECTION_TITLES", "FIGURE_NAMES"]
 
 
-def build_report(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def build_report(run_dir: str | os.PathLike[str], curves_x: str | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``run_dir``.
+
+    ``curves_x``: the training curves' x-axis ("steps", "samples", "tokens" or "seconds"; default:
+    the run's ``[report] curves_x``).
 
     Returns the written paths: ``"markdown"``, ``"html"`` and one entry per figure, keyed by its
     file stem (``"frontier"``, ``"win_rates"``, ...). Figures whose data is absent are skipped,
     and a stale figure of that name from an earlier build is removed so the directory matches
     the report.
     """
-    data = load_run(run_dir)
+    data = replace(load_run(run_dir), curves_x_override=curves_x)
     final = final_results(data)
     configs = config_results(final) if not final.empty else final
     figures = cached_figures(data, lambda: all_figures(data, final, checkpoint_results(data)))

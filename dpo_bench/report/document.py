@@ -10,7 +10,7 @@ import pandas as pd
 from . import tables
 from .headline import Finding, headline
 from .history import history_section
-from .load import RunData
+from .load import CURVES_X, RunData
 from .questions import questions_blocks
 from .results import checkpoint_results
 from .tables import Table
@@ -82,7 +82,7 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
     if final.empty:
         s["Results"].blocks.append(Paragraph("No evaluation results at temperature 1.0."))
     else:
-        s["Results"].blocks.append(TableBlock(tables.results_table(final, reward)))
+        s["Results"].blocks.append(TableBlock(tables.results_table(final, reward, tables.compute_caption(data))))
         seeds = tables.seed_table(configs, reward)
         if seeds is not None:
             s["Results"].blocks.append(TableBlock(seeds, "Seed-aggregated"))
@@ -104,6 +104,13 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
         + (" The black line is the exact reward–KL frontier of the optimal policy π*."
            if has_opt else ""),
         f"No checkpoint has both {reward.name} and KL.")
+    if "reward_vs_sqrt_kl" in figures:
+        s["Frontier"].blocks.append(Figure(
+            "reward_vs_sqrt_kl", f"Over-optimisation (Gao et al. 2022): {reward.name} (left) and the proxy reward r̂ (right: "
+            "the learned reward model normalised on SFT samples, what best-of-N ranks by and PPO optimises) against √KL to the "
+            "reference, on the test prompts, seed means. Best-of-N (dashed) over its N, with its estimated KL; PPO against "
+            "the learned reward (solid) over its checkpoints, a line per kl_coef; every line starts at the SFT model. Where "
+            f"the {reward.name} turns down while the proxy still climbs, the policy is exploiting the reward model."))
 
     s["Win rates"].blocks += _figure_or_note(
         figures, "win_rates",
@@ -118,7 +125,8 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
             "h2h", "Head-to-head: win rate of the row's final policy against the column's."))
 
     s["Training curves"].blocks += _figure_or_note(
-        figures, "training_curves", "One panel per training metric, one line per cell.",
+        figures, "training_curves", f"One panel per training metric, one line per cell, against {CURVES_X[data.curves_x][1]} "
+        "(chosen by [report] curves_x, or by dpo-bench report RUN_DIR --curves-x steps, samples, tokens or seconds).",
         "No training curves were recorded.")
 
     rm = tables.reward_model_table(data)

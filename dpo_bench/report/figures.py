@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .load import GOLD, REFERENCE_METHOD, RewardScale, RunData, policy_rows  # noqa: E402
+from .load import CURVES_X, GOLD, REFERENCE_METHOD, RewardScale, RunData, policy_rows  # noqa: E402
 from .results import CELL  # noqa: E402
 
 DPI = 110
@@ -229,10 +229,28 @@ _UNITS = {"train/kl": "nats", "train/loss": "loss", "train/accuracy": "share",
           "train/gold_reward": "gold reward", "train/judge_reward": "judge reward"}
 
 
+def curve_x(data: RunData, rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``rows`` (train/ metrics) with an ``x`` column on the run's curves axis (:data:`CURVES_X`): the
+    cell's compute/ metric logged at the same step; and the axis label. A run that recorded no
+    compute (an older run) is drawn against the trainers' own steps, and the label says so."""
+    metric, name = CURVES_X[data.curves_x]
+    compute = policy_rows(data.metrics)
+    compute = compute.loc[compute["metric"] == metric, CELL + ["step", "value"]].rename(columns={"value": "x"})
+    if compute.empty:
+        return rows.assign(x=rows["step"]), f"training step (this run recorded no compute: no {name})"
+    compute = compute.drop_duplicates(subset=CELL + ["step"], keep="last")
+    merged = rows.merge(compute, on=CELL + ["step"], how="inner")
+    return merged, name
+
+
 def training_curves(data: RunData, palette: Palette) -> bytes | None:
-    """One panel per train/ metric, one line per cell."""
+    """One panel per train/ metric, one line per cell, against the run's curves axis
+    (``[report] curves_x``: optimiser steps, samples generated, tokens trained on or wall seconds)."""
     rows = policy_rows(data.metrics)
     rows = rows[rows["metric"].str.startswith("train/")]
+    if rows.empty:
+        return None
+    rows, x_label = curve_x(data, rows)
     if rows.empty:
         return None
     names = sorted(rows["metric"].unique())
@@ -249,13 +267,13 @@ def training_curves(data: RunData, palette: Palette) -> bytes | None:
                 g = g.sort_values("step")
                 # seeds of one setting share a style, so the legend names settings
                 key = label(data.config_label(method, beta))
-                (line,) = ax.plot(g["step"], g["value"], color=palette.colour(method),
+                (line,) = ax.plot(g["x"], g["value"], color=palette.colour(method),
                                   ls=palette.linestyle(method, beta), lw=1.2,
                                   marker=palette.marker(method), markevery=max(1, len(g) // 6),
                                   ms=4)
                 handles.setdefault(key, line)
             ax.set_title(label(name), fontsize=9)
-            ax.set_xlabel("training step")
+            ax.set_xlabel(x_label)
             ax.set_ylabel(_UNITS.get(name, label(name.removeprefix("train/"))))
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(names):]:
@@ -446,12 +464,69 @@ def overoptimisation(data: RunData, palette: Palette) -> bytes | None:
     return _render(draw)
 
 
+def reward_against_sqrt_kl(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> bytes | None:
+    """Gao et al. 2022's over-optimisation picture: the gold reward (left) and the proxy reward r̂ the
+    policies optimise (right, the learned reward model normalised on SFT samples) against √KL, for
+    best-of-N over its N and for PPO against the learned reward over its checkpoints (a line per
+    kl_coef). Seed means; every line starts at the SFT model (KL 0). Where the gold reward turns
+    down while the proxy still climbs, the policy is over-optimising the reward model."""
+    m = data.reward.metric
+    if checkpoints.empty or not {m, "proxy_reward", "kl"} <= set(checkpoints.columns):
+        return None
+    roles = checkpoints["method"].map(lambda method: _role(data, method))
+    picked = checkpoints[roles.isin(["inference", "rlhf"])].dropna(subset=[m, "proxy_reward", "kl"])
+    reference = checkpoints[checkpoints["method"] == REFERENCE_METHOD][[m, "proxy_reward"]].mean()
+    if picked.empty or reference.isna().any():
+        return None
+    means = picked.groupby(["method", "beta", "step"])[[m, "proxy_reward", "kl"]].mean().reset_index()
+    means["sqrt_kl"] = np.sqrt(means["kl"].clip(lower=0.0))
+
+    def draw():
+        fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharex=True)
+        entries = 0
+        for method, g in means.groupby("method", sort=True):
+            role = _role(data, method)
+            colour = FAMILY_COLOURS.get(role, "#777777")
+            if role == "inference":  # one line over N: best-of-1 is the SFT model
+                lines = [(label(method), g.sort_values("beta"), colour, "--")]
+            else:  # one line per kl_coef over its checkpoints; darker: a larger kl_coef
+                betas = sorted(set(g["beta"]))
+                lines = [(label(data.config_label(method, beta)), b.sort_values("step"),
+                          _shade(colour, 0.6 * (1 - i / (len(betas) - 1) if len(betas) > 1 else 0.0)), "-")
+                         for i, (beta, b) in enumerate(g.groupby("beta", sort=True))]
+            for name, line, shade, style in lines:
+                for ax, metric in zip(axes, (m, "proxy_reward")):
+                    x = np.concatenate([[0.0], line["sqrt_kl"].to_numpy()])
+                    y = np.concatenate([[reference[metric]], line[metric].to_numpy()])
+                    ax.plot(x, y, color=shade, ls=style, lw=1.6, marker=palette.marker(method), ms=5,
+                            label=name if ax is axes[1] else None)
+                if role == "inference":
+                    for _, r in line.iterrows():
+                        axes[0].annotate(f"N={r['beta']:g}", (r["sqrt_kl"], r[m]), textcoords="offset points",
+                                         xytext=(4, -10), fontsize=7, color=shade)
+                entries += 1
+        for ax, metric in zip(axes, (m, "proxy_reward")):
+            ax.plot([0.0], [reference[metric]], ls="none", marker="*", ms=13, color="#000000", zorder=4,
+                    label="SFT (reference)" if ax is axes[1] else None)
+            ax.set_xlabel("√KL(π ‖ π_ref) [√nats]")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(f"{data.reward.name} (test prompts)")
+        axes[0].set_title(f"{data.reward.name[:1].upper()}{data.reward.name[1:]}: what the policy earns", fontsize=9)
+        axes[1].set_ylabel("proxy reward r̂ (normalised on SFT samples)")
+        axes[1].set_title("Proxy reward: what best-of-N ranks by and PPO optimises", fontsize=9)
+        _legend(axes[1], entries + 1)
+        return fig
+
+    return _render(draw)
+
+
 def all_figures(data: RunData, final: pd.DataFrame,
                 checkpoints: pd.DataFrame) -> dict[str, bytes]:
     """Render every figure whose data exists: name (file stem) -> PNG bytes."""
     palette = Palette(data.metrics)
     rendered = {
         "frontier": frontier(data, checkpoints, palette),
+        "reward_vs_sqrt_kl": reward_against_sqrt_kl(data, checkpoints, palette),
         "win_rates": win_rates(final, palette, data.reward),
         "training_curves": training_curves(data, palette),
         "win_rate_temperature": win_rate_temperature(data, palette),
@@ -473,7 +548,7 @@ def figures_key(data: RunData) -> str:
         if frame is not None:
             h.update(",".join(map(str, frame.columns)).encode())
             h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-    h.update(json.dumps([data.run.get("methods"), data.run.get("config")], sort_keys=True, default=str).encode())
+    h.update(json.dumps([data.run.get("methods"), data.run.get("config"), data.curves_x], sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
@@ -501,5 +576,5 @@ def cached_figures(data: RunData, render: Callable[[], dict[str, bytes]]) -> dic
     return figures
 
 
-FIGURE_NAMES = ("frontier", "win_rates", "training_curves", "win_rate_temperature", "h2h",
+FIGURE_NAMES = ("frontier", "reward_vs_sqrt_kl", "win_rates", "training_curves", "win_rate_temperature", "h2h",
                 "rm_calibration", "overoptimisation", "invariance")

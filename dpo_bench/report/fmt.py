@@ -51,6 +51,11 @@ def pvalue(p: float) -> str:
     return f"p = {p:.3f}"
 
 
+def count(x: object) -> str:
+    """A whole number with thousands separators: 1,234,567."""
+    return f"{float(x):,.0f}" if _finite(x) else MISSING  # type: ignore[arg-type]
+
+
 def seconds(s: object) -> str:
     if not _finite(s):
         return MISSING

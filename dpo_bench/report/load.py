@@ -33,6 +33,16 @@ _DEFAULT_STRENGTH = {"ppo": "kl_coef", "best_of_n": "N", "unlikelihood": "alpha"
 _STRENGTH_SYMBOL = {"beta": "β", "alpha": "α"}
 
 
+#: What the training curves can be drawn against: each cell's ``compute/`` metric and the axis label
+#: (the names of ``[report] curves_x``).
+CURVES_X = {
+    "steps": ("compute/steps", "optimiser steps"),
+    "samples": ("compute/samples", "samples generated in training"),
+    "tokens": ("compute/tokens", "tokens trained on"),
+    "seconds": ("compute/seconds", "wall seconds of training"),
+}
+
+
 @dataclass(frozen=True)
 class RewardScale:
     """What the report's reward numbers are: the gold reward, or a judge's scores.
@@ -86,6 +96,20 @@ class RunData:
     # frontier.parquet and comparisons.parquet: gold reward at KL budgets, and the verdict's tests
     frontier: pd.DataFrame | None = None
     comparisons: pd.DataFrame | None = None
+    # the training curves' x-axis chosen when the report is rebuilt (None: the run's [report] curves_x)
+    curves_x_override: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.curves_x_override is not None and self.curves_x_override not in CURVES_X:
+            raise ValueError(f"curves_x: unknown axis '{self.curves_x_override}'; choose one of {', '.join(CURVES_X)}")
+
+    @property
+    def curves_x(self) -> str:
+        """The training curves' x-axis (a key of :data:`CURVES_X`): the override, else the run's config, else steps."""
+        if self.curves_x_override is not None:
+            return self.curves_x_override
+        chosen = ((self.run.get("config") or {}).get("report") or {}).get("curves_x")
+        return chosen if chosen in CURVES_X else "steps"
 
     @property
     def run_id(self) -> str:

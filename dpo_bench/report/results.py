@@ -17,12 +17,14 @@ from scipy import stats
 from .load import REFERENCE_METHOD, RunData, policy_rows
 
 EVAL_METRICS = ("gold_reward", "judge_reward", "kl", "win_rate", "fluency", "proxy_reward", "length")
+# What a cell's training cost up to a checkpoint (its compute/ metrics), as wide columns compute_<name>.
+COMPUTE = ("steps", "samples", "tokens", "seconds", "inference_samples")
 CELL = ["method", "beta", "seed"]
 _STAT_COLUMNS = ("value", "stderr", "ci_low", "ci_high", "n")
 
 
 def is_eval_metric(metric: pd.Series) -> pd.Series:
-    return ~metric.str.startswith(("train/", "h2h/", "rm_", "objective"))
+    return ~metric.str.startswith(("train/", "compute/", "h2h/", "rm_", "objective"))
 
 
 def at_unit_temperature(df: pd.DataFrame) -> pd.DataFrame:
@@ -65,6 +67,7 @@ def final_results(data: RunData) -> pd.DataFrame:
         for suffix in ("", "_stderr", "_ci_low", "_ci_high", "_n"):
             if f"{m}{suffix}" not in final.columns:
                 final[f"{m}{suffix}"] = np.nan
+    final = _with_compute(data, final)
     multi = data.multi_seed
     final["config"] = [data.config_label(m, b) for m, b in zip(final["method"], final["beta"])]
     final["label"] = [data.cell_label(m, b, s, multi)
@@ -72,6 +75,23 @@ def final_results(data: RunData) -> pd.DataFrame:
     final["_ref"] = final["method"] != REFERENCE_METHOD
     final = final.sort_values(["_ref", "method", "beta", "seed"], na_position="first")
     return final.drop(columns="_ref").reset_index(drop=True)
+
+
+def _with_compute(data: RunData, final: pd.DataFrame) -> pd.DataFrame:
+    """``final`` with columns ``compute_<name>`` (:data:`COMPUTE`): each cell's compute/ metrics at
+    its final checkpoint (the last ones logged at or before its step; NaN in a run that recorded none)."""
+    rows = policy_rows(data.metrics)
+    rows = rows[rows["metric"].str.startswith("compute/")]
+    key = final[CELL + ["step"]].rename(columns={"step": "final_step"})
+    merged = rows.merge(key, on=CELL, how="inner")
+    merged = merged[merged["step"] <= merged["final_step"]].sort_values("step")
+    last = merged.drop_duplicates(subset=CELL + ["metric"], keep="last")
+    out = final.copy()
+    for name in COMPUTE:
+        # A merge, not a pivot: merge matches the NaN beta of the SFT cell, a pivot's index drops it.
+        values = last.loc[last["metric"] == f"compute/{name}", CELL + ["value"]]
+        out[f"compute_{name}"] = out[CELL].merge(values, on=CELL, how="left")["value"].to_numpy(dtype=float)
+    return out
 
 
 def checkpoint_results(data: RunData) -> pd.DataFrame:
@@ -93,6 +113,8 @@ def config_results(final: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, beta), g in final.groupby(["method", "beta"], dropna=False, sort=False):
         row = {"method": method, "beta": beta, "config": g["config"].iloc[0], "seeds": len(g)}
+        for name in COMPUTE:  # the seeds' mean cost
+            row[f"compute_{name}"] = float(g[f"compute_{name}"].mean()) if f"compute_{name}" in g else math.nan
         for m in EVAL_METRICS:
             vals = g[m].to_numpy(dtype=float)
             if len(g) == 1:

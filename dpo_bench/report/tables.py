@@ -16,6 +16,7 @@ import pandas as pd
 
 from . import fmt
 from .load import GOLD, REFERENCE_METHOD, RewardScale, RunData
+from .results import COMPUTE
 
 # Enough prompts to see reward hacking at a glance; the rest are in samples.parquet.
 MAX_SAMPLE_PROMPTS = 5
@@ -63,13 +64,43 @@ def _results_rows(frame: pd.DataFrame, seed_text, reward: RewardScale = GOLD) ->
             _num_cell(r["fluency"], fmt.pm(r["fluency"], r["fluency_stderr"]), i in best["fluency"]),
             _num_cell(r["proxy_reward"], fmt.pm(r["proxy_reward"], r["proxy_reward_stderr"])),
             _num_cell(r["length"], fmt.num(r["length"], 1)),
+            *_compute_cells(r),
         ])
     return rows
 
 
+def _compute_cells(r: pd.Series) -> list[Cell]:
+    """A cell's training cost (columns ``compute_<name>``, see ``results.COMPUTE``): steps, samples
+    (with best-of-N's N per prompt at inference), tokens and seconds."""
+    steps, samples, tokens, seconds, per_prompt = (r.get(f"compute_{k}", np.nan) for k in COMPUTE)
+    samples_text = fmt.count(samples)
+    if fmt.finite(per_prompt) and per_prompt > 1:
+        samples_text += f" (+ {per_prompt:g} per prompt at inference)"
+    return [_num_cell(steps, fmt.count(steps)), _num_cell(samples, samples_text), _num_cell(tokens, fmt.count(tokens)),
+            _num_cell(seconds, fmt.seconds(seconds))]
+
+
 _RESULT_HEADERS = ["policy", "seed", "gold reward ± s.e.", "KL [nats] ± s.e.",
                    "win rate vs SFT [95% CI]", "fluency ± s.e.", "proxy reward ± s.e.",
-                   "length [tokens]"]
+                   "length [tokens]", "optimiser steps", "samples generated", "tokens trained on", "training time"]
+
+
+def compute_caption(data: RunData) -> str:
+    """What the compute columns count, and the costs every cell shares (which they leave out)."""
+    config = data.run.get("config") or {}
+    k = (config.get("preferences") or {}).get("k")
+    prompts = (data.run.get("preferences") or {}).get("n_prompts")
+    if k and prompts:
+        data_cost = (f"the preference data ({k} completions sampled from the SFT model for each of {prompts:,} train "
+                     "prompts, per seed)")
+    else:
+        data_cost = "the preference data (sampled from the SFT model, or given)"
+    return ("Compute up to each cell's final checkpoint: optimiser steps (PPO: iterations × epochs × minibatches); samples "
+            "generated during training (PPO's rollouts; none for the offline methods, which train on the fixed preference "
+            "data; best-of-N trains nothing and draws N per prompt at inference); tokens through the forward and backward "
+            "passes of the updates (not padding); wall seconds of training, checkpoint evaluations left out (cells that ran "
+            f"at once shared the machine). Not counted, because every cell shares them: the SFT model, {data_cost}, and "
+            "the reward model that PPO and best-of-N read.")
 
 
 def _result_headers(reward: RewardScale) -> list[str]:
@@ -80,14 +111,15 @@ def _result_headers(reward: RewardScale) -> list[str]:
     return headers
 
 
-def results_table(final: pd.DataFrame, reward: RewardScale = GOLD) -> Table:
+def results_table(final: pd.DataFrame, reward: RewardScale = GOLD, compute: str = "") -> Table:
+    """The cells at their final checkpoints; ``compute``: what the compute columns count (:func:`compute_caption`)."""
     rows = _results_rows(final, lambda r: f"{int(r['seed'])} (step {int(r['step'])})", reward)
     caption = ("Each cell at its final checkpoint, temperature 1.0. Best gold reward, win rate "
                "and fluency in bold.")
     if not reward.is_gold:
         caption = (f"Each cell at its final checkpoint, temperature 1.0. No gold reward: the reward and the win "
                    f"rates are judged by {reward.judge}. Best {reward.name}, win rate and fluency in bold.")
-    return Table(_result_headers(reward), rows, caption)
+    return Table(_result_headers(reward), rows, f"{caption} {compute}".strip())
 
 
 def seed_table(configs: pd.DataFrame, reward: RewardScale = GOLD) -> Table | None:
@@ -97,7 +129,7 @@ def seed_table(configs: pd.DataFrame, reward: RewardScale = GOLD) -> Table | Non
     rows = _results_rows(multi, lambda r: f"mean of {int(r['seeds'])}", reward)
     return Table(_result_headers(reward), rows,
                  "Mean over seeds; ± is the between-seed standard error, the interval a t interval "
-                 "over seeds.")
+                 "over seeds; the compute columns are the seeds' mean.")
 
 
 def reward_model_table(data: RunData) -> Table | None:

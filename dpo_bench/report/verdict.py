@@ -69,13 +69,33 @@ def verdict_findings(data: RunData) -> list[Finding]:
     return findings
 
 
+OBJECTIVE = "E[r̂ − p·truncated] − c·KL"
+
+
+def _objective_terms(g: pd.DataFrame) -> str:
+    """'c = 0.1, p = 1' from a cell's objective parameter rows; says when c is the adaptive controller's."""
+    def value(metric: str) -> float | None:
+        row = g[g["metric"] == metric]
+        return float(row["value"].iloc[0]) if len(row) else None
+
+    adaptive, fixed, penalty = (value(m) for m in ("objective_kl_coef_adaptive", "objective_kl_coef", "objective_eos_penalty"))
+    parts = []
+    if adaptive is not None:
+        parts.append(f"c = {fmt.num(adaptive)}, the adaptive KL controller's final kl_coef")
+    elif fixed is not None:
+        parts.append(f"c = {fmt.num(fixed)}")
+    if penalty is not None:
+        parts.append(f"p = {fmt.num(penalty)}")
+    return "; ".join(parts)
+
+
 def objective_findings(data: RunData) -> list[Finding]:
-    """Each RLHF cell on its own objective E[r̂] − c·KL: below a best-of-N from the reference at the
-    same c, it has not converged, and its gold reward says little about RLHF yet."""
+    """Each RLHF cell on its own objective E[r̂ − p·truncated] − c·KL: below a best-of-N from the
+    reference on it, it has not converged, and its gold reward says little about RLHF yet."""
     rows = data.metrics[data.metrics["metric"].str.startswith("objective")]
     if rows.empty:
         return []
-    out, converged = [], 0
+    out, converged, adaptive = [], 0, 0
     for (method, c, seed), g in rows.groupby(["method", "beta", "seed"], sort=True):
         own = g[g["metric"] == "objective"]
         if own.empty:
@@ -87,15 +107,21 @@ def objective_findings(data: RunData) -> list[Finding]:
         beaten = baselines[baselines["value"] > value]
         if beaten.empty:
             converged += 1
+            adaptive += bool((g["metric"] == "objective_kl_coef_adaptive").any())
             continue
         top = beaten.loc[beaten["value"].idxmax()]
+        terms = _objective_terms(g)
         out.append(Finding(
-            f"NOT CONVERGED: {data.config_label(method, c)}, seed {int(seed)}: its objective E[r̂] − c·KL is "
-            f"{fmt.pm(value, own['stderr'].iloc[0])}, below {top['metric'].removeprefix('objective/')}'s "
-            f"{fmt.pm(top['value'], top['stderr'])} at the same c; its gold reward says little about RLHF.", warning=True))
+            f"NOT CONVERGED: {data.config_label(method, c)}, seed {int(seed)}: its objective {OBJECTIVE} "
+            f"{f'({terms}) ' if terms else ''}is {fmt.pm(value, own['stderr'].iloc[0])}, below "
+            f"{top['metric'].removeprefix('objective/')}'s {fmt.pm(top['value'], top['stderr'])} on the same objective; "
+            "its gold reward says little about RLHF.", warning=True))
     if converged and not out:
-        out.append(Finding(f"Every RLHF cell ({converged}) scores above every best-of-N on its own objective E[r̂] − c·KL "
-                           "(c its kl_coef, r̂ the learned reward model)."))
+        how = (f"; for {adaptive} cell{'s' if adaptive != 1 else ''} with an adaptive KL controller, c is its final kl_coef"
+               if adaptive else "")
+        out.append(Finding(f"Every RLHF cell ({converged}) scores above every best-of-N on its own objective {OBJECTIVE} "
+                           f"(r̂ the learned reward model, normalised on SFT samples; p PPO's missing_eos_penalty on a completion "
+                           f"cut off without EOS; c its kl_coef{how})."))
     return out
 
 
