@@ -210,6 +210,18 @@ def rlhf_objective(cell: Cell, stage: Stage, reward_model: Stage | None) -> Obje
     return Objective(kl_coef, float(getattr(config, "missing_eos_penalty", 0.0)), adaptive, raw)
 
 
+def dpo_objective(cell: Cell, reward_model: Stage | None) -> Objective | None:
+    """What a DPO cell solves, in the reward model's normalised units: DPO at β fits the
+    Bradley-Terry reward r implicitly and its optimum is that of max E[r] − β·KL (Rafailov et al.,
+    section 4), with r in Bradley-Terry units, the reward model's own; with r̂ = (r − mean)/σ that is
+    σ·(E[r̂] − (β/σ)·KL). The learned reward model stands in for the r DPO fits. None for any other
+    method (IPO, SLiC and the rest solve other problems) or without a fitted reward model."""
+    if cell.method != "dpo" or cell.strength_value is None:
+        return None
+    normaliser = fitted_normaliser(reward_model, "reward_model")
+    return Objective(float(cell.strength_value) / normaliser.std) if normaliser is not None else None
+
+
 def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: BenchConfig,
                         pipelines: dict[int, dict[str, Stage | None]] | None = None) -> pd.DataFrame:
     """``per_prompt.parquet`` (every cell's per-prompt results), ``frontier.parquet`` and
@@ -230,6 +242,10 @@ def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: 
     reward_models = {seed: stages.get("reward_model") for seed, stages in (pipelines or {}).items()}
     objectives = {(c.display_name, c.strength_value, c.seed): rlhf_objective(c, stage, reward_models.get(c.seed))
                   for c, stage in cells if roles[c.display_name] == "rlhf"}
+    for c, _ in cells:
+        dpo = dpo_objective(c, reward_models.get(c.seed))
+        if dpo is not None:
+            objectives[(c.display_name, c.strength_value, c.seed)] = dpo
     return objective_rows(per_prompt, roles, objectives)
 
 

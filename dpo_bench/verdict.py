@@ -138,9 +138,10 @@ def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], objectives: 
     test = per_prompt[per_prompt["split"] == "test"] if not per_prompt.empty else per_prompt
     rows = []
     for (method, beta, seed), cell in test.groupby(["method", "beta", "seed"]):
-        if roles.get(method) != "rlhf":
+        objective = (objectives or {}).get((method, beta, seed))
+        if objective is None and roles.get(method) != "rlhf":
             continue
-        objective = (objectives or {}).get((method, beta, seed)) or Objective(float(beta))
+        objective = objective or Objective(float(beta))
         final = cell[cell["step"] == cell["step"].max()]
         step = int(final["step"].iloc[0])
         same_seed = test[test["seed"] == seed]

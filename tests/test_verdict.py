@@ -155,3 +155,26 @@ def test_a_cell_is_held_to_its_own_config_and_its_controllers_final_kl_coef(tmp_
     assert adaptive == Objective(kl_coef=0.13, eos_penalty=0.5, adaptive=True)
     fixed = rlhf_objective(Cell("ppo", 0.1, 0), stage, None)
     assert fixed == Objective(kl_coef=0.1, eos_penalty=1.0)  # PPOConfig's default missing_eos_penalty
+
+
+def test_a_dpo_cell_is_held_to_the_problem_it_solves_in_the_reward_models_units(tmp_path):
+    """DPO at β solves max E[r] − β·KL with r in Bradley-Terry units: on the normalised r̂ = (r − mean)/σ
+    that is E[r̂] − (β/σ)·KL, σ the reward model's std on SFT samples; other losses get no objective."""
+    import json
+
+    from dpo_bench.bench import Cell
+    from dpo_bench.run import dpo_objective
+    from dpo_bench.stages import Stage
+
+    (tmp_path / "normalisers.json").write_text(json.dumps({"reward_model": {"mean": -0.2, "std": 2.0, "n": 100}}))
+    stage = Stage("reward_model", "key", tmp_path)
+    assert dpo_objective(Cell("dpo", 0.3, 0), stage) == Objective(kl_coef=0.15)
+    assert dpo_objective(Cell("ipo", 0.3, 0), stage) is None
+    assert dpo_objective(Cell("dpo", 0.3, 0), None) is None
+    per_prompt = pd.DataFrame({"method": ["dpo"] * 2 + ["best_of_n"] * 2, "beta": [0.3, 0.3, 4.0, 4.0], "seed": 0,
+                               "step": [30, 30, 0, 0], "split": "test", "prompt_index": [0, 1, 0, 1], "reward": 0.0,
+                               "proxy_reward": [1.0, 2.0, 1.5, 2.5], "kl": [2.0, 4.0, 0.5, 0.7]})
+    out = objective_rows(per_prompt, {"dpo": "direct", "best_of_n": "inference"}, {("dpo", 0.3, 0): Objective(0.15)}).set_index("metric")
+    # dpo: mean(1 − 0.3, 2 − 0.6) = 1.05; best-of-4: mean(1.5 − 0.075, 2.5 − 0.105) = 1.91
+    np.testing.assert_allclose(out.loc[["objective", "objective/best_of_n (N=4)"], "value"], [1.05, 1.91])
+    assert out.loc["objective_kl_coef", "value"] == 0.15

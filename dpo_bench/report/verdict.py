@@ -90,38 +90,49 @@ def _objective_terms(g: pd.DataFrame) -> str:
 
 
 def objective_findings(data: RunData) -> list[Finding]:
-    """Each RLHF cell on its own objective E[r̂ − p·truncated] − c·KL: below a best-of-N from the
-    reference on it, it has not converged, and its gold reward says little about RLHF yet."""
+    """Each KL-regularised cell on its own objective E[r̂ − p·truncated] − c·KL (PPO: c its kl_coef,
+    p its EOS penalty; DPO: c = β/σ, p = 0): below a best-of-N from the reference on it, it has not
+    converged, and its gold reward says little about its method yet."""
     rows = data.metrics[data.metrics["metric"].str.startswith("objective")]
     if rows.empty:
         return []
-    out, converged, adaptive = [], 0, 0
-    for (method, c, seed), g in rows.groupby(["method", "beta", "seed"], sort=True):
-        own = g[g["metric"] == "objective"]
-        if own.empty:
+    out, converged, flagged, adaptive = [], {}, set(), 0
+    for (method, c), cell in rows.groupby(["method", "beta"], sort=True):
+        family = "RLHF" if _role(data, method) == "rlhf" else "DPO"
+        beaten_in = []  # (seed, own row, the best best-of-N above it)
+        for seed, g in cell.groupby("seed", sort=True):
+            own = g[g["metric"] == "objective"]
+            baselines = g[g["metric"].str.startswith("objective/best_of_n")]
+            if own.empty or baselines.empty:  # no best-of-N in the grid: nothing to hold the cell against
+                continue
+            beaten = baselines[baselines["value"] > float(own["value"].iloc[0])]
+            if beaten.empty:
+                converged[family] = converged.get(family, 0) + 1
+                adaptive += bool((g["metric"] == "objective_kl_coef_adaptive").any())
+            else:
+                beaten_in.append((int(seed), own.iloc[0], beaten.loc[beaten["value"].idxmax()], _objective_terms(g)))
+        if not beaten_in:
             continue
-        value = float(own["value"].iloc[0])
-        baselines = g[g["metric"].str.startswith("objective/best_of_n")]
-        if baselines.empty:  # no best-of-N in the grid: nothing to hold the cell against
-            continue
-        beaten = baselines[baselines["value"] > value]
-        if beaten.empty:
-            converged += 1
-            adaptive += bool((g["metric"] == "objective_kl_coef_adaptive").any())
-            continue
-        top = beaten.loc[beaten["value"].idxmax()]
-        terms = _objective_terms(g)
+        flagged.add(family)
+        n_seeds = cell["seed"].nunique()
+        parts = [f"seed {seed}: {fmt.pm(own['value'], own['stderr'])} against {top['metric'].removeprefix('objective/')}'s "
+                 f"{fmt.pm(top['value'], top['stderr'])}" for seed, own, top, _ in beaten_in]
+        terms = beaten_in[0][3]
         out.append(Finding(
-            f"NOT CONVERGED: {data.config_label(method, c)}, seed {int(seed)}: its objective {OBJECTIVE} "
-            f"{f'({terms}) ' if terms else ''}is {fmt.pm(value, own['stderr'].iloc[0])}, below "
-            f"{top['metric'].removeprefix('objective/')}'s {fmt.pm(top['value'], top['stderr'])} on the same objective; "
-            "its gold reward says little about RLHF.", warning=True))
-    if converged and not out:
-        how = (f"; for {adaptive} cell{'s' if adaptive != 1 else ''} with an adaptive KL controller, c is its final kl_coef"
-               if adaptive else "")
-        out.append(Finding(f"Every RLHF cell ({converged}) scores above every best-of-N on its own objective {OBJECTIVE} "
-                           f"(r̂ the learned reward model, normalised on SFT samples; p PPO's missing_eos_penalty on a completion "
-                           f"cut off without EOS; c its kl_coef{how})."))
+            f"NOT CONVERGED: {data.config_label(method, c)} in {len(beaten_in)} of {n_seeds} seeds scores below a best-of-N "
+            f"on its own objective {OBJECTIVE}{f' ({terms})' if terms else ''}: {'; '.join(parts)}. "
+            f"Its gold reward says little about {family} yet.", warning=True))
+    for family, n in sorted(converged.items()):
+        if family in flagged:
+            continue
+        if family == "RLHF":
+            how = (f"; for {adaptive} cell{'s' if adaptive != 1 else ''} with an adaptive KL controller, c is its final kl_coef"
+                   if adaptive else "")
+            terms = f"p PPO's missing_eos_penalty on a completion cut off without EOS; c its kl_coef{how}"
+        else:
+            terms = "p = 0; c = β/σ, σ the reward model's standard deviation on SFT samples"
+        out.append(Finding(f"Every {family} cell ({n}) scores above every best-of-N on its own objective {OBJECTIVE} "
+                           f"(r̂ the learned reward model, normalised on SFT samples; {terms})."))
     return out
 
 
