@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         seed = derive_seed(config.seed, "lemma2_ppo", *([seed_index] if seed_index else []))
         start = time.perf_counter()
-        samples = ppo_against(task, reference, bench.device, ppo_config, reward(variant), seed, ref_samples, label=variant)
+        samples, _ = ppo_against(task, reference, bench.device, ppo_config, reward(variant), seed, ref_samples, label=variant)
         gold = samples[task.reward_metric].to_numpy()
         kl = (samples["policy_logp"] - samples["ref_logp"]).to_numpy()
         n = len(samples)
