@@ -864,23 +864,21 @@ def ppo_against(task, reference: torch.nn.Module, device: torch.device, ppo_conf
     A custom score has no normaliser, so ``ppo_config.normalise_reward`` must be false (as
     :data:`LEMMA2_PPO_OVERRIDES` sets)."""
     curve: list[dict] = []
-
-    def evaluate(policy: Any) -> pd.DataFrame:
-        # The same generator seed at every evaluation: the policies are compared on common random numbers.
-        _, samples = evaluate_policy(policy, task=task, reference=reference, reward_model=None,
-                                     reference_samples=reference_samples, generator=torch.Generator().manual_seed(seed))
-        return samples
+    last: dict[str, pd.DataFrame] = {}
 
     def checkpoint(step: int, policy: Any) -> None:
-        samples = evaluate(ModelPolicy(policy, task))
-        curve.append({"iteration": step, "gold_reward": float(samples[task.reward_metric].mean()), "kl": float(samples["kl"].mean())})
+        # The same generator seed at every evaluation: the policies are compared on common random numbers.
+        _, last["samples"] = evaluate_policy(ModelPolicy(policy, task), task=task, reference=reference, reward_model=None,
+                                             reference_samples=reference_samples, generator=torch.Generator().manual_seed(seed))
+        curve.append({"iteration": step, "gold_reward": float(last["samples"][task.reward_metric].mean()),
+                      "kl": float(last["samples"]["kl"].mean())})
 
     ctx = MethodContext(
         task=task, reference=reference, device=device, seed=seed, generator=seed_everything(seed),
         checkpoint=checkpoint, n_checkpoints=n_checkpoints, gold_scores=scores, progress=progress, label=label,
     )
-    policy = get_method("ppo_gt").train(ctx, ppo_config)
-    return evaluate(policy), pd.DataFrame(curve, columns=["iteration", "gold_reward", "kl"])
+    get_method("ppo_gt").train(ctx, ppo_config)  # its last checkpoint is its last iteration: the final policy
+    return last["samples"], pd.DataFrame(curve, columns=["iteration", "gold_reward", "kl"])
 
 
 def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
