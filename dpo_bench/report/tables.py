@@ -150,12 +150,13 @@ def invariance_findings_tables(data: RunData) -> list[tuple[str, Table]]:
     for name, group in found.groupby("check", sort=False):
         quantities = list(dict.fromkeys(group["quantity"]))
         group = group.assign(step=pd.to_numeric(group["step"], errors="coerce") if "step" in group else np.nan)
+        stepped = bool(group["step"].notna().any())
         rows = []
         for step, at in group.groupby("step", sort=False, dropna=False):
             values = [at.loc[at["quantity"] == q, "value"] for q in quantities]
-            rows.append([Cell("" if fmt.is_nan(step) else f"{float(step):g}")]
+            rows.append([Cell("" if fmt.is_nan(step) else f"{float(step):g}")] * stepped
                         + [_num_cell(v.iloc[0], fmt.num(v.iloc[0], 4)) if len(v) else Cell(fmt.MISSING) for v in values])
-        out.append((str(name), Table(["step", *quantities], rows)))
+        out.append((str(name), Table(["step"] * stepped + quantities, rows)))
     return out
 
 
