@@ -32,7 +32,7 @@ from scipy.sparse.csgraph import connected_components
 from reward.bradley_terry import bt_loss, sample_bt_labels
 
 from .configs import ConfigError, field, positive
-from .evaluate import tost_equivalence, wilson_interval, within_prompt_spearman
+from .evaluate import Estimate, estimate_from_samples, tost_equivalence, within_prompt_spearman
 from .losses import get_loss
 from .methods.ppo import kl_penalised_rewards
 from .policy import derive_seed
@@ -282,19 +282,24 @@ def bandit_convergence(ref_probs: np.ndarray, rewards: np.ndarray, config: Check
 
 @dataclass(frozen=True)
 class ImplicitRewards:
-    """A policy's implicit reward β·log π/π_ref on the held-out pairs (``chosen``, ``rejected``: (n,)),
-    and on K reference samples per held-out prompt (``samples``: (m,), grouped by ``prompt_ids``)
-    next to their ``gold`` rewards."""
+    """A policy's implicit reward β·log π/π_ref on the held-out pairs (``chosen``, ``rejected``: (n,),
+    from the prompts ``pair_prompt_ids``), and on K reference samples per held-out prompt
+    (``samples``: (m,), grouped by ``prompt_ids``) next to their ``gold`` rewards."""
 
     chosen: np.ndarray
     rejected: np.ndarray
+    pair_prompt_ids: np.ndarray
     prompt_ids: np.ndarray
     samples: np.ndarray
     gold: np.ndarray
 
-    def accuracy(self) -> float:
-        """Share of held-out pairs the implicit reward orders as the label does; ties count one half."""
-        return float(((self.chosen > self.rejected) + 0.5 * (self.chosen == self.rejected)).mean())
+    def accuracy(self) -> Estimate:
+        """Each held-out prompt's share of pairs the implicit reward orders as the label does (ties
+        count one half), averaged over prompts, with a Student-t interval between prompts: the pairs
+        of a prompt share its completions (K = 4 give 6 pairs), so they are not independent draws
+        and an interval over pairs would be too narrow."""
+        correct = (self.chosen > self.rejected) + 0.5 * (self.chosen == self.rejected)
+        return estimate_from_samples(pd.Series(correct).groupby(np.asarray(self.pair_prompt_ids)).mean())
 
     def spearman(self) -> float:
         """Within-prompt Spearman correlation with the gold reward (prompt means removed: exactly removing f(x))."""
@@ -304,23 +309,22 @@ class ImplicitRewards:
 def implicit_reward_checks(label: str, beta: float, policy: ImplicitRewards, control: ImplicitRewards,
                            threshold: float) -> list[CheckResult]:
     """The trained DPO policy's implicit reward ranks held-out pairs better than chance (the 95%
-    Wilson lower bound of its accuracy exceeds 0.5) and tracks the gold reward within prompts
-    (Spearman above ``threshold``).
+    lower bound of its accuracy, between prompts, exceeds 0.5) and tracks the gold reward within
+    prompts (Spearman above ``threshold``).
 
     Control: the implicit reward of a DPO policy trained the same way (same β, steps, seed schedule)
     on the same pairs with shuffled labels, measured on the same held-out pairs and samples. It
     learnt no preference, so it must fail both: its accuracy's lower bound at most 0.5, its
     correlation at most the threshold.
     """
-    n = len(policy.chosen)
     accuracy, control_accuracy = policy.accuracy(), control.accuracy()
-    low, control_low = wilson_interval(accuracy, n)[0], wilson_interval(control_accuracy, n)[0]
     rho, control_rho = policy.spearman(), control.spearman()
     return [
         CheckResult(f"implicit_reward_accuracy[{label}]",
-                    f"held-out pairwise accuracy of β·log π/π_ref (β={beta:g}); the 95% lower bound must exceed the tolerance "
-                    "(control: DPO on shuffled labels)",
-                    accuracy, 0.5, control_accuracy, bool(low > 0.5), not bool(control_low > 0.5)),
+                    f"held-out pairwise accuracy of β·log π/π_ref (β={beta:g}), mean over {accuracy.n} prompts; its 95% "
+                    f"interval [{accuracy.ci_low:.3f}, {accuracy.ci_high:.3f}] must lie above the tolerance (control: DPO on "
+                    f"shuffled labels, [{control_accuracy.ci_low:.3f}, {control_accuracy.ci_high:.3f}])",
+                    accuracy.value, 0.5, control_accuracy.value, bool(accuracy.ci_low > 0.5), not bool(control_accuracy.ci_low > 0.5)),
         CheckResult(f"implicit_reward_spearman[{label}]",
                     "within-prompt Spearman(β·log π/π_ref, gold reward) on reference samples; must exceed the tolerance "
                     "(control: DPO on shuffled labels)",

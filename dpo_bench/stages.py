@@ -785,8 +785,8 @@ def implicit_reward_data(bench: Bench, stages: dict, cell: Cell, stage: Stage) -
     def implicit(side: str) -> np.ndarray:
         return (beta * (batched_sequence_logps(policy, ref["batches"][side]) - ref["logps"][side])).double().numpy()
 
-    return ImplicitRewards(implicit("chosen"), implicit("rejected"), np.repeat(np.arange(len(prompts)), k), implicit("samples"),
-                           np.asarray(ref["gold"], dtype=float))
+    return ImplicitRewards(implicit("chosen"), implicit("rejected"), pd.factorize(heldout["prompt"])[0],
+                           np.repeat(np.arange(len(prompts)), k), implicit("samples"), np.asarray(ref["gold"], dtype=float))
 
 
 def implicit_reward_cell(bench: Bench) -> Cell | None:

@@ -88,7 +88,8 @@ def test_the_fitted_reward_refuses_pairs_that_do_not_compare_every_response_both
 def _implicit(logits: np.ndarray, ref: np.ndarray, beta: float, pairs: BanditPairs, rewards: np.ndarray) -> ImplicitRewards:
     reward = beta * (np.log(logits) - np.log(ref))
     n_x, n_y = rewards.shape
-    return ImplicitRewards(reward[pairs.context, pairs.chosen], reward[pairs.context, pairs.rejected],
+    # Each held-out pair is its own draw from π_ref: its own cluster.
+    return ImplicitRewards(reward[pairs.context, pairs.chosen], reward[pairs.context, pairs.rejected], np.arange(len(pairs.context)),
                            np.repeat(np.arange(n_x), n_y), reward.ravel(), rewards.ravel())
 
 
@@ -110,9 +111,20 @@ def test_the_implicit_reward_of_a_trained_dpo_passes_and_its_shuffled_label_cont
 
 def test_a_policy_that_learnt_nothing_fails_the_implicit_reward_checks():
     rng = np.random.default_rng(3)
-    noise = ImplicitRewards(rng.normal(size=3000), rng.normal(size=3000), np.repeat(np.arange(500), 4),
-                            rng.normal(size=2000), rng.normal(size=2000))
+    noise = ImplicitRewards(rng.normal(size=3000), rng.normal(size=3000), np.repeat(np.arange(500), 6),
+                            np.repeat(np.arange(500), 4), rng.normal(size=2000), rng.normal(size=2000))
     assert not any(r.passed for r in implicit_reward_checks("noise", 0.1, noise, noise, 0.1))
+
+
+def test_the_accuracy_interval_is_between_prompts_not_pairs():
+    """Six pairs of one prompt that all agree are one observation, not six: 20 prompts whose pairs are
+    all right or all wrong (12 of 20 right) give an interval that includes 0.5, while 120 independent
+    pairs at the same accuracy would not."""
+    right = np.repeat(np.arange(20) < 12, 6)
+    rewards = ImplicitRewards(np.where(right, 1.0, -1.0), np.zeros(120), np.repeat(np.arange(20), 6),
+                              np.arange(4) // 2, np.arange(4.0), np.arange(4.0))
+    estimate = rewards.accuracy()
+    assert estimate.value == pytest.approx(0.6) and estimate.n == 20 and estimate.ci_low < 0.5
 
 
 def test_shuffled_labels_flip_about_half_the_train_pairs_and_no_held_out_pair():
