@@ -199,3 +199,15 @@ def test_prompt_shift_depends_on_the_prompt_only():
     f = prompt_shift(["a", "b", "a"], seed=0)
     assert f[0] == f[2] != f[1]
     assert np.array_equal(prompt_shift(["a"], seed=0), prompt_shift(["a"], seed=0))
+
+
+def test_the_shuffled_label_control_is_the_checked_cell_on_other_labels():
+    from dpo_bench.bench import Cell
+    from dpo_bench.stages import shuffled_label_cell
+
+    cell = Cell("dpo", 0.3, 0, (("lr", 1e-4), ("steps", 150)), preferences=(("k", 4),))
+    control = shuffled_label_cell(cell)
+    # Same method, β, config and name: the same seed schedule (run_cell derives it from these).
+    assert (control.display_name, control.strength_value, control.seed, control.config()) == \
+        (cell.display_name, cell.strength_value, cell.seed, cell.config())
+    assert dict(control.preferences) == {"k": 4, "shuffle_labels": True}
