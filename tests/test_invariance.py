@@ -173,7 +173,7 @@ def test_lemma2_empirical_fails_when_the_r_run_did_not_move():
 
 def test_lemma2_empirical_is_paired_by_prompt():
     """A difference of 0.05 in gold reward between the r and r+f runs on 400 prompts: paired, it is
-    well inside ±0.1; unpaired (Welch), the shared noise would hide it (README, "Why the Lemma 2
+    well inside ±0.1; unpaired (Welch), the shared noise would hide it (docs/checks.md, "Why the
     test is paired")."""
     frames = _lemma2_frames(n=400, shift=0.05)
     gold = next(r for r in lemma2_empirical(frames, 0.2) if r.check == "lemma2_ppo[gold_reward]")
