@@ -211,3 +211,14 @@ def test_the_shuffled_label_control_is_the_checked_cell_on_other_labels():
     assert (control.display_name, control.strength_value, control.seed, control.config()) == \
         (cell.display_name, cell.strength_value, cell.seed, cell.config())
     assert dict(control.preferences) == {"k": 4, "shuffle_labels": True}
+
+
+def test_a_reference_that_never_draws_some_responses_is_refused():
+    """A reference so peaked that two responses are never drawn: no maximum-likelihood reward exists
+    for them, and the fit says so (the run then records the check as failed, with this message)."""
+    ref = np.full((1, 4), 1e-12)
+    ref[0, 0] = ref[0, 1] = 0.5
+    ref /= ref.sum()
+    pairs = reference_pairs(ref, np.zeros((1, 4)), 50, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="not strongly connected"):
+        fit_tabular_reward(pairs, (1, 4))
