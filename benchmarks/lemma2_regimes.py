@@ -2,8 +2,8 @@
 
 The empirical Lemma 2 check (``dpo_bench.invariance.lemma2_empirical``) needs PPO runs that reach
 the KL-regularised optimum; this command measures, for a kl_coef / iterations / learning rate,
-where PPO ends against each reward, so that the check's settings (README, "Why the Lemma 2 check
-uses kl_coef = 1") come from a command rather than from prose. Variants:
+where PPO ends against each reward, so that the check's settings (docs/checks.md, "The Lemma 2
+check with PPO") come from a command rather than from prose. Variants:
 
 - ``r``: the gold reward; ``r+f``: plus f(x) ~ N(0, 1) per prompt (the check's shift);
 - ``r+fx``: plus the prompt's own gold score, a prompt-only term a value head can learn;
@@ -13,7 +13,7 @@ Each variant is one PPO-GT run from the preset's SFT model (built or read from t
 ``--cache-dir``), evaluated on the eval prompts: mean gold reward and KL with their standard
 errors. ``--seeds`` repeats ``r`` with other seed schedules (run-to-run spread).
 
-    python -m benchmarks.lemma2_regimes [--preset default] [--kl-coef 1] [--iterations 60] [--lr 3e-4]
+    python -m benchmarks.lemma2_regimes [--preset default] [--kl-coef 0.2] [--iterations 40] [--lr 3e-4]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default")
     p.add_argument("--cache-dir", default="/tmp/bench-cache-lemma2", help="stage cache for the preset's SFT model")
-    p.add_argument("--kl-coef", type=float, default=1.0)
-    p.add_argument("--iterations", type=int, default=60)
+    p.add_argument("--kl-coef", type=float, default=0.2)
+    p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--control-scale", type=float, default=10.0, help="c of the control f(x) + c·r")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         seed = derive_seed(config.seed, "lemma2_ppo", *([seed_index] if seed_index else []))
         start = time.perf_counter()
-        samples = ppo_against(task, reference, bench.device, ppo_config, reward(variant), seed, ref_samples, label=variant)
+        samples, _ = ppo_against(task, reference, bench.device, ppo_config, reward(variant), seed, ref_samples, label=variant)
         gold = samples[task.reward_metric].to_numpy()
         kl = (samples["policy_logp"] - samples["ref_logp"]).to_numpy()
         n = len(samples)

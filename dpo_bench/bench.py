@@ -136,7 +136,7 @@ class BenchConfig:
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig, doc="the preference data")
     reward_model: RewardTrainConfig = field(default_factory=RewardTrainConfig, doc="the Bradley-Terry reward model")
     evaluation: EvalConfig = field(default_factory=EvalConfig, doc="evaluation of every policy")
-    checks: ChecksConfig = field(default_factory=ChecksConfig, doc="the empirical invariance checks")
+    checks: ChecksConfig = field(default_factory=ChecksConfig, doc="the invariance checks on trained models (the bandit convergence check, and the empirical ones)")
     questions: QuestionsConfig = field(default_factory=QuestionsConfig, doc="grid entries that answer the reading notes' questions")
     verdict: VerdictConfig = field(default_factory=VerdictConfig, doc="the frontier's KL budgets and the headline's verdict")
     report: ReportConfig = field(default_factory=ReportConfig, doc="how the report draws the run (the training curves' x-axis)")

@@ -1,230 +1,382 @@
-"""The reward-equivalence results of the DPO paper, checked in every run, each with a negative control.
+"""The DPO paper's reward-equivalence results, checked on trained models and measured quantities.
 
 Rewards that differ by a function f(x) of the prompt alone are equivalent: they induce the same
-Bradley-Terry / Plackett-Luce preferences (Lemma 1) and the same KL-constrained optimal policy
-(Lemma 2), and each class holds the reward β·log π(y|x)/π_ref(y|x) (Theorem 1). Every check
-also runs on a perturbation g(x, y) that depends on y, which must be detected: a check that
-cannot fail proves nothing.
+Bradley-Terry preferences (Lemma 1) and the same KL-constrained optimal policy (Lemma 2), and each
+class holds the reward β·log π(y|x)/π_ref(y|x) (Theorem 1). On closed-form quantities these are
+identities of the code; they are unit tests (``tests/test_reward_equivalence.py``). What is checked
+here is what training could get wrong, each with a negative control that is an independent
+perturbation (never a function of the checked value):
+
+- on the bandit tables, DPO on Bradley-Terry pairs and a KL-penalised policy gradient against the
+  pairs' maximum-likelihood reward r̂ both reach π* = π_ref·exp(r̂/β)/Z (control: DPO on the same
+  pairs with shuffled labels);
+- a trained DPO policy's implicit reward β·log π/π_ref ranks held-out pairs and tracks the gold
+  reward (control: the same DPO trained on shuffled labels);
+- PPO against r and against r + f(x) reach the same gold reward and KL (control: f(x) + c·r).
+
+Rows are checks (pass/fail, with their control) or findings (measured numbers, no verdict).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-from reward.bradley_terry import bt_loss, bt_probability, pl_log_likelihood
+from reward.bradley_terry import bt_loss, sample_bt_labels
 
-from .configs import field, positive
-from .evaluate import tost_equivalence, wilson_interval, within_prompt_spearman
-from .losses import LOSSES
+from .configs import ConfigError, field, positive
+from .evaluate import Estimate, estimate_from_samples, tost_equivalence, within_prompt_spearman
+from .losses import get_loss
+from .methods.ppo import kl_penalised_rewards
 from .policy import derive_seed
-from .tasks.bandit import BanditConfig, bandit_tables, exact_metrics, optimal_policy
+from .tasks.bandit import BanditConfig, bandit_tables, exact_kl_rows, optimal_policy
 
-COLUMNS = ["check", "quantity", "value", "tolerance", "passed", "negative_control_detected", "control_value"]
+COLUMNS = ["kind", "check", "quantity", "step", "value", "tolerance", "passed", "negative_control_detected", "control_value"]
 
 
 @dataclass(frozen=True)
 class ChecksConfig:
-    """The empirical checks (they train and sample; the exact ones always run)."""
+    """The checks on trained models: the bandit convergence check always runs; the empirical ones on request."""
 
-    empirical: bool = field(False, "run checks 5-6: the DPO policies' implicit reward, and Lemma 2 with PPO against r, r + f(x), r + g(x, y)")
-    # Lemma 2 is about the KL-regularised optimum: the PPO runs need a penalty strong enough that they
-    # reach it. With kl_coef 0.1 and 60 iterations PPO is still climbing, and a prompt-only shift of
-    # N(0, 1) slows it down (it is noise in the advantages a value head cannot learn); measured by
-    # `python -m benchmarks.lemma2_regimes` (README, "Invariance checks").
-    lemma2_kl_coef: float = field(1.0, "kl_coef of the three PPO runs of the empirical Lemma 2 check")
+    empirical: bool = field(False, "run the checks that train and sample on the task: the DPO policy's implicit reward "
+                                   "(against a DPO trained on shuffled labels), and Lemma 2 with PPO against r, r + f(x), r + g(x, y)")
+    convergence_beta: float = field(0.5, "β of the bandit convergence check (DPO's β, and the policy gradient's KL coefficient)")
+    convergence_pairs: int = field(1024, "Bradley-Terry pairs per context drawn from the reference for the bandit convergence check")
+    convergence_steps: int = field(50, "N: the first training budget of the bandit convergence check (full-batch Adam steps); "
+                                       "the second is 4N")
+    convergence_lr: float = field(0.05, "Adam learning rate of the bandit convergence check's tabular policies")
+    convergence_tolerance: float = field(0.05, "total variation to π*(r̂) the policies must be within after N steps; after "
+                                               "T steps the tolerance is this·N/T (the O(1/T) rate of gradient methods)")
+    # Lemma 2 is about the KL-regularised optimum, and the check is only worth running where the
+    # policies move: of kl_coef 0.05, 0.1 and 0.2 on the raw gold reward, 0.2 is the strongest
+    # penalty (the closest to its optimum in 40 iterations) whose r run still passes 1 nat of KL
+    # (`python -m benchmarks.lemma2_regimes`; docs/checks.md).
+    lemma2_kl_coef: float = field(0.2, "kl_coef of the three PPO runs of the empirical Lemma 2 check (on the raw gold reward)")
     lemma2_iterations: int = field(40, "PPO iterations of each of those runs")
     lemma2_lr: float = field(3e-4, "learning rate of those runs")
+    lemma2_checkpoints: int = field(4, "evaluations along each run (the finding on PPO's speed under r and r + f(x))")
     lemma2_control_scale: float = field(10.0, "c of the negative control r + g(x, y) = f(x) + c·r (the reward scaled: the optimum moves)")
-    tost_margin_reward: float = field(0.1, "equivalence margin on the gold reward (TOST, 5%)")
-    tost_margin_kl: float = field(1.0, "equivalence margin on the KL in nats (TOST, 5%)")
+    lemma2_margin_fraction: float = field(0.2, "equivalence margins of the Lemma 2 check, as a fraction of the r run's effect: "
+                                               "of its gold-reward gain over the SFT model, and of its KL (TOST, 5%)")
     spearman_completions: int = field(4, "completions per held-out prompt for the implicit-vs-gold Spearman correlation")
     spearman_threshold: float = field(0.1, "within-prompt Spearman correlation the implicit reward must exceed")
     label_temperatures: tuple[float, ...] = field((), "extra label temperatures at which a reward model is trained (accuracy vs Bayes ceiling)")
 
     def __post_init__(self) -> None:
-        for name in ("lemma2_kl_coef", "lemma2_iterations", "lemma2_lr", "tost_margin_reward", "tost_margin_kl", "spearman_completions"):
+        for name in ("convergence_beta", "convergence_pairs", "convergence_steps", "convergence_lr", "convergence_tolerance",
+                     "lemma2_kl_coef", "lemma2_iterations", "lemma2_lr", "lemma2_checkpoints", "lemma2_margin_fraction",
+                     "spearman_completions"):
             positive(name, getattr(self, name))
+        if self.lemma2_margin_fraction >= 1:
+            raise ConfigError(f"lemma2_margin_fraction must be < 1 (a fraction of the effect), got {self.lemma2_margin_fraction}")
         if any(t < 0 for t in self.label_temperatures):
             raise ValueError(f"label_temperatures must be >= 0, got {self.label_temperatures}")
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One check: ``passed`` says the property held; ``control_detected`` that its negative control failed."""
+    """One row. A check: ``passed`` says the property held, ``control_detected`` that its negative
+    control failed it. A finding (``kind="finding"``): a measured number, with no tolerance or verdict."""
 
     check: str
     quantity: str
     value: float
     tolerance: float
     control_value: float
-    passed: bool
-    control_detected: bool
+    passed: bool | None
+    control_detected: bool | None
+    kind: str = "check"
+    step: float = math.nan
 
     @classmethod
     def within(cls, check: str, quantity: str, value: float, tolerance: float, control_value: float) -> "CheckResult":
-        """An identity check: the difference must be at most ``tolerance``; the control's must exceed it."""
+        """A distance check: the value must be at most ``tolerance``; the control's must exceed it."""
         return cls(check, quantity, value, tolerance, control_value, bool(value <= tolerance), bool(control_value > tolerance))
+
+    @classmethod
+    def finding(cls, check: str, quantity: str, value: float, step: float = math.nan) -> "CheckResult":
+        return cls(check, quantity, float(value), math.nan, math.nan, None, None, kind="finding", step=float(step))
 
     def row(self) -> dict:
         return {
-            "check": self.check, "quantity": self.quantity, "value": self.value, "tolerance": self.tolerance,
-            "passed": bool(self.passed), "negative_control_detected": bool(self.control_detected),
+            "kind": self.kind, "check": self.check, "quantity": self.quantity, "step": self.step, "value": self.value,
+            "tolerance": self.tolerance, "passed": self.passed, "negative_control_detected": self.control_detected,
             "control_value": self.control_value,
         }
 
 
-def _max_abs(a, b) -> float:
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.max(np.abs(a - b))) if a.size else 0.0
+# --- on the bandit tables: DPO and a KL-penalised policy gradient reach π*(r̂) ------------------
 
 
-def lemma1_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, prompt_ids: np.ndarray, rng: np.random.Generator) -> list[CheckResult]:
-    """Lemma 1: BT probabilities, BT loss and PL likelihoods of r and r + f(x) agree.
+@dataclass(frozen=True)
+class BanditPairs:
+    """Bradley-Terry preference pairs on the bandit: context, chosen and rejected response, each (n,) int."""
 
-    ``r_chosen``/``r_rejected`` are a reward model's scores of held-out pairs; ``prompt_ids``
-    groups the pairs by prompt so that f is one value per prompt.
+    context: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+    def shuffled(self, rng: np.random.Generator) -> "BanditPairs":
+        """The same pairs with their labels shuffled: each pair's order decided by a fair coin, so
+        the labels carry no information about the rewards."""
+        flip = rng.random(len(self.context)) < 0.5
+        return BanditPairs(self.context, np.where(flip, self.rejected, self.chosen), np.where(flip, self.chosen, self.rejected))
+
+
+def reference_pairs(ref_probs: np.ndarray, rewards: np.ndarray, per_context: int, rng: np.random.Generator) -> BanditPairs:
+    """``per_context`` pairs per context x: two distinct responses drawn from π_ref(·|x), labelled by
+    Bradley-Terry on the gold reward at temperature 1 (the DPO paper's data model, Eq. 1)."""
+    n_x, n_y = ref_probs.shape
+    context = np.repeat(np.arange(n_x), per_context)
+    cumulative = np.cumsum(ref_probs, axis=1)
+
+    def draw(rows: np.ndarray) -> np.ndarray:
+        return np.minimum((rng.random(len(rows))[:, None] > cumulative[rows]).sum(1), n_y - 1)
+
+    a, b = draw(context), draw(context)
+    while (same := a == b).any():  # a pair of one response twice is no comparison
+        b[same] = draw(context[same])
+    a_wins, _ = sample_bt_labels(rng, rewards[context, a], rewards[context, b], 1.0)
+    return BanditPairs(context, np.where(a_wins, a, b), np.where(a_wins, b, a))
+
+
+def fit_tabular_reward(pairs: BanditPairs, shape: tuple[int, int]) -> np.ndarray:
+    """The maximum-likelihood Bradley-Terry reward r̂ (X, Y), one parameter per (x, y): logistic
+    regression of the labels on r̂(x, y_w) − r̂(x, y_l) (DPO paper Eq. 2), centred per context.
+
+    Only differences within a context are identified (r̂ + f(x) fits as well: Lemma 1), hence the
+    centring, which changes no π*. The maximum exists only if, in every context, each response
+    beat and was beaten by a chain of others (the win graph is strongly connected, Zermelo 1929);
+    otherwise r̂ runs to ±∞ and a ValueError says which context and how to fix it.
     """
-    n_prompts = int(prompt_ids.max()) + 1
-    f = rng.normal(0, 5, n_prompts)[prompt_ids]  # one shift per prompt
-    g_w, g_l = rng.normal(0, 1, len(r_chosen)), rng.normal(0, 1, len(r_chosen))  # depends on y
-    r_w, r_l = torch.tensor(r_chosen, dtype=torch.float64), torch.tensor(r_rejected, dtype=torch.float64)
-    shift = torch.tensor(f)
-    gw, gl = torch.tensor(g_w), torch.tensor(g_l)
-    p = bt_probability(r_w, r_l)
-    results = [
-        CheckResult.within("lemma1_bt", "max |P_r(y_w≻y_l) − P_{r+f}(y_w≻y_l)|",
-                    _max_abs(p, bt_probability(r_w + shift, r_l + shift)), 1e-9,
-                    _max_abs(p, bt_probability(r_w + shift + gw, r_l + shift + gl))),
-        CheckResult.within("lemma1_bt_loss", "|BT loss(r) − BT loss(r+f)|",
-                    abs(bt_loss(r_w, r_l).mean().item() - bt_loss(r_w + shift, r_l + shift).mean().item()), 1e-9,
-                    abs(bt_loss(r_w, r_l).mean().item() - bt_loss(r_w + shift + gw, r_l + shift + gl).mean().item())),
-    ]
-    # Plackett-Luce over K = 3: the pair plus a third response scored by the mean of the two.
-    third = (r_w + r_l) / 2 + torch.tensor(rng.normal(0, 1, len(r_chosen)))
-    ranked = torch.stack([r_w, r_l, third], dim=1)
-    shifted = ranked + shift[:, None]
-    perturbed = shifted + torch.tensor(rng.normal(0, 1, ranked.shape))
-    base = pl_log_likelihood(ranked)
-    results.append(CheckResult.within("lemma1_pl", "max |log P_PL(r) − log P_PL(r+f)| (K=3)",
-                               _max_abs(base, pl_log_likelihood(shifted)), 1e-9, _max_abs(base, pl_log_likelihood(perturbed))))
-    return results
+    n_x, n_y = shape
+    for x in range(n_x):
+        rows = pairs.context == x
+        wins = coo_matrix((np.ones(int(rows.sum())), (pairs.chosen[rows], pairs.rejected[rows])), shape=(n_y, n_y))
+        if connected_components(wins, directed=True, connection="strong")[0] != 1:
+            raise ValueError(f"context {x}: the preference pairs do not compare every response both ways (the win graph is "
+                             "not strongly connected), so the maximum-likelihood reward is infinite; draw more pairs "
+                             "(checks.convergence_pairs) or use a less peaked reference")
+    reward = torch.zeros(n_x, n_y, dtype=torch.float64, requires_grad=True)
+    x, w, l = (torch.as_tensor(a) for a in (pairs.context, pairs.chosen, pairs.rejected))
+    optimiser = torch.optim.LBFGS([reward], max_iter=1000, tolerance_grad=1e-10, tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = bt_loss(reward[x, w], reward[x, l]).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    fitted = reward.detach().numpy()
+    return fitted - fitted.mean(1, keepdims=True)
 
 
-def lemma2_and_theorem1(ref_probs: np.ndarray, rewards: np.ndarray, betas: list[float], rng: np.random.Generator) -> list[CheckResult]:
-    """Lemma 2 (same optimum, KL and reward under r + f(x)) and Theorem 1 (β log π*/π_ref − r = −β log Z(x))."""
-    f = rng.normal(0, 5, (rewards.shape[0], 1))
-    g = rng.normal(0, 1, rewards.shape)
-    results = []
-    for beta in betas:
-        opt = optimal_policy(ref_probs, rewards, beta)
-        shifted = optimal_policy(ref_probs, rewards + f, beta)
-        perturbed = optimal_policy(ref_probs, rewards + f + g, beta)
-        results.append(CheckResult.within(f"lemma2_policy[β={beta:g}]", "max |π*_r − π*_{r+f}|", _max_abs(opt, shifted), 1e-9,
-                                   _max_abs(opt, perturbed)))
-        m, ms, mp = (exact_metrics(p, ref_probs, rewards) for p in (opt, shifted, perturbed))
-        results.append(CheckResult.within(f"lemma2_kl_reward[β={beta:g}]", "max |Δ exact KL|, |Δ exact reward|",
-                                   max(abs(m["kl"] - ms["kl"]), abs(m["gold_reward"] - ms["gold_reward"])), 1e-9,
-                                   max(abs(m["kl"] - mp["kl"]), abs(m["gold_reward"] - mp["gold_reward"]))))
-        with np.errstate(divide="ignore"):
-            implied = beta * (np.log(opt) - np.log(ref_probs)) - rewards
-            implied_control = beta * (np.log(perturbed) - np.log(ref_probs)) - rewards
-        spread = float(np.max(implied.max(1) - implied.min(1)))
-        control_spread = float(np.max(implied_control.max(1) - implied_control.min(1)))
-        results.append(CheckResult.within(f"theorem1[β={beta:g}]", "max_x spread_y of β·log π*/π_ref − r (= −β log Z(x))",
-                                   spread, 1e-9, control_spread))
-    return results
+def dpo_objective(pairs: BanditPairs, ref_probs: np.ndarray, beta: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """DPO's loss (``losses.LOSSES["dpo"]``) on ``pairs``, averaged, as a function of the table log π (X, Y)."""
+    spec = get_loss("dpo")
+    ref = torch.as_tensor(np.log(ref_probs))
+    x, w, l = (torch.as_tensor(a) for a in (pairs.context, pairs.chosen, pairs.rejected))
+
+    def loss(logp: torch.Tensor) -> torch.Tensor:
+        return spec.fn(logp[x, w], logp[x, l], ref[x, w], ref[x, l], beta=beta, params=spec.params()).mean()
+
+    return loss
 
 
-def loss_invariance(
-    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, prompt_ids: np.ndarray, beta: float, rng: np.random.Generator,
-    losses: list[str],
-) -> list[CheckResult]:
-    """The named DPO-family losses and their gradients are unchanged when both implicit rewards of a pair move by f(x)."""
-    n_prompts = int(prompt_ids.max()) + 1
-    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    ref_c, ref_r = ref_chosen.double(), ref_rejected.double()
-    pol_c = ref_c + torch.randn(ref_c.shape, generator=gen, dtype=torch.float64)
-    pol_r = ref_r + torch.randn(ref_r.shape, generator=gen, dtype=torch.float64)
-    f = torch.tensor(rng.normal(0, 3, n_prompts)[prompt_ids]) / beta  # implicit reward β·(π − ref) moves by f
-    g = torch.tensor(rng.normal(0, 1, len(ref_c))) / beta
-    results = []
-    for name in losses:
-        spec = LOSSES[name]
+def policy_gradient_objective(reward: np.ndarray, ref_probs: np.ndarray, kl_coef: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exact-expectation policy gradient with PPO's KL-penalised reward r̂ − kl_coef·log π/π_ref
+    (``methods.ppo.kl_penalised_rewards``), contexts uniform: a surrogate whose gradient is
+    −E_x E_{y~π}[∇log π(y|x)·(R(x, y) − b(x))] with baseline b(x) = E_{y~π}[R(x, y)], i.e. the
+    exact gradient of −(E[r̂] − kl_coef·KL(π‖π_ref)). No sampling: every y of every x is weighted by π."""
+    ref = torch.as_tensor(np.log(ref_probs))
+    score = torch.as_tensor(reward, dtype=torch.float64).reshape(-1)
+    ones = torch.ones(score.numel(), 1, dtype=torch.float64)
 
-        def loss_and_grad(shift_c: torch.Tensor, shift_r: torch.Tensor) -> tuple[float, torch.Tensor]:
-            c = (pol_c + shift_c).requires_grad_(True)
-            r = (pol_r + shift_r).requires_grad_(True)
-            loss = spec.fn(c, r, ref_c, ref_r, beta=beta, params=spec.params()).mean()
-            loss.backward()
-            return loss.item(), torch.cat([c.grad, r.grad])
+    def loss(logp: torch.Tensor) -> torch.Tensor:
+        probs = logp.detach().exp()
+        penalised = kl_penalised_rewards(logp.detach().reshape(-1, 1), ref.reshape(-1, 1), score, ones, kl_coef).reshape(logp.shape)
+        advantage = penalised - (probs * penalised).sum(1, keepdim=True)
+        return -(probs * advantage * logp).sum(1).mean()
 
-        base, grad = loss_and_grad(torch.zeros_like(f), torch.zeros_like(f))
-        shifted, grad_s = loss_and_grad(f, f)
-        control, grad_c = loss_and_grad(f + g, f)
-        results.append(CheckResult.within(f"loss_invariance[{name}]", "max(|Δ loss|, max |Δ gradient|) under f(x)",
-                                   max(abs(base - shifted), _max_abs(grad, grad_s)), 1e-9,
-                                   max(abs(base - control), _max_abs(grad, grad_c))))
-    return results
+    return loss
 
 
-def implicit_reward_checks(
-    label: str, beta: float, implicit_chosen: np.ndarray, implicit_rejected: np.ndarray,
-    prompt_ids: np.ndarray, implicit: np.ndarray, gold: np.ndarray, threshold: float,
-) -> list[CheckResult]:
-    """Check 5: the trained DPO policy's implicit reward β·log π/π_ref ranks held-out pairs better than
-    chance, and tracks the gold reward within prompts (prompt means removed: exactly removing f(x)).
+def train_table(objective: Callable[[torch.Tensor], torch.Tensor], ref_probs: np.ndarray, lr: float,
+                steps: list[int]) -> dict[int, np.ndarray]:
+    """A tabular softmax policy from π_ref, trained by full-batch Adam on ``objective(log π)``:
+    π(y|x) (X, Y) after each of ``steps``. Full batches: no minibatch noise floor, so the distance
+    to the optimum can shrink with the budget."""
+    logits = torch.as_tensor(np.log(ref_probs)).clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([logits], lr=lr)
+    out = {}
+    for step in range(1, max(steps) + 1):
+        optimiser.zero_grad()
+        objective(torch.log_softmax(logits, dim=1)).backward()
+        optimiser.step()
+        if step in steps:
+            out[step] = torch.softmax(logits.detach(), dim=1).numpy()
+    return out
 
-    Control: the y-dependent perturbation g(x, y) = −2·β·log π/π_ref, which turns the implicit
-    reward around; the same checks on it must fail.
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean over contexts of ½·Σ_y |p − q|."""
+    return float(0.5 * np.abs(p - q).sum(1).mean())
+
+
+def convergence_tolerance(config: ChecksConfig, steps: int) -> float:
+    """The total-variation tolerance after ``steps``: ``convergence_tolerance`` at N, ∝ 1/T beyond."""
+    return config.convergence_tolerance * config.convergence_steps / steps
+
+
+def bandit_convergence(ref_probs: np.ndarray, rewards: np.ndarray, config: ChecksConfig, rng: np.random.Generator) -> list[CheckResult]:
+    """Theorem 1 and Lemma 2 in practice, on a table: DPO trained on Bradley-Terry pairs drawn from
+    π_ref, and a KL-penalised policy gradient against those pairs' maximum-likelihood reward r̂,
+    both converge to π* = π_ref·exp(r̂/β)/Z. Checked at N and 4N steps: the total variation must
+    meet that budget's tolerance, and be smaller at 4N than at N. Control: DPO on the same pairs
+    with shuffled labels (its optimum is the shuffled pairs' r̂, not this one), and the policy
+    gradient against the shuffled pairs' r̂; neither may meet the tolerance.
+    Findings: total variation and KL(π‖π*) along training, for both."""
+    beta, n = config.convergence_beta, config.convergence_steps
+    budgets = [n, 4 * n]
+    steps = sorted({max(1, n // 2), n, 2 * n, 4 * n})
+    pairs = reference_pairs(ref_probs, rewards, config.convergence_pairs, rng)
+    shuffled = pairs.shuffled(rng)
+    reward_hat = fit_tabular_reward(pairs, rewards.shape)
+    target = optimal_policy(ref_probs, reward_hat, beta)
+    train = {
+        "dpo": (dpo_objective(pairs, ref_probs, beta), dpo_objective(shuffled, ref_probs, beta)),
+        "policy_gradient": (policy_gradient_objective(reward_hat, ref_probs, beta),
+                            policy_gradient_objective(fit_tabular_reward(shuffled, rewards.shape), ref_probs, beta)),
+    }
+    results, findings = [], []
+    for name, (objective, control_objective) in train.items():
+        run = train_table(objective, ref_probs, config.convergence_lr, steps)
+        control = train_table(control_objective, ref_probs, config.convergence_lr, budgets)
+        for budget in budgets:
+            tv, tolerance, control_tv = total_variation(run[budget], target), convergence_tolerance(config, budget), \
+                total_variation(control[budget], target)
+            closer = budget == n or tv < total_variation(run[n], target)
+            results.append(CheckResult(
+                f"bandit_convergence[{name}, {budget} steps]",
+                f"TV(π, π*(r̂)) at β={beta:g} after {budget} steps (tolerance {config.convergence_tolerance:g}·{n}/{budget}"
+                + (f"; must also be below the {n}-step TV)" if budget != n else ")"),
+                tv, tolerance, control_tv, bool(tv <= tolerance and closer), bool(control_tv > tolerance)))
+        for step in steps:
+            findings.append(CheckResult.finding(f"bandit_convergence_curve[{name}]", "TV(π, π*(r̂))", total_variation(run[step], target), step))
+            findings.append(CheckResult.finding(f"bandit_convergence_curve[{name}]", "KL(π‖π*(r̂))",
+                                                float(exact_kl_rows(run[step], target).mean()), step))
+    return results + findings
+
+
+
+# --- a trained DPO policy's implicit reward, against a DPO trained on shuffled labels -------------
+
+
+@dataclass(frozen=True)
+class ImplicitRewards:
+    """A policy's implicit reward β·log π/π_ref on the held-out pairs (``chosen``, ``rejected``: (n,),
+    from the prompts ``pair_prompt_ids``), and on K reference samples per held-out prompt
+    (``samples``: (m,), grouped by ``prompt_ids``) next to their ``gold`` rewards."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    pair_prompt_ids: np.ndarray
+    prompt_ids: np.ndarray
+    samples: np.ndarray
+    gold: np.ndarray
+
+    def accuracy(self) -> Estimate:
+        """Each held-out prompt's share of pairs the implicit reward orders as the label does (ties
+        count one half), averaged over prompts, with a Student-t interval between prompts: the pairs
+        of a prompt share its completions (K = 4 give 6 pairs), so they are not independent draws
+        and an interval over pairs would be too narrow."""
+        correct = (self.chosen > self.rejected) + 0.5 * (self.chosen == self.rejected)
+        return estimate_from_samples(pd.Series(correct).groupby(np.asarray(self.pair_prompt_ids)).mean())
+
+    def spearman(self) -> float:
+        """Within-prompt Spearman correlation with the gold reward (prompt means removed: exactly removing f(x))."""
+        return float(within_prompt_spearman(self.prompt_ids, self.samples, self.gold))
+
+
+def implicit_reward_checks(label: str, beta: float, policy: ImplicitRewards, control: ImplicitRewards,
+                           threshold: float) -> list[CheckResult]:
+    """The trained DPO policy's implicit reward ranks held-out pairs better than chance (the 95%
+    lower bound of its accuracy, between prompts, exceeds 0.5) and tracks the gold reward within
+    prompts (Spearman above ``threshold``).
+
+    Control: the implicit reward of a DPO policy trained the same way (same β, steps, seed schedule)
+    on the same pairs with shuffled labels, measured on the same held-out pairs and samples. It
+    learnt no preference, so it must fail both: its accuracy's lower bound at most 0.5, its
+    correlation at most the threshold.
     """
-    n = len(implicit_chosen)
-
-    def accuracy_of(c: np.ndarray, r: np.ndarray) -> float:
-        return float(((c > r) + 0.5 * (c == r)).mean())
-
-    accuracy = accuracy_of(implicit_chosen, implicit_rejected)
-    low, _ = wilson_interval(accuracy, n)
-    control = accuracy_of(-implicit_chosen, -implicit_rejected)
-    control_low, _ = wilson_interval(control, n)
-    rho = within_prompt_spearman(prompt_ids, implicit, gold)
-    rho_control = within_prompt_spearman(prompt_ids, -implicit, gold)
+    accuracy, control_accuracy = policy.accuracy(), control.accuracy()
+    rho, control_rho = policy.spearman(), control.spearman()
     return [
         CheckResult(f"implicit_reward_accuracy[{label}]",
-                    f"held-out pairwise accuracy of β·log π/π_ref (β={beta:g}); tolerance: the 95% lower bound must exceed it",
-                    accuracy, 0.5, control, bool(low > 0.5), not bool(control_low > 0.5)),
+                    f"held-out pairwise accuracy of β·log π/π_ref (β={beta:g}), mean over {accuracy.n} prompts; its 95% "
+                    f"interval [{accuracy.ci_low:.3f}, {accuracy.ci_high:.3f}] must lie above the tolerance (control: DPO on "
+                    f"shuffled labels, [{control_accuracy.ci_low:.3f}, {control_accuracy.ci_high:.3f}])",
+                    accuracy.value, 0.5, control_accuracy.value, bool(accuracy.ci_low > 0.5), not bool(control_accuracy.ci_low > 0.5)),
         CheckResult(f"implicit_reward_spearman[{label}]",
-                    "within-prompt Spearman(β·log π/π_ref, gold reward) on reference samples; must exceed the tolerance",
-                    float(rho), threshold, float(rho_control), bool(rho > threshold), not bool(rho_control > threshold)),
+                    "within-prompt Spearman(β·log π/π_ref, gold reward) on reference samples; must exceed the tolerance "
+                    "(control: DPO on shuffled labels)",
+                    rho, threshold, control_rho, bool(rho > threshold), not bool(control_rho > threshold)),
     ]
 
 
-def lemma2_empirical(results: dict[str, pd.DataFrame], margin_reward: float, margin_kl: float) -> list[CheckResult]:
-    """Check 6: PPO against r and against r + f(x) ends at equivalent gold reward and KL (TOST, 5%),
+# --- Lemma 2 with PPO: r and r + f(x) reach the same gold reward and KL -------------------------
+
+
+def lemma2_empirical(results: dict[str, pd.DataFrame], margin_fraction: float) -> list[CheckResult]:
+    """PPO against r and against r + f(x) ends at equivalent gold reward and KL (paired TOST, 5%),
     while PPO against r + f(x) + g(x, y) does not (g = (c − 1)·r: the reward scaled by c, which moves the
     optimum as dividing kl_coef by c would).
-    ``results`` maps "r", "r+f", "r+g" to per-prompt frames. The three policies are evaluated on the
-    same prompts with the same random numbers, so the tests are paired, prompt by prompt: a
-    Welch test would count the sampling noise they share twice."""
-    def kl_terms(frame: pd.DataFrame) -> np.ndarray:
-        return (frame["policy_logp"] - frame["ref_logp"]).to_numpy()
 
+    The margins are tied to the effect, decided before the runs: ``margin_fraction`` of the r run's
+    gold-reward gain over the SFT model (its reference samples on the same prompts) and of its KL.
+    A run that did not move has no effect to compare against, and the check fails.
+    ``results`` maps "r", "r+f", "r+g" to per-prompt frames (``prompt``, ``gold_reward``,
+    ``ref_gold_reward``, ``kl``). The three policies are evaluated on the same prompts with the same
+    random numbers, so the tests are paired, prompt by prompt: a Welch test would count the sampling
+    noise they share twice."""
     base, shifted, perturbed = results["r"], results["r+f"], results["r+g"]
     for name, frame in (("r+f", shifted), ("r+g", perturbed)):
         if not np.array_equal(base["prompt"].to_numpy(), frame["prompt"].to_numpy()):
             raise ValueError(f"lemma2 PPO: the {name} run was evaluated on other prompts than the r run, "
                              "or in another order; the paired tests need the same prompts in the same order")
+    effects = {"gold_reward": float(base["gold_reward"].mean() - base["ref_gold_reward"].mean()), "kl": float(base["kl"].mean())}
+    units = {"gold_reward": "gain over SFT", "kl": "KL"}
     out = []
-    for quantity, get, margin in (("gold_reward", lambda f: f["gold_reward"].to_numpy(), margin_reward), ("kl", kl_terms, margin_kl)):
-        p = tost_equivalence(get(shifted), get(base), margin, paired=True)
-        p_control = tost_equivalence(get(perturbed), get(base), margin, paired=True)
+    for quantity, effect in effects.items():
+        margin = margin_fraction * effect
+        x, y, z = (f[quantity].to_numpy(dtype=float) for f in (shifted, base, perturbed))
+        p, p_control = (tost_equivalence(a, y, margin, paired=True) if margin > 0 else 1.0 for a in (x, z))
         out.append(CheckResult(
             f"lemma2_ppo[{quantity}]",
-            f"paired TOST p-value that PPO against r and r+f(x) reach the same {quantity} within ±{margin:g} (must be < tolerance)",
+            f"paired TOST p-value that PPO against r and r+f(x) reach the same {quantity} within ±{margin:.3g} "
+            f"({margin_fraction:g} × the r run's {units[quantity]} {effect:.3g}; must be < tolerance)",
             p, 0.05, p_control, bool(p < 0.05), bool(p_control >= 0.05),
         ))
+    return out
+
+
+def lemma2_speed(curves: dict[str, pd.DataFrame]) -> list[CheckResult]:
+    """Findings: gold reward and KL along PPO's runs against r and r + f(x) (``curves``: per variant,
+    ``iteration``, ``gold_reward``, ``kl`` on the eval prompts). A prompt-only shift leaves the optimum
+    where it is but adds advantage variance a value head cannot learn quickly: it can slow PPO down."""
+    out = []
+    for variant in ("r", "r+f"):
+        for _, row in curves[variant].iterrows():
+            out.append(CheckResult.finding(f"lemma2_ppo_speed[{variant}]", "gold reward", row["gold_reward"], row["iteration"]))
+            out.append(CheckResult.finding(f"lemma2_ppo_speed[{variant}]", "KL(π‖π_ref)", row["kl"], row["iteration"]))
     return out
 
 
@@ -233,52 +385,41 @@ def prompt_shift(prompts, seed: int, scale: float = 1.0) -> np.ndarray:
     return np.array([np.random.default_rng(derive_seed(seed, "f(x)", p)).normal(0, scale) for p in prompts])
 
 
+def bandit_reference(bench, stages: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(π_ref (X, Y), gold reward (X, Y)) of the convergence check: the run's own bandit, or the bandit config's tables."""
+    task = bench.task(stages["task"])
+    if task.exact:
+        return task.response_probs(bench.reference(stages["sft"])), task.rewards
+    bandit: BanditConfig = bench.config.bandit
+    rewards, logits = bandit_tables(bandit)
+    ref_probs = np.exp(logits - logits.max(1, keepdims=True))
+    return ref_probs / ref_probs.sum(1, keepdims=True), rewards
+
+
 def run_invariance_checks(bench, stages: dict, cells: list | None = None) -> pd.DataFrame:
     """Every check this run's data supports, as rows of ``invariance.parquet``."""
-    from .stages import _collate_texts, _pairs_frame, evaluate_reward_model, load_tensors  # noqa: PLC0415
+    from .stages import implicit_reward_control, implicit_reward_data, lemma2_ppo, reward_model_heldout_accuracy  # noqa: PLC0415
 
     config = bench.config
-    rng = np.random.default_rng(derive_seed(config.seed, "invariance"))
-    results: list[CheckResult] = []
+    rng = np.random.default_rng(derive_seed(config.seed, "bandit_convergence"))
+    try:
+        results = bandit_convergence(*bandit_reference(bench, stages), config.checks, rng)
+    except ValueError as e:  # pairs that leave the maximum-likelihood reward infinite: a failed check, not a failed run
+        results = [CheckResult("bandit_convergence", f"not computed: {e}", math.nan, config.checks.convergence_tolerance,
+                               math.nan, False, False)]
     task = bench.task(stages["task"])
-    prefs = stages.get("preferences")
-    rm_stage = stages.get("reward_model")
-    if prefs is not None and rm_stage is not None:
-        heldout = _pairs_frame(prefs, "heldout")
-        if len(heldout):
-            from reward.train import PairTensors  # noqa: PLC0415
-
-            batch_w = _collate_texts(task, heldout["prompt"], heldout["chosen"])
-            batch_l = _collate_texts(task, heldout["prompt"], heldout["rejected"])
-            r_w, r_l = evaluate_reward_model(bench.reward_model(rm_stage, stages["sft"]),
-                                             PairTensors(batch_w.input_ids, batch_w.attention_mask, batch_l.input_ids, batch_l.attention_mask),
-                                             task.pad_id)
-            prompt_ids = pd.factorize(heldout["prompt"])[0]
-            results += lemma1_preferences(r_w.double().numpy(), r_l.double().numpy(), prompt_ids, rng)
-    # Lemma 2 and Theorem 1 are exact on a tabular problem: the run's own bandit, or the bandit config's tables.
-    if task.exact:
-        ref_probs, rewards = task.response_probs(bench.reference(stages["sft"])), task.rewards
-    else:
-        bandit: BanditConfig = config.bandit
-        rewards, logits = bandit_tables(bandit)
-        ref_probs = np.exp(logits - logits.max(1, keepdims=True))
-        ref_probs /= ref_probs.sum(1, keepdims=True)
-    results += lemma2_and_theorem1(ref_probs, rewards, [0.1, 1.0], rng)
-    if stages.get("ref_logps") is not None:
-        logps = load_tensors(stages["ref_logps"].path / "ref_logps.safetensors")
-        train = _pairs_frame(prefs, "train")
-        prompt_ids = pd.factorize(train["prompt"])[0]
-        # DPO itself, and every pairwise reference-based loss the grid trains with.
-        used = {"dpo"} | {c.method for c in config.cells()}
-        losses = [n for n, spec in LOSSES.items() if n in used and not spec.listwise and not spec.reference_free]
-        results += loss_invariance(logps["chosen"], logps["rejected"], prompt_ids, 0.1, rng, losses)
-    # Checks 5-6 compare against a gold reward: a task judged only by a proxy has none to compare with.
+    # The empirical checks compare against a gold reward: a task judged only by a proxy has none to compare with.
     if config.checks.empirical and not task.exact and task.has_gold:
-        from .stages import implicit_reward_data, lemma2_ppo  # noqa: PLC0415
-
-        for cell, stage in cells or []:
-            if cell.method == "dpo" and (stage.path / "policy").exists():
-                data = implicit_reward_data(bench, stages, cell, stage)
-                results += implicit_reward_checks(cell.label, cell.strength_value, *data, config.checks.spearman_threshold)
-        results += lemma2_empirical(lemma2_ppo(bench, stages), config.checks.tost_margin_reward, config.checks.tost_margin_kl)
+        checked = implicit_reward_control(bench, stages, cells or [])
+        if checked is not None:
+            (cell, stage), control = checked
+            results += implicit_reward_checks(cell.label, cell.strength_value, implicit_reward_data(bench, stages, cell, stage),
+                                              implicit_reward_data(bench, stages, cell, control), config.checks.spearman_threshold)
+            accuracy = reward_model_heldout_accuracy(bench, stages)
+            if accuracy is not None:
+                results.append(CheckResult.finding("reward_model_accuracy", "held-out pairwise accuracy of the reward model "
+                                                   "on the implicit-reward check's pairs", accuracy))
+        frames, curves = lemma2_ppo(bench, stages)
+        results += lemma2_empirical(frames, config.checks.lemma2_margin_fraction)
+        results += lemma2_speed(curves)
     return pd.DataFrame([r.row() for r in results], columns=COLUMNS)

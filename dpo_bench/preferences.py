@@ -45,6 +45,8 @@ class PreferenceConfig:
     )
     heldout_fraction: float = field(0.1, "share of train prompts held out to measure reward accuracy")
     n_prompts: int = field(0, "use only the first n train prompts (0 = all)")
+    shuffle_labels: bool = field(False, "replace every train pair's label by a fair coin, so the data carries no preference "
+                                        "(a negative control: the implicit-reward check's DPO on shuffled labels); held-out pairs keep theirs")
 
     def __post_init__(self) -> None:
         non_negative("n_prompts", self.n_prompts)
@@ -54,6 +56,8 @@ class PreferenceConfig:
         non_negative("sampling_temperature", self.sampling_temperature)
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.shuffle_labels and self.labels == "plackett_luce":
+            raise ConfigError("shuffle_labels shuffles pairwise labels; it does not apply to labels = \"plackett_luce\"")
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,18 @@ def _all_pairs(prompts: list[str], completions: np.ndarray, gold: np.ndarray, sp
         "split": np.asarray(splits, dtype=object)[rows],
     })[keep].reset_index(drop=True)
     return PreferenceFrames(pairs, None, n, int((tie & ~repeat).sum()), int(repeat.sum()))
+
+
+def shuffle_train_labels(pairs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """``pairs`` with each train pair's label replaced by a fair coin: where it lands tails, chosen and
+    rejected (and their gold rewards) swap. The labels then say nothing about the completions; the
+    held-out pairs keep theirs, so what a model trained on the result learnt is measured against
+    the true labels."""
+    flip = (rng.random(len(pairs)) < 0.5) & (pairs["split"] == "train").to_numpy()
+    out = pairs.copy()
+    for a, b in (("chosen", "rejected"), ("gold_chosen", "gold_rejected")):
+        out.loc[flip, a], out.loc[flip, b] = pairs.loc[flip, b].to_numpy(), pairs.loc[flip, a].to_numpy()
+    return out
 
 
 def pairs_from_rankings(rankings: pd.DataFrame, mode: str) -> pd.DataFrame:

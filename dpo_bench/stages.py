@@ -46,7 +46,7 @@ from .policy import (
     derive_seed, load_module, load_policy, load_tensors, resolve_device, save_module, save_policy, save_tensors, seed_everything,
 )
 from .policy_eval import ReferenceSamples, evaluate_policy, reference_samples
-from .preferences import Candidates, PreferenceConfig
+from .preferences import Candidates, PreferenceConfig, shuffle_train_labels
 from .tasks import get_task_class
 from .training import NonFiniteLossError, TrainLog
 
@@ -360,6 +360,8 @@ def build_preferences(bench: Bench, task_stage: Stage, sft: Stage, candidates: S
         task = bench.task(task_stage)
         loaded = Candidates.from_frame(pd.read_parquet(candidates.path / "candidates.parquet")) if candidates else None
         frames = task.preference_frames(bench.reference(sft), config.preferences, seed, loaded)
+        if config.preferences.shuffle_labels:
+            frames = replace(frames, pairs=shuffle_train_labels(frames.pairs, np.random.default_rng(derive_seed(seed, "shuffle_labels"))))
         if frames.pairs.empty:
             raise ValueError("the preference data is empty: every sampled pair tied or repeated")
         info = {
@@ -770,9 +772,11 @@ def nan_to_none(x: float) -> float | None:
 # --- the empirical checks' stages (invariance.py turns their outputs into checks) ----------------
 
 
-def implicit_reward_data(bench: Bench, stages: dict, cell: Cell, stage: Stage) -> tuple:
-    """For a trained DPO cell: implicit rewards β·log π/π_ref of the held-out pairs, and of K reference
+def implicit_reward_data(bench: Bench, stages: dict, cell: Cell, stage: Stage) -> "ImplicitRewards":
+    """For a trained DPO-like cell: implicit rewards β·log π/π_ref of the held-out pairs, and of K reference
     samples per held-out prompt next to their gold rewards (for the within-prompt correlation)."""
+    from .invariance import ImplicitRewards
+
     config = bench.config
     task, reference = bench.task(stages["task"]), bench.reference(stages["sft"])
     policy = load_policy(stage.path / "policy", bench.device).eval()
@@ -796,8 +800,48 @@ def implicit_reward_data(bench: Bench, stages: dict, cell: Cell, stage: Stage) -
     def implicit(side: str) -> np.ndarray:
         return (beta * (batched_sequence_logps(policy, ref["batches"][side]) - ref["logps"][side])).double().numpy()
 
-    prompt_ids = np.repeat(np.arange(len(prompts)), k)
-    return implicit("chosen"), implicit("rejected"), prompt_ids, implicit("samples"), ref["gold"]
+    return ImplicitRewards(implicit("chosen"), implicit("rejected"), pd.factorize(heldout["prompt"])[0],
+                           np.repeat(np.arange(len(prompts)), k), implicit("samples"), np.asarray(ref["gold"], dtype=float))
+
+
+def implicit_reward_cell(bench: Bench) -> Cell | None:
+    """The DPO cell whose implicit reward is checked: the grid's first ``dpo`` cell of this pipeline seed."""
+    return next((c for c in bench.config.cells() if c.method == "dpo" and c.seed == bench.config.seed), None)
+
+
+def shuffled_label_cell(cell: Cell) -> Cell:
+    """The same cell (method, β, config, name, so the same seed schedule) trained on its preference data
+    with every train label replaced by a fair coin: the implicit-reward check's negative control."""
+    return replace(cell, preferences=tuple(sorted({**dict(cell.preferences), "shuffle_labels": True}.items())))
+
+
+def shuffled_label_dpo(bench: Bench, stages: dict) -> Stage:
+    """Train the implicit-reward check's control cell (see :func:`shuffled_label_cell`)."""
+    cell = shuffled_label_cell(implicit_reward_cell(bench))
+    # No reward model upstream: DPO does not read it, and the job starts before it exists.
+    up = _variant_preferences(bench, cell, Upstream(stages["task"], stages["sft"], stages["ref_eval"]))
+    return run_cell(bench, cell, up)
+
+
+def implicit_reward_control(bench: Bench, stages: dict, cells: list[tuple[Cell, Stage]]) -> tuple[tuple[Cell, Stage], Stage] | None:
+    """((the checked DPO cell, its stage), its shuffled-label control's stage), or None when the grid
+    has no DPO cell on this seed or either did not train."""
+    cell = implicit_reward_cell(bench)
+    stage = next((s for c, s in cells if c == cell), None)
+    if cell is None or stage is None or not (stage.path / "policy").exists():
+        return None
+    control = check_stage(bench, stages, "implicit reward control")
+    return ((cell, stage), control) if (control.path / "policy").exists() else None
+
+
+def reward_model_heldout_accuracy(bench: Bench, stages: dict) -> float | None:
+    """The reward model's pairwise accuracy on the held-out pairs (as its stage measured it)."""
+    rm = stages.get("reward_model")
+    if rm is None:
+        return None
+    rows = pd.read_parquet(rm.path / "metrics.parquet")
+    rows = rows[rows["metric"] == "rm_accuracy"]
+    return float(rows["value"].iloc[0]) if len(rows) else None
 
 
 def sample_completions(task, model, prompts: list[str], generator: torch.Generator) -> dict:
@@ -808,40 +852,54 @@ def sample_completions(task, model, prompts: list[str], generator: torch.Generat
     return {"completions": [task.decode_completion(c) for c in s.completion_ids], "batch": s.batch}
 
 
-def lemma2_ppo(bench: Bench, stages: dict) -> dict[str, pd.DataFrame]:
+def lemma2_ppo(bench: Bench, stages: dict) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """The Lemma 2 PPO runs: per variant, the final per-prompt samples, and the curve along training."""
     stage = check_stage(bench, stages, "lemma2 PPO")
-    return {v: pd.read_parquet(stage.path / f"{v}.parquet") for v in LEMMA2_VARIANTS}
+    return ({v: pd.read_parquet(stage.path / f"{v}.parquet") for v in LEMMA2_VARIANTS},
+            {v: pd.read_parquet(stage.path / f"{v}_curve.parquet") for v in LEMMA2_VARIANTS})
 
 
 LEMMA2_VARIANTS = ("r", "r+f", "r+g")
 
 
 #: What the Lemma 2 check's PPO runs change in PPO's defaults: they optimise their reward variants
-#: raw, without the EOS penalty. Its kl_coef was chosen on the gold reward's own scale (README, "Why
-#: the Lemma 2 check uses kl_coef = 1"), and a normaliser fitted on each variant would divide r + f(x)
-#: by a larger std than r (f adds variance), so the runs the check compares would pay different
-#: prices for KL: the invariance it tests would fail by construction.
+#: raw, without the EOS penalty. Its kl_coef was chosen on the gold reward's own scale (README,
+#: "Invariance checks"), and a normaliser fitted on each variant would divide r + f(x) by a larger
+#: std than r (f adds variance), so the runs the check compares would pay different prices for KL:
+#: the invariance it tests would fail by construction.
 LEMMA2_PPO_OVERRIDES = {"normalise_reward": False, "missing_eos_penalty": 0.0}
 
 
 def ppo_against(task, reference: torch.nn.Module, device: torch.device, ppo_config: Any, scores: Callable, seed: int,
-                reference_samples: ReferenceSamples, label: str, progress: bool = False) -> pd.DataFrame:
+                reference_samples: ReferenceSamples, label: str, progress: bool = False,
+                n_checkpoints: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """PPO-GT from the reference against the reward ``scores(prompts, completions)`` with seed
-    schedule ``seed``, evaluated on the eval prompts: the per-prompt samples frame. A custom score
-    has no normaliser, so ``ppo_config.normalise_reward`` must be false (as :data:`LEMMA2_PPO_OVERRIDES` sets)."""
+    schedule ``seed``, evaluated on the eval prompts: (the final per-prompt samples frame, the curve:
+    ``iteration``, mean ``gold_reward`` and ``kl`` at ``n_checkpoints`` evenly spaced iterations).
+    A custom score has no normaliser, so ``ppo_config.normalise_reward`` must be false (as
+    :data:`LEMMA2_PPO_OVERRIDES` sets)."""
+    curve: list[dict] = []
+    last: dict[str, pd.DataFrame] = {}
+
+    def checkpoint(step: int, policy: Any) -> None:
+        # The same generator seed at every evaluation: the policies are compared on common random numbers.
+        _, last["samples"] = evaluate_policy(ModelPolicy(policy, task), task=task, reference=reference, reward_model=None,
+                                             reference_samples=reference_samples, generator=torch.Generator().manual_seed(seed))
+        curve.append({"iteration": step, "gold_reward": float(last["samples"][task.reward_metric].mean()),
+                      "kl": float(last["samples"]["kl"].mean())})
+
     ctx = MethodContext(
         task=task, reference=reference, device=device, seed=seed, generator=seed_everything(seed),
-        checkpoint=lambda step, policy: None, n_checkpoints=1, gold_scores=scores, progress=progress, label=label,
+        checkpoint=checkpoint, n_checkpoints=n_checkpoints, gold_scores=scores, progress=progress, label=label,
     )
-    policy = get_method("ppo_gt").train(ctx, ppo_config)
-    _, samples = evaluate_policy(policy, task=task, reference=reference, reward_model=None,
-                                 reference_samples=reference_samples, generator=torch.Generator().manual_seed(seed))
-    return samples
+    get_method("ppo_gt").train(ctx, ppo_config)  # its last checkpoint is its last iteration: the final policy
+    return last["samples"], pd.DataFrame(curve, columns=["iteration", "gold_reward", "kl"])
 
 
 def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
     """Three PPO runs with the same seed schedule against r, r + f(x) and r + f(x) + g(x, y) = f(x) + c·r
-    (f: N(0, 1) per prompt, c: ``checks.lemma2_control_scale``); each evaluated on the eval prompts."""
+    (f: N(0, 1) per prompt, c: ``checks.lemma2_control_scale``); each evaluated on the eval prompts,
+    at the end and along training."""
     from .invariance import prompt_shift
 
     config = bench.config
@@ -861,12 +919,15 @@ def lemma2_ppo_stage(bench: Bench, stages: dict) -> Stage:
                 f = prompt_shift(prompts, config.seed)
                 return {"r": r, "r+f": r + f, "r+g": f + checks.lemma2_control_scale * r}[_variant]
 
-            samples = ppo_against(task, reference, bench.device, ppo_config, scores, seed, ref_samples,
-                                  label=f"lemma2 PPO vs {variant}", progress=bench.progress)
+            samples, curve = ppo_against(task, reference, bench.device, ppo_config, scores, seed, ref_samples,
+                                         label=f"lemma2 PPO vs {variant}", progress=bench.progress,
+                                         n_checkpoints=checks.lemma2_checkpoints)
             write_parquet(samples, out / f"{variant}.parquet")
+            write_parquet(curve, out / f"{variant}_curve.parquet")
 
+    lemma2 = {k: v for k, v in to_dict(config.checks).items() if k.startswith("lemma2_")}
     return bench.run_stage("lemma2_ppo", {"sft": stages["sft"].key, "ref_eval": stages["ref_eval"].key,
-                                          "checks": to_dict(config.checks), "seed": seed}, build)
+                                          "checks": lemma2, "seed": seed}, build)
 
 
 def label_temperature_rms(bench: Bench, stages: dict) -> pd.DataFrame:
@@ -901,13 +962,17 @@ def _job_builders(bench: Bench, stages: dict, checks: bool = True) -> dict[str, 
     """The stages besides the main chain and the grid cells, by name, longest first: how to build
     each, and which of the pipeline's stages it needs. They are the empirical checks' own stages
     (the Lemma 2 PPO runs, the reward models at other label temperatures; only with ``checks``: the
-    checks read the first pipeline seed's) and the grid's own preference data (an entry's
-    ``preferences`` override, such as 4-wise rankings)."""
+    checks read the first pipeline seed's), the DPO cell trained on shuffled labels (the implicit-reward
+    check's control), and the grid's own preference data (an entry's ``preferences`` override, such
+    as 4-wise rankings)."""
     config = bench.config
     builders: dict[str, tuple[Callable[[], Stage], tuple[str, ...]]] = {}
     task = bench.task_summary(stages["task"])
     if checks and config.checks.empirical and not task["exact"] and task["has_gold"]:
         builders["lemma2 PPO"] = (lambda: lemma2_ppo_stage(bench, stages), ("sft", "ref_eval"))
+        if implicit_reward_cell(bench) is not None:
+            # It labels the run's candidates anew: it starts once they exist, and waits for nothing else.
+            builders["implicit reward control"] = (lambda: shuffled_label_dpo(bench, stages), ("sft", "ref_eval", "candidates"))
     for t in config.checks.label_temperatures if checks else ():
         builders[f"reward model T={t:g}"] = (lambda t=float(t): label_temperature_rm(bench, stages, t), ("sft", "candidates"))
     for cell in config.cells():

@@ -120,7 +120,10 @@ def make_run(root: Path, *, hostile: bool = False, samples: bool = True,
                  passed=True, negative_control_detected=True),
             dict(check=f"plackett_luce_k2{HOSTILE if hostile else ''}", quantity="|PL − BT|",
                  value=3e-3, tolerance=1e-6, passed=False, negative_control_detected=False),
-        ]).to_parquet(run_dir / "invariance.parquet")
+        ]).assign(kind="check", step=np.nan, control_value=1.0).pipe(lambda checks: pd.concat([checks, pd.DataFrame([
+            dict(kind="finding", check="bandit_convergence_curve[dpo]", quantity=q, step=step, value=v)
+            for step in (25, 50) for q, v in (("TV(π, π*(r̂))", 0.1 / step), ("KL(π‖π*(r̂))", 0.01 / step))
+        ])], ignore_index=True)).to_parquet(run_dir / "invariance.parquet")
 
     run = {
         "run_id": run_id, "task": "sentiment", "preset": "quick", "seed": 0, "status": "ok",
@@ -462,3 +465,12 @@ def test_without_best_of_n_no_cell_is_called_converged(tmp_path):
     from dpo_bench.report.verdict import objective_findings
 
     assert objective_findings(load_run(run_dir)) == []
+
+
+def test_invariance_section_splits_checks_from_findings(plain_run):
+    run_dir, _ = plain_run
+    section = _sections((run_dir / "report.md").read_text(encoding="utf-8"))["Invariance checks"].replace("\\", "")
+    assert "concerns a trained model or a measured quantity" in section
+    assert "bandit_convergence_curve[dpo]" in section and "TV(π, π*(r̂))" in section
+    # The headline counts checks only: the findings have no verdict.
+    assert "2 of 3 invariance checks passed" in (run_dir / "report.md").read_text(encoding="utf-8")

@@ -148,10 +148,21 @@ def build_document(data: RunData, final: pd.DataFrame, configs: pd.DataFrame,
     if inv is None:
         s["Invariance checks"].blocks.append(Paragraph("This run recorded no invariance checks."))
     else:
+        s["Invariance checks"].blocks.append(Paragraph(
+            "Every check here concerns a trained model or a measured quantity (the algebraic identities of the "
+            "reward-equivalence results are unit tests), and each has a negative control that must fail it."))
         s["Invariance checks"].blocks.append(TableBlock(inv))
         if "invariance" in figures:
             s["Invariance checks"].blocks.append(Figure(
                 "invariance", "Each check's |value| relative to its tolerance."))
+    findings = tables.invariance_findings_tables(data)
+    if findings:
+        s["Invariance checks"].blocks.append(Paragraph(
+            "Findings: numbers measured beside the checks, with no pass or fail (distances to π* along training "
+            "on the bandit, PPO's gold reward and KL along its runs against r and r + f(x), the reward model's "
+            "accuracy on the implicit-reward check's pairs)."))
+        for name, table in findings:
+            s["Invariance checks"].blocks.append(TableBlock(table, name))
 
     s["Questions from the reading notes"].blocks += questions_blocks(data, checkpoint_results(data), Paragraph, TableBlock, Bullets)
 

@@ -386,8 +386,8 @@ def rm_calibration(data: RunData) -> bytes | None:
 
 def invariance(data: RunData) -> bytes | None:
     """Each check's |value| / tolerance on a log scale: left of 1 passes. Marker shape says
-    whether the negative control was detected."""
-    inv = data.invariance
+    whether the negative control was detected. Checks only: findings have no tolerance."""
+    inv = data.checks
     if inv is None or inv.empty:
         return None
     inv = inv.reset_index(drop=True)

@@ -140,7 +140,7 @@ def reward_model(data: RunData) -> list[Finding]:
 
 
 def invariance(data: RunData) -> list[Finding]:
-    inv = data.invariance
+    inv = data.checks
     if inv is None or inv.empty:
         return []
     passed = inv["passed"].fillna(False).astype(bool) if "passed" in inv else pd.Series(dtype=bool)

@@ -112,6 +112,24 @@ class RunData:
         return chosen if chosen in CURVES_X else "steps"
 
     @property
+    def checks(self) -> pd.DataFrame | None:
+        """The invariance rows that are checks (pass/fail, with a negative control); in runs written
+        before findings existed (no ``kind`` column), every row is one."""
+        return self._invariance_kind("check")
+
+    @property
+    def findings(self) -> pd.DataFrame | None:
+        """The invariance rows that are findings: measured numbers, with no tolerance or verdict."""
+        return self._invariance_kind("finding")
+
+    def _invariance_kind(self, kind: str) -> pd.DataFrame | None:
+        inv = self.invariance
+        if inv is None:
+            return None
+        rows = inv[inv["kind"] == kind] if "kind" in inv else (inv if kind == "check" else inv.iloc[0:0])
+        return rows.reset_index(drop=True) if len(rows) else None
+
+    @property
     def run_id(self) -> str:
         if self.run.get("run_id"):
             return str(self.run["run_id"])

@@ -153,7 +153,7 @@ def reward_model_table(data: RunData) -> Table | None:
 
 
 def invariance_table(data: RunData) -> Table | None:
-    inv = data.invariance
+    inv = data.checks
     if inv is None or inv.empty:
         return None
     rows = []
@@ -166,10 +166,30 @@ def invariance_table(data: RunData) -> Table | None:
                      _num_cell(r.get("value"), fmt.num(r.get("value"), 4)),
                      _num_cell(r.get("tolerance"), fmt.num(r.get("tolerance"), 4)),
                      Cell("pass" if passed else "FAIL", best=not passed),
+                     _num_cell(r.get("control_value"), fmt.num(r.get("control_value"), 4)),
                      Cell(control, best=control == "NOT detected")])
-    return Table(["check", "quantity", "value", "tolerance", "result", "negative control"], rows,
-                 "A negative control is the same check on a perturbation that depends on y; it "
-                 "must fail, and 'detected' means it did. Problems in bold.")
+    return Table(["check", "quantity", "value", "tolerance", "result", "control value", "negative control"], rows,
+                 "A negative control is the same check on an independent perturbation (other labels, another reward); "
+                 "it must fail, and 'detected' means it did. Problems in bold.")
+
+
+def invariance_findings_tables(data: RunData) -> list[tuple[str, Table]]:
+    """The findings, one table per finding: a row per step (where they have one), a column per quantity."""
+    found = data.findings
+    if found is None:
+        return []
+    out = []
+    for name, group in found.groupby("check", sort=False):
+        quantities = list(dict.fromkeys(group["quantity"]))
+        group = group.assign(step=pd.to_numeric(group["step"], errors="coerce") if "step" in group else np.nan)
+        stepped = bool(group["step"].notna().any())
+        rows = []
+        for step, at in group.groupby("step", sort=False, dropna=False):
+            values = [at.loc[at["quantity"] == q, "value"] for q in quantities]
+            rows.append([Cell("" if fmt.is_nan(step) else f"{float(step):g}")] * stepped
+                        + [_num_cell(v.iloc[0], fmt.num(v.iloc[0], 4)) if len(v) else Cell(fmt.MISSING) for v in values])
+        out.append((str(name), Table(["step"] * stepped + quantities, rows)))
+    return out
 
 
 def _final_samples(samples: pd.DataFrame) -> pd.DataFrame:
