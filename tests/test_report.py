@@ -322,6 +322,7 @@ def test_the_headline_opens_with_the_verdict_and_flags_an_unconverged_ppo(tmp_pa
     assert "at 1 nat -0.050 [-0.200, 0.100], Holm p = 0.300" in lines[0]
     text = "\n".join(lines)
     assert ("NOT CONVERGED: ppo (kl\\_coef=0.1) in 1 of 1 seeds" in text) is not converged
+    assert ("It is at or above best\\_of\\_n (N=4) in 0 of 1 seeds" in text) is not converged
     assert ("Every RLHF cell (1) scores above every best-of-N" in text) is converged
     # With a verdict the comparisons of final checkpoints (Welch, best on the test prompts) are gone.
     assert "reaches the highest gold reward" not in text and "At matched KL" not in text

@@ -89,6 +89,11 @@ def _objective_terms(g: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
+def _best_of_n_size(metric: str) -> float:
+    """N of an ``objective/best_of_n (N=…)`` metric."""
+    return float(metric.rsplit("N=", 1)[-1].rstrip(")"))
+
+
 def objective_findings(data: RunData) -> list[Finding]:
     """Each KL-regularised cell on its own objective E[r̂ − p·truncated] − c·KL (PPO: c its kl_coef,
     p its EOS penalty; DPO: c = β/σ, p = 0): below a best-of-N from the reference on it, it has not
@@ -100,11 +105,14 @@ def objective_findings(data: RunData) -> list[Finding]:
     for (method, c), cell in rows.groupby(["method", "beta"], sort=True):
         family = "RLHF" if _role(data, method) == "rlhf" else "DPO"
         beaten_in = []  # (seed, own row, the best best-of-N above it)
+        above_smallest = 0  # seeds in which the cell beats the best-of-N of the smallest N
         for seed, g in cell.groupby("seed", sort=True):
             own = g[g["metric"] == "objective"]
             baselines = g[g["metric"].str.startswith("objective/best_of_n")]
             if own.empty or baselines.empty:  # no best-of-N in the grid: nothing to hold the cell against
                 continue
+            smallest = baselines.loc[baselines["metric"].map(_best_of_n_size).idxmin()]
+            above_smallest += bool(float(own["value"].iloc[0]) >= smallest["value"])
             beaten = baselines[baselines["value"] > float(own["value"].iloc[0])]
             if beaten.empty:
                 converged[family] = converged.get(family, 0) + 1
@@ -118,9 +126,11 @@ def objective_findings(data: RunData) -> list[Finding]:
         parts = [f"seed {seed}: {fmt.pm(own['value'], own['stderr'])} against {top['metric'].removeprefix('objective/')}'s "
                  f"{fmt.pm(top['value'], top['stderr'])}" for seed, own, top, _ in beaten_in]
         terms = beaten_in[0][3]
+        smallest_name = min(cell.loc[cell["metric"].str.startswith("objective/best_of_n"), "metric"], key=_best_of_n_size)
         out.append(Finding(
             f"NOT CONVERGED: {data.config_label(method, c)} in {len(beaten_in)} of {n_seeds} seeds scores below a best-of-N "
             f"on its own objective {OBJECTIVE}{f' ({terms})' if terms else ''}: {'; '.join(parts)}. "
+            f"It is at or above {smallest_name.removeprefix('objective/')} in {above_smallest} of {n_seeds} seeds. "
             f"Its gold reward says little about {family} yet.", warning=True))
     for family, n in sorted(converged.items()):
         if family in flagged:
