@@ -48,35 +48,39 @@ def objectives(run_dir: Path) -> pd.DataFrame:
     for (name, strength, seed, step), g in val.groupby(["method", "beta", "seed", "step"]):
         method = run["methods"][name]["method"]
         kl = g["kl"].fillna(0.0)
-        if method in ("ppo", "ppo_gt"):
-            penalty = overrides.get(name, {}).get("missing_eos_penalty", EOS_PENALTY)
-            objective = g["proxy_reward"] - penalty * g["truncated"] - strength * kl
+        config = overrides.get(name, {})
+        if method == "ppo":
+            if config.get("target_kl", 0) or not config.get("normalise_reward", True):
+                raise SystemExit(f"{name}: ranks fixed-kl_coef PPO on normalised rewards only (the objective of an adaptive or "
+                                 "raw-score run is the run report's `objective` metric)")
+            penalty = config.get("missing_eos_penalty", EOS_PENALTY)
             c = strength
-        elif run["methods"][name]["role"] == "direct":
-            c = strength / reward_model_std(run, int(seed))
-            objective = g["proxy_reward"] - c * kl
+        elif method == "dpo":  # IPO, SLiC and the rest solve other problems
+            penalty, c = 0.0, strength / reward_model_std(run, int(seed))
         else:
             continue
-        rows.append({"setting": name, "strength": strength, "seed": int(seed), "step": int(step), "c": c, "objective": objective.mean(),
-                     "gold_reward": g[reward].mean(), "kl": kl.mean()})
+        objective = g["proxy_reward"] - penalty * g["truncated"] - c * kl
+        rows.append({"setting": name, "method": method, "strength": strength, "seed": int(seed), "step": int(step), "c": c,
+                     "penalty": penalty, "objective": objective.mean(), "gold_reward": g[reward].mean(), "kl": kl.mean()})
     frame = pd.DataFrame(rows)
     # Best-of-4 from the reference on the same objective, at each setting's c: the bar a converged
     # policy clears (README, "The verdict").
     bon = val[(val["method"] == "best_of_n") & (val["beta"] == 4)]
     if len(bon) and len(frame):
         by_seed = {int(s): g for s, g in bon.groupby("seed")}
-        frame["best_of_4"] = [(by_seed[s]["proxy_reward"] - c * by_seed[s]["kl"]).mean() if s in by_seed else float("nan")
-                              for s, c in zip(frame["seed"], frame["c"])]
+        frame["best_of_4"] = [(by_seed[s]["proxy_reward"] - p * by_seed[s]["truncated"] - c * by_seed[s]["kl"].fillna(0.0)).mean()
+                              if s in by_seed else float("nan") for s, c, p in zip(frame["seed"], frame["c"], frame["penalty"])]
     return frame
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds per (setting, strength, checkpoint), best first."""
-    agg = frame.groupby(["setting", "strength", "step"]).agg(
+    """Mean over seeds per (setting, strength, checkpoint), best first within each (method, strength)."""
+    agg = frame.groupby(["method", "setting", "strength", "step"]).agg(
         objective=("objective", "mean"), objective_min=("objective", "min"), objective_max=("objective", "max"),
         best_of_4=("best_of_4", "mean"), gold_reward=("gold_reward", "mean"), kl=("kl", "mean"), seeds=("seed", "nunique"),
     )
-    return agg.sort_values("objective", ascending=False).reset_index()
+    # Objectives at different c, or of different methods, are not comparable: rank within each.
+    return agg.reset_index().sort_values(["method", "strength", "objective"], ascending=[True, True, False]).reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
              "best-of-4": f"{r.best_of_4:.3f}", "val gold": f"{r.gold_reward:.3f}", "val KL": f"{r.kl:.2f}", "seeds": r.seeds}
             for r in ranked.itertuples()]
     print(table(rows, list(rows[0])))
-    best = ranked.iloc[0]
-    print(f"\nwinner: {best.setting} ({best.strength:g}) at step {best.step} (objective {best.objective:.3f})")
+    for (method, strength), group in ranked.groupby(["method", "strength"], sort=True):
+        best = group.iloc[0]
+        print(f"\nwinner for {method} at {strength:g}: {best.setting} at step {best.step} (objective {best.objective:.3f})")
     write_result(args.name or f"tuning_{args.run_dir.name}", {"ranked": ranked.to_dict(orient="records")})
 
 

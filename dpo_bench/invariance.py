@@ -147,6 +147,10 @@ def reference_pairs(ref_probs: np.ndarray, rewards: np.ndarray, per_context: int
     return BanditPairs(context, np.where(a_wins, a, b), np.where(a_wins, b, a))
 
 
+class UnidentifiedReward(ValueError):
+    """The pairs leave the tabular maximum-likelihood reward infinite or undetermined."""
+
+
 def fit_tabular_reward(pairs: BanditPairs, shape: tuple[int, int]) -> np.ndarray:
     """The maximum-likelihood Bradley-Terry reward r̂ (X, Y), one parameter per (x, y): logistic
     regression of the labels on r̂(x, y_w) − r̂(x, y_l) (DPO paper Eq. 2), centred per context.
@@ -161,7 +165,7 @@ def fit_tabular_reward(pairs: BanditPairs, shape: tuple[int, int]) -> np.ndarray
         rows = pairs.context == x
         wins = coo_matrix((np.ones(int(rows.sum())), (pairs.chosen[rows], pairs.rejected[rows])), shape=(n_y, n_y))
         if connected_components(wins, directed=True, connection="strong")[0] != 1:
-            raise ValueError(f"context {x}: the preference pairs do not compare every response both ways (the win graph is "
+            raise UnidentifiedReward(f"context {x}: the preference pairs do not compare every response both ways (the win graph is "
                              "not strongly connected), so the maximum-likelihood reward is infinite; draw more pairs "
                              "(checks.convergence_pairs) or use a less peaked reference")
     reward = torch.zeros(n_x, n_y, dtype=torch.float64, requires_grad=True)
@@ -358,7 +362,10 @@ def lemma2_empirical(results: dict[str, pd.DataFrame], margin_fraction: float) -
     for quantity, effect in effects.items():
         margin = margin_fraction * effect
         x, y, z = (f[quantity].to_numpy(dtype=float) for f in (shifted, base, perturbed))
-        p, p_control = (tost_equivalence(a, y, margin, paired=True) if margin > 0 else 1.0 for a in (x, z))
+        if margin > 0:
+            p, p_control = (tost_equivalence(a, y, margin, paired=True) for a in (x, z))
+        else:  # nothing moved: nothing tested, and a control that cannot be tested is not detected either
+            p, p_control = 1.0, math.nan
         out.append(CheckResult(
             f"lemma2_ppo[{quantity}]",
             f"paired TOST p-value that PPO against r and r+f(x) reach the same {quantity} within ±{margin:.3g} "
@@ -404,7 +411,7 @@ def run_invariance_checks(bench, stages: dict, cells: list | None = None) -> pd.
     rng = np.random.default_rng(derive_seed(config.seed, "bandit_convergence"))
     try:
         results = bandit_convergence(*bandit_reference(bench, stages), config.checks, rng)
-    except ValueError as e:  # pairs that leave the maximum-likelihood reward infinite: a failed check, not a failed run
+    except UnidentifiedReward as e:  # pairs that leave the maximum-likelihood reward infinite: a failed check, not a failed run
         results = [CheckResult("bandit_convergence", f"not computed: {e}", math.nan, config.checks.convergence_tolerance,
                                math.nan, False, False)]
     task = bench.task(stages["task"])
