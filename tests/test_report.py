@@ -475,3 +475,20 @@ def test_invariance_section_splits_checks_from_findings(plain_run):
     assert "bandit_convergence_curve[dpo]" in section and "TV(π, π*(r̂))" in section
     # The headline counts checks only: the findings have no verdict.
     assert "2 of 3 invariance checks passed" in (run_dir / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_dpo_cell_below_best_of_n_is_said_to_be_below_not_unconverged(tmp_path):
+    """DPO is held to the reward model's version of its objective: below a best-of-N it is flagged as
+    such, with the seeds' count against best-of-4, never as NOT CONVERGED (that is PPO's verdict)."""
+    run_dir = make_run(tmp_path)
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    run_id = metrics["run_id"].iloc[0]
+    extra = [_row(run_id, "dpo", 0.1, 0, 300, 1.0, m, v, 0.01) for m, v in (
+        ("objective", 1.0), ("objective/best_of_n (N=4)", 0.9), ("objective/best_of_n (N=16)", 1.2), ("objective_kl_coef", 0.05))]
+    pd.concat([metrics, pd.DataFrame(extra)], ignore_index=True).to_parquet(run_dir / "metrics.parquet")
+    from dpo_bench.report.load import load_run
+    from dpo_bench.report.verdict import objective_findings
+
+    texts = [f.text for f in objective_findings(load_run(run_dir))]
+    assert len(texts) == 1 and texts[0].startswith("BELOW BEST-OF-N: dpo"), texts
+    assert "best_of_n (N=16)'s 1.200" in texts[0] and "best_of_n (N=4) in 1 of 1 seeds" in texts[0], texts
