@@ -25,16 +25,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from .common import table, write_result
+from dpo_bench.methods.ppo import PPOConfig
+from dpo_bench.stages import Stage, fitted_normaliser
+from dpo_bench.verdict import Objective
 
-EOS_PENALTY = 1.0  # PPOConfig.missing_eos_penalty's default
+from .common import table, write_result
 
 
 def reward_model_std(run: dict, seed: int) -> float:
     """σ of the seed's reward model on SFT samples (its normaliser), from the run's stage cache."""
     key = run["pipelines"][str(seed)]["stage_keys"]["reward_model"]
-    path = Path(run["cache_dir"]) / "reward_model" / key / "normalisers.json"
-    return float(json.loads(path.read_text())["reward_model"]["std"])
+    return fitted_normaliser(Stage("reward_model", key, Path(run["cache_dir"]) / "reward_model" / key), "reward_model").std
 
 
 def objectives(run_dir: Path) -> pd.DataFrame:
@@ -53,23 +54,22 @@ def objectives(run_dir: Path) -> pd.DataFrame:
             if config.get("target_kl", 0) or not config.get("normalise_reward", True):
                 raise SystemExit(f"{name}: ranks fixed-kl_coef PPO on normalised rewards only (the objective of an adaptive or "
                                  "raw-score run is the run report's `objective` metric)")
-            penalty = config.get("missing_eos_penalty", EOS_PENALTY)
-            c = strength
+            objective = Objective(strength, config.get("missing_eos_penalty", PPOConfig().missing_eos_penalty))
         elif method == "dpo":  # IPO, SLiC and the rest solve other problems
-            penalty, c = 0.0, strength / reward_model_std(run, int(seed))
+            objective = Objective(strength / reward_model_std(run, int(seed)))
         else:
             continue
-        objective = g["proxy_reward"] - penalty * g["truncated"] - c * kl
-        rows.append({"setting": name, "method": method, "strength": strength, "seed": int(seed), "step": int(step), "c": c,
-                     "penalty": penalty, "objective": objective.mean(), "gold_reward": g[reward].mean(), "kl": kl.mean()})
+        rows.append({"setting": name, "method": method, "strength": strength, "seed": int(seed), "step": int(step),
+                     "c": objective.kl_coef, "penalty": objective.eos_penalty, "objective": objective.values(g).mean(),
+                     "gold_reward": g[reward].mean(), "kl": kl.mean()})
     frame = pd.DataFrame(rows)
     # Best-of-4 from the reference on the same objective, at each setting's c: the bar a converged
     # policy clears (README, "The verdict").
     bon = val[(val["method"] == "best_of_n") & (val["beta"] == 4)]
     if len(bon) and len(frame):
         by_seed = {int(s): g for s, g in bon.groupby("seed")}
-        frame["best_of_4"] = [(by_seed[s]["proxy_reward"] - p * by_seed[s]["truncated"] - c * by_seed[s]["kl"].fillna(0.0)).mean()
-                              if s in by_seed else float("nan") for s, c, p in zip(frame["seed"], frame["c"], frame["penalty"])]
+        frame["best_of_4"] = [Objective(c, p).values(by_seed[s]).mean() if s in by_seed else float("nan")
+                              for s, c, p in zip(frame["seed"], frame["c"], frame["penalty"])]
     return frame
 
 
