@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iterations", type=int, default=8, help="PPO iterations (the first is warm-up)")
     p.add_argument("--rollout-batch", type=int, default=64)
     p.add_argument("--method", default="ppo", choices=("ppo", "ppo_gt"))
+    p.add_argument("--preset", default="quick", help="the preset whose task, SFT model and reward model PPO trains on")
     add_threads_argument(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     import dpo_bench.methods.ppo as ppo
     from dpo_bench.methods.base import MethodContext, get_method
 
-    fx = fixture()
+    fx = fixture(preset=args.preset)
     bench, stages = fx.bench, fx.stages
     reward_model = bench.reward_model(stages["reward_model"], stages["sft"])
     judge = fx.task.judge(reward_model)
@@ -85,9 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                 timer.end_iteration(clock.ticks[-1] - clock.ticks[-2])
             self.inner.log(step, n, **metrics)
 
-        @property
-        def last_finite(self):
-            return self.inner.last_finite
+        def __getattr__(self, name):  # everything else (last_finite, compute, ...) is the TrainLog's
+            return getattr(self.inner, name)
 
     class TimedContext(MethodContext):
         def sample(self, model, prompt_ids, temperature=1.0):
