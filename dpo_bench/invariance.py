@@ -254,7 +254,7 @@ def ppo_table(reward: np.ndarray, ref_probs: np.ndarray, kl_coef: float, iterati
 
     lr0 = 1/(PPO_EPOCHS·kl_coef): a context's objective E_π[r] − kl_coef·KL(π‖π_ref) equals
     −kl_coef·KL(π‖π*) + const, whose curvature in the logits is at most kl_coef·max_y π(y|x) ≤ kl_coef
-    (the Fisher matrix diag π − ππᵀ), so an iteration's steps add up to one Newton step on the stiffest
+    (the Fisher matrix diag π − ππᵀ), so an iteration's steps add up to at most one Newton step on any
     direction: stable (< 2/L) by construction, not by tuning. Advantages are not whitened: with the
     per-context baseline their spread vanishes at π*, and dividing by it would put the noise back.
     """
