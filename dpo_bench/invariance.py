@@ -398,37 +398,68 @@ def iterations_to_stay_within(path: np.ndarray, target: np.ndarray, limit: float
     return float(beyond[-1] + 1) if len(beyond) else 0.0
 
 
+def global_noise_ratio(reward: np.ndarray, shift: np.ndarray, ref_probs: np.ndarray) -> float:
+    """How much a prompt-only ``shift`` f(x) (X, 1) adds to the noise of PPO's gradient with a global
+    baseline, at the start (π = π_ref, where the KL penalty is zero): Var(r + f − b) / Var(r − b), b the
+    mean over contexts (uniform) and y ~ π_ref. Known before training, from the tables alone."""
+    def variance(r: np.ndarray) -> float:
+        return float((ref_probs * (r - (ref_probs * r).sum(1).mean()) ** 2).sum(1).mean())
+
+    return variance(reward + shift) / variance(reward)
+
+
+# The largest factor by which the Lemma 2 check enlarges the r̂ + f(x) run's batch (its cost).
+MAX_NOISE_MATCH = 8.0
+
+
 def lemma2_bandit(reward: np.ndarray, shift: np.ndarray, ref_probs: np.ndarray, beta: float, seed: int, per_context: int,
                   decay: float, budgets: list[int], tolerance: Callable[[int], float], control: np.ndarray) -> list[CheckResult]:
-    """Lemma 2 at the optimum with a sampled learner: PPO with a *global* baseline against r̂ and against
-    r̂ + f(x) (``shift`` (X, 1)) both end within ``tolerance`` of the same π*(r̂) after the last of
-    ``budgets`` (iterations). Control, for each: the same run with a y-dependent ``control`` offset
-    added, whose optimum is elsewhere: detected if it ends beyond the tolerance from π*(r̂) and within
-    it of π*(r̂ + control).
+    """Lemma 2 at the optimum with a sampled learner: PPO with a *global* baseline (one number per batch,
+    which cannot absorb a prompt-only f(x)) against r̂ and against r̂ + f(x) (``shift`` (X, 1)) both end
+    within ``tolerance`` of the same π*(r̂) after the last of ``budgets`` (iterations).
 
-    Findings: TV to π*(r̂) along both runs (``lemma2_bandit_ppo_speed``), and the iterations after
-    which each stays within the tolerance of the first budget and of the last (``lemma2_bandit_ppo_reach``).
-    A baseline that is one number per batch cannot absorb f(x): f stays in the advantages as
-    zero-mean noise, which slows the learner without moving its optimum."""
+    Lemma 2 is about the optimum, not the speed: f(x) stays in the advantages as zero-mean noise that
+    slows the learner without moving its optimum. So the r̂ + f run of the check draws a batch larger by
+    ``global_noise_ratio`` (at most MAX_NOISE_MATCH), which makes its gradient noise at the start equal
+    to the r̂ run's; the r̂ + f run at the r̂ run's batch is a finding, the cost of the shift in speed.
+    Control, for each check: the same run with a y-dependent ``control`` offset added, whose optimum is
+    elsewhere: detected if it ends beyond the tolerance from π*(r̂) and within it of π*(r̂ + control).
+
+    Findings: TV to π*(r̂) along the runs (``lemma2_bandit_ppo_speed``), and the iterations after which
+    each stays within the tolerance of the first budget and of the last (``lemma2_bandit_ppo_reach``)."""
     target, moved = optimal_policy(ref_probs, reward, beta), optimal_policy(ref_probs, reward + control, beta)
     first, iterations = budgets[0], budgets[-1]
     limit = tolerance(iterations)
+    offset = np.broadcast_to(shift, reward.shape)
+    ratio = global_noise_ratio(reward, shift, ref_probs)
+    matched = int(round(per_context * min(max(ratio, 1.0), MAX_NOISE_MATCH)))
+    described = f" (f(x) ~ N(0, σ²) per context, here of std {float(np.std(shift)):.3g})"
+
+    def run(extra: np.ndarray | float, batch: int) -> np.ndarray:
+        return ppo_table(reward + extra, ref_probs, beta, iterations, np.random.default_rng(seed), global_baseline, batch, decay)
+
     results, findings = [], []
-    variants = {"r̂": (np.zeros_like(reward), ""),
-                "r̂+f": (np.broadcast_to(shift, reward.shape),
-                         f" (f(x) ~ N(0, σ²) per context, here of std {float(np.std(shift)):.3g})")}
-    for variant, (offset, described) in variants.items():
-        path, control_path = (ppo_table(reward + offset + extra, ref_probs, beta, iterations, np.random.default_rng(seed),
-                                        global_baseline, per_context, decay) for extra in (0.0, control))
+    paths = {}
+    for variant, (base, batch, note) in {
+        "r̂": (0.0, per_context, f"{per_context} samples a context"),
+        "r̂+f": (offset, matched, f"{matched} samples a context: f raises the start's gradient noise {ratio:.3g}-fold"
+                                 + (f" (capped at {MAX_NOISE_MATCH:g})" if ratio > MAX_NOISE_MATCH else "")
+                                 + f", so its batch is {per_context}·{min(max(ratio, 1.0), MAX_NOISE_MATCH):.3g}"),
+    }.items():
+        path, control_path = run(base, batch), run(base + control, batch)
+        paths[variant] = path
         tv, control_tv, control_to_moved = (total_variation(path[-1], target), total_variation(control_path[-1], target),
                                             total_variation(control_path[-1], moved))
         results.append(CheckResult(
             f"lemma2_bandit_ppo[{variant}]",
             f"TV(π, π*(r̂)) after {iterations} iterations of sampled PPO with a global baseline against {variant}"
-            f"{described}; control: {variant} + δ·g(x, y), π* moved by "
+            f"{described if variant != 'r̂' else ''}, {note}; control: {variant} + δ·g(x, y), π* moved by "
             f"{total_variation(moved, target):.3g}, must end beyond the tolerance from π*(r̂) and within it of "
             f"π*(r̂ + δg) (measured {control_to_moved:.3g})",
             tv, limit, control_tv, bool(tv <= limit), bool(control_tv > limit and control_to_moved <= limit)))
+    paths[f"r̂+f, {per_context} a context"] = run(offset, per_context)
+    findings.append(CheckResult.finding("lemma2_bandit_ppo_noise", "Var(r̂ + f − b) / Var(r̂ − b) at π_ref (global baseline b)", ratio))
+    for variant, path in paths.items():
         for step in sorted({max(1, first // 2), first, 2 * first, iterations}):
             findings.append(CheckResult.finding(f"lemma2_bandit_ppo_speed[{variant}]", "TV(π, π*(r̂))",
                                                 total_variation(path[step], target), step))
@@ -597,11 +628,17 @@ def run_invariance_checks(bench, stages: dict, cells: list | None = None) -> pd.
 
     config = bench.config
     rng = np.random.default_rng(derive_seed(config.seed, "bandit_convergence"))
+    threads = torch.get_num_threads()
+    # Tables of a few hundred numbers: more threads only add overhead (one: 3.9 s against two's 26 s on
+    # a busy 2-core machine).
+    torch.set_num_threads(1)
     try:
         results = bandit_convergence(*bandit_reference(bench, stages), config.checks, rng)
     except UnidentifiedReward as e:  # pairs that leave the maximum-likelihood reward infinite: a failed check, not a failed run
         results = [CheckResult("bandit_convergence", f"not computed: {e}", math.nan, config.checks.convergence_tolerance,
                                math.nan, False, False)]
+    finally:
+        torch.set_num_threads(threads)
     task = bench.task(stages["task"])
     # The empirical checks compare against a gold reward: a task judged only by a proxy has none to compare with.
     if config.checks.empirical and not task.exact and task.has_gold:
