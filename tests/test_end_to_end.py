@@ -89,9 +89,10 @@ def test_invariance_checks_pass_and_their_controls_fail(quick_run):
     _, _, _, run_dir = quick_run
     rows = pd.read_parquet(f"{run_dir}/invariance.parquet")
     checks = rows[rows["kind"] == "check"]
-    # The quick preset runs the bandit convergence check only (the empirical checks are the default preset's).
-    assert {c.split(",")[0] for c in checks["check"]} == {"bandit_convergence[dpo", "bandit_convergence[policy_gradient"}
-    assert len(checks) == 4
+    # The quick preset runs the bandit checks only (the empirical checks are the default preset's).
+    assert {c.split(",")[0] for c in checks["check"]} == {
+        "bandit_convergence[dpo", "bandit_convergence[ppo", "lemma2_bandit_ppo[r̂]", "lemma2_bandit_ppo[r̂+f]"}
+    assert len(checks) == 6
     assert checks["passed"].astype(bool).all()
     assert checks["negative_control_detected"].astype(bool).all()
     assert (rows["kind"] == "finding").any()
