@@ -13,6 +13,7 @@ so they cross process boundaries (Dask workers) and hash the same everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,11 @@ import traceback
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import pandas as pd
@@ -108,6 +114,23 @@ def _remove_stale_builds(path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def build_lock(path: Path):
+    """An exclusive lock on ``path``'s stage while it is built: ``flock`` on a file beside it
+    (released by the OS if the holder dies). The lock files stay: removing one while another
+    process waits on it would let a third lock a new file at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        if fcntl is None:  # no flock on this platform: builds may repeat, the rename keeps one
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process of this host has ``pid`` (one we may not signal still exists)."""
     try:
@@ -187,11 +210,27 @@ class Bench:
     def run_stage(self, name: str, key_data: dict, build: Callable[[Path], None]) -> Stage:
         key = stable_hash({"stage": name, "code": self.version, **key_data})[:24]
         path = Path(self.cache_dir) / name / key
+        if (done := self._finished(name, key, path)) is not None:
+            return done
+        # One build at a time per stage across the processes of this machine (and of others, where the
+        # shared filesystem honours flock): a Dask worker, a second run on the same cache or the flow
+        # that asks for a stage another is building waits for it and reads it, instead of building
+        # it again.
+        with build_lock(path):
+            if (done := self._finished(name, key, path)) is not None:
+                return done
+            return self._build(name, key, key_data, path, build)
+
+    def _finished(self, name: str, key: str, path: Path) -> Stage | None:
+        """The stage at ``path`` if it is complete and this run may read it, else None."""
         if (path / "_complete.json").exists():
             if self.use_cache:
                 return Stage(name, key, path, cached=True)
             if self.built_this_run(path):
                 return Stage(name, key, path, cached=False, seconds=0.0)
+        return None
+
+    def _build(self, name: str, key: str, key_data: dict, path: Path, build: Callable[[Path], None]) -> Stage:
         self.setup_threads()
         start = time.perf_counter()
         _remove_stale_builds(path)

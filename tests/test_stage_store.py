@@ -8,6 +8,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -71,6 +73,32 @@ def test_a_stage_finished_meanwhile_by_another_process_is_kept(tmp_path):
         stages.shutil.rmtree = real_rmtree
     assert (stage.path / "value.txt").read_text() == "theirs"
     assert not list(stage.path.parent.glob(".*tmp-*"))
+
+
+def test_a_stage_asked_for_at_once_is_built_once_and_read_by_both(tmp_path):
+    """Two runs (or a worker and the flow) on one cache that ask for the same stage together: the
+    second waits for the first's build and reads it (the lock), instead of building it again."""
+    builds = []
+
+    def build(out):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the other thread to ask while this one builds
+        (out / "value.txt").write_text("built once")
+
+    benches = [_bench(tmp_path), _bench(tmp_path)]
+    stages = [None, None]
+
+    def ask(i):
+        stages[i] = benches[i].run_stage("shared", {"x": 3}, build)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+    assert stages[0].path == stages[1].path and (stages[0].path / "value.txt").read_text() == "built once"
+    assert sorted(s.cached for s in stages) == [False, True]  # the waiter read the builder's stage
 
 
 def test_unpickled_benches_of_one_run_share_their_loaded_models(tmp_path):
