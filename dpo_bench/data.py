@@ -46,6 +46,7 @@ __all__ = [
     "DataValidationError",
     "DataValidationErrors",
     "FORMATS",
+    "HubUnreachableError",
     "PAIR_MODES",
     "PreferenceData",
     "ROLES",
@@ -54,6 +55,7 @@ __all__ = [
     "detect_format",
     "fingerprint_frame",
     "load_preferences",
+    "looks_like_path",
     "rankings_to_pairs",
     "render_conversational",
     "validate_frame",
@@ -112,6 +114,23 @@ class DataValidationErrors(DataValidationError):
         if len(self.errors) > 10:
             lines.append(f"  ... and {len(self.errors) - 10} more")
         return "\n".join(lines)
+
+
+class HubUnreachableError(ConnectionError):
+    """A hub dataset id whose data could not be fetched: no network, or HF_HUB_OFFLINE with a cold cache."""
+
+    def __init__(self, source: str, offline: bool = False):
+        super().__init__(source, offline)  # args mirror __init__, as DataValidationError's
+        self.source = source
+        self.offline = offline
+
+    def __str__(self) -> str:
+        why = " (HF_HUB_OFFLINE is set and it is not in the cache)" if self.offline else ""
+        return (
+            f"{self.source}: could not reach the Hugging Face hub to read this dataset{why}; give a local file "
+            f"({', '.join(LOCAL_SUFFIXES)}) or save_to_disk folder, or download the dataset beforehand and run "
+            "with HF_HUB_OFFLINE=1 to read it from the cache"
+        )
 
 
 class _Bad(Exception):
@@ -523,6 +542,16 @@ def _read_json(data: bytes, source: str, max_rows: int | None) -> tuple[_Rows, l
 def _read_csv(data: bytes, source: str, max_rows: int | None) -> tuple[_Rows, list]:
     # surrogateescape keeps reading past bad bytes so the bad row, not the file, is reported.
     text = data.decode("utf-8", errors="surrogateescape")
+    # csv refuses fields over 128 KiB by default, which JSONL never does; no field is longer than
+    # the file. The limit is module-wide, so it is restored; 2**31 - 1 fits a C long everywhere.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), min(len(text), 2**31 - 1)))
+    try:
+        return _read_csv_text(text, source, max_rows)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_csv_text(text: str, source: str, max_rows: int | None) -> tuple[_Rows, list]:
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: _Rows = []
     problems: list[DataValidationError] = []
@@ -615,8 +644,9 @@ def _read_saved_dataset(path: Path, source: str, split: str, max_rows: int | Non
     return _dataset_rows(loaded, max_rows)
 
 
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else path-shaped is a local path."""
+def looks_like_path(source: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else path-shaped (./x, /x, ~/x, a/b/c, x.jsonl)
+    is a local path, which when missing is a missing file, never a hub lookup."""
     return (
         source.startswith(("/", "~", "."))
         or "\\" in source
@@ -652,13 +682,17 @@ def _read_source(
             raise DataValidationError(name, None, None, "file is empty")
         rows, problems = readers[suffix](data, name, max_rows)
         return name, rows, problems
-    if isinstance(source, os.PathLike) or _looks_like_path(name):
+    if isinstance(source, os.PathLike) or looks_like_path(name):
         raise FileNotFoundError(f"preference data not found: {name}")
     import datasets
 
     # Hub datasets are data only unless the caller explicitly trusts the repository's code.
     extra = {"trust_remote_code": True} if trust_remote_code else {}
-    return name, _dataset_rows(datasets.load_dataset(name, split=split, **extra), max_rows), []
+    try:
+        dataset = datasets.load_dataset(name, split=split, **extra)
+    except ConnectionError:
+        raise HubUnreachableError(name, offline=bool(datasets.config.HF_HUB_OFFLINE)) from None
+    return name, _dataset_rows(dataset, max_rows), []
 
 
 def _rows_to_frame(rows: _Rows) -> pd.DataFrame:
@@ -772,7 +806,9 @@ def load_preferences(
     DataFrame, or else a hub id passed to ``datasets.load_dataset(source, split=split)``.
     ``column_map`` renames source columns to the schema before the ``format`` is detected
     ("auto") or checked. ``max_rows`` reads only the first rows. See the module docstring for
-    ``on_bad_rows``. A missing path raises FileNotFoundError naming it.
+    ``on_bad_rows``. A missing path raises FileNotFoundError naming it (a path-shaped name, see
+    :func:`looks_like_path`, is never looked up on the hub); a hub id the hub cannot serve, for want
+    of a network or of a cached copy under HF_HUB_OFFLINE, raises :class:`HubUnreachableError`.
     """
     if on_bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, got {on_bad_rows!r}")

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from dpo_bench import data as data_module
 from dpo_bench.data import (
     DataValidationError,
+    HubUnreachableError,
     PreferenceData,
     check_data,
     check_lengths,
@@ -316,6 +317,34 @@ def test_hub_ids_go_to_load_dataset_without_remote_code(monkeypatch):
     assert loaded.fingerprint == fingerprint_frame(expected_frame(ROWS))
     load_preferences("someone/prefs", trust_remote_code=True, max_rows=1)
     assert calls[-1] == ("someone/prefs", {"split": "train", "trust_remote_code": True})
+
+
+def test_an_unreachable_hub_is_one_error_naming_the_dataset_and_what_to_do(monkeypatch):
+    def no_network(path, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (ConnectError)")  # as datasets words it
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubUnreachableError) as caught:
+        load_preferences("someone/prefs")
+    assert str(caught.value).startswith("someone/prefs: could not reach the Hugging Face hub to read this dataset; ")
+    assert "HF_HUB_OFFLINE=1" in str(caught.value) and isinstance(caught.value, ConnectionError)
+    copy = pickle.loads(pickle.dumps(caught.value))  # it may cross from a worker process
+    assert (copy.source, str(copy)) == ("someone/prefs", str(caught.value))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnreachableError, match=r"\(HF_HUB_OFFLINE is set and it is not in the cache\)"):
+        load_preferences("someone/prefs")
+
+
+def test_a_csv_field_beyond_the_csv_modules_default_limit_reads(tmp_path):
+    rows = [dict(ROWS[0], chosen=" great" * 30_000)]  # 180 KB > csv's default 128 KiB
+    with open(tmp_path / "big.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    limit = csv.field_size_limit()
+    assert load_preferences(tmp_path / "big.csv").fingerprint == fingerprint_frame(expected_frame(rows))
+    assert csv.field_size_limit() == limit
 
 
 def test_unsupported_suffix_is_named(tmp_path):
