@@ -7,6 +7,7 @@ every run.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -115,6 +116,11 @@ class ReportConfig:
                  "or wall seconds of training (each cell's compute/ metrics), so methods are compared at equal compute")
 
 
+# auto (see policy.resolve_device) or a device the benchmark runs on; torch.device accepts more (xla,
+# hpu, ...) that nothing here supports, and would fail only when the first stage starts.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Everything a run needs; `dpo-bench run --config FILE.toml` reads this structure."""
@@ -145,6 +151,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.task not in TASK_CONFIGS:
             raise ConfigError(f"task: unknown task '{self.task}'; known tasks: {', '.join(sorted(TASK_CONFIGS))}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"device: unknown device '{self.device}'; use auto, cpu, cuda, cuda:N (N a GPU index) or mps")
         non_negative("threads", self.threads)
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: each seed may appear once, got {list(self.seeds)}")

@@ -7,8 +7,10 @@ import atexit
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 
 OFFLINE_ENV = {
@@ -30,6 +32,17 @@ def offline_environment() -> None:
             Path(home).expanduser().mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SystemExit(f"dpo-bench: cannot create PREFECT_HOME={home}: {e.strerror}") from None
+
+
+def package_version() -> str:
+    """The installed distribution's version, else (a source tree never installed) pyproject.toml's."""
+    try:
+        return metadata.version("dpo-bench")
+    except metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+    return found.group(1) if found else "unknown"
 
 
 def _parse_methods(text: str | None) -> list[str] | None:
@@ -74,6 +87,20 @@ def resolve_config(args: argparse.Namespace):
         config = load_config(preset, args.config, overrides)
     methods = _parse_methods(getattr(args, "methods", None))
     return config.with_methods(methods) if methods else config
+
+
+# `run`'s flags for hf fields, named in messages beside the config key.
+HF_FLAGS = {"model": "--model", "data": "--data"}
+
+
+def missing_paths_error(config, flags: dict[str, str] | None = None) -> str | None:
+    """"file not found: ..." for the first model, tokenizer, data or judge named by a path that does
+    not exist (the hf task), which a dry run would otherwise list as a hub download."""
+    missing_paths = getattr(config.task_config, "missing_paths", None)
+    for key, name in missing_paths() if missing_paths else []:
+        where = ", ".join([f"{config.task}.{key}"] + ([flags[key]] if key in (flags or {}) else []))
+        return f"file not found: {name} ({where}); give an existing file or directory, or a hub id such as owner/name"
+    return None
 
 
 def dry_run_plan(config) -> str:
@@ -133,10 +160,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config = resolve_config(args)
+        error = missing_paths_error(config, HF_FLAGS)
     except ConfigError as e:
+        error = f"config error: {e}"
+    if error:
         if api is not None:
             api.stop()
-        print(f"dpo-bench: config error: {e}", file=sys.stderr)
+        print(f"dpo-bench: {error}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(dry_run_plan(config))
@@ -147,6 +177,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     threads = worker_threads(workers, config)
     where = f", on {workers} Dask workers x {threads} torch threads" if workers else ""
     print(f"dpo-bench: {config.task} task, preset {config.preset}, {len(config.cells())} cells{where}", file=sys.stderr)
+    from dpo_bench.data import DataValidationError, HubUnreachableError
+
+    try:
+        run_dir = _run(args, config, api, workers)
+    except (DataValidationError, HubUnreachableError) as e:  # the task's data, read by its first stage
+        print(f"dpo-bench: {e}", file=sys.stderr)
+        return 2
+    print(f"dpo-bench: report written to {run_dir / 'report.html'} and {run_dir / 'report.md'}")
+    return 0
+
+
+def _run(args: argparse.Namespace, config, api, workers: int) -> Path:
     if args.no_prefect:
         from dpo_bench.run import run_benchmark
 
@@ -165,8 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet,
                 results_db=args.results_db, workers=workers, dask_address=args.dask_address,
             ))
-    print(f"dpo-bench: report written to {run_dir / 'report.html'} and {run_dir / 'report.md'}")
-    return 0
+    return run_dir
 
 
 def _store_url(args: argparse.Namespace) -> str:
@@ -328,8 +369,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     try:
         config = resolve_config(args)
+        error = missing_paths_error(config)
     except ConfigError as e:
-        print(f"dpo-bench: config error: {e}", file=sys.stderr)
+        error = f"config error: {e}"
+    if error:
+        print(f"dpo-bench: {error}", file=sys.stderr)
         return 2
     print(f"ok: task {config.task}, preset {config.preset}, {len(config.cells())} cells:")
     for cell in config.cells():
@@ -339,13 +383,53 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check_data(args: argparse.Namespace) -> int:
-    from dpo_bench.data import check_data
+class UsageError(Exception):
+    """A command line that cannot mean what it says; printed as one line, exit status 2."""
 
-    column_map = dict(pair.split("=", 1) for pair in args.column_map) if args.column_map else None
+
+def _parse_column_map(pairs: list[str]) -> dict[str, str]:
+    """--column-map SRC=DST flags as a dict: every pair split at '=', no source named twice, no two onto one."""
+    column_map: dict[str, str] = {}
+    for pair in pairs:
+        source, equals, target = pair.partition("=")
+        if not (source and equals and target):
+            example = f"{source or 'question'}=prompt"
+            raise UsageError(f"--column-map '{pair}': expected SRC=DST, e.g. --column-map {example}")
+        if source in column_map:
+            raise UsageError(f"--column-map: column '{source}' is mapped twice")
+        onto = next((s for s, t in column_map.items() if t == target), None)
+        if onto is not None:
+            raise UsageError(f"--column-map: '{onto}' and '{source}' are both mapped to '{target}'")
+        column_map[source] = target
+    return column_map
+
+
+def _check_data_source(args: argparse.Namespace, extra: list[str]) -> str:
+    """The one dataset of `check-data`, refusing words that are column pairs without their flag."""
+    from dpo_bench.data import looks_like_path
+
+    words = [args.file, *extra]
+    stray = [w for w in words if "=" in w and not looks_like_path(w) and not Path(w).expanduser().exists()]
+    if stray and len(words) > 1:
+        raise UsageError(f"--column-map takes one SRC=DST pair per flag: write --column-map {stray[0]} for '{stray[0]}'")
+    if stray:
+        raise UsageError(f"check-data: '{stray[0]}' looks like a --column-map pair, not a dataset; "
+                         "name the dataset: dpo-bench check-data FILE --column-map SRC=DST")
+    if extra:
+        raise UsageError(f"check-data checks one dataset, got {len(words)}: {', '.join(words)}")
+    if looks_like_path(args.file) and not Path(args.file).expanduser().exists():
+        raise UsageError(f"file not found: {args.file}")
+    return args.file
+
+
+def cmd_check_data(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    from dpo_bench.data import HubUnreachableError, check_data
+
     try:
-        summary = check_data(args.file, column_map=column_map)
-    except FileNotFoundError as e:
+        source = _check_data_source(args, extra or [])
+        column_map = _parse_column_map(args.column_map or [])
+        summary = check_data(source, column_map=column_map or None)
+    except (UsageError, HubUnreachableError) as e:
         print(f"dpo-bench: {e}", file=sys.stderr)
         return 2
     print(summary)
@@ -397,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
               dpo-bench serve --cron "0 3 * * *" --preset default   # nightly runs (needs a Prefect server)
         """),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the benchmark and write reports/<run_id>/",
@@ -473,9 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     data = sub.add_parser("check-data", help="validate a preference dataset (jsonl, parquet, csv, a saved dataset or a hub id)")
-    data.add_argument("file", help="the dataset")
-    data.add_argument("--column-map", nargs="*", metavar="SRC=DST", help="rename columns, e.g. question=prompt response_j=chosen")
-    data.set_defaults(func=cmd_check_data)
+    data.add_argument("file", help="the dataset: a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub id")
+    data.add_argument("--column-map", action="append", metavar="SRC=DST",
+                      help="rename a source column before checking, one pair per flag (repeat it), e.g. "
+                           "--column-map question=prompt --column-map response_j=chosen")
+    data.set_defaults(func=cmd_check_data, takes_extra=True)
     return parser
 
 
@@ -486,10 +573,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # check-data is given the words argparse found no place for, to name a column pair left without
+    # its flag; unknown options, and extra words elsewhere, are argparse's error as with parse_args.
+    args, extra = parser.parse_known_args(argv)
+    takes_extra = getattr(args, "takes_extra", False)
+    if extra and (not takes_extra or any(word.startswith("-") for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if argv is None and args.command == "run":
         _skip_teardown_at_exit()
-    code = args.func(args)
+    code = args.func(args, extra) if takes_extra else args.func(args)
     _EXIT_CODE[0] = code
     return code
 

@@ -31,7 +31,7 @@ import pandas as pd
 from torch import nn
 
 from ..configs import ConfigError, field, positive
-from ..data import check_lengths, load_preferences, render_conversational
+from ..data import check_lengths, load_preferences, looks_like_path, render_conversational
 from ..judges import ClassifierJudge, RewardModelJudge, judge_entry_points, known_judges, registered_judge
 from ..policy import (
     LoRASpec, apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_policy, load_tokenizer,
@@ -135,6 +135,13 @@ class HFConfig:
         if self.judge == "classifier":
             items.append(("judge", self.judge_model, _where(self.judge_model)))
         return items
+
+    def missing_paths(self) -> list[tuple[str, str]]:
+        """(field, name) of each model, tokenizer, data or judge named by a path that does not exist:
+        a path-shaped name is never a hub id, so it is a missing file, not a download."""
+        names = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "judge_model": self.judge_model}
+        return [(key, name) for key, name in names.items()
+                if name and looks_like_path(name) and not Path(name).expanduser().exists()]
 
 
 def _where(name: str) -> str:

@@ -1,0 +1,233 @@
+"""Bad input to the dpo-bench command is one line on stderr naming the input, never a traceback (issue 24)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from pipelines.cli import main
+
+ROW = {"prompt": "the film was", "chosen": "great .", "rejected": "dull ."}
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `dpo-bench ARGV`; argparse's own exits count as exit codes."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def question_file(tmp_path):
+    path = tmp_path / "se.jsonl"
+    path.write_text(json.dumps({"question": "the film was", "response_j": "great .", "response_k": "dull ."}) + "\n")
+    return path
+
+
+# --- --column-map ----------------------------------------------------------------------------------
+
+
+def test_a_column_map_without_equals_names_the_pair(question_file, capsys):
+    code, _, err = cli(capsys, "check-data", str(question_file), "--column-map", "question")
+    assert code == 2
+    assert one_line(err) == "dpo-bench: --column-map 'question': expected SRC=DST, e.g. --column-map question=prompt"
+    code, _, err = cli(capsys, "check-data", str(question_file), "--column-map", "=prompt")
+    assert code == 2 and "--column-map '=prompt': expected SRC=DST" in one_line(err)
+
+
+def test_column_map_is_one_pair_per_flag_before_or_after_the_file(question_file, capsys):
+    pairs = ["--column-map", "question=prompt", "--column-map", "response_j=chosen", "--column-map", "response_k=rejected"]
+    code, out, _ = cli(capsys, "check-data", *pairs, str(question_file))
+    assert code == 0 and out.startswith("ok: ")
+    code, out, _ = cli(capsys, "check-data", str(question_file), *pairs)
+    assert code == 0 and out.startswith("ok: ")
+
+
+@pytest.mark.parametrize("order", ["pairs_first", "file_first"])
+def test_several_pairs_after_one_flag_are_refused_naming_the_stray_pair(order, question_file, capsys):
+    pairs = ["--column-map", "question=prompt", "response_j=chosen"]
+    argv = [*pairs, str(question_file)] if order == "pairs_first" else [str(question_file), *pairs]
+    code, _, err = cli(capsys, "check-data", *argv)
+    assert code == 2
+    assert one_line(err) == ("dpo-bench: --column-map takes one SRC=DST pair per flag: "
+                             "write --column-map response_j=chosen for 'response_j=chosen'")
+
+
+def test_the_readme_and_the_help_spell_column_map_as_the_parser_reads_it():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from pipelines.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = [line.split("#")[0] for line in readme.splitlines() if line.startswith("dpo-bench check-data") and "--column-map" in line]
+    check_data = build_parser()._subparsers._group_actions[0].choices["check-data"]
+    helptext = next(a.help for a in check_data._actions if a.dest == "column_map")
+    examples.append("dpo-bench check-data prefs.jsonl " + re.search(r"e\.g\. (.*)", helptext).group(1))
+    assert len(examples) == 2
+    for example in examples:
+        args, extra = build_parser().parse_known_args(shlex.split(example)[1:])
+        assert extra == [] and args.file == "prefs.jsonl"
+        assert args.column_map == ["question=prompt", "response_j=chosen"], example
+
+
+def test_a_column_pair_in_place_of_the_dataset_is_named(capsys):
+    code, _, err = cli(capsys, "check-data", "--column-map", "question=prompt", "response_j=chosen")
+    assert code == 2
+    assert one_line(err) == ("dpo-bench: check-data: 'response_j=chosen' looks like a --column-map pair, not a dataset; "
+                             "name the dataset: dpo-bench check-data FILE --column-map SRC=DST")
+    code, _, err = cli(capsys, "check-data", "a.jsonl", "b.jsonl")
+    assert code == 2 and one_line(err) == "dpo-bench: check-data checks one dataset, got 2: a.jsonl, b.jsonl"
+    code, _, err = cli(capsys, "check-data", "a.jsonl", "--no-such-option")
+    assert code == 2 and err.strip().endswith("error: unrecognized arguments: --no-such-option")
+
+
+def test_a_column_mapped_twice_or_two_columns_onto_one_are_refused(question_file, capsys):
+    code, _, err = cli(capsys, "check-data", str(question_file), "--column-map", "question=prompt", "--column-map", "question=x")
+    assert code == 2 and one_line(err) == "dpo-bench: --column-map: column 'question' is mapped twice"
+    code, _, err = cli(capsys, "check-data", str(question_file), "--column-map", "question=prompt",
+                       "--column-map", "response_j=prompt")
+    assert code == 2
+    assert one_line(err) == "dpo-bench: --column-map: 'question' and 'response_j' are both mapped to 'prompt'"
+
+
+# --- the hub, offline ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE as if set before import (the libraries read it once): no request leaves the machine."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_hub_dataset_offline_is_one_line_saying_what_to_do(offline, capsys):
+    code, out, err = cli(capsys, "check-data", "some-owner/no-such-dataset")
+    assert code == 2 and out == ""
+    assert one_line(err) == (
+        "dpo-bench: some-owner/no-such-dataset: could not reach the Hugging Face hub to read this dataset "
+        "(HF_HUB_OFFLINE is set and it is not in the cache); give a local file (.jsonl, .json, .parquet, .csv) or "
+        "save_to_disk folder, or download the dataset beforehand and run with HF_HUB_OFFLINE=1 to read it from the cache"
+    )
+
+
+def test_a_run_whose_data_is_on_an_unreachable_hub_stops_in_one_line(offline, tmp_path, capsys):
+    """The first stage reads the data; a local tokenizer gets it there without any download."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model = tmp_path / "model"
+    tokenizer = Tokenizer(models.WordLevel({"<eos>": 0, "<unk>": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(model)
+    code, _, err = cli(capsys, "run", "--no-prefect", "--quiet", "--preset", "quick", "--reports-dir", str(tmp_path / "reports"),
+                       "--model", str(model), "--data", "some-owner/no-such-dataset")
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(
+        "dpo-bench: some-owner/no-such-dataset: could not reach the Hugging Face hub to read this dataset")
+
+
+# --- --device ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["run", "--dry-run"], ["check-config"]])
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:0"])
+def test_an_unknown_device_lists_the_valid_ones(command, device, capsys):
+    code, out, err = cli(capsys, *command, "--preset", "quick", "--device", device)
+    assert code == 2 and out == ""
+    assert one_line(err) == (f"dpo-bench: config error: device: unknown device '{device}'; "
+                             "use auto, cpu, cuda, cuda:N (N a GPU index) or mps")
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_the_documented_devices_are_accepted(device, capsys):
+    code, _, _ = cli(capsys, "check-config", "--preset", "quick", "--device", device)
+    assert code == 0
+
+
+# --- missing local files ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["./nope.jsonl", "nope.csv", "data/nope.parquet", "/no/such/dir/prefs.json", "./a=b.jsonl"])
+def test_check_data_on_a_missing_local_file_is_file_not_found(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "check-data", path)
+    assert code == 2 and out == ""
+    assert one_line(err) == f"dpo-bench: file not found: {path}"
+
+
+def hf_args(command: str, model: str, data: str, tmp_path) -> list[str]:
+    """The quick preset on the hf task: flags for `run --dry-run`, a TOML file for check-config (which has no such flags)."""
+    if command == "run":
+        return ["run", "--dry-run", "--preset", "quick", "--model", model, "--data", data]
+    (tmp_path / "hf.toml").write_text(f'task = "hf"\n[hf]\nmodel = "{model}"\ndata = "{data}"\n')
+    return ["check-config", "--preset", "quick", "--config", str(tmp_path / "hf.toml")]
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_a_missing_data_file_or_model_directory_is_not_a_hub_download(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flag = lambda key: f", --{key}" if command == "run" else ""  # noqa: E731
+    code, out, err = cli(capsys, *hf_args(command, "gpt2", "./nope.jsonl", tmp_path))
+    assert code == 2 and "would download" not in out
+    assert one_line(err) == (f"dpo-bench: file not found: ./nope.jsonl (hf.data{flag('data')}); "
+                             "give an existing file or directory, or a hub id such as owner/name")
+    (tmp_path / "prefs.jsonl").write_text(json.dumps(ROW) + "\n")
+    code, _, err = cli(capsys, *hf_args(command, "./models/mine", "prefs.jsonl", tmp_path))
+    assert code == 2 and f"file not found: ./models/mine (hf.model{flag('model')})" in one_line(err)
+    code, out, _ = cli(capsys, *hf_args(command, "gpt2", "prefs.jsonl", tmp_path))
+    assert code == 0
+    if command == "run":
+        assert "  model: gpt2" in out.splitlines() and "  dataset: prefs.jsonl (splits train)" in out.splitlines()
+
+
+# --- --version ----------------------------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version(capsys, monkeypatch):
+    from importlib import metadata
+
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out == f"dpo-bench {metadata.version('dpo-bench')}\n"
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out == "dpo-bench 0.1.0\n"  # pyproject.toml's, beside the source
+
+
+# --- CSV fields beyond the csv module's default limit -----------------------------------------------------
+
+
+def test_a_csv_with_a_200_kb_field_reads_like_the_same_jsonl(tmp_path, capsys):
+    row = dict(ROW, chosen="great " * 40_000)  # 240 KB, beyond csv's default 128 KiB field limit
+    (tmp_path / "big.jsonl").write_text(json.dumps(row) + "\n")
+    with open(tmp_path / "big.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    limit = csv.field_size_limit()
+    code, from_csv, _ = cli(capsys, "check-data", str(tmp_path / "big.csv"))
+    assert code == 0, from_csv
+    code, from_jsonl, _ = cli(capsys, "check-data", str(tmp_path / "big.jsonl"))
+    assert code == 0
+    fingerprint = [line for line in from_jsonl.splitlines() if "fingerprint:" in line]
+    assert fingerprint and fingerprint[0] in from_csv.splitlines()
+    assert csv.field_size_limit() == limit  # the module-wide limit is restored
