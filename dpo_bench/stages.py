@@ -114,13 +114,17 @@ def _remove_stale_builds(path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The stage locks' directory in the cache (beside the stages' directories, not inside them).
+LOCKS = ".locks"
+
+
 @contextlib.contextmanager
-def build_lock(path: Path):
-    """An exclusive lock on ``path``'s stage while it is built: ``flock`` on a file beside it
-    (released by the OS if the holder dies). The lock files stay: removing one while another
-    process waits on it would let a third lock a new file at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
+def build_lock(lock_file: Path):
+    """An exclusive lock while a stage is built: ``flock`` on ``lock_file`` (released by the OS if the
+    holder dies). The lock files stay: removing one while another process waits on it would let a
+    third lock a new file at once."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
         if fcntl is None:  # no flock on this platform: builds may repeat, the rename keeps one
             yield
             return
@@ -216,7 +220,7 @@ class Bench:
         # shared filesystem honours flock): a Dask worker, a second run on the same cache or the flow
         # that asks for a stage another is building waits for it and reads it, instead of building
         # it again.
-        with build_lock(path):
+        with build_lock(Path(self.cache_dir) / LOCKS / name / f"{key}.lock"):
             if (done := self._finished(name, key, path)) is not None:
                 return done
             return self._build(name, key, key_data, path, build)
