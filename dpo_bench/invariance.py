@@ -622,23 +622,36 @@ def bandit_reference(bench, stages: dict) -> tuple[np.ndarray, np.ndarray]:
     return ref_probs / ref_probs.sum(1, keepdims=True), rewards
 
 
+_BANDIT_CHECKS: dict[tuple, tuple[CheckResult, ...]] = {}
+
+
+def bandit_checks(ref_probs: np.ndarray, rewards: np.ndarray, config: ChecksConfig, seed: int) -> tuple[CheckResult, ...]:
+    """``bandit_convergence`` on these tables with ``default_rng(seed)``, once per process for the same
+    inputs (the bandit tables rarely depend on the preset: every run of a process, a test suite's
+    included, would compute the same rows)."""
+    key = (ref_probs.tobytes(), ref_probs.shape, rewards.tobytes(), rewards.shape, repr(config), seed)
+    if key not in _BANDIT_CHECKS:
+        threads = torch.get_num_threads()
+        # Tables of a few hundred numbers: more threads only add overhead (one: 3.9 s against two's 26 s
+        # on a busy 2-core machine).
+        torch.set_num_threads(1)
+        try:
+            results = bandit_convergence(ref_probs, rewards, config, np.random.default_rng(seed))
+        except UnidentifiedReward as e:  # pairs that leave the maximum-likelihood reward infinite: a failed check, not a failed run
+            results = [CheckResult("bandit_convergence", f"not computed: {e}", math.nan, config.convergence_tolerance,
+                                   math.nan, False, False)]
+        finally:
+            torch.set_num_threads(threads)
+        _BANDIT_CHECKS[key] = tuple(results)
+    return _BANDIT_CHECKS[key]
+
+
 def run_invariance_checks(bench, stages: dict, cells: list | None = None) -> pd.DataFrame:
     """Every check this run's data supports, as rows of ``invariance.parquet``."""
     from .stages import implicit_reward_control, implicit_reward_data, lemma2_ppo, reward_model_heldout_accuracy  # noqa: PLC0415
 
     config = bench.config
-    rng = np.random.default_rng(derive_seed(config.seed, "bandit_convergence"))
-    threads = torch.get_num_threads()
-    # Tables of a few hundred numbers: more threads only add overhead (one: 3.9 s against two's 26 s on
-    # a busy 2-core machine).
-    torch.set_num_threads(1)
-    try:
-        results = bandit_convergence(*bandit_reference(bench, stages), config.checks, rng)
-    except UnidentifiedReward as e:  # pairs that leave the maximum-likelihood reward infinite: a failed check, not a failed run
-        results = [CheckResult("bandit_convergence", f"not computed: {e}", math.nan, config.checks.convergence_tolerance,
-                               math.nan, False, False)]
-    finally:
-        torch.set_num_threads(threads)
+    results = list(bandit_checks(*bandit_reference(bench, stages), config.checks, derive_seed(config.seed, "bandit_convergence")))
     task = bench.task(stages["task"])
     # The empirical checks compare against a gold reward: a task judged only by a proxy has none to compare with.
     if config.checks.empirical and not task.exact and task.has_gold:

@@ -336,3 +336,20 @@ def test_a_reference_that_never_draws_some_responses_is_refused():
     pairs = reference_pairs(ref, np.zeros((1, 4)), 50, np.random.default_rng(0))
     with pytest.raises(ValueError, match="not strongly connected"):
         fit_tabular_reward(pairs, (1, 4))
+
+
+def test_the_bandit_checks_are_computed_once_per_process_for_the_same_inputs(monkeypatch):
+    import dpo_bench.invariance as invariance
+
+    calls = []
+    monkeypatch.setattr(invariance, "bandit_convergence", lambda ref, rewards, config, rng: calls.append(rng.random()) or [])
+    monkeypatch.setattr(invariance, "_BANDIT_CHECKS", {})
+    ref, rewards = _default_bandit()
+    config = ChecksConfig()
+    invariance.bandit_checks(ref, rewards, config, 7)
+    invariance.bandit_checks(ref.copy(), rewards.copy(), ChecksConfig(), 7)  # equal inputs: read, not computed
+    assert len(calls) == 1
+    invariance.bandit_checks(ref, rewards, config, 8)  # another seed
+    invariance.bandit_checks(ref, rewards + 1, config, 7)  # other tables
+    invariance.bandit_checks(ref, rewards, ChecksConfig(convergence_steps=20), 7)  # another config
+    assert len(calls) == 4 and calls.count(calls[0]) == 3  # seed 7 draws the same numbers for any tables
