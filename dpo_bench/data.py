@@ -2,7 +2,7 @@
 
 Every method in the benchmark consumes one preference dataset; this module turns a file, a
 ``save_to_disk`` directory or a hub id into a validated :class:`PreferenceData` whose fingerprint
-goes into every report. Four row formats are understood (the ones TRL defines):
+goes into every report. Five row formats are understood (the ones TRL defines):
 
 =================  ==========================================================================
 ``standard``       ``prompt``, ``chosen``, ``rejected`` strings; completions exclude the prompt
@@ -10,6 +10,10 @@ goes into every report. Four row formats are understood (the ones TRL defines):
                    cut at a word boundary (stored split into the three standard columns)
 ``conversational`` ``prompt`` / ``chosen`` / ``rejected`` are lists of ``{"role", "content"}``
                    messages; :func:`render_conversational` turns them into strings
+``implicit_conversational``
+                   only ``chosen`` / ``rejected`` message lists holding the whole conversation;
+                   the prompt is their shared leading messages, the completions the differing
+                   tails (stored split into the three conversational columns)
 ``rankings``       ``prompt`` and ``ranking``: K >= 2 completions, best first;
                    :func:`rankings_to_pairs` turns them into standard pairs
 =================  ==========================================================================
@@ -19,6 +23,14 @@ e.g. ``prefs.jsonl: row 12, field 'chosen': empty string``. With ``on_bad_rows="
 first bad row (in row order) is raised before anything else happens; with ``"skip"`` bad rows
 are dropped, counted and kept as ``PreferenceData.problems``.
 
+Messages have the roles system, user, assistant and tool; an assistant message may carry
+``tool_calls`` (``[{"type": "function", "function": {"name", "arguments"}}]``, as transformers'
+chat templates read them) instead of content, and a tool message a ``name`` or ``tool_call_id``.
+
+A folder is a ``save_to_disk`` directory when it holds ``dataset_info.json``, ``state.json`` or
+``dataset_dict.json``; otherwise its ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` shards (one
+type) are read in name order as one dataset, and errors name the shard and its own row.
+
 Nothing in a dataset is ever executed: local files are parsed here (json, csv, parquet, arrow),
 never unpickled, and ``trust_remote_code`` reaches ``datasets.load_dataset`` only when the caller
 passes ``trust_remote_code=True``.
@@ -26,6 +38,7 @@ passes ``trust_remote_code=True``.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import difflib
 import hashlib
@@ -49,6 +62,7 @@ __all__ = [
     "HubUnreachableError",
     "PAIR_MODES",
     "PreferenceData",
+    "CHAT_FORMATS",
     "ROLES",
     "check_data",
     "check_lengths",
@@ -62,7 +76,9 @@ __all__ = [
     "write_preferences",
 ]
 
-ROLES = frozenset({"system", "user", "assistant"})
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+# Optional message keys passed on to the chat template, beside role and content.
+_MESSAGE_EXTRAS = ("tool_calls", "name", "tool_call_id")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BAD_ROW_POLICIES = ("error", "skip")
 # Bump when the canonical serialisation changes, so old and new fingerprints never collide.
@@ -75,18 +91,23 @@ _FINGERPRINT_VERSION = "dpo-bench-preferences-v1"
 class DataValidationError(ValueError):
     """One problem in a preference dataset.
 
-    Attributes: ``source`` (file, directory or hub id), ``row`` (0-based row in the source, or
-    None for a file- or column-level problem), ``field`` (column or message path such as
-    ``chosen[1].role``, or None) and ``problem`` (what is wrong, in words).
+    Attributes: ``source`` (file, shard, directory or hub id), ``row`` (0-based row in the
+    source, or None for a file- or column-level problem), ``field`` (column or message path such
+    as ``chosen[1].role``, or None) and ``problem`` (what is wrong, in words). ``index`` is the
+    row's label in the loaded frame: ``row`` itself, except in a folder of shards, where ``row``
+    counts within the shard and ``index`` across all of them.
     """
 
-    def __init__(self, source: str, row: int | None, field: str | None, problem: str):
+    def __init__(
+        self, source: str, row: int | None, field: str | None, problem: str, index: int | None = None
+    ):
         # args mirror __init__ so the error survives pickling across worker processes.
-        super().__init__(source, row, field, problem)
+        super().__init__(source, row, field, problem, index)
         self.source = source
         self.row = row
         self.field = field
         self.problem = problem
+        self.index = row if index is None else index
 
     def __str__(self) -> str:
         if self.row is not None:
@@ -197,7 +218,31 @@ def _as_list(value: Any, field: str, what: str) -> list:
     return list(value)
 
 
-def _messages(value: Any, field: str) -> list[dict[str, str]]:
+def _without_nulls(value: Any) -> Any:
+    """``value`` as plain data with null-valued keys dropped at every depth: parquet structs give
+    every message (and every tool call's arguments) the keys of all the others, set to null, so
+    an argument that is explicitly null in a jsonl file is dropped as well."""
+    value = _plain(value)
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _tool_calls(value: Any, where: str) -> list:
+    calls = _as_list(value, where, "tool calls")
+    if not calls:
+        raise _Bad(where, "empty list of tool calls")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise _Bad(f"{where}[{j}]", 'expected {"type": "function", "function": {"name", "arguments"}}')
+        _text(function.get("name"), f"{where}[{j}].function.name")
+    return _without_nulls(calls)
+
+
+def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     items = _as_list(value, field, "messages")
     if not items:
         raise _Bad(field, "empty list of messages")
@@ -206,16 +251,64 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
         where = f"{field}[{i}]"
         if not isinstance(message, Mapping):
             raise _Bad(where, f"expected a message with 'role' and 'content', got {_describe(message)}")
-        for key in ("role", "content"):
-            if message.get(key) is None:
-                raise _Bad(where, f"message is missing '{key}'")
-        role = message["role"]
+        role = message.get("role")
+        if role is None:
+            raise _Bad(where, "message is missing 'role'")
         if not isinstance(role, str) or role not in ROLES:
             raise _Bad(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(sorted(ROLES))}")
-        # Keep role and content only, so the same conversation fingerprints the same whether it
-        # came from jsonl or from parquet (whose structs add null keys).
-        out.append({"role": role, "content": _text(message["content"], f"{where}.content")})
+        # Keep role, content and the tool keys a chat template reads, never null ones, so the same
+        # conversation fingerprints the same whether it came from jsonl or from parquet (whose
+        # structs add null keys); a message without tool keys stays {"role", "content"}.
+        clean: dict[str, Any] = {"role": role}
+        calls = message.get("tool_calls")
+        if isinstance(calls, np.ndarray):
+            calls = calls.tolist()
+        if calls is not None and role != "assistant":
+            raise _Bad(f"{where}.tool_calls", f"only an assistant message calls tools, not a {role} message")
+        content = message.get("content")
+        if calls is not None and (content is None or content == ""):
+            pass  # a pure tool call has no text
+        elif content is None:
+            raise _Bad(where, "message is missing 'content'")
+        else:
+            clean["content"] = _text(content, f"{where}.content")
+        if calls is not None:
+            clean["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None:
+                clean[key] = _text(message[key], f"{where}.{key}")
+        out.append(clean)
     return out
+
+
+def _split_conversation(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """Split two whole conversations into (prompt, chosen completion, rejected completion): the
+    prompt is their shared leading messages, and each completion the messages after it.
+
+    The prompt must hold a user turn and each completion must start with an assistant turn, as
+    the prompt is rendered with the generation prompt that opens the assistant's reply.
+    """
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    prompt = chosen[:n]
+    if not any(m["role"] == "user" for m in prompt):
+        differ = "" if n == 0 else f" (only {', '.join(m['role'] for m in prompt)})"
+        raise _Bad(
+            "chosen",
+            f"shares no leading user turn with 'rejected'{differ}, so no prompt can be extracted; "
+            "the two conversations must start with the same user (and system) messages",
+        )
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) == n:
+            raise _Bad(field, "has no message after the prompt it shares with the other conversation")
+        if messages[n]["role"] != "assistant":
+            raise _Bad(
+                f"{field}[{n}].role",
+                f"the conversations differ at a {messages[n]['role']} turn; after the shared prompt "
+                "each must continue with an assistant turn",
+            )
+    return prompt, chosen[n:], rejected[n:]
 
 
 def _split_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
@@ -273,6 +366,14 @@ def _row_conversational(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _row_implicit_conversational(row: Mapping[str, Any]) -> dict[str, Any]:
+    chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+    if chosen == rejected:
+        raise _Bad("rejected", "identical to 'chosen'")
+    prompt, chosen_completion, rejected_completion = _split_conversation(chosen, rejected)
+    return {"prompt": prompt, "chosen": chosen_completion, "rejected": rejected_completion}
+
+
 def _row_rankings(row: Mapping[str, Any]) -> dict[str, Any]:
     prompt = _text(row["prompt"], "prompt")
     ranking = _as_list(row["ranking"], "ranking", "completions")
@@ -292,16 +393,21 @@ class _Format:
     columns: tuple[str, ...]  # required source columns
     outputs: tuple[str, ...]  # columns of the validated frame
     check_row: Callable[[Mapping[str, Any]], dict[str, Any]]
+    chat: bool = False  # rows are message lists, rendered with the chat template
 
 
 FORMATS: dict[str, _Format] = {
     "standard": _Format(("prompt", "chosen", "rejected"), ("prompt", "chosen", "rejected"), _row_standard),
     "implicit": _Format(("chosen", "rejected"), ("prompt", "chosen", "rejected"), _row_implicit),
     "conversational": _Format(
-        ("prompt", "chosen", "rejected"), ("prompt", "chosen", "rejected"), _row_conversational
+        ("prompt", "chosen", "rejected"), ("prompt", "chosen", "rejected"), _row_conversational, chat=True
+    ),
+    "implicit_conversational": _Format(
+        ("chosen", "rejected"), ("prompt", "chosen", "rejected"), _row_implicit_conversational, chat=True
     ),
     "rankings": _Format(("prompt", "ranking"), ("prompt", "ranking"), _row_rankings),
 }
+CHAT_FORMATS = frozenset(name for name, spec in FORMATS.items() if spec.chat)
 
 
 def _missing_column_error(source: str, fmt: str, columns: Sequence[str]) -> DataValidationError:
@@ -323,13 +429,13 @@ def detect_format(frame: pd.DataFrame, source: str = "<frame>") -> str:
     a missing column, suggesting the closest existing name."""
     columns = list(frame.columns)
     has = set(columns)
+    # Majority vote, so one row holding a list in a string file is reported as that row's
+    # problem instead of flipping the whole file to conversational.
+    values = [v for v in frame["chosen"] if v is not _ABSENT] if "chosen" in has else []
+    lists = sum(isinstance(v, (list, tuple, np.ndarray)) for v in values)
+    messages = lists > sum(isinstance(v, str) for v in values)
     if {"prompt", "chosen", "rejected"} <= has:
-        # Majority vote, so one row holding a list in a string file is reported as that row's
-        # problem instead of flipping the whole file to conversational.
-        values = [v for v in frame["chosen"] if v is not _ABSENT]
-        lists = sum(isinstance(v, (list, tuple, np.ndarray)) for v in values)
-        strings = sum(isinstance(v, str) for v in values)
-        return "conversational" if lists > strings else "standard"
+        return "conversational" if messages else "standard"
     if {"prompt", "ranking"} <= has:
         return "rankings"
     if {"chosen", "rejected"} <= has:
@@ -338,7 +444,7 @@ def detect_format(frame: pd.DataFrame, source: str = "<frame>") -> str:
         if near_prompt:
             # A misspelled prompt column would otherwise be silently replaced by a guessed prompt.
             raise _missing_column_error(source, "standard", columns)
-        return "implicit"
+        return "implicit_conversational" if messages else "implicit"
 
     def score(fmt: str) -> float:
         required = FORMATS[fmt].columns
@@ -374,12 +480,30 @@ def _build_frame(columns: dict[str, list], index: list[int]) -> pd.DataFrame:
     return pd.DataFrame(data, index=pd.Index(index, dtype="int64"))
 
 
+# A folder of shards: (shard name, index of its first row in the whole dataset), in row order.
+_Shards = Sequence[tuple[str, int]]
+
+
+def _locate(shards: _Shards, source: str, index: int) -> tuple[str, int]:
+    """(file, row in that file) of the whole dataset's row ``index``."""
+    if not shards:
+        return source, index
+    name, start = shards[bisect.bisect_right([s for _, s in shards], index) - 1]
+    return name, index - start
+
+
+def _row_error(shards: _Shards, source: str, index: int, field: str | None, problem: str) -> DataValidationError:
+    name, row = _locate(shards, source, index)
+    return DataValidationError(name, row, field, problem, index=index)
+
+
 def _validate(
     frame: pd.DataFrame,
     source: str,
     on_bad_rows: str,
     format: str,
     parse_problems: Sequence[DataValidationError] = (),
+    shards: _Shards = (),
 ) -> tuple[pd.DataFrame, tuple[DataValidationError, ...], str]:
     if on_bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, got {on_bad_rows!r}")
@@ -397,7 +521,7 @@ def _validate(
         raise ValueError(f"format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
 
     spec = FORMATS[fmt]
-    problems: dict[int, DataValidationError] = {p.row: p for p in parse_problems if p.row is not None}
+    problems: dict[int, DataValidationError] = {p.index: p for p in parse_problems if p.row is not None}
     kept_rows: list[int] = []
     kept: dict[str, list] = {c: [] for c in spec.outputs}
     first_seen: dict[str, int] = {}
@@ -411,7 +535,10 @@ def _validate(
             clean = spec.check_row(dict(zip(spec.columns, values)))
             key = _dedup_key(clean)
             if key in first_seen:
-                raise _Bad(None, f"duplicate of row {first_seen[key]}")
+                first_source, first_row = _locate(shards, source, first_seen[key])
+                if first_source == _locate(shards, source, row_number)[0]:
+                    raise _Bad(None, f"duplicate of row {first_row}")
+                raise _Bad(None, f"duplicate of {first_source} row {first_row}")
         except _Bad as bad:
             problem = bad.problem
             if problem == "missing from this row":
@@ -419,7 +546,7 @@ def _validate(
                 close = difflib.get_close_matches(bad.field, present, n=1, cutoff=0.6)
                 if close:
                     problem += f"; it has '{close[0]}' — misspelled?"
-            problems[row_number] = DataValidationError(source, row_number, bad.field, problem)
+            problems[row_number] = _row_error(shards, source, row_number, bad.field, problem)
             continue
         first_seen[key] = row_number
         kept_rows.append(row_number)
@@ -437,7 +564,7 @@ def _validate(
 def validate_frame(
     frame: pd.DataFrame, source: str = "<frame>", *, on_bad_rows: str = "error", format: str = "auto"
 ) -> tuple[pd.DataFrame, tuple[DataValidationError, ...]]:
-    """Validate a frame in one of the four formats (columns already named as the schema).
+    """Validate a frame in one of the formats of FORMATS (columns already named as the schema).
 
     Returns the clean frame (schema columns only, implicit rows split into prompt/chosen/rejected,
     index = source row numbers) and the problems of the rows dropped (empty unless skipping).
@@ -655,33 +782,108 @@ def looks_like_path(source: str) -> bool:
     )
 
 
+def _read_file(path: Path, name: str, max_rows: int | None) -> tuple[_Rows, list[DataValidationError]]:
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl_lines, ".json": _read_json, ".csv": _read_csv}
+    if suffix not in readers and suffix != ".parquet":
+        raise DataValidationError(
+            name, None, None,
+            f"unsupported file type '{suffix}'; use .jsonl, .json, .parquet, .csv or a save_to_disk directory",
+        )
+    if path.stat().st_size == 0:
+        raise DataValidationError(name, None, None, "file is empty")
+    if suffix == ".parquet":
+        return _read_parquet(path, name, max_rows)
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte-order mark, as some editors write
+    if not data.strip():
+        raise DataValidationError(name, None, None, "file is empty")
+    return readers[suffix](data, name, max_rows)
+
+
+# Files a save_to_disk directory holds at its top (a Dataset's, or a DatasetDict's).
+_SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# Shard names that start with one of these and "-" / "_" / "." belong to that split.
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+def _shard_files(path: Path, name: str, split: str) -> list[Path]:
+    """The data files of a folder of shards, in name order: one file type, one split."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    others = [p.name for p in files if p.suffix.lower() not in LOCAL_SUFFIXES and not p.name.lower().startswith("readme")]
+    shards = [p for p in files if p.suffix.lower() in LOCAL_SUFFIXES]
+    if not shards:
+        folders = sorted(p.name + "/" for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        inside = f"; it holds the folders {', '.join(folders[:5])}: name the one with the data" if folders else ""
+        raise DataValidationError(
+            name, None, None,
+            f"folder is neither a save_to_disk directory (no {' or '.join(_SAVED_DATASET_MARKERS)}) nor a folder of "
+            f"{', '.join(LOCAL_SUFFIXES)} shards{inside}",
+        )
+    if others:
+        raise DataValidationError(
+            name, None, None,
+            f"folder of shards also holds {', '.join(others[:5])}; keep only {', '.join(LOCAL_SUFFIXES)} shards "
+            "(one type) in it, or name a file",
+        )
+    types = sorted({p.suffix.lower() for p in shards})
+    if len(types) > 1:
+        raise DataValidationError(
+            name, None, None, f"folder mixes shard types ({', '.join(types)}); keep one type per folder, or name a file"
+        )
+
+    def split_of(file: Path) -> str | None:
+        return next((s for s in _SPLIT_NAMES if file.name.lower().startswith((f"{s}-", f"{s}_", f"{s}."))), None)
+
+    # train-*.jsonl beside test-*.jsonl are two splits, never one dataset: read the split asked for.
+    splits = {split_of(p) for p in shards}
+    if len(splits) > 1:
+        chosen = [p for p in shards if split_of(p) == split]
+        if not chosen:
+            found = ", ".join(sorted(s or "(no split prefix)" for s in splits))
+            raise DataValidationError(name, None, None, f"no shards of split '{split}'; the shards' splits: {found}")
+        return chosen
+    return shards
+
+
+def _read_shards(
+    path: Path, name: str, split: str, max_rows: int | None
+) -> tuple[_Rows, list[DataValidationError], list[tuple[str, int]]]:
+    rows: _Rows = []
+    problems: list[DataValidationError] = []
+    shards: list[tuple[str, int]] = []
+    start = 0
+    for file in _shard_files(path, name, split):
+        if max_rows is not None and start >= max_rows:
+            break
+        shard = os.path.join(name, file.name)
+        shard_rows, shard_problems = _read_file(file, shard, None if max_rows is None else max_rows - start)
+        shards.append((shard, start))
+        # Rows are numbered across the shards; the errors keep the shard's own row numbers.
+        rows += [(i if i < 0 else start + i, record) for i, record in shard_rows]
+        problems += [
+            DataValidationError(p.source, p.row, p.field, p.problem, index=None if p.row is None else start + p.row)
+            for p in shard_problems
+        ]
+        rows_read = [i for i, _ in shard_rows if i >= 0] + [p.row for p in shard_problems if p.row is not None]
+        start += max(rows_read, default=-1) + 1
+    return rows, problems, shards
+
+
 def _read_source(
     source: str | os.PathLike, split: str, max_rows: int | None, trust_remote_code: bool
-) -> tuple[str, _Rows, list[DataValidationError]]:
+) -> tuple[str, _Rows, list[DataValidationError], list[tuple[str, int]]]:
+    """(name, rows, problems of rows that could not be parsed, shards): ``shards`` is empty
+    unless ``source`` is a folder of shards (see :data:`_Shards`)."""
     name = os.fspath(source)
     path = Path(name).expanduser()
     if path.is_dir():
-        return name, _read_saved_dataset(path, name, split, max_rows), []
+        if any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS):
+            return name, _read_saved_dataset(path, name, split, max_rows), [], []
+        return name, *_read_shards(path, name, split, max_rows)
     if path.is_file():
-        suffix = path.suffix.lower()
-        readers = {".jsonl": _read_jsonl_lines, ".json": _read_json, ".csv": _read_csv}
-        if suffix not in readers and suffix != ".parquet":
-            raise DataValidationError(
-                name, None, None,
-                f"unsupported file type '{suffix}'; use .jsonl, .json, .parquet, .csv or a save_to_disk directory",
-            )
-        if path.stat().st_size == 0:
-            raise DataValidationError(name, None, None, "file is empty")
-        if suffix == ".parquet":
-            rows, problems = _read_parquet(path, name, max_rows)
-            return name, rows, problems
-        data = path.read_bytes()
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]  # a UTF-8 byte-order mark, as some editors write
-        if not data.strip():
-            raise DataValidationError(name, None, None, "file is empty")
-        rows, problems = readers[suffix](data, name, max_rows)
-        return name, rows, problems
+        return name, *_read_file(path, name, max_rows), []
     if isinstance(source, os.PathLike) or looks_like_path(name):
         raise FileNotFoundError(f"preference data not found: {name}")
     import datasets
@@ -692,7 +894,7 @@ def _read_source(
         dataset = datasets.load_dataset(name, split=split, **extra)
     except ConnectionError:
         raise HubUnreachableError(name, offline=bool(datasets.config.HF_HUB_OFFLINE)) from None
-    return name, _dataset_rows(dataset, max_rows), []
+    return name, _dataset_rows(dataset, max_rows), [], []
 
 
 def _rows_to_frame(rows: _Rows) -> pd.DataFrame:
@@ -762,7 +964,9 @@ class PreferenceData:
     ``frame`` holds the schema columns of ``format`` (implicit data already split into
     prompt/chosen/rejected); its index is each row's 0-based row number in the source, so later
     errors can still name the source row. ``fingerprint`` is :func:`fingerprint_frame` of it.
-    ``n_dropped`` rows were dropped for the ``problems`` listed (one per dropped row).
+    ``n_dropped`` rows were dropped for the ``problems`` listed (one per dropped row). For a
+    folder of shards, the index counts rows across the shards and ``shards`` holds each shard's
+    name and first index, so :meth:`error` can name the shard and its own row.
     """
 
     frame: pd.DataFrame
@@ -771,6 +975,11 @@ class PreferenceData:
     n_dropped: int = 0
     problems: tuple[DataValidationError, ...] = ()
     format: str = "standard"
+    shards: tuple[tuple[str, int], ...] = ()
+
+    def error(self, index: int, field: str | None, problem: str) -> DataValidationError:
+        """The error for the row labelled ``index`` in ``frame``, naming its file and row."""
+        return _row_error(self.shards, self.source, index, field, problem)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -802,8 +1011,9 @@ def load_preferences(
     """Load and validate preference data.
 
     ``source``: a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, a directory
-    written by ``datasets.Dataset.save_to_disk`` (``split`` picks from a DatasetDict), a
-    DataFrame, or else a hub id passed to ``datasets.load_dataset(source, split=split)``.
+    written by ``datasets.Dataset.save_to_disk`` (``split`` picks from a DatasetDict), a folder
+    of such files read as one dataset in name order (``split`` picks ``train-*`` from beside
+    ``test-*``), a DataFrame, or else a hub id passed to ``datasets.load_dataset(source, split=split)``.
     ``column_map`` renames source columns to the schema before the ``format`` is detected
     ("auto") or checked. ``max_rows`` reads only the first rows. See the module docstring for
     ``on_bad_rows``. A missing path raises FileNotFoundError naming it (a path-shaped name, see
@@ -816,12 +1026,12 @@ def load_preferences(
         raise ValueError(f"max_rows must be positive, got {max_rows}")
     if isinstance(source, pd.DataFrame):
         name = str(source.attrs.get("source", "<DataFrame>"))
-        frame, parse_problems = source.head(max_rows) if max_rows else source, []
+        frame, parse_problems, shards = source.head(max_rows) if max_rows else source, [], []
     else:
-        name, rows, parse_problems = _read_source(source, split, max_rows, trust_remote_code)
+        name, rows, parse_problems, shards = _read_source(source, split, max_rows, trust_remote_code)
         frame = _rows_to_frame(rows)
     frame = _apply_column_map(frame, column_map, name)
-    clean, problems, fmt = _validate(frame, name, on_bad_rows, format, parse_problems)
+    clean, problems, fmt = _validate(frame, name, on_bad_rows, format, parse_problems, shards)
     return PreferenceData(
         frame=clean,
         source=name,
@@ -829,6 +1039,7 @@ def load_preferences(
         n_dropped=len(problems),
         problems=problems,
         format=fmt,
+        shards=tuple(shards),
     )
 
 
@@ -837,7 +1048,7 @@ def _with_dropped(data: PreferenceData, problems: Sequence[DataValidationError],
         return data
     if on_bad_rows == "error":
         raise problems[0]
-    frame = data.frame.drop(index=[p.row for p in problems])
+    frame = data.frame.drop(index=[p.index for p in problems])
     if len(frame) == 0:
         raise DataValidationErrors(data.source, tuple(data.problems) + tuple(problems))
     return PreferenceData(
@@ -845,8 +1056,9 @@ def _with_dropped(data: PreferenceData, problems: Sequence[DataValidationError],
         source=data.source,
         fingerprint=fingerprint_frame(frame),
         n_dropped=data.n_dropped + len(problems),
-        problems=tuple(sorted((*data.problems, *problems), key=lambda p: p.row)),
+        problems=tuple(sorted((*data.problems, *problems), key=lambda p: p.index)),
         format=data.format,
+        shards=data.shards,
     )
 
 
@@ -903,7 +1115,10 @@ def render_conversational(
     does not render the prompt as a prefix of the whole conversation is an error for that row.
     """
     frame = data.frame if isinstance(data, PreferenceData) else data
-    source = source or (data.source if isinstance(data, PreferenceData) else "<frame>")
+    if isinstance(data, PreferenceData) and source is None:
+        error = data.error
+    else:
+        error = lambda index, field, problem: DataValidationError(source or "<frame>", index, field, problem)  # noqa: E731
 
     def render(messages: list, **kwargs: Any) -> str:
         return tokenizer.apply_chat_template(_plain(messages), tokenize=False, **kwargs)
@@ -917,8 +1132,8 @@ def render_conversational(
         for field, completion in zip(("chosen", "rejected"), completions):
             full = render(prompt + _plain(completion))
             if not full.startswith(prompt_text):
-                raise DataValidationError(
-                    source, row, field,
+                raise error(
+                    row, field,
                     "the chat template does not render the prompt (with the generation prompt) "
                     "as a prefix of prompt + completion, so the completion cannot be cut out",
                 )
@@ -933,12 +1148,12 @@ def check_lengths(
     or (``on_bad_rows="skip"``) return the data without them, counted in ``n_dropped``.
 
     The prompt is tokenized with special tokens and each completion without, as trainers
-    tokenize them; conversational data is rendered with the chat template first. For rankings
+    tokenize them; conversational data (both layouts) is rendered with the chat template first. For rankings
     every completion ``ranking[i]`` is checked.
     """
     if on_bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, got {on_bad_rows!r}")
-    frame = render_conversational(data, tokenizer) if data.format == "conversational" else data.frame
+    frame = render_conversational(data, tokenizer) if data.format in CHAT_FORMATS else data.frame
     rows = _row_numbers(frame)
     prompts = list(frame["prompt"])
     if data.format == "rankings":
@@ -956,14 +1171,14 @@ def check_lengths(
     for row, n_prompt, row_completions in zip(rows, prompt_lengths, completions):
         lengths = [(field, next(flat_lengths)) for field, _ in row_completions]
         if n_prompt > max_length:
-            problems.append(DataValidationError(
-                data.source, row, "prompt", f"the prompt alone is {n_prompt} tokens, more than max_length {max_length}"
+            problems.append(data.error(
+                row, "prompt", f"the prompt alone is {n_prompt} tokens, more than max_length {max_length}"
             ))
             continue
         for field, n in lengths:
             if n_prompt + n > max_length:
-                problems.append(DataValidationError(
-                    data.source, row, field,
+                problems.append(data.error(
+                    row, field,
                     f"prompt + completion is {n_prompt + n} tokens, more than max_length {max_length}",
                 ))
                 break

@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     data = sub.add_parser("check-data", help="validate a preference dataset (jsonl, parquet, csv, a saved dataset or a hub id)")
-    data.add_argument("file", help="the dataset: a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub id")
+    data.add_argument("file", help="the dataset: a .jsonl/.json/.parquet/.csv file, a folder of such shards, a save_to_disk directory or a hub id")
     data.add_argument("--column-map", action="append", metavar="SRC=DST",
                       help="rename a source column before checking, one pair per flag (repeat it), e.g. "
                            "--column-map question=prompt --column-map response_j=chosen")

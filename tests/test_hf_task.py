@@ -257,6 +257,25 @@ def test_conversations_are_rendered_with_the_chat_template(workspace, tmp_path):
     assert task.encode_prompt(frame["prompt"][0]) == task.tokenizer(frame["prompt"][0], add_special_tokens=False)["input_ids"]
 
 
+def test_implicit_prompt_conversations_in_shards_are_rendered_like_explicit_ones(workspace, tmp_path):
+    # TRL's conversational layout without a prompt column, in a folder of jsonl shards.
+    rows = [{"chosen": [{"role": "user", "content": f"how was the {n}?"}, {"role": "assistant", "content": "great"}],
+             "rejected": [{"role": "user", "content": f"how was the {n}?"}, {"role": "assistant", "content": "dull"}]}
+            for n in NOUNS[:4]]
+    (tmp_path / "shards").mkdir()
+    _write(rows[:2], tmp_path / "shards" / "train-00000.jsonl")
+    _write(rows[2:], tmp_path / "shards" / "train-00001.jsonl")
+    config = HFConfig(model=str(workspace / "model"), data=str(tmp_path / "shards"), max_new_tokens=6, max_length=40)
+    HFTask.prepare(config, tmp_path / "task")
+    task = HFTask(config, tmp_path / "task")
+    frame = pd.read_parquet(tmp_path / "task" / "data.parquet")
+    assert task.format == "implicit_conversational" and len(frame) == 4
+    assert frame[["prompt", "chosen", "rejected"]].values.tolist()[0] == [
+        "<|user|>how was the film?<|endoftext|><|assistant|>", "great<|endoftext|>", "dull<|endoftext|>"]
+    # Rendered prompts carry the template's special tokens: none is added when encoding.
+    assert task.encode_prompt(frame["prompt"][0]) == task.tokenizer(frame["prompt"][0], add_special_tokens=False)["input_ids"]
+
+
 def test_too_long_rows_stop_the_run_or_are_skipped(workspace, tmp_path):
     rows = _rows()[:6] + [{"prompt": "the film was", "chosen": " great" * 40, "rejected": " dull"}]
     with pytest.raises(DataValidationError, match="row 6, field 'chosen': prompt \\+ completion is .* more than max_length 40"):

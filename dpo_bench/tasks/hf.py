@@ -2,8 +2,9 @@
 
 The policy and the reference come from any ``transformers`` causal LM (a hub id or a local
 directory, loaded through the same code path), the data from a hub dataset or a local
-jsonl / json / parquet / csv file in TRL's preference formats (standard, implicit prompt,
-conversational, rankings; ``column_map`` renames columns) or, for the DPO paper's IMDb set-up,
+jsonl / json / parquet / csv file or folder of such shards in TRL's preference formats (standard,
+implicit prompt, conversational with an explicit or implicit prompt, rankings; ``column_map``
+renames columns) or, for the DPO paper's IMDb set-up,
 plain texts whose token prefixes become prompts (``data_format = "text"``).
 
 Prompts are split into train and eval prompts, disjoint: methods train on the train prompts'
@@ -31,7 +32,7 @@ import pandas as pd
 from torch import nn
 
 from ..configs import ConfigError, field, positive
-from ..data import check_lengths, load_preferences, looks_like_path, render_conversational
+from ..data import CHAT_FORMATS, check_lengths, load_preferences, looks_like_path, render_conversational
 from ..judges import ClassifierJudge, RewardModelJudge, judge_entry_points, known_judges, registered_judge
 from ..policy import (
     LoRASpec, apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_policy, load_tokenizer,
@@ -39,7 +40,7 @@ from ..policy import (
 )
 from .base import Task, fingerprint_strings, register_task
 
-PREFERENCE_FORMATS = ("auto", "standard", "implicit", "conversational", "rankings")
+PREFERENCE_FORMATS = ("auto", "standard", "implicit", "conversational", "implicit_conversational", "rankings")
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,10 @@ class HFConfig:
     tokenizer: str = field("", "tokenizer hub id or directory; empty: the model's own")
     trust_remote_code: bool = field(False, "run custom code shipped with the model, tokenizer, judge or dataset (trusted repositories only)")
     safetensors_only: bool = field(True, "load weights from safetensors only; false also accepts pickled .bin weights (unpickling can run code)")
-    data: str = field("", "the data: a hub dataset id, a save_to_disk directory or a local .jsonl/.json/.parquet/.csv file")
+    data: str = field("", "the data: a hub dataset id, a save_to_disk directory, a local .jsonl/.json/.parquet/.csv file or a folder of such shards")
     data_split: str = field("train", "split of a hub or saved dataset to read")
     eval_split: str = field("", "split whose prompts are the eval prompts (e.g. test); empty: hold out eval_fraction of the prompts")
-    data_format: Literal["auto", "standard", "implicit", "conversational", "rankings", "text"] = field(
+    data_format: Literal["auto", "standard", "implicit", "conversational", "implicit_conversational", "rankings", "text"] = field(
         "auto", "TRL format of the preference data (auto detects it), or text: plain texts whose token prefixes are the "
                 "prompts, preferences then sampled from the reference and labelled by the judge (the DPO paper's IMDb set-up)")
     column_map: dict[str, str] = field(default_factory=dict, doc="rename source columns to the schema, e.g. "
@@ -198,7 +199,7 @@ class HFTask(Task):
 
     def encode_prompt(self, prompt: str) -> list[int]:
         # A chat template writes its own special tokens into the rendered prompt.
-        ids = self.tokenizer(prompt, add_special_tokens=self.format != "conversational")["input_ids"]
+        ids = self.tokenizer(prompt, add_special_tokens=self.format not in CHAT_FORMATS)["input_ids"]
         if not ids:
             raise ValueError(f"prompt {prompt!r} encodes to no tokens")
         return ids
@@ -322,7 +323,7 @@ def _prepare_preferences(config: HFConfig, tokenizer: Any, workdir: Path) -> dic
             format=fmt, max_rows=config.max_rows or None, trust_remote_code=config.trust_remote_code,
         )
         data = check_lengths(data, tokenizer, config.max_length, on_bad_rows=config.on_bad_rows)
-        frame = render_conversational(data, tokenizer) if data.format == "conversational" else data.frame
+        frame = render_conversational(data, tokenizer) if data.format in CHAT_FORMATS else data.frame
         return data, frame.reset_index(drop=True)
 
     data, frame = load(config.data_split)
@@ -358,7 +359,7 @@ def _prepare_preferences(config: HFConfig, tokenizer: Any, workdir: Path) -> dic
     return {
         "format": data.format, "source": data.source, "train": train_prompts, "eval": eval_prompts,
         "fingerprints": fingerprints, "n_rows": int(len(frame)), "n_dropped": len(problems), "problems": problems[:20],
-        "longest_prompt_tokens": _longest(tokenizer, eval_prompts + train_prompts, data.format == "conversational"),
+        "longest_prompt_tokens": _longest(tokenizer, eval_prompts + train_prompts, data.format in CHAT_FORMATS),
     }
 
 
@@ -394,7 +395,7 @@ def _read_texts(config: HFConfig, split: str) -> list[str]:
     # The preference loader's readers: the same file types, hub access and error messages.
     from ..data import _apply_column_map, _read_source, _rows_to_frame
 
-    name, rows, problems = _read_source(config.data, split, config.max_rows or None, config.trust_remote_code)
+    name, rows, problems, _ = _read_source(config.data, split, config.max_rows or None, config.trust_remote_code)
     if problems and config.on_bad_rows == "error":
         raise problems[0]
     frame = _apply_column_map(_rows_to_frame(rows), config.column_map or None, name)
