@@ -57,7 +57,7 @@ CASES = [
     Case("empty_file.jsonl", None, None, "file is empty"),
     Case("ranking_one_completion.jsonl", 1, "ranking", "a ranking needs at least 2 completions, got 1", 4),
     Case("ranking_repeated_completion.jsonl", 2, "ranking[2]", "repeats ranking[0]", 4),
-    Case("unknown_role.jsonl", 1, "chosen[0].role", "unknown role 'bot'; expected one of assistant, system, user", 4),
+    Case("unknown_role.jsonl", 1, "chosen[0].role", "unknown role 'bot'; expected one of assistant, system, tool, user", 4),
     Case("message_missing_content.jsonl", 1, "prompt[0]", "message is missing 'content'", 4),
     Case("implicit_no_common_prefix.jsonl", 1, "chosen", "shares no common prefix with 'rejected'", 3),
     Case("prompt_too_long.jsonl", 1, "prompt", "the prompt alone is 20 tokens, more than max_length 16", 4, 16),
