@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from reward.batching import GROUP_OVERHEAD_TOKENS
 from reward.train import adamw, minibatches
 
 from .configs import field as cfield
-from .configs import non_negative, positive
+from .configs import ConfigError, non_negative, positive
 from .shard_workers import Part, ShardWorkers, WorkerStartError, part_gradient
 
 logger = logging.getLogger(__name__)
@@ -131,9 +131,25 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     return adamw(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant: the DPO paper's schedule."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+LR_SCHEDULES = ("constant", "linear")
+LR_SCHEDULE_DOC = ("the learning rate after warm-up: constant (the DPO paper's), or linear, decaying to 0 over the run "
+                   "(lm-human-preferences' PPO); a step of a constant rate keeps a noise floor that decay shrinks")
+
+
+def lr_factor(step: int, total: int, warmup_steps: int = 0, schedule: str = "constant") -> float:
+    """The learning rate of step ``step`` (0-based, of ``total``) as a fraction of the peak: a linear
+    warm-up over ``warmup_steps``, then constant, or for ``linear`` times 1 − step/total (the last
+    step at 1/total of the peak)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule '{schedule}'; use {' or '.join(LR_SCHEDULES)}")
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    return warm * (1.0 - step / total) if schedule == "linear" else warm
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total: int = 1,
+                    schedule: str = "constant") -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then ``schedule`` (``lr_factor``): constant is the DPO paper's schedule."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup_steps, schedule))
 
 
 def checkpoint_steps(total: int, n_checkpoints: int) -> list[int]:
@@ -158,6 +174,7 @@ class OptimConfig:
     batch_size: int = cfield(64, "examples (sequences, pairs or rankings) per step")
     lr: float = cfield(5e-5, "peak learning rate (AdamW)")
     warmup_steps: int = cfield(20, "linear warm-up steps")
+    lr_schedule: Literal["constant", "linear"] = cfield("constant", LR_SCHEDULE_DOC)
     accumulation_steps: int = cfield(1, "split each step's batch into this many micro-batches (gradient accumulation)")
     shards: int = cfield(1, SHARDS_DOC)
     group_by_length: bool = cfield(True, "batch items of similar length together: less padding, faster steps (transformers' group_by_length)")
@@ -167,6 +184,8 @@ class OptimConfig:
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)
         non_negative("warmup_steps", self.warmup_steps)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule: '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
         positive("accumulation_steps", self.accumulation_steps)
         positive("shards", self.shards)
         if self.accumulation_steps * self.shards > self.batch_size:
@@ -399,7 +418,7 @@ def optimise(
     """
     model.train()
     optimizer = make_optimizer(model, config.lr, weight_decay)
-    schedule = warmup_schedule(optimizer, config.warmup_steps)
+    schedule = warmup_schedule(optimizer, config.warmup_steps, config.steps, config.lr_schedule)
     evals = set(checkpoint_steps(config.steps, n_checkpoints)) if checkpoint and n_checkpoints else set()
     batches = minibatches(n_items, config.batch_size, generator, lengths if config.group_by_length else None)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -69,3 +69,43 @@ def test_ppo_with_target_kl_reaches_its_target(bandit, start):
     assert len(rollout_kl) == ITERATIONS and len(exact) == 5
     assert rollout_kl[-100:].mean() == pytest.approx(TARGET, rel=0.2)
     assert exact[-3:].mean() == pytest.approx(TARGET, rel=0.2)
+
+
+@pytest.mark.parametrize("schedule, last", [("constant", 1.0), ("linear", 1 / 8)])
+def test_ppo_learning_rate_schedule(bandit, monkeypatch, schedule, last):
+    """``lr_schedule``: the rate of each of 8 iterations, constant or decaying linearly to 1/8 of the peak."""
+    import dpo_bench.methods.ppo as ppo
+
+    optimisers, rates = [], []
+    make = ppo.make_optimizer
+    monkeypatch.setattr(ppo, "make_optimizer", lambda model, lr: optimisers.append(make(model, lr)) or optimisers[-1])
+
+    bench, stages, _, _ = bandit
+    cell = Cell("ppo", 0.5, 0, (("iterations", 8), ("lr", 0.05), ("epochs", 1), ("n_minibatches", 1), ("lr_schedule", schedule)))
+    with monkeypatch.context() as m:
+        m.setattr(ppo.torch.nn.utils, "clip_grad_norm_", lambda params, norm: rates.append(optimisers[0].param_groups[0]["lr"]))
+        stage = run_cell(bench, cell, upstream_for(cell, stages))
+    assert '"ok"' in (stage.path / "status.json").read_text()
+    assert rates == pytest.approx([0.05 * (1 - i / 8) if schedule == "linear" else 0.05 for i in range(8)])
+    assert rates[-1] == pytest.approx(0.05 * last)
+
+
+def test_lr_factor_and_the_schedule_field():
+    """The DPO family and SFT step through ``warmup_schedule``; PPO sets ``lr_factor`` each iteration."""
+    from dpo_bench.configs import ConfigError
+    from dpo_bench.methods.base import get_method
+    from dpo_bench.training import lr_factor, warmup_schedule
+
+    assert [lr_factor(s, 10, 4) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    assert [lr_factor(s, 10, 0, "linear") for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
+    assert lr_factor(1, 10, 4, "linear") == pytest.approx(0.5 * 0.9)  # warm-up times decay
+    optimiser = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    schedule, seen = warmup_schedule(optimiser, 2, 4, "linear"), []
+    for _ in range(4):
+        seen.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    assert seen == pytest.approx([2.0 * 0.5 * 1.0, 2.0 * 0.75, 2.0 * 0.5, 2.0 * 0.25])
+    for method in ("dpo", "ppo", "sft"):
+        with pytest.raises(ConfigError, match="lr_schedule"):
+            get_method(method).make_config({"lr_schedule": "cosine"}, None)

@@ -28,7 +28,7 @@ from reward.normalise import Normaliser, normalised_head
 
 from ..configs import ConfigError, field, non_negative, positive, probability
 from ..logprobs import SequenceBatch, by_length_groups, token_logps, token_logps_and_hidden
-from ..training import check_finite, checkpoint_steps, make_optimizer
+from ..training import LR_SCHEDULE_DOC, check_finite, checkpoint_steps, lr_factor, make_optimizer
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
 
@@ -60,6 +60,7 @@ class PPOConfig:
     target_kl: float = field(0.0, "if > 0, adapt kl_coef so the rollout KL tracks this target (Ziegler et al.); 0 keeps it fixed")
     kl_horizon: float = field(10.0, "horizon of the adaptive KL controller, in iterations: kl_coef moves by a factor of at "
                                     "most 1 ± 0.2/kl_horizon an iteration (Ziegler et al.'s K_β = 0.1)")
+    lr_schedule: Literal["constant", "linear"] = field("constant", LR_SCHEDULE_DOC + "; by iteration")
 
     def __post_init__(self) -> None:
         non_negative("kl_coef", self.kl_coef)
@@ -242,6 +243,8 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     task = ctx.task
     for iteration in tqdm(range(1, config.iterations + 1), desc=ctx.label, disable=not ctx.progress, leave=False):
         kl_coef = controller.value if controller else config.kl_coef
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(iteration - 1, config.iterations, 0, config.lr_schedule)
         # 1. rollouts
         pick = torch.randint(len(prompt_ids), (config.rollout_batch,), generator=ctx.generator).tolist()
         samples = ctx.sample(model.policy, [prompt_ids[i] for i in pick])
