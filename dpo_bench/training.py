@@ -132,8 +132,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
 
 
 LR_SCHEDULES = ("constant", "linear")
-LR_SCHEDULE_DOC = ("the learning rate after warm-up: constant (the DPO paper's), or linear, decaying to 0 over the run "
-                   "(lm-human-preferences' PPO); a step of a constant rate keeps a noise floor that decay shrinks")
+LR_SCHEDULE_DOC = ("the learning rate after warm-up: constant (the DPO paper's), or linear, decaying to 0 over the run"
+                   "; a constant step keeps a noise floor that decay shrinks")
 
 
 def lr_factor(step: int, total: int, warmup_steps: int = 0, schedule: str = "constant") -> float:
