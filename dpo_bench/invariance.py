@@ -271,7 +271,7 @@ def ppo_table(reward: np.ndarray, ref_probs: np.ndarray, kl_coef: float, iterati
             old_table = torch.log_softmax(logits, dim=1)
         y = torch.as_tensor(sample_responses(old_table.exp().numpy(), rows, rng))
         old_logps = old_table[x, y].unsqueeze(1)
-        rewards = kl_penalised_rewards(old_logps, ref[x, y].unsqueeze(1), scores[x, y], mask, kl_coef)
+        rewards = kl_penalised_rewards(old_logps - ref[x, y].unsqueeze(1), scores[x, y], mask, kl_coef)
         advantages, _ = gae(rewards, baseline(rewards.reshape(n_x, per_context)).reshape(-1, 1), mask, 1.0, 1.0)
         lr = lr0 / (1 + t / decay)
         for _ in range(PPO_EPOCHS):

@@ -138,36 +138,70 @@ def keeps_selected_logits(model: nn.Module) -> bool:
 _SELECTS_LOGITS: dict[type, bool] = {}
 
 
-def token_logps_and_hidden(model: nn.Module, batch: SequenceBatch, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token completion log-probs (B, T-1) in one padded forward pass and, when ``hidden``,
-    the last hidden state where they are predicted: (N, D) at ``completion_mask[:, 1:]``'s N
-    positions in row-major order (PPO's value head reads it)."""
+def completion_outputs(model: nn.Module, batch: SequenceBatch, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's next-token logits where a completion token is predicted, (N, V) at
+    ``completion_mask[:, 1:]``'s N positions in row-major order, and, when ``hidden``, its last
+    hidden state there (N, D) (PPO's value head reads it).
+
+    Three ways, the same numbers: GPT-2 through :func:`reward.trunk.last_hidden_at` (the last
+    block's MLP, the LM head and the softmax only at those positions); a model that keeps selected
+    logits with a ``logits_to_keep`` mask (the prompt and the padding cost no vocabulary
+    projection); any other from its full logits.
+    """
     mask = batch.completion_mask[:, 1:].bool()
     # Position t predicts token t+1: the model's output is read where a completion token is predicted.
     keep = nn.functional.pad(mask, (0, 1), value=False)
-    targets = batch.input_ids[:, 1:][mask]
     if selects_positions(model):
-        # The last block's MLP, the LM head and the softmax only at those positions (reward.trunk).
         states = last_hidden_at(model, batch.input_ids, batch.attention_mask, keep)
-        return _scatter_logps(model.get_output_embeddings()(states), targets, mask), (states if hidden else None)
+        return model.get_output_embeddings()(states), (states if hidden else None)
     if keeps_selected_logits(model):
-        # The LM head and softmax only where a completion token is predicted: the prompt and the
-        # padding cost no vocabulary projection.
         out = forward(model, batch, output_hidden_states=hidden, logits_to_keep=keep)
         if out.logits.dim() != 2 or out.logits.shape[0] != int(mask.sum()):
             raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(out.logits.shape)} for a logits_to_keep mask")
-        logps = _scatter_logps(out.logits, targets, mask)
+        logits = out.logits
     else:
         out = forward(model, batch, output_hidden_states=hidden)
-        # masked_fill, not multiplication: a padded position may hold -inf (the tabular policy's mask).
-        logps = gather_token_logps(out.logits, batch.input_ids).masked_fill(~mask, 0.0)
-    return logps, (out.hidden_states[-1][keep] if hidden else None)
+        logits = out.logits[:, :-1][mask]
+    return logits, (out.hidden_states[-1][keep] if hidden else None)
 
 
-def _scatter_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log p(target) from logits (N, V) at ``mask``'s N positions, zero elsewhere; shape of ``mask``."""
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+def token_logps_and_hidden(model: nn.Module, batch: SequenceBatch, hidden: bool = False,
+                           full: bool = False) -> tuple[torch.Tensor, ...]:
+    """Per-token completion log-probs (B, T-1) in one forward pass and, when ``hidden``, the last
+    hidden state where they are predicted (N, D), :func:`completion_outputs`'s (None otherwise);
+    with ``full``, a third tensor: the whole next-token log-distribution at every completion
+    position, (B, T-1, V), zero elsewhere (the exact per-token KL of PPO's penalty reads it)."""
+    mask = batch.completion_mask[:, 1:].bool()
+    logits, states = completion_outputs(model, batch, hidden)
+    log_dist = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_dist.gather(-1, batch.input_ids[:, 1:][mask][:, None]).squeeze(-1)
+    logps = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+    if not full:
+        return logps, states
+    return logps, states, scatter_rows(log_dist, mask)
+
+
+def scatter_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows (N, V) placed at ``mask``'s N true positions (B, T) in row-major order: (B, T, V), zero elsewhere."""
+    out = rows.new_zeros((*mask.shape, rows.shape[-1]))
+    out[mask] = rows
+    return out
+
+
+def token_log_distributions(model: nn.Module, batch: SequenceBatch, group: bool = True) -> torch.Tensor:
+    """The next-token log-distribution at every completion position, (B, T-1, V) aligned to
+    input_ids[:, 1:], zero elsewhere; rows in length groups as :func:`token_logps`."""
+    return by_length_groups(batch, lambda b: (token_logps_and_hidden(model, b, full=True)[2],), group, model)[0]
+
+
+def token_kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) at each position of (B, T, V) log-distributions, (B, T), zero where ``mask`` is
+    false: Σ_v p_v (log p_v − log q_v), with 0·log 0 = 0. Differentiable in ``log_p``."""
+    p = log_p.exp()
+    # The log-ratio is zeroed where p is 0 before the product, so that no NaN (-inf - -inf) reaches
+    # the gradient either.
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return (p * log_ratio).sum(-1) * mask
 
 
 def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[torch.Tensor, ...]], group: bool = True,
@@ -218,22 +252,8 @@ def batched_sequence_logps(model: nn.Module, batch: SequenceBatch, batch_size: i
 
 def completion_logits(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """The model's next-token logits where a completion token is predicted: (N, V) at
-    ``completion_mask[:, 1:]``'s N positions in row-major order.
-
-    The positions, and the three ways of computing them, of :func:`token_logps_and_hidden`: GPT-2
-    through :func:`reward.trunk.last_hidden_at`, a model that keeps selected logits with a
-    ``logits_to_keep`` mask, any other from its full logits.
-    """
-    mask = batch.completion_mask[:, 1:].bool()
-    keep = nn.functional.pad(mask, (0, 1), value=False)
-    if selects_positions(model):
-        return model.get_output_embeddings()(last_hidden_at(model, batch.input_ids, batch.attention_mask, keep))
-    if keeps_selected_logits(model):
-        logits = forward(model, batch, logits_to_keep=keep).logits
-        if logits.dim() != 2 or logits.shape[0] != int(mask.sum()):
-            raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for a logits_to_keep mask")
-        return logits
-    return forward(model, batch).logits[:, :-1][mask]
+    ``completion_mask[:, 1:]``'s N positions in row-major order (:func:`completion_outputs`)."""
+    return completion_outputs(model, batch)[0]
 
 
 def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

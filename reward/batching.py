@@ -65,9 +65,10 @@ def by_length_groups(
     """``fn(rows, lo, hi)`` for each of the batch's :func:`length_groups`, the results put back in row order.
 
     ``fn`` computes the rows ``rows`` (an index tensor) trimmed to the columns [lo, hi) and returns
-    tensors whose first dimension is those rows: shape (b,), or (b, w) for per-position results,
-    which land in columns [lo, lo + w) of an output ``width`` wide (zero elsewhere). ``None`` when
-    the batch is one group: the caller then makes its single pass itself.
+    tensors whose first dimension is those rows: shape (b,), or (b, w, ...) for per-position results
+    (a scalar or a vector per position), which land in columns [lo, lo + w) of an output ``width``
+    wide (zero elsewhere). ``None`` when the batch is one group: the caller then makes its single
+    pass itself.
     """
     groups = length_groups(attention_mask.sum(-1)) if attention_mask.shape[0] > 1 else []
     if len(groups) <= 1:
@@ -78,7 +79,7 @@ def by_length_groups(
         lo, hi = used_columns(attention_mask[index])
         parts = fn(index, lo, hi)
         if outs is None:
-            outs = [p.new_zeros((attention_mask.shape[0], *((width,) if p.dim() == 2 else ()))) for p in parts]
+            outs = [p.new_zeros((attention_mask.shape[0], *((width, *p.shape[2:]) if p.dim() >= 2 else ()))) for p in parts]
         for k, p in enumerate(parts):
             if p.dim() == 1:
                 outs[k] = outs[k].index_put((index,), p)

@@ -143,7 +143,9 @@ def test_concat_batches_keeps_rows():
 
 import itertools  # noqa: E402
 
-from dpo_bench.logprobs import forward, gather_token_logps, keeps_selected_logits  # noqa: E402
+from dpo_bench.logprobs import (  # noqa: E402
+    forward, gather_token_logps, keeps_selected_logits, kl_rows, token_kl_terms, token_log_distributions,
+)
 from reward.batching import length_groups  # noqa: E402
 
 
@@ -234,6 +236,49 @@ def test_ppo_log_probs_and_values_in_length_groups_match_one_padded_pass(monkeyp
     assert torch.allclose(logps, whole_logps, atol=1e-5)
     # Values count only on completion tokens (GAE and the value loss mask the rest).
     assert torch.allclose(values[mask], whole_values[mask], atol=1e-5)
+
+
+def test_ppo_full_distributions_in_length_groups_match_one_padded_pass(monkeypatch):
+    """``full``: the next-token log-distributions (B, T-1, V) come back in row order through the
+    length groups, zero off the completion, and pick out the same log-probs."""
+    from dpo_bench.methods.ppo import PolicyWithValueHead
+
+    batch = _mixed_batch(3)
+    model = PolicyWithValueHead(_model(6))
+    mask = batch.completion_mask[:, 1:].bool()
+    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 16)
+    assert len(length_groups(batch.attention_mask.sum(-1))) > 1
+    logps, _, dists = model.logps_and_values(batch, full=True)
+    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 10**9)
+    _, _, whole = model.logps_and_values(batch, full=True)
+    assert dists.shape == (*mask.shape, model.policy.config.vocab_size)
+    assert torch.allclose(dists, whole, atol=1e-5)
+    assert (dists[~mask] == 0).all()
+    assert torch.allclose(dists[mask].exp().sum(-1), torch.ones(int(mask.sum())), atol=1e-5)
+    picked = dists.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(picked[mask], logps[mask], atol=1e-6)
+    assert torch.allclose(token_log_distributions(model.policy, batch), whole, atol=1e-5)
+
+
+def test_token_kl_terms_are_kl_rows_at_the_masked_positions():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 4, 7, generator=g), torch.randn(3, 4, 7, generator=g)
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.float32)
+    terms = token_kl_terms(torch.log_softmax(p, -1), torch.log_softmax(q, -1), mask)
+    expected = kl_rows(p.reshape(-1, 7), q.reshape(-1, 7)).reshape(3, 4) * mask
+    assert torch.allclose(terms, expected, atol=1e-6)
+
+
+def test_token_kl_terms_skip_impossible_tokens_without_nan_gradients():
+    """A token both models rule out (the tabular policy's -inf logits) adds nothing, to the value or
+    to the gradient."""
+    logits = torch.tensor([[[0.5, -1.0, float("-inf")]]], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([[[0.0, 0.0, float("-inf")]]]), -1)
+    terms = token_kl_terms(torch.log_softmax(logits, -1), ref, torch.ones(1, 1))
+    expected = kl_rows(torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, 0.0]]))
+    assert torch.allclose(terms.detach().flatten(), expected)
+    terms.sum().backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_sampling_passes_the_cache_under_the_name_the_model_takes():

@@ -22,7 +22,7 @@ def test_kl_penalised_reward_puts_the_score_on_the_last_token():
     logps = torch.tensor([[0.0, -1.0, -2.0, 0.0]])
     ref = torch.tensor([[0.0, -1.5, -1.0, 0.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
-    rewards = kl_penalised_rewards(logps, ref, torch.tensor([3.0]), mask, kl_coef=0.1)
+    rewards = kl_penalised_rewards(logps - ref, torch.tensor([3.0]), mask, kl_coef=0.1)
     assert torch.allclose(rewards, torch.tensor([[0.0, -0.05, 0.1 + 3.0, 0.0]]))
 
 
@@ -199,3 +199,52 @@ def test_the_kl_controller_moves_kl_coef_toward_its_target_at_most_two_percent_a
     assert controller.value == pytest.approx(0.102)
     controller.update(kl=1.8)  # error −0.1: ×(1 − 0.01)
     assert controller.value == pytest.approx(0.102 * 0.99)
+
+
+# --- the exact per-token KL (kl_estimator = "exact") --------------------------------------------
+
+
+def test_both_kl_estimators_give_the_exact_gradient_of_the_regularised_objective():
+    """On a one-token problem with every response enumerated (weighted by π, as sampling would in
+    expectation), PPO's loss at θ = θ_old has the gradient −∇(E_π[s] − c·KL(π‖π_ref)) with either
+    estimator: the sampled log-ratio in the rewards, or the exact KL in the rewards (a constant per
+    context, so it moves nothing) plus its own gradient in the loss."""
+    from dpo_bench.logprobs import token_kl_terms
+
+    g = torch.Generator().manual_seed(3)
+    k, c = 5, 0.3
+    theta0, ref_logits, s = torch.randn(k, generator=g), torch.randn(k, generator=g), torch.randn(k, generator=g)
+    ref = torch.log_softmax(ref_logits, -1)
+    ones = torch.ones(k, 1)
+
+    def grad(loss_of):
+        theta = theta0.clone().requires_grad_(True)
+        loss_of(theta).backward()
+        return theta.grad
+
+    def tokens(theta):  # every response as a row of one token: its log-prob, and the whole distribution
+        dist = torch.log_softmax(theta, -1)
+        return dist[:, None], dist.expand(k, k)[:, None, :]
+
+    old_logps, old_dist = (t.detach() for t in tokens(theta0))
+    weights = old_logps.exp()  # masked_mean with π_old's weights: the expectation over y ~ π_old
+
+    def sampled(theta):
+        logps, _ = tokens(theta)
+        advantages = kl_penalised_rewards(old_logps - ref[:, None], s, ones, c)
+        return clipped_policy_loss(logps, old_logps, advantages, weights, clip_range=0.2)
+
+    def exact(theta):
+        logps, dist = tokens(theta)
+        advantages = kl_penalised_rewards(token_kl_terms(old_dist, ref.expand(k, k)[:, None, :], ones), s, ones, c)
+        direct = token_kl_terms(dist, ref.expand(k, k)[:, None, :], ones)
+        return clipped_policy_loss(logps, old_logps, advantages, weights, 0.2) + c * (direct * weights).sum() / weights.sum()
+
+    def objective(theta):
+        pi = torch.softmax(theta, -1)
+        return -((pi * s).sum() - c * (pi * (torch.log(pi) - ref)).sum())
+
+    target = grad(objective)
+    assert target.abs().max() > 0.05  # a gradient worth matching
+    assert torch.allclose(grad(sampled), target, atol=1e-6)
+    assert torch.allclose(grad(exact), target, atol=1e-6)

@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from reward.normalise import Normaliser, normalised_head
 
 from ..configs import ConfigError, field, non_negative, positive, probability
-from ..logprobs import SequenceBatch, by_length_groups, token_logps, token_logps_and_hidden
+from ..logprobs import (
+    SequenceBatch, by_length_groups, token_kl_terms, token_log_distributions, token_logps, token_logps_and_hidden,
+)
 from ..training import LR_SCHEDULE_DOC, check_finite, checkpoint_steps, lr_factor, make_optimizer
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
@@ -61,6 +63,11 @@ class PPOConfig:
     kl_horizon: float = field(10.0, "horizon of the adaptive KL controller, in iterations: kl_coef moves by a factor of at "
                                     "most 1 ± 0.2/kl_horizon an iteration (Ziegler et al.'s K_β = 0.1)")
     lr_schedule: Literal["constant", "linear"] = field("constant", LR_SCHEDULE_DOC + "; by iteration")
+    kl_estimator: Literal["sampled", "exact"] = field(
+        "sampled", "the per-token KL the penalty reads: 'sampled', log π − log π_ref of the drawn token (Ziegler et al.; "
+                   "TRL's); 'exact', the KL of the whole next-token distribution at each visited position, in the rewards "
+                   "and, through its gradient, in the loss (Rao-Blackwellised: the same expected penalty and gradient, with "
+                   "less noise; holds B·T·V log-probs, for small vocabularies)")
 
     def __post_init__(self) -> None:
         non_negative("kl_coef", self.kl_coef)
@@ -85,14 +92,15 @@ def eos_penalised_scores(scores: torch.Tensor, truncated: torch.Tensor, penalty:
     return scores - penalty * truncated.to(scores.dtype)
 
 
-def kl_penalised_rewards(
-    logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
-    """Per-token rewards −kl_coef·(log π − log π_ref), plus the sequence score at the last token.
+def kl_penalised_rewards(token_kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards −kl_coef·KL_t, plus the sequence score at the last token.
 
-    All inputs (B, T) except ``scores`` (B,); ``mask`` marks completion tokens (contiguous per row).
+    ``token_kl`` (B, T): each position's KL term, the drawn token's log π − log π_ref (sampled) or
+    the next-token distribution's exact KL (:func:`~dpo_bench.logprobs.token_kl_terms`); either
+    sums in expectation to the sequence KL. ``scores`` (B,); ``mask`` (B, T) marks completion
+    tokens (contiguous per row).
     """
-    rewards = -kl_coef * (logps - ref_logps) * mask
+    rewards = -kl_coef * token_kl * mask
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (mask * (positions + 1)).argmax(-1)
     rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores
@@ -124,9 +132,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Normalise the masked entries to mean 0 and standard deviation 1."""
+    return whitened(x, mask, eps)[0]
+
+
+def whitened(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`whiten`'s result, the scale it divided by: √(var + eps) of the masked entries)."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    inverse = torch.rsqrt(masked_mean((x - mean) ** 2, mask) + eps)
+    return (x - mean) * inverse * mask, 1 / inverse
 
 
 def clipped_policy_loss(
@@ -184,13 +197,14 @@ class PolicyWithValueHead(nn.Module):
                 self.value_head.weight.copy_(head[0])
                 self.value_head.bias.copy_(head[1])
 
-    def logps_and_values(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and values aligned with input_ids[:, 1:], shape (B, T-1) each."""
-        def both(b: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps_and_values(self, batch: SequenceBatch, full: bool = False) -> tuple[torch.Tensor, ...]:
+        """Per-token log-probs and values aligned with input_ids[:, 1:], shape (B, T-1) each; with
+        ``full``, a third: the next-token log-distributions (B, T-1, V)."""
+        def both(b: SequenceBatch) -> tuple[torch.Tensor, ...]:
             # Values only where a completion token is predicted: the losses and GAE read no others.
-            logps, hidden = token_logps_and_hidden(self.policy, b, hidden=True)
+            logps, hidden, *dists = token_logps_and_hidden(self.policy, b, hidden=True, full=full)
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-            return logps, values.new_zeros(logps.shape).masked_scatter(b.completion_mask[:, 1:].bool(), values)
+            return logps, values.new_zeros(logps.shape).masked_scatter(b.completion_mask[:, 1:].bool(), values), *dists
 
         # Rollouts stop at eos: their lengths vary, so rows of similar length share a forward pass.
         return by_length_groups(batch, both, model=self.policy)
@@ -241,6 +255,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     prompt_ids = ctx.train_prompt_ids()
     evals = set(checkpoint_steps(config.iterations, ctx.n_checkpoints))
     task = ctx.task
+    exact = config.kl_estimator == "exact"
     for iteration in tqdm(range(1, config.iterations + 1), desc=ctx.label, disable=not ctx.progress, leave=False):
         kl_coef = controller.value if controller else config.kl_coef
         for group in optimizer.param_groups:
@@ -261,13 +276,19 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
         scores = eos_penalised_scores(reward, truncated, config.missing_eos_penalty).to(device)
         # 3. old log-probs, reference log-probs, values; rewards; advantages
         with torch.no_grad():
-            old_logps, old_values = model.logps_and_values(batch)
-            ref_logps = token_logps(ctx.reference, batch)
-            rewards = kl_penalised_rewards(old_logps, ref_logps, scores, mask, kl_coef)
+            old_logps, old_values, *old_dists = model.logps_and_values(batch, full=exact)
+            if exact:
+                ref_dists = token_log_distributions(ctx.reference, batch)
+                token_kl = token_kl_terms(old_dists[0], ref_dists, mask)
+            else:
+                token_kl = (old_logps - token_logps(ctx.reference, batch)) * mask
+            rewards = kl_penalised_rewards(token_kl, scores, mask, kl_coef)
             advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
+            # The exact KL's own gradient enters the loss in the advantages' units.
+            scale = torch.ones(())
             if config.whiten_advantages:
-                advantages = whiten(advantages, mask)
-        kl = ((old_logps - ref_logps) * mask).sum(-1).mean().item()
+                advantages, scale = whitened(advantages, mask)
+        kl = token_kl.sum(-1).mean().item()
         # 4. updates
         n = len(batch)
         size = math.ceil(n / config.n_minibatches)
@@ -276,8 +297,11 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
             for start in range(0, n, size):
                 idx = order[start:start + size].to(device)
                 mb = batch.select(idx)
-                logps, values = model.logps_and_values(mb)
+                logps, values, *dists = model.logps_and_values(mb, full=exact)
                 pg = clipped_policy_loss(logps, old_logps[idx], advantages[idx], mask[idx], config.clip_range)
+                if exact:
+                    # ∇ Σ_t KL_t at the visited positions; the rewards above carry its effect on later positions.
+                    pg = pg + kl_coef / scale * masked_mean(token_kl_terms(dists[0], ref_dists[idx], mask[idx]), mask[idx])
                 vf = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], config.value_clip)
                 loss = pg + config.vf_coef * vf
                 check_finite(loss, ctx.label, iteration, ctx.log)
