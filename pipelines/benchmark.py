@@ -27,7 +27,7 @@ from dpo_bench.stages import (
     Bench, Stage, Upstream, build_candidates, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, run_job,
     samples_preferences, train_rm, train_sft, worker_jobs,
 )
-from pipelines.workers import resolve_workers, worker_threads
+from pipelines.workers import GPU_RESOURCE, gpu_worker_specs, local_gpus, offers_gpus, resolve_workers, worker_threads
 
 
 def _logged(stage: Stage, label: str = "") -> Stage:
@@ -92,9 +92,9 @@ def report_task(bench: Bench, run_dir: Path, run_id: str, pipelines: dict, cells
     return finish_run(bench, run_dir, run_id, pipelines, cells, timings, started, started_at, extra, results_db=results_db)
 
 
-def task_runner_for(workers: int, dask_address: str | None) -> Any:
-    """A Dask task runner for the grid (local workers of one Dask thread each, or an existing
-    scheduler), or None: the cells run one at a time in the flow's process."""
+def task_runner_for(workers: int, dask_address: str | None, gpus: int = 0, threads: int = 1) -> Any:
+    """A Dask task runner for the grid (local workers of one Dask thread each, one per GPU with
+    ``gpus``, or an existing scheduler), or None: the cells run one at a time in the flow's process."""
     if not workers and not dask_address:
         return None
     try:
@@ -106,7 +106,21 @@ def task_runner_for(workers: int, dask_address: str | None) -> Any:
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     keep_freed_memory()
+    if gpus:
+        from distributed import Scheduler
+
+        return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs={
+            "workers": gpu_worker_specs(workers, gpus, threads), "scheduler": {"cls": Scheduler, "options": {"dashboard_address": ":0"}}})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+def one_gpu_per_task(runner: Any) -> Any:
+    """A context in which the tasks submitted to ``runner`` (started) ask for one GPU each, when
+    its cluster's workers offer GPUs (``dask worker --resources GPU=1``, or the local GPU cluster);
+    otherwise no constraint, since a task asking for a resource no worker has would never run."""
+    import dask
+
+    return dask.annotate(resources={GPU_RESOURCE: 1}) if offers_gpus(runner.client.scheduler_info()) else nullcontext()
 
 
 def quiet_dask_logs() -> None:
@@ -179,8 +193,9 @@ def benchmark_flow(
         # threads. Threads are in no cache key: they change where cells run, not what they compute.
         threads = worker_threads(n_workers, bench_config)
         worker = replace(bench, config=replace(bench_config, threads=threads)) if threads else bench
-        runner = task_runner_for(n_workers, dask_address)
-        with runner if runner is not None else nullcontext():
+        gpus = local_gpus(bench_config) if n_workers else 0
+        runner = task_runner_for(n_workers, dask_address, gpus, threads or 1)
+        with runner if runner is not None else nullcontext(), one_gpu_per_task(runner) if runner is not None else nullcontext():
             jobs: dict[tuple[int, str], Any] = {}
             submitted: list[tuple[Cell, Any]] = []
             if runner is None:
@@ -191,7 +206,8 @@ def benchmark_flow(
                     timings.stages.update(stage_seconds)
                     done += _cells_here(bench.for_seed(seed), pipelines[seed], timings)
             else:
-                logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads")
+                logger.info("grid on %s", dask_address or f"{n_workers} local Dask workers x {threads} torch threads"
+                            + (f", one of {gpus} GPUs each" if gpus else ""))
                 # The later seeds' pipelines build on the workers, one each, while this process finishes
                 # the first seed's: then the first seed's cells, then each later seed's as its pipeline ends.
                 futures = {seed: runner.submit(pipeline_task, {"bench": worker.for_seed(seed), "seed": seed}) for seed in later}

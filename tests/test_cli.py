@@ -111,3 +111,19 @@ def test_seeds_on_the_command_line_are_whole_pipelines(capsys):
     assert "dpo β=0.5 seed=7" in out and "seed=1" not in out
     assert main(["check-config", "--preset", "quick", "--seeds", "0,one"]) == 2
     assert "--seeds: expected comma-separated non-negative integers such as 0,1,2, got '0,one'" in capsys.readouterr().err
+
+
+def test_a_machine_with_several_gpus_gets_one_worker_per_gpu(monkeypatch):
+    from dpo_bench.bench import load_config
+    from pipelines.workers import local_gpus, resolve_workers
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    default = load_config("default")  # device auto: CUDA here
+    assert local_gpus(default) == 4 and resolve_workers(None, default) == 4
+    quick = load_config("quick", overrides={"seed": 0})  # 3 cells: 3 of the 4 GPUs
+    assert resolve_workers(None, quick) == 3
+    # a device the config names runs in-process on it; so does one GPU
+    assert local_gpus(load_config("default", overrides={"device": "cuda:1"})) == 0
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert local_gpus(default) == 0 and resolve_workers(None, default) == 0

@@ -174,3 +174,156 @@ def test_local_workers_allocate_like_a_plain_process(monkeypatch):
             assert client.submit(_malloc_env).result() is None
     finally:
         dask.config.set({key: saved})
+
+
+# A smaller exact grid for a cluster started by hand: two pipeline seeds, so that both workers
+# train, and the methods whose cells read every upstream stage.
+EXTERNAL_GRID = """
+preset = "quick"
+task = "bandit"
+seeds = [0, 1]
+
+[checks]
+empirical = false
+label_temperatures = []
+
+[[grid]]
+method = "sft"
+
+[[grid]]
+method = "dpo"
+values = [0.5]
+config = { steps = 100, lr = 0.05 }
+
+[[grid]]
+method = "ppo"
+values = [0.1]
+config = { iterations = 30, lr = 0.05 }
+
+[[grid]]
+method = "best_of_n"
+values = [4]
+"""
+
+
+@pytest.fixture
+def external_cluster(tmp_path):
+    """A `dask scheduler` and two `dask worker` processes on 127.0.0.1, started as a user starts
+    them on their machines (one thread each): (the scheduler's address, the workers' pids)."""
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler_file = tmp_path / "scheduler.json"
+    logs = tmp_path / "dask-logs"
+    logs.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = [[dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)]]
+    commands += [[dask, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--name", f"worker-{i}",
+                  "--no-dashboard", "--host", "127.0.0.1"] for i in range(2)]
+    processes = []
+    try:
+        for i, command in enumerate(commands):
+            with open(logs / f"{i}.log", "w") as log:
+                processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+            if i == 0:
+                deadline = time.monotonic() + 60
+                while not scheduler_file.exists() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+        with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            pids = set(client.run(os.getpid).values())
+            address = client.scheduler.address
+        yield address, pids
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_the_grid_on_a_cluster_started_by_hand_equals_the_in_process_run(tmp_path, prefect_harness, restore_torch_threads,
+                                                                        external_cluster):
+    """`--dask-address`: the cells run in the hand-started workers (both take some) and the
+    metrics equal those of the same config run in this process, exactly."""
+    address, worker_pids = external_cluster
+    reports = tmp_path / "external"
+    config_file = tmp_path / "grid.toml"
+    config_file.write_text(EXTERNAL_GRID)
+    assert main(["run", "--config", str(config_file), "--dask-address", address, "--reports-dir", str(reports),
+                 "--run-id", "external", "--quiet"]) == 0
+    record = json.loads((reports / "external" / "run.json").read_text())
+    assert record["status"] == "completed"
+    config = from_dict_config(record["config"])
+    cells = _markers(reports / ".cache", "cell")
+    assert len(cells) == len(config.cells())
+    assert {c["pid"] for c in cells} == worker_pids
+
+    local = run_benchmark(config, tmp_path / "local", run_id="local", progress=False)
+    external_metrics = pd.read_parquet(reports / "external" / "metrics.parquet").drop(columns="run_id")
+    local_metrics = pd.read_parquet(local / "metrics.parquet").drop(columns="run_id")
+    pd.testing.assert_frame_equal(external_metrics[~external_metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True),
+                                  local_metrics[~local_metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True),
+                                  check_exact=True)
+
+
+def test_gpu_workers_see_one_device_each_and_offer_one_gpu():
+    from pipelines.workers import gpu_worker_specs
+
+    specs = gpu_worker_specs(3, 2, threads=4)
+    assert [s["options"]["env"]["CUDA_VISIBLE_DEVICES"] for s in specs.values()] == ["0", "1", "0"]
+    assert all(s["options"]["resources"] == {"GPU": 1} and s["options"]["nthreads"] == 1 for s in specs.values())
+    assert {s["options"]["env"]["OMP_NUM_THREADS"] for s in specs.values()} == {"4"}
+
+
+def test_tasks_ask_for_a_gpu_on_a_cluster_that_offers_them(prefect_harness):
+    """No GPU needed: two workers built as the local GPU cluster builds them beside one plain
+    worker. Every task lands on a GPU worker, and both devices take some."""
+    from distributed import Nanny, Scheduler, SpecCluster
+    from prefect import flow, task
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    from pipelines.benchmark import one_gpu_per_task
+    from pipelines.workers import gpu_worker_specs
+
+    @task
+    def device_of_worker() -> tuple[int, str | None]:  # local, so that it pickles by value
+        return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    workers = {**gpu_worker_specs(2, 2, threads=1), "cpu": {"cls": Nanny, "options": {"nthreads": 1}}}
+    runner = DaskTaskRunner(cluster_class=SpecCluster, cluster_kwargs={
+        "workers": workers, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": ":0"}}})
+
+    @flow(task_runner=runner)
+    def spread() -> list:
+        # The started runner, from the context: a flow that closes over it would ship its client.
+        with one_gpu_per_task(FlowRunContext.get().task_runner):
+            futures = [device_of_worker.submit() for _ in range(8)]
+        return [f.result() for f in futures]
+
+    assert {device for _, device in spread()} == {"0", "1"}
+
+
+def test_a_cluster_without_gpu_workers_puts_no_constraint_on_tasks():
+    """A task asking for a resource that no worker offers would wait forever."""
+    from types import SimpleNamespace
+
+    import dask
+
+    from pipelines.benchmark import one_gpu_per_task
+    from pipelines.workers import offers_gpus
+
+    plain = {"workers": {"tcp://a": {"resources": {}}, "tcp://b": {}}}
+    gpu = {"workers": {"tcp://a": {"resources": {}}, "tcp://b": {"resources": {"GPU": 2}}}}
+    assert not offers_gpus(plain) and offers_gpus(gpu) and not offers_gpus({})
+    for info, expected in ((plain, {}), (gpu, {"resources": {"GPU": 1}})):
+        runner = SimpleNamespace(client=SimpleNamespace(scheduler_info=lambda info=info: info))
+        with one_gpu_per_task(runner):
+            assert dask.get_annotations() == expected
