@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 from reward.train import RewardTrainConfig
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from .configs import ConfigError, field, from_dict, non_negative, to_dict
+from .configs import ConfigError, TRLNameNote, field, from_dict, non_negative, to_dict, translate_trl_names
 from .methods.base import METHODS, get_method, load_plugins
 from .methods.sft import SFTConfig
 from .invariance import ChecksConfig
@@ -45,6 +46,13 @@ class GridEntry:
     def __post_init__(self) -> None:
         if not self.method:
             raise ConfigError("method: every grid entry needs a method name")
+        # TRL's names in the overrides are stored as ours, so that run.json and the cells' keys read
+        # alike however the entry was written.
+        config = dict(self.config)
+        if "loss_type" in config:
+            object.__setattr__(self, "method", trl_loss_method(self.method, config))
+        names = [f.name for f in fields(get_method(self.method).config_cls)]
+        object.__setattr__(self, "config", translate_trl_names(config, names, f"grid '{self.name or self.method}'.config"))
         if self.preferences:
             from_dict(PreferenceConfig, self.preferences, "preferences")
         if self.freeze_blocks is not None and self.freeze_blocks < 0:
@@ -55,6 +63,30 @@ class GridEntry:
         # Validate the overrides and every value now, before anything runs.
         for value in self.values or (None,):
             method.make_config(self.config, value)
+
+
+#: TRL DPOConfig's ``loss_type`` values and the methods that implement them here.
+TRL_LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "simpo": "simpo"}
+
+
+def trl_loss_method(method: str, config: dict) -> str:
+    """The method a ``dpo`` grid entry with TRL's ``loss_type`` in its config names (``config``
+    loses the key); sigmoid with label smoothing is cDPO, as in TRL."""
+    loss_type = config.pop("loss_type")
+    if method != "dpo":
+        raise ConfigError(f"loss_type is TRL's DPOConfig field; give it in an entry with method = 'dpo', not '{method}'")
+    if loss_type not in TRL_LOSS_TYPES:
+        raise ConfigError(f"loss_type '{loss_type}' has no method here; known: {', '.join(TRL_LOSS_TYPES)} "
+                          "(see `dpo-bench methods`)")
+    chosen = TRL_LOSS_TYPES[loss_type]
+    smoothing = config.get("label_smoothing", config.get("epsilon", 0.0))
+    if loss_type == "sigmoid":
+        if smoothing:
+            chosen = "cdpo"
+        else:
+            config.pop("label_smoothing", None)
+    warnings.warn(TRLNameNote(f"grid entry 'dpo': loss_type = '{loss_type}' is TRL's; read as method = '{chosen}'"), stacklevel=4)
+    return chosen
 
 
 @dataclass(frozen=True)

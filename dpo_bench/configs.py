@@ -11,12 +11,45 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the field."""
+
+
+class TRLNameNote(UserWarning):
+    """A config key given by TRL's name was read as this benchmark's (the CLI prints it as a note)."""
+
+
+#: TRL's names (TrainingArguments, DPOConfig, PPOConfig) for fields this benchmark names otherwise.
+#: Accepted in any config table whose class has the field, translated with a :class:`TRLNameNote`.
+TRL_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "max_steps": "steps",
+    "gradient_accumulation_steps": "accumulation_steps",
+    "lr_scheduler_type": "lr_schedule",
+    "label_smoothing": "epsilon",
+    "num_ppo_epochs": "epochs",
+    "num_mini_batches": "n_minibatches",
+    "cliprange": "clip_range",
+    "cliprange_value": "value_clip",
+}
+
+
+def translate_trl_names(data: dict, names: list[str], where: str = "") -> dict:
+    """``data`` with every key that is TRL's name for a field in ``names`` renamed to ours (a note
+    each); other keys untouched."""
+    out = dict(data)
+    for key in list(out):
+        ours = TRL_NAMES.get(key)
+        if key not in names and ours in names and ours not in out:
+            out[ours] = out.pop(key)
+            warnings.warn(TRLNameNote(f"{_join(where, key)} is TRL's name; read as {_join(where, ours)}"), stacklevel=3)
+    return out
 
 
 def field(default: Any = MISSING, doc: str = "", default_factory: Any = MISSING) -> Any:
@@ -99,6 +132,7 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
+    data = translate_trl_names(data, names, where)
     unknown = [k for k in data if k not in names]
     if unknown:
         key = unknown[0]

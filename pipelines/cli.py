@@ -10,6 +10,8 @@ import os
 import re
 import sys
 import textwrap
+import tomllib
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -63,7 +65,7 @@ def _parse_seeds(text: str) -> list[int]:
 def resolve_config(args: argparse.Namespace):
     """Preset (or a previous run's config), then the TOML file, then flags; validated."""
     from dpo_bench.bench import from_dict_config, load_config, merge
-    from dpo_bench.configs import ConfigError
+    from dpo_bench.configs import ConfigError, TRLNameNote
     from dpo_bench.run import read_run
 
     overrides = {flag: getattr(args, flag) for flag in ("device", "task", "threads") if getattr(args, flag, None) is not None}
@@ -80,13 +82,39 @@ def resolve_config(args: argparse.Namespace):
         if overrides["task"] != "hf":
             raise ConfigError(f"--model and --data belong to the hf task, not to --task {overrides['task']}")
         overrides["hf"] = hf
-    if getattr(args, "from_run", None):
-        config = from_dict_config(merge(read_run(Path(args.from_run))["config"], overrides))
-    else:
-        preset = args.preset or (None if args.config else "default")
-        config = load_config(preset, args.config, overrides)
+    for assignment in getattr(args, "set", None) or []:
+        overrides = merge(overrides, _parse_set(assignment))
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", TRLNameNote)
+        if getattr(args, "from_run", None):
+            config = from_dict_config(merge(read_run(Path(args.from_run))["config"], overrides))
+        else:
+            preset = args.preset or (None if args.config else "default")
+            config = load_config(preset, args.config, overrides)
+    for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, TRLNameNote)):
+        print(f"dpo-bench: note: {note}", file=sys.stderr)
     methods = _parse_methods(getattr(args, "methods", None))
     return config.with_methods(methods) if methods else config
+
+
+def _parse_set(assignment: str) -> dict:
+    """``--set section.key=value`` as nested overrides: the value read as TOML (a number, true,
+    a list such as [0, 1], a quoted string), else taken as a bare string."""
+    from dpo_bench.configs import ConfigError
+
+    key, sep, text = assignment.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise ConfigError(f"--set: expected section.key=value (e.g. sft.steps=400), got '{assignment}'")
+    if path[0] == "grid":
+        raise ConfigError("--set: grid entries are a list; change them in a --config file")
+    try:
+        value = tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    for part in reversed(path):
+        value = {part: value}
+    return value
 
 
 # `run`'s flags for hf fields, named in messages beside the config key.
@@ -452,6 +480,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads per stage (0 = torch's default)")
     p.add_argument("--from-run", metavar="RUN_DIR", help="repeat a run: take the resolved config from RUN_DIR/run.json")
     p.add_argument("--curves-x", metavar="AXIS", help=CURVES_X_HELP)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value, after the preset, the file and the other flags (repeatable): "
+                        "e.g. --set sft.steps=400 --set evaluation.temperatures=[1.0] --set device=cpu; the value "
+                        "is read as TOML, else as a string; grid entries only through --config")
 
 
 CURVES_X_HELP = ("x-axis of the report's training curves: steps (optimiser steps, the default), samples (generated in "

@@ -231,3 +231,70 @@ def test_a_csv_with_a_200_kb_field_reads_like_the_same_jsonl(tmp_path, capsys):
     fingerprint = [line for line in from_jsonl.splitlines() if "fingerprint:" in line]
     assert fingerprint and fingerprint[0] in from_csv.splitlines()
     assert csv.field_size_limit() == limit  # the module-wide limit is restored
+
+
+# --- --set and TRL's names --------------------------------------------------------------------
+
+
+def test_set_overrides_any_section_after_the_flags(capsys):
+    code, out, _ = cli(capsys, "check-config", "--preset", "quick", "--device", "cuda", "--show",
+                       "--set", "sft.steps=7", "--set", "evaluation.temperatures=[1.0, 0.7]", "--set", "device=cpu",
+                       "--set", "preferences.label_temperature=0.5", "--set", 'task="bandit"')
+    assert code == 0
+    config = json.loads(out[out.index("{"):])
+    assert config["sft"]["steps"] == 7 and config["evaluation"]["temperatures"] == [1.0, 0.7]
+    assert config["device"] == "cpu" and config["preferences"]["label_temperature"] == 0.5 and config["task"] == "bandit"
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("sft.stepz=3", "sft.stepz: unknown key; did you mean 'steps'?"),
+    ("sft.steps", "--set: expected section.key=value (e.g. sft.steps=400), got 'sft.steps'"),
+    ("grid.values=[1]", "--set: grid entries are a list; change them in a --config file"),
+    ("sft.steps=many", "sft.steps: expected an integer, got 'many'"),
+])
+def test_a_bad_set_is_one_line(capsys, assignment, message):
+    code, _, err = cli(capsys, "check-config", "--preset", "quick", "--set", assignment)
+    assert code == 2 and one_line(err) == f"dpo-bench: config error: {message}"
+
+
+def test_trl_names_are_read_as_ours_with_a_note(tmp_path, capsys):
+    """learning_rate, per_device_train_batch_size, max_steps and DPOConfig's loss_type (sigmoid with
+    label smoothing is cDPO) in a config written for TRL; run.json keeps our names."""
+    config = tmp_path / "trl.toml"
+    config.write_text("""
+preset = "quick"
+[sft]
+learning_rate = 3e-4
+per_device_train_batch_size = 16
+
+[[grid]]
+method = "dpo"
+values = [0.1]
+config = { loss_type = "ipo", learning_rate = 1e-4, max_steps = 50 }
+
+[[grid]]
+method = "dpo"
+name = "cdpo_trl"
+values = [0.1]
+config = { loss_type = "sigmoid", label_smoothing = 0.2 }
+""")
+    code, out, err = cli(capsys, "check-config", "--config", str(config), "--show")
+    assert code == 0
+    resolved = json.loads(out[out.index("{"):])
+    assert resolved["sft"]["lr"] == 3e-4 and resolved["sft"]["batch_size"] == 16
+    ipo, cdpo = resolved["grid"][-2:]
+    assert (ipo["method"], ipo["config"]) == ("ipo", {"lr": 1e-4, "steps": 50})
+    assert (cdpo["method"], cdpo["config"]) == ("cdpo", {"epsilon": 0.2})
+    notes = [line for line in err.splitlines() if line.startswith("dpo-bench: note: ")]
+    assert "dpo-bench: note: sft.learning_rate is TRL's name; read as sft.lr" in notes
+    assert "dpo-bench: note: grid entry 'dpo': loss_type = 'sigmoid' is TRL's; read as method = 'cdpo'" in notes
+    assert len(notes) == len(set(notes)) == 7
+
+
+def test_a_loss_type_without_a_method_here_is_one_line(tmp_path, capsys):
+    config = tmp_path / "trl.toml"
+    config.write_text('preset = "quick"\n[[grid]]\nmethod = "dpo"\nconfig = { loss_type = "exo_pair" }\n')
+    code, _, err = cli(capsys, "check-config", "--config", str(config))
+    assert code == 2
+    assert one_line(err) == (f"dpo-bench: config error: {config}: grid[0]: loss_type 'exo_pair' has no method here; known: "
+                             "sigmoid, ipo, hinge, robust, simpo (see `dpo-bench methods`)")
