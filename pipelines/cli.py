@@ -375,6 +375,24 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dpo_bench.configs import ConfigError
+    from dpo_bench.export import export_cell
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").exists():
+        print(f"dpo-bench: {run_dir} is not a run directory (missing run.json)", file=sys.stderr)
+        return 2
+    try:
+        out = export_cell(run_dir, args.cell, args.out_dir)
+    except ConfigError as e:
+        print(f"dpo-bench: {e}", file=sys.stderr)
+        return 2
+    print(f"dpo-bench: wrote {out} (AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load it; "
+          "README.md is its model card)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dpo_bench.report import build_report
 
@@ -583,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--curves-x", metavar="AXIS", help=CURVES_X_HELP.replace("; [report] curves_x in a config",
                                                                                " (default: the run's [report] curves_x)"))
     report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export", help="write a cell's trained policy as a transformers model directory with a model card",
+                            description="Write a cell's trained policy (its last evaluated checkpoint) with the task's tokenizer "
+                                        "and a model card (README.md: method, strength, seed, data fingerprints, final metrics "
+                                        "with intervals) into a directory that transformers' from_pretrained loads.")
+    export.add_argument("run_dir", help="a directory written by `dpo-bench run`")
+    export.add_argument("cell", help="the cell, as run.json's `cells` and the report name it, e.g. 'dpo β=0.1 seed=0'")
+    export.add_argument("out_dir", help="where to write it (created; must be new or empty)")
+    export.set_defaults(func=cmd_export)
 
     check = sub.add_parser("check-config", help="validate a config (preset + TOML + flags) without running it")
     _add_config_options(check)

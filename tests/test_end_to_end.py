@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dpo_bench.bench import load_config
 from dpo_bench.run import run_benchmark
@@ -152,3 +153,43 @@ def test_report_rebuilds_from_the_run_files_alone(quick_run, tmp_path):
     (copy / "report.html").unlink()
     assert main(["report", str(copy)]) == 0
     assert (copy / "report.html").stat().st_size > 10_000
+
+
+def test_a_cell_exports_as_a_transformers_model_with_its_card(quick_run, tmp_path, capsys):
+    """`dpo-bench export`: AutoModelForCausalLM and AutoTokenizer load the directory, and its
+    log-probs of the cell's own test samples are the cell's policy's; the card names the cell and
+    its final gold reward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_bench.logprobs import collate, sequence_logps
+    from dpo_bench.policy import load_policy
+    from pipelines.cli import main
+
+    _, reports, _, run_dir = quick_run
+    record = json.loads((reports / "flow" / "run.json").read_text())
+    label = next(label for label, cell in record["cells"].items() if cell["method"] == "dpo")
+    cell = record["cells"][label]
+    out = tmp_path / "exported"
+    assert main(["export", run_dir, label, str(out)]) == 0
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    samples = pd.read_parquet(f"{cell['stage']}/samples.parquet").head(8)
+    prompts = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in samples["prompt"]]
+    completions = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in samples["completion"]]
+    batch = collate(prompts, completions, tokenizer.pad_token_id)
+    with torch.no_grad():
+        exported = sequence_logps(model, batch)
+        original = sequence_logps(load_policy(cell["policy"]).eval(), batch)
+    assert torch.equal(exported, original) and torch.isfinite(exported).all()
+    card = (out / "README.md").read_text()
+    metrics = pd.read_parquet(f"{run_dir}/metrics.parquet")
+    gold = metrics[(metrics["method"] == "dpo") & (metrics["seed"] == cell["seed"]) & (metrics["metric"] == "gold_reward")
+                   & (metrics["temperature"] == 1.0) & (metrics["beta"] == cell["strength"])].sort_values("step").iloc[-1]
+    assert f"`{label}`" in card and f"| gold_reward | {gold['value']:.4g} ± {gold['stderr']:.3g} |" in card
+    # a second export into the same directory, an unknown cell and the SFT model (no trained policy) are one-line errors
+    for argv, message in (([run_dir, label, str(out)], "exists and is not empty"),
+                          ([run_dir, "dpo β=9 seed=0", str(tmp_path / "x")], "no cell 'dpo β=9 seed=0'"),
+                          ([run_dir, "sft seed=0", str(tmp_path / "y")], "kept no trained policy")):
+        capsys.readouterr()
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
