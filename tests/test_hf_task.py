@@ -428,3 +428,20 @@ def test_lora_trains_adapters_and_saves_a_plain_model(workspace, tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     save_policy(model, tmp_path / "merged")
     assert type(load_policy(tmp_path / "merged")).__name__ == "GPT2LMHeadModel"
+
+
+def test_max_length_fits_the_model_when_no_length_is_set(workspace, tmp_path):
+    """hf.max_length 0 (the default): the model's positions less one for EOS, here 63 of 64; a run
+    with no length setting goes through. A cap given explicitly that exceeds them is refused."""
+    data = _write(_format_rows("standard"), tmp_path / "prefs.jsonl")
+    (tmp_path / "small.toml").write_text(SMALL_TOML.replace("max_length = 40\n", ""))
+    code = main(["run", "--task", "hf", "--model", str(workspace / "model"), "--data", str(data), "--preset", "quick",
+                 "--config", str(tmp_path / "small.toml"), "--no-prefect", "--quiet",
+                 "--reports-dir", str(tmp_path / "reports"), "--run-id", "r"])
+    assert code == 0
+    record = json.loads((tmp_path / "reports" / "r" / "run.json").read_text())
+    assert record["status"] == "completed" and record["config"]["hf"]["max_length"] == 0
+    task_dir = Path(record["cache_dir"]) / "task" / record["pipelines"]["0"]["stage_keys"]["task"]
+    assert json.loads((task_dir / "prompts.json").read_text())["max_length"] == 63
+    with pytest.raises(ConfigError, match="hf.max_length: 100 tokens \\(\\+ EOS\\) exceed the model's 64 positions"):
+        HFTask.prepare(HFConfig(model=str(workspace / "model"), data=str(data), max_new_tokens=6, max_length=100), tmp_path / "t")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -69,7 +69,8 @@ class HFConfig:
     min_prompt_tokens: int = field(2, "text data: shortest prefix taken as a prompt, in tokens")
     max_prompt_tokens: int = field(8, "text data: longest prefix taken as a prompt, in tokens")
     max_new_tokens: int = field(64, "completion length cap when sampling, in tokens")
-    max_length: int = field(512, "prompt + completion cap in tokens: longer preference rows follow on_bad_rows; texts are cut")
+    max_length: int = field(0, "prompt + completion cap in tokens: longer preference rows follow on_bad_rows; texts are cut; "
+                               "0: what the model takes, its positions less one for EOS, at most 512")
     reference: Literal["preferred_ft", "text_ft", "model"] = field(
         "preferred_ft", "the reference: the model fine-tuned by maximum likelihood on the chosen completions (preferred_ft, "
                         "as the DPO paper without an SFT model), on the texts (text_ft, text data), or the model as is (model)")
@@ -84,9 +85,9 @@ class HFConfig:
     lora: LoRASpec = field(default_factory=LoRASpec, doc="LoRA adapters (needs the optional peft package) for the reference's fine-tuning and every method's policy; r = 0: full fine-tuning")
 
     def __post_init__(self) -> None:
-        for name in ("max_eval_prompts", "max_new_tokens", "max_length", "min_prompt_tokens"):
+        for name in ("max_eval_prompts", "max_new_tokens", "min_prompt_tokens"):
             positive(name, getattr(self, name))
-        for name in ("max_rows", "max_train_prompts"):
+        for name in ("max_rows", "max_train_prompts", "max_length"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.eval_fraction < 1:
@@ -163,11 +164,14 @@ class HFTask(Task):
         tokenizer = load_tokenizer(config.tokenizer or config.model, revision=config.revision_or_none,
                                    trust_remote_code=config.trust_remote_code)
         tokenizer.save_pretrained(workdir / "tokenizer")
+        positions = model_positions(config)
+        config = replace(config, max_length=fitted_max_length(config, positions))
         if config.data_format == "text":
             info = _prepare_texts(config, tokenizer, workdir)
         else:
             info = _prepare_preferences(config, tokenizer, workdir)
-        _check_positions(config, tokenizer, info)
+        _check_positions(config, info, positions)
+        info["max_length"] = config.max_length
         _write_json(workdir / "prompts.json", info)
 
     @classmethod
@@ -269,7 +273,7 @@ class HFTask(Task):
             prompts, completions = [], []
             eos = [] if self.eos_id is None else [self.eos_id]
             for text in pd.read_parquet(self.workdir / "texts.parquet")["text"]:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.config.max_length]
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.info.get("max_length") or self.config.max_length or DEFAULT_MAX_LENGTH]
                 if len(ids) >= 2:
                     # The first token is the "prompt": the model learns to continue any prefix.
                     prompts.append(ids[:1])
@@ -448,13 +452,30 @@ def _longest(tokenizer: Any, prompts: Sequence[str], chat: bool) -> int:
     return max(len(ids) for ids in tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"])
 
 
-def _check_positions(config: HFConfig, tokenizer: Any, info: dict) -> None:
-    """Fail before training when sequences would not fit the model's position embeddings."""
+#: hf.max_length when the model's positions allow it and the config leaves it at 0.
+DEFAULT_MAX_LENGTH = 512
+
+
+def model_positions(config: HFConfig) -> int | None:
+    """The model's position limit (``max_position_embeddings`` or ``n_positions``), None if its
+    config states none."""
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(config.model, revision=config.revision_or_none,
                                               trust_remote_code=config.trust_remote_code)
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None) or None
+
+
+def fitted_max_length(config: HFConfig, positions: int | None) -> int:
+    """``hf.max_length``, or when it is 0 what the model takes: its positions less one (EOS), at
+    most :data:`DEFAULT_MAX_LENGTH`."""
+    if config.max_length:
+        return config.max_length
+    return min(DEFAULT_MAX_LENGTH, positions - 1) if positions else DEFAULT_MAX_LENGTH
+
+
+def _check_positions(config: HFConfig, info: dict, limit: int | None) -> None:
+    """Fail before training when sequences would not fit the model's position embeddings."""
     if not limit:
         return
     if config.max_length + 1 > limit:
