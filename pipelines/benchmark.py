@@ -40,13 +40,35 @@ def _logged(stage: Stage, label: str = "") -> Stage:
     return stage
 
 
+def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Whether a stage that downloads (the task's data, tokenizer and model config; the SFT stage's
+    model weights) failed in a way another attempt may not: the network, not the input. A hub that
+    HF_HUB_OFFLINE forbids, a bad row or a bad config fail at once."""
+    from dpo_bench.data import HubUnreachableError
+
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(error, HubUnreachableError):
+        return not error.offline
+    return isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in TRANSIENT_ERRORS
+
+
+#: Errors of the HTTP stack (requests, httpx, huggingface_hub) that another attempt may not meet, by name:
+#: importing those packages here only to name their exceptions would slow every run's start.
+TRANSIENT_ERRORS = frozenset({"ConnectTimeout", "ReadTimeout", "ConnectError", "RemoteProtocolError", "ChunkedEncodingError",
+                              "HfHubHTTPError", "LocalEntryNotFoundError"})
+#: Seconds before the second, third and fourth attempts of a stage that downloads.
+DOWNLOAD_RETRY_DELAYS = [10, 60, 180]
+
+
 # The store in dpo_bench.stages caches on content keys; Prefect's own input hashing is off.
-@task(name="prepare task", cache_policy=NONE)
+@task(name="prepare task", cache_policy=NONE, retries=len(DOWNLOAD_RETRY_DELAYS), retry_delay_seconds=DOWNLOAD_RETRY_DELAYS,
+      retry_condition_fn=transient_failure)
 def prepare_task_task(bench: Bench) -> Stage:
     return _logged(prepare_task(bench))
 
 
-@task(name="train SFT", cache_policy=NONE)
+@task(name="train SFT", cache_policy=NONE, retries=len(DOWNLOAD_RETRY_DELAYS), retry_delay_seconds=DOWNLOAD_RETRY_DELAYS,
+      retry_condition_fn=transient_failure)
 def train_sft_task(bench: Bench, task_stage: Stage) -> Stage:
     return _logged(train_sft(bench, task_stage))
 
@@ -224,8 +246,10 @@ def benchmark_flow(
         paths = report_task(bench, run_dir, run_id, pipelines, done, timings, started, started_at, {"orchestrator": "prefect"},
                             results_db)
     markdown = Path(paths["markdown"]).read_text()
-    create_markdown_artifact(markdown=markdown, key=_artifact_key(bench_config.preset, "report"), description=f"dpo-bench report {run_id}")
-    create_table_artifact(table=_results_table(run_dir), key=_artifact_key(bench_config.preset, "results"), description=f"final results {run_id}")
+    create_markdown_artifact(markdown=embedded_figures(markdown, run_dir), key=_artifact_key(bench_config.task, bench_config.preset, "report"),
+                             description=f"dpo-bench report {run_id}")
+    create_table_artifact(table=_results_table(run_dir), key=_artifact_key(bench_config.task, bench_config.preset, "results"),
+                          description=f"final results {run_id}")
     logger.info("report: %s", paths["html"])
     return str(run_dir)
 
@@ -281,10 +305,27 @@ def _submit_jobs(runner: Any, jobs: dict, seed: int, bench: Bench, stages: dict,
             jobs[(seed, job)] = runner.submit(job_task, {"bench": bench, "stages": dict(stages), "job": job})
 
 
-def _artifact_key(preset: str, what: str) -> str:
-    # Prefect keys allow lowercase letters, digits and dashes only.
-    clean = "".join(c if c.isalnum() else "-" for c in preset.lower()).strip("-") or "custom"
-    return f"dpo-bench-{clean}-{what}"
+def _artifact_key(task_name: str, preset: str, what: str) -> str:
+    """One key per task and preset (a bandit and a sentiment `quick` run are different series)."""
+    def clean(text: str) -> str:  # Prefect keys allow lowercase letters, digits and dashes only
+        return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+    return f"dpo-bench-{clean(task_name) or 'task'}-{clean(preset) or 'custom'}-{what}"
+
+
+def embedded_figures(markdown: str, run_dir: Path) -> str:
+    """The report's markdown with each ``figures/*.png`` it links inlined as a data URI, so that
+    Prefect's UI, which cannot resolve the run directory's files, shows them."""
+    import base64
+    import re
+
+    def inline(match: re.Match) -> str:
+        path = run_dir / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\((figures/[^)\s]+\.png)\)", inline, markdown)
 
 
 def _results_table(run_dir: Path) -> list[dict]:
