@@ -461,7 +461,8 @@ def optimise(
         return loss, metrics
 
     try:
-        for step in tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False):
+        bar = tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False)
+        for step in bar:
             if step == decide_at:
                 runner.consider_workers(loss_fn, params, config.steps - step + 1)
             began = time.perf_counter()
@@ -477,6 +478,7 @@ def optimise(
             log.compute.add(steps=1, tokens=int(counted[idx].sum()) if counted is not None else 0)
             if step % log_every == 0 or step == config.steps:
                 log.log(step, len(idx), **{"train/loss": loss.item(), **{f"train/{k}": v for k, v in metrics.items()}})
+                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
             if step in evals:
                 model.eval()
                 checkpoint(step, model)

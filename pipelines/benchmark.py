@@ -240,7 +240,7 @@ def benchmark_flow(
                     timings.stages.update(stage_seconds)
                     _submit_jobs(runner, jobs, seed, worker.for_seed(seed), pipelines[seed], False)
                     submitted += _submit_cells(runner, worker.for_seed(seed), pipelines[seed])
-                done = [(cell, timings.record(f.result(), cell.label)) for cell, f in submitted]
+                done = _collect_cells(submitted, timings)
             for (seed, job), f in jobs.items():
                 pipelines[seed][f"job:{job}"] = timings.record(f.result(), job + seed_label(bench_config, seed))
         paths = report_task(bench, run_dir, run_id, pipelines, done, timings, started, started_at, {"orchestrator": "prefect"},
@@ -289,8 +289,31 @@ def pipeline_task(bench: Bench, seed: int) -> tuple[dict, dict[str, float]]:
 
 def _cells_here(bench: Bench, stages: dict, timings: Timings) -> list[tuple[Cell, Stage]]:
     """One cell at a time in this process: torch already uses every core, and threads would share its RNG state."""
-    return [(cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label))
-            for cell in bench.config.cells()]
+    cells = bench.config.cells()
+    done = []
+    for n, cell in enumerate(cells, 1):
+        done.append((cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label)))
+        _progress(n, len(cells), cell.label)
+    return done
+
+
+def _collect_cells(submitted: list[tuple[Cell, Any]], timings: Timings) -> list[tuple[Cell, Stage]]:
+    """The submitted cells' stages in submission order, logging "cell i/N" as each finishes."""
+    from prefect.futures import as_completed
+
+    index = {id(future): k for k, (_, future) in enumerate(submitted)}
+    stages: list[Stage | None] = [None] * len(submitted)
+    for n, future in enumerate(as_completed([future for _, future in submitted]), 1):
+        k = index[id(future)]
+        cell = submitted[k][0]
+        stages[k] = timings.record(future.result(), cell.label)
+        _progress(n, len(submitted), cell.label)
+    return [(cell, stage) for (cell, _), stage in zip(submitted, stages)]
+
+
+def _progress(n: int, total: int, label: str) -> None:
+    """ "cell i/N done: <label>": of the whole grid on workers, of one seed's cells in this process."""
+    get_run_logger().info("cell %d/%d done: %s", n, total, label)
 
 
 def _submit_cells(runner: Any, bench: Bench, stages: dict) -> list[tuple[Cell, Any]]:

@@ -124,7 +124,8 @@ def train_reward_model(
     optimizer = adamw(model.parameters(), lr=config.lr)
     lengths = longest_rows(pairs.chosen_mask, pairs.rejected_mask) if config.group_by_length else None
     batches = minibatches(len(pairs), config.batch_size, generator, lengths)
-    for step in tqdm(range(1, config.steps + 1), desc="reward model", disable=not progress, leave=False):
+    bar = tqdm(range(1, config.steps + 1), desc="reward model", disable=not progress, leave=False)
+    for step in bar:
         idx = next(batches)
         batch = pairs.select(idx)
         batch = PairTensors(*(t.to(device) for t in (batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask)))
@@ -136,8 +137,10 @@ def train_reward_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if log is not None and (step % 10 == 0 or step == config.steps):
-            log(step, len(idx), **{"train/loss": loss.item(), "train/accuracy": pairwise_accuracy(r_w.detach(), r_l.detach())})
+        if step % 10 == 0 or step == config.steps:
+            bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+            if log is not None:
+                log(step, len(idx), **{"train/loss": loss.item(), "train/accuracy": pairwise_accuracy(r_w.detach(), r_l.detach())})
     model.eval()
     return model
 

@@ -96,6 +96,9 @@ def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd,
     cells = _markers(reports / ".cache", "cell")
     config = from_dict_config(record["config"])
     assert len(cells) == len(config.cells())
+    # The grid's progress, as each cell finishes, whichever finishes first.
+    n = len(config.cells())
+    assert [f"cell {i}/{n} done" in err for i in range(1, n + 1)] == [True] * n
     pids = {c["pid"] for c in cells}
     assert os.getpid() not in pids and len(pids) == 2
     assert {c["torch_threads"] for c in cells} == {worker_threads}

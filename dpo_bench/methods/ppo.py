@@ -256,7 +256,8 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     evals = set(checkpoint_steps(config.iterations, ctx.n_checkpoints))
     task = ctx.task
     exact = config.kl_estimator == "exact"
-    for iteration in tqdm(range(1, config.iterations + 1), desc=ctx.label, disable=not ctx.progress, leave=False):
+    bar = tqdm(range(1, config.iterations + 1), desc=ctx.label, disable=not ctx.progress, leave=False)
+    for iteration in bar:
         kl_coef = controller.value if controller else config.kl_coef
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(iteration - 1, config.iterations, 0, config.lr_schedule)
@@ -319,6 +320,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
                "train/reward": reward.mean().item(), "train/gold_reward": gold.mean().item(),
                "train/truncated": truncated.float().mean().item(), "train/kl": kl, "train/kl_coef": kl_coef},
         )
+        bar.set_postfix(reward=f"{reward.mean().item():.3g}", kl=f"{kl:.3g}", refresh=False)
         if iteration in evals:
             model.policy.eval()
             ctx.checkpoint(iteration, model.policy)
