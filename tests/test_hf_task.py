@@ -445,3 +445,16 @@ def test_max_length_fits_the_model_when_no_length_is_set(workspace, tmp_path):
     assert json.loads((task_dir / "prompts.json").read_text())["max_length"] == 63
     with pytest.raises(ConfigError, match="hf.max_length: 100 tokens \\(\\+ EOS\\) exceed the model's 64 positions"):
         HFTask.prepare(HFConfig(model=str(workspace / "model"), data=str(data), max_new_tokens=6, max_length=100), tmp_path / "t")
+
+
+def test_a_file_with_one_prompt_is_a_one_line_error(workspace, tmp_path, capsys):
+    """Nothing to hold out for evaluation: the run stops on one line naming the file, no traceback."""
+    rows = [{"prompt": "the film was", "chosen": good, "rejected": bad} for good, bad in zip(GOOD, BAD)]
+    data = _write(rows, tmp_path / "one.jsonl")
+    code = main(["run", "--task", "hf", "--model", str(workspace / "model"), "--data", str(data), "--preset", "quick",
+                 "--config", str(workspace / "small.toml"), "--no-prefect", "--quiet",
+                 "--reports-dir", str(tmp_path / "reports"), "--run-id", "r"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert (f"dpo-bench: {data}: need at least 2 distinct prompts to split into train and eval, got 1; give more prompts, "
+            "or hf.eval_split for separate eval data") in err.splitlines()

@@ -32,7 +32,7 @@ import pandas as pd
 from torch import nn
 
 from ..configs import ConfigError, field, positive
-from ..data import CHAT_FORMATS, check_lengths, load_preferences, looks_like_path, render_conversational
+from ..data import CHAT_FORMATS, DataValidationError, check_lengths, load_preferences, looks_like_path, render_conversational
 from ..judges import ClassifierJudge, RewardModelJudge, judge_entry_points, known_judges, registered_judge
 from ..policy import (
     LoRASpec, apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_policy, load_tokenizer,
@@ -350,14 +350,15 @@ def _prepare_preferences(config: HFConfig, tokenizer: Any, workdir: Path) -> dic
         frame = pd.concat([train.assign(split="train"), heldout.assign(split="heldout")], ignore_index=True)
         train_prompts = list(dict.fromkeys(train["prompt"]))
     else:
-        train_prompts, eval_prompts = split_prompts(list(dict.fromkeys(frame["prompt"])), config.eval_fraction,
-                                                    config.max_eval_prompts, config.split_seed)
+        train_prompts, eval_prompts = _split_or_explain(data.source, list(dict.fromkeys(frame["prompt"])), config.eval_fraction,
+                                                        config.max_eval_prompts, config.split_seed)
         frame = frame.assign(split=np.where(frame["prompt"].isin(set(eval_prompts)), "heldout", "train"))
     if config.max_train_prompts:
         train_prompts = train_prompts[: config.max_train_prompts]
         frame = frame[(frame["split"] == "heldout") | frame["prompt"].isin(set(train_prompts))]
     if not train_prompts:
-        raise ValueError(f"{data.source}: no train prompts are left once the eval prompts are held out")
+        raise DataValidationError(data.source, None, None, "no train prompts are left once the eval prompts are held out "
+                                  "(hf.eval_split holds every prompt of the data?)")
     frame.reset_index(drop=True).to_parquet(workdir / "data.parquet", index=False)
     fingerprints.update(train_prompts=fingerprint_strings(train_prompts), eval_prompts=fingerprint_strings(eval_prompts))
     return {
@@ -374,7 +375,7 @@ def _prepare_texts(config: HFConfig, tokenizer: Any, workdir: Path) -> dict:
         held = set(eval_texts)
         train_texts = [t for t in texts if t not in held]
     else:
-        train_texts, eval_texts = split_prompts(texts, config.eval_fraction, len(texts), config.split_seed)
+        train_texts, eval_texts = _split_or_explain(config.data, texts, config.eval_fraction, len(texts), config.split_seed)
     rng = np.random.default_rng(config.split_seed)
     train_prompts = _prefixes(train_texts, tokenizer, config, rng)
     eval_prompts = _prefixes(_ordered_by_hash(eval_texts, config.split_seed), tokenizer, config, rng)
@@ -432,6 +433,14 @@ def _hash_unit(text: str, seed: int) -> float:
 
 def _ordered_by_hash(items: Sequence[str], seed: int) -> list[str]:
     return sorted(items, key=lambda t: _hash_unit(t, seed))
+
+
+def _split_or_explain(source: str, prompts: Sequence[str], fraction: float, max_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """:func:`split_prompts`, its refusal as a data error naming the source (one line at the CLI)."""
+    try:
+        return split_prompts(prompts, fraction, max_eval, seed)
+    except ValueError as e:
+        raise DataValidationError(source, None, None, f"{e}; give more prompts, or hf.eval_split for separate eval data") from None
 
 
 def split_prompts(prompts: Sequence[str], fraction: float, max_eval: int, seed: int) -> tuple[list[str], list[str]]:
