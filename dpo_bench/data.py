@@ -138,20 +138,45 @@ class DataValidationErrors(DataValidationError):
 
 
 class HubUnreachableError(ConnectionError):
-    """A hub dataset id whose data could not be fetched: no network, or HF_HUB_OFFLINE with a cold cache."""
+    """A hub id (a dataset, or a model, tokenizer or judge: ``kind``) that could not be fetched: no
+    network, or HF_HUB_OFFLINE with a cold cache."""
 
-    def __init__(self, source: str, offline: bool = False):
-        super().__init__(source, offline)  # args mirror __init__, as DataValidationError's
+    def __init__(self, source: str, offline: bool = False, kind: str = "dataset"):
+        super().__init__(source, offline, kind)  # args mirror __init__, as DataValidationError's
         self.source = source
         self.offline = offline
+        self.kind = kind
 
     def __str__(self) -> str:
         why = " (HF_HUB_OFFLINE is set and it is not in the cache)" if self.offline else ""
+        if self.kind == "dataset":
+            return (
+                f"{self.source}: could not reach the Hugging Face hub to read this dataset{why}; give a local file "
+                f"({', '.join(LOCAL_SUFFIXES)}) or save_to_disk folder, or download the dataset beforehand and run "
+                "with HF_HUB_OFFLINE=1 to read it from the cache"
+            )
         return (
-            f"{self.source}: could not reach the Hugging Face hub to read this dataset{why}; give a local file "
-            f"({', '.join(LOCAL_SUFFIXES)}) or save_to_disk folder, or download the dataset beforehand and run "
-            "with HF_HUB_OFFLINE=1 to read it from the cache"
+            f"{self.source}: could not reach the Hugging Face hub to load this {self.kind}{why}; give a local directory "
+            "(one written by save_pretrained), or download it beforehand and run with HF_HUB_OFFLINE=1 to read it from the cache"
         )
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is told to stay offline (HF_HUB_OFFLINE)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether a transformers or huggingface_hub error while loading a hub id means the hub could not be
+    reached (rather than, say, a repository without the file asked for)."""
+    if isinstance(error, ConnectionError) or type(error).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return True
+    text = str(error)
+    return isinstance(error, OSError) and ("couldn't connect" in text or "offline mode" in text.lower())
 
 
 class _Bad(Exception):

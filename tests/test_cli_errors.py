@@ -298,3 +298,19 @@ def test_a_loss_type_without_a_method_here_is_one_line(tmp_path, capsys):
     assert code == 2
     assert one_line(err) == (f"dpo-bench: config error: {config}: grid[0]: loss_type 'exo_pair' has no method here; known: "
                              "sigmoid, ipo, hinge, robust, simpo (see `dpo-bench methods`)")
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_one_line(tmp_path, capsys, monkeypatch):
+    """Offline (HF_HUB_OFFLINE, as on this machine without a network), a hub model id the cache does not hold."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps({**ROW, "prompt": f"{ROW['prompt']} {i}"}) for i in range(4)) + "\n")
+    code, _, err = cli(capsys, "run", "--task", "hf", "--model", "dpo-bench-tests/no-such-model", "--data", str(data),
+                       "--preset", "quick", "--no-prefect", "--quiet", "--reports-dir", str(tmp_path / "reports"))
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "dpo-bench: dpo-bench-tests/no-such-model: could not reach the Hugging Face hub to load this model (HF_HUB_OFFLINE "
+        "is set and it is not in the cache); give a local directory (one written by save_pretrained), or download it "
+        "beforehand and run with HF_HUB_OFFLINE=1 to read it from the cache")

@@ -32,7 +32,10 @@ import pandas as pd
 from torch import nn
 
 from ..configs import ConfigError, field, positive
-from ..data import CHAT_FORMATS, DataValidationError, check_lengths, load_preferences, looks_like_path, render_conversational
+from ..data import (
+    CHAT_FORMATS, DataValidationError, HubUnreachableError, check_lengths, hub_offline, load_preferences, looks_like_path,
+    render_conversational, unreachable,
+)
 from ..judges import ClassifierJudge, RewardModelJudge, judge_entry_points, known_judges, registered_judge
 from ..policy import (
     LoRASpec, apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_policy, load_tokenizer,
@@ -161,10 +164,15 @@ class HFTask(Task):
     def prepare(cls, config: HFConfig, workdir: Path) -> None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        tokenizer = load_tokenizer(config.tokenizer or config.model, revision=config.revision_or_none,
-                                   trust_remote_code=config.trust_remote_code)
+        try:
+            tokenizer = load_tokenizer(config.tokenizer or config.model, revision=config.revision_or_none,
+                                       trust_remote_code=config.trust_remote_code)
+            positions = model_positions(config)
+        except OSError as e:  # transformers' "couldn't connect" is an OSError; so is ConnectionError
+            if unreachable(e):
+                raise HubUnreachableError(config.tokenizer or config.model, offline=hub_offline(), kind="model") from None
+            raise
         tokenizer.save_pretrained(workdir / "tokenizer")
-        positions = model_positions(config)
         config = replace(config, max_length=fitted_max_length(config, positions))
         if config.data_format == "text":
             info = _prepare_texts(config, tokenizer, workdir)
@@ -467,11 +475,17 @@ DEFAULT_MAX_LENGTH = 512
 
 def model_positions(config: HFConfig) -> int | None:
     """The model's position limit (``max_position_embeddings`` or ``n_positions``), None if its
-    config states none."""
+    config states none or cannot be read here (the SFT stage, which loads the model, then says why;
+    a hub that cannot be reached is the caller's error)."""
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(config.model, revision=config.revision_or_none,
-                                              trust_remote_code=config.trust_remote_code)
+    try:
+        model_config = AutoConfig.from_pretrained(config.model, revision=config.revision_or_none,
+                                                  trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and unreachable(e):
+            raise
+        return None
     return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None) or None
 
 
