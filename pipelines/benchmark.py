@@ -56,8 +56,9 @@ def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
 #: importing those packages here only to name their exceptions would slow every run's start.
 TRANSIENT_ERRORS = frozenset({"ConnectTimeout", "ReadTimeout", "ConnectError", "RemoteProtocolError", "ChunkedEncodingError",
                               "HfHubHTTPError", "LocalEntryNotFoundError"})
-#: Seconds before the second, third and fourth attempts of a stage that downloads.
-DOWNLOAD_RETRY_DELAYS = [10, 60, 180]
+#: Seconds before the second and third attempts of a stage that downloads (without a network, each attempt
+#: itself takes about a minute of the HTTP stack's own retries: a run fails in some 4 minutes).
+DOWNLOAD_RETRY_DELAYS = [15, 60]
 
 
 # The store in dpo_bench.stages caches on content keys; Prefect's own input hashing is off.

@@ -36,7 +36,7 @@ def test_only_failures_of_the_network_are_retried(error, retried):
 
 def test_the_stages_that_download_retry_with_growing_delays():
     for task in (prepare_task_task, train_sft_task):
-        assert task.retries == len(DOWNLOAD_RETRY_DELAYS) == 3
+        assert task.retries == len(DOWNLOAD_RETRY_DELAYS) == 2
         assert task.retry_delay_seconds == DOWNLOAD_RETRY_DELAYS == sorted(DOWNLOAD_RETRY_DELAYS)
         assert task.retry_condition_fn is transient_failure
 
