@@ -44,18 +44,20 @@ def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
     """Whether a stage that downloads (the task's data, tokenizer and model config; the SFT stage's
     model weights) failed in a way another attempt may not: the network, not the input. A hub that
     HF_HUB_OFFLINE forbids, a bad row or a bad config fail at once."""
-    from dpo_bench.data import HubUnreachableError
+    from dpo_bench.data import HubUnreachableError, hub_offline, unreachable
 
     error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     if isinstance(error, HubUnreachableError):
         return not error.offline
+    if unreachable(error):  # transformers' "couldn't connect" (an OSError), the hub client's errors
+        return not hub_offline()
     return isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in TRANSIENT_ERRORS
 
 
 #: Errors of the HTTP stack (requests, httpx, huggingface_hub) that another attempt may not meet, by name:
 #: importing those packages here only to name their exceptions would slow every run's start.
 TRANSIENT_ERRORS = frozenset({"ConnectTimeout", "ReadTimeout", "ConnectError", "RemoteProtocolError", "ChunkedEncodingError",
-                              "HfHubHTTPError", "LocalEntryNotFoundError"})
+                              "HfHubHTTPError"})
 #: Seconds before the second and third attempts of a stage that downloads (without a network, each attempt
 #: itself takes about a minute of the HTTP stack's own retries: a run fails in some 4 minutes).
 DOWNLOAD_RETRY_DELAYS = [15, 60]

@@ -26,6 +26,8 @@ class ReadTimeout(OSError):
     (ConnectionError("reset by peer"), True),
     (TimeoutError(), True),
     (ReadTimeout(), True),
+    (OSError("We couldn't connect to 'https://huggingface.co' to load the files"), True),  # transformers' words
+    (OSError("gpt2 does not appear to have a file named config.json"), False),
     (DataValidationError("data.jsonl", 3, "chosen", "expected a string"), False),
     (ConfigError("hf.max_length: 600 tokens (+ EOS) exceed the model's 512 positions"), False),
     (ValueError("need at least 2 distinct prompts"), False),
