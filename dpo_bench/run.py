@@ -279,8 +279,9 @@ def finish_run(
             samples.append(pd.read_parquet(stage.path / "samples.parquet"))
         # Where the cell's policy is (its last evaluated checkpoint): `dpo-bench export` reads it.
         policy = stage.path / "policy"
-        statuses[cell.label] = {**cell_status(stage), "method": cell.method, "name": cell.display_name,
-                                "strength": None if math.isnan(cell.strength_value) else cell.strength_value, "seed": cell.seed, "stage": str(stage.path.resolve()),
+        strength = None if math.isnan(cell.strength_value) else cell.strength_value
+        statuses[cell.label] = {**cell_status(stage), "method": cell.method, "name": cell.display_name, "strength": strength,
+                                "seed": cell.seed, "stage": str(stage.path.resolve()),
                                 "policy": str(policy.resolve()) if policy.is_dir() else None}
     frames.append(label_temperature_rms(bench.for_seed(first_seed), first))
     task = bench.task_summary(first["task"])
