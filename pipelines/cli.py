@@ -93,6 +93,8 @@ def resolve_config(args: argparse.Namespace):
             config = load_config(preset, args.config, overrides)
     for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, TRLNameNote)):
         print(f"dpo-bench: note: {note}", file=sys.stderr)
+    for other in (n for n in notes if not issubclass(n.category, TRLNameNote)):  # shown as they would have been
+        warnings.showwarning(other.message, other.category, other.filename, other.lineno)
     methods = _parse_methods(getattr(args, "methods", None))
     return config.with_methods(methods) if methods else config
 

@@ -280,8 +280,10 @@ class HFTask(Task):
         if self.config.reference == "text_ft":
             prompts, completions = [], []
             eos = [] if self.eos_id is None else [self.eos_id]
+            # The cap the task stage fitted to the model (hf.max_length 0), or the config's.
+            cap = self.info.get("max_length") or self.config.max_length or DEFAULT_MAX_LENGTH
             for text in pd.read_parquet(self.workdir / "texts.parquet")["text"]:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.info.get("max_length") or self.config.max_length or DEFAULT_MAX_LENGTH]
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:cap]
                 if len(ids) >= 2:
                     # The first token is the "prompt": the model learns to continue any prefix.
                     prompts.append(ids[:1])
