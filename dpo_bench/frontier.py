@@ -5,7 +5,10 @@ concave hull of those points and of the SFT reference (the anchor, at KL 0), mad
 in KL. Why concave: a per-prompt random mixture of policies a and b with weight w has gold reward
 w g_a + (1 - w) g_b and, KL being convex in the policy, KL at most w kl_a + (1 - w) kl_b, so every
 chord of the hull is achievable. Why non-decreasing: the best policy within a KL budget k is the
-best at KL <= k. Beyond the largest KL a method was measured at, nothing is claimed.
+best at KL <= k. Beyond the largest KL a method was measured at, nothing is claimed. Below the
+smallest, the frontier is the chord from the reference to the method's nearest policy: a mixture
+with the reference that every method gets for free, not a policy the method trained there. Such a
+budget is not *covered* by the method; the verdict compares methods only at budgets both cover.
 
 Three layers, each pure numpy (pandas only where a DataFrame is the input or output):
   points      upper_envelope, mixture_at, envelope_value, budget_value (chosen on validation
@@ -247,9 +250,10 @@ ANCHOR_COLUMNS = ("seed", "split", "prompt", "gold")
 SPLITS = ("val", "test")
 FRONTIER_COLUMNS = (
     "method", "kl_budget", "gold_reward", "ci_low", "ci_high", "n_seeds", "kl", "stderr", "boot_reached",
+    "covered", "kl_min",
 )
 PER_SEED_COLUMNS = (
-    "method", "seed", "kl_budget", "reached", "gold", "kl", "val_gold",
+    "method", "seed", "kl_budget", "reached", "covered", "gold", "kl", "val_gold",
     "point_a", "point_b", "weight", "within_stderr", "n_test_prompts",
 )
 COMPARE_COLUMNS = ("kl_budget", "diff", "stderr", "ci_low", "ci_high", "p", "test", "n_seeds")
@@ -298,6 +302,8 @@ class _Choice:
     test_gold: float
     test_kl: float
     prompt_values: np.ndarray  # (P_test,) per-prompt test gold of the mixture
+    kl_min: float  # the smallest validation KL of the method's own points in this seed
+    covered: bool  # the budget is at or above kl_min: not on the chord from the reference alone
 
 
 def _plain(value):
@@ -418,7 +424,9 @@ def _choose(seed: _Seed, method: int, budget: float) -> _Choice | None:
         return None
     test_gold, test_kl, a, b, w = chosen
     val_gold = float(val.prompt_values(method, a, b, w).mean())
-    return _Choice(a, b, w, val_gold, test_gold, test_kl, test.prompt_values(method, a, b, w))
+    kl_min = float(val.kl[method, :n].mean(axis=-1).min()) if n else math.inf
+    return _Choice(a, b, w, val_gold, test_gold, test_kl, test.prompt_values(method, a, b, w), kl_min,
+                   bool(budget >= kl_min))
 
 
 def _choices(methods: tuple, seeds: list[_Seed], budgets: np.ndarray) -> list[list[list[_Choice | None]]]:
@@ -434,8 +442,10 @@ def per_seed_budget_values(
     per_prompt: long table with columns method, seed, point, split ("val"/"test"), prompt, gold,
     kl: one method point's gold reward and KL estimate on one prompt. anchor: columns seed,
     split, prompt, gold, the SFT reference (KL 0) on the same prompts.
-    Columns: method, seed, kl_budget, reached, gold and kl (test means of the mixture, NaN when not
-    reached), val_gold (its validation value), point_a, point_b (point labels, ANCHOR_POINT for
+    Columns: method, seed, kl_budget, reached, covered (reached, and at or above the smallest
+    validation KL of the method's own points: not read on the chord from the reference alone), gold
+    and kl (test means of the mixture, NaN when not reached), val_gold (its validation value),
+    point_a, point_b (point labels, ANCHOR_POINT for
     the anchor) and weight (on point_a): the mixture; within_stderr: sd/sqrt(n) over test prompts
     of the mixture's per-prompt gold w gold_a,i + (1 - w) gold_b,i, the evaluation error of
     `gold` with the val choice held fixed; n_test_prompts.
@@ -449,7 +459,7 @@ def per_seed_budget_values(
             for k, budget in enumerate(budgets):
                 c = choices[s][m][k]
                 row = dict(method=method, seed=seed.seed, kl_budget=budget, reached=c is not None,
-                           n_test_prompts=seed.test.anchor.size)
+                           covered=c is not None and c.covered, n_test_prompts=seed.test.anchor.size)
                 if c is not None:
                     row.update(
                         gold=c.test_gold, kl=c.test_kl, val_gold=c.val_gold,
@@ -535,6 +545,10 @@ def frontier_table(
       boot_reached  share of bootstrap draws in which every drawn seed reaches the budget; the
                     interval is over those draws, so a share below 1 flags a budget near the
                     edge of what the method reaches.
+      kl_min        the largest over seeds of the smallest validation KL of the method's own
+                    points: below it, some seed's frontier is the chord from the reference alone
+      covered       kl_budget >= kl_min: the value is read between the method's own policies in
+                    every seed (the verdict compares methods only at covered budgets)
     n_boot = 0 skips the bootstrap (NaN intervals).
     """
     if n_boot < 0:
@@ -560,6 +574,7 @@ def frontier_table(
                 kl=float(np.mean([c.test_kl for c in per_seed])),
                 stderr=float(draws.std(ddof=1)) if draws.size > 1 else float("nan"),
                 boot_reached=draws.size / n_boot if n_boot else float("nan"),
+                covered=all(c.covered for c in per_seed), kl_min=max(c.kl_min for c in per_seed),
             ))
     return pd.DataFrame(rows, columns=list(FRONTIER_COLUMNS))
 
@@ -571,8 +586,10 @@ def compare_at_budgets(
     method_b: Hashable,
     budgets: Sequence[float],
     confidence: float = CONFIDENCE,
+    covered_only: bool = True,
 ) -> pd.DataFrame:
-    """Paired difference a - b of the test gold at each KL budget both methods reach in every seed.
+    """Paired difference a - b of the test gold at each KL budget both methods cover in every seed
+    (reach, and not only on the chord from the reference; ``covered_only = False``: reach).
 
     Columns: kl_budget, diff (mean over seeds of the per-seed a - b), stderr, ci_low, ci_high, p
     (two-sided), test (which test: `seed_paired_test`'s method string), n_seeds.
@@ -595,7 +612,7 @@ def compare_at_budgets(
     rows = []
     for k, budget in enumerate(budgets):
         pairs = [(choices[s][ma][k], choices[s][mb][k]) for s in range(len(seeds))]
-        if any(a is None or b is None for a, b in pairs):
+        if any(a is None or b is None or (covered_only and not (a.covered and b.covered)) for a, b in pairs):
             continue
         diffs = [a.test_gold - b.test_gold for a, b in pairs]
         within = None

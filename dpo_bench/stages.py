@@ -906,8 +906,8 @@ LEMMA2_VARIANTS = ("r", "r+f", "r+g")
 
 
 #: What the Lemma 2 check's PPO runs change in PPO's defaults: they optimise their reward variants
-#: raw, without the EOS penalty. Its kl_coef was chosen on the gold reward's own scale (README,
-#: "Invariance checks"), and a normaliser fitted on each variant would divide r + f(x) by a larger
+#: raw, without the EOS penalty. Its kl_coef was chosen on the gold reward's own scale (docs/checks.md,
+#: "The Lemma 2 check with PPO"), and a normaliser fitted on each variant would divide r + f(x) by a larger
 #: std than r (f adds variance), so the runs the check compares would pay different prices for KL:
 #: the invariance it tests would fail by construction.
 LEMMA2_PPO_OVERRIDES = {"normalise_reward": False, "missing_eos_penalty": 0.0}

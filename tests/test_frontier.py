@@ -260,14 +260,16 @@ def per_seed_by_hand(per_prompt, anchor, method, budget):
 def test_per_seed_values_are_budget_value_on_prompt_means():
     per_prompt, anchor = long_tables({"dpo": CURVE, "ppo": CURVE[:2]}, 2, 40, np.random.default_rng(1))
     table = per_seed_budget_values(per_prompt, anchor, [0.7, 3.0])
-    assert list(table.columns) == ["method", "seed", "kl_budget", "reached", "gold", "kl", "val_gold",
+    assert list(table.columns) == ["method", "seed", "kl_budget", "reached", "covered", "gold", "kl", "val_gold",
                                    "point_a", "point_b", "weight", "within_stderr", "n_test_prompts"]
     for (method, budget), group in table.groupby(["method", "kl_budget"]):
         hands = per_seed_by_hand(per_prompt, anchor, method, budget)
         for (_, row), hand in zip(group.sort_values("seed").iterrows(), hands):
             if hand is None:
-                assert not row.reached and math.isnan(row.gold)
+                assert not row.reached and not row.covered and math.isnan(row.gold)
                 continue
+            own = per_prompt[(per_prompt.method == method) & (per_prompt.seed == row.seed) & (per_prompt.split == "val")]
+            assert row.covered == (budget >= own.groupby("point").kl.mean().min())
             gold, kl, a, b, w = hand
             assert row.reached and (row.gold, row.kl, row.weight) == pytest.approx((gold, kl, w))
             assert (row.point_a, row.point_b) == tuple(ANCHOR_POINT if i == ANCHOR else i for i in (a, b))
@@ -280,7 +282,7 @@ def test_frontier_table_point_estimates_and_unreached_budgets():
     per_prompt = per_prompt[~((per_prompt.method == "ppo") & (per_prompt.seed == 2) & (per_prompt.point == 1))]
     table = frontier_table(per_prompt, anchor, [0.0, 0.8, 3.0], n_boot=200)
     assert list(table.columns) == ["method", "kl_budget", "gold_reward", "ci_low", "ci_high", "n_seeds",
-                                   "kl", "stderr", "boot_reached"]
+                                   "kl", "stderr", "boot_reached", "covered", "kl_min"]
     assert set(zip(table.method, table.kl_budget)) == {("dpo", 0.0), ("dpo", 0.8), ("dpo", 3.0), ("ppo", 0.0)}
     for _, row in table.iterrows():
         hand = per_seed_by_hand(per_prompt, anchor, row.method, row.kl_budget)
@@ -288,7 +290,11 @@ def test_frontier_table_point_estimates_and_unreached_budgets():
         assert row.kl == pytest.approx(np.mean([h[1] for h in hand]))
         assert row.n_seeds == 3
     at_zero = table[table.kl_budget == 0.0]
-    assert (at_zero.kl == 0.0).all()
+    assert (at_zero.kl == 0.0).all() and not at_zero.covered.any()  # the reference alone: no method's own policy
+    val = per_prompt[per_prompt.split == "val"]
+    for _, row in table.iterrows():
+        floors = val[val.method == row.method].groupby(["seed", "point"]).kl.mean().groupby("seed").min()
+        assert row.kl_min == pytest.approx(floors.max()) and row.covered == (row.kl_budget >= floors.max())
     anchor_test = anchor[anchor.split == "test"].groupby("seed").gold.mean().mean()
     assert at_zero.gold_reward.iloc[0] == pytest.approx(anchor_test)
 
@@ -353,9 +359,9 @@ def test_boot_reached_flags_budgets_near_the_edge():
 def test_compare_at_budgets_three_seeds_is_a_t_test_over_per_seed_differences():
     per_prompt, anchor = long_tables({"dpo": CURVE, "ppo": [(kl, gain * 0.8) for kl, gain in CURVE]}, 3, 80,
                                      np.random.default_rng(8))
-    table = compare_at_budgets(per_prompt, anchor, "dpo", "ppo", [0.5, 2.5, 9.0])
+    table = compare_at_budgets(per_prompt, anchor, "dpo", "ppo", [0.7, 2.5, 9.0])
     assert list(table.columns) == ["kl_budget", "diff", "stderr", "ci_low", "ci_high", "p", "test", "n_seeds"]
-    assert list(table.kl_budget) == [0.5, 2.5]  # 9.0 is out of reach
+    assert list(table.kl_budget) == [0.7, 2.5]  # 9.0 is out of reach
     for _, row in table.iterrows():
         a = [h[0] for h in per_seed_by_hand(per_prompt, anchor, "dpo", row.kl_budget)]
         b = [h[0] for h in per_seed_by_hand(per_prompt, anchor, "ppo", row.kl_budget)]
@@ -383,7 +389,8 @@ def test_compare_at_budgets_one_seed_uses_the_paired_per_prompt_error():
             frames.append(pd.DataFrame(dict(method=method, seed=0, point="only", split=split, prompt=prompts,
                                             gold=gold, kl=np.full(n, kl))))
         test_gold["anchor", split] = base
-    table = compare_at_budgets(pd.concat(frames), pd.concat(anchors), "a", "b", [0.5])
+    # (below a's point, so only compared with covered_only=False: this checks the arithmetic)
+    table = compare_at_budgets(pd.concat(frames), pd.concat(anchors), "a", "b", [0.5], covered_only=False)
     d = 0.5 * test_gold["anchor", "test"] + 0.5 * test_gold["a", "test"] - test_gold["b", "test"]
     se = d.std(ddof=1) / math.sqrt(n)
     row = table.iloc[0]
@@ -391,6 +398,20 @@ def test_compare_at_budgets_one_seed_uses_the_paired_per_prompt_error():
     assert row.p == pytest.approx(2 * stats.norm.sf(abs(d.mean()) / se))
     assert row.ci_high - row["diff"] == pytest.approx(stats.norm.ppf(0.975) * se)
     assert "one seed: evaluation error only" in row.test and row.n_seeds == 1
+
+
+def test_budgets_below_a_methods_smallest_kl_are_not_compared():
+    """Below its first policy a method's frontier is the chord from the reference: a mixture any
+    method has for free, so a comparison there would measure the grid, not the method."""
+    per_prompt, anchor = long_tables({"dpo": CURVE, "ppo": CURVE[2:]}, 3, 80, np.random.default_rng(7))
+    covered = compare_at_budgets(per_prompt, anchor, "ppo", "dpo", [0.6, 1.0, 3.0])
+    assert list(covered.kl_budget) == [3.0]  # ppo's points start near KL 2
+    both = compare_at_budgets(per_prompt, anchor, "ppo", "dpo", [0.6, 1.0, 3.0], covered_only=False)
+    assert list(both.kl_budget) == [0.6, 1.0, 3.0]
+    assert (both[both.kl_budget < 2]["diff"] < 0).all()  # the chord undersells ppo: gains 1.0 at KL 2 read as 0.3, 0.5
+    table = frontier_table(per_prompt, anchor, [0.6, 1.0, 3.0], n_boot=0)
+    ppo = table[table.method == "ppo"].set_index("kl_budget")
+    assert list(ppo.covered) == [False, False, True] and table[table.method == "dpo"].covered.all()
 
 
 def test_compare_at_budgets_names_unknown_methods():

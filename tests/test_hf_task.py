@@ -354,10 +354,10 @@ def test_the_hf_config_survives_the_flow_round_trip(workspace):
         from_dict(HFConfig, {"eval_fraction": 2.0}, "hf")
 
 
-def test_the_readme_example_config_is_complete_and_valid(tmp_path):
+def test_the_docs_example_config_is_complete_and_valid(tmp_path):
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "own-model.md").read_text()
     block = re.search(r"<!-- example-hf-config -->\s*```toml\n(.*?)```", text, re.S).group(1)
     (tmp_path / "example.toml").write_text(block)
     config = load_config(path=tmp_path / "example.toml")

@@ -12,7 +12,7 @@ from dpo_bench.generation import truncated
 from dpo_bench.logprobs import collate
 from dpo_bench.methods.ppo import (
     AdaptiveKLController, PolicyWithValueHead, PPOConfig, clipped_policy_loss, clipped_value_loss, eos_penalised_scores, gae,
-    initial_value_head, kl_penalised_rewards, reward_normaliser, whiten,
+    initial_critic, initial_value_head, kl_penalised_rewards, reward_normaliser, whiten,
 )
 from reward.model import RewardModel
 from reward.normalise import Normaliser
@@ -163,6 +163,50 @@ def test_the_value_head_from_the_reward_model_predicts_its_normalised_score():
         prefix = batch.input_ids[:, :t + 1]
         assert values[0, t].item() == pytest.approx(rm.normalised_score(prefix, torch.ones_like(prefix)).item(), abs=1e-5)
     assert values[0, 0].item() == 0.0  # a prompt position: no value is read there
+
+
+def test_a_separate_critic_from_the_reward_model_predicts_its_normalised_score_on_another_policy():
+    """critic = separate, value_init = reward_model: the value network is the reward model's own
+    trunk and normalised head, whatever the policy is: V at a position is r̂ of the prefix ending
+    there, read by the reward model, while the policy's log-probs are its own."""
+    policy, rm_trunk = _tiny_gpt2(3), _tiny_gpt2(4)
+    rm = _reward_model(rm_trunk, mean=-0.5, std=2.0)
+    ctx = SimpleNamespace(reward_model=rm, reference=policy, label="ppo", freeze_blocks=0, freeze_embeddings=False)
+    config = PPOConfig(value_init="reward_model", critic="separate")
+    head = initial_value_head(ctx, config, "reward_model", reward_normaliser(ctx, config, "reward_model"))
+    model = PolicyWithValueHead(policy, head, initial_critic(ctx, config)).eval()
+    batch = collate([[3, 4]], [[5, 6, 7]], pad_id=0)
+    with torch.no_grad():
+        logps, values = model.logps_and_values(batch)
+        own = PolicyWithValueHead(policy).logps_and_values(batch)[0]
+    assert torch.equal(logps, own)
+    for t in (1, 2, 3):
+        prefix = batch.input_ids[:, :t + 1]
+        assert values[0, t].item() == pytest.approx(rm.normalised_score(prefix, torch.ones_like(prefix)).item(), abs=1e-5)
+    # a copy: training the critic leaves the reward model alone
+    assert model.critic is not rm.trunk and all(p.requires_grad for p in model.critic.parameters())
+
+
+def test_with_a_separate_critic_the_value_loss_moves_only_the_critic_and_the_policy_loss_only_the_policy():
+    policy = _tiny_gpt2(5)
+    ctx = SimpleNamespace(reference=policy, reward_model=None, label="ppo", freeze_blocks=0, freeze_embeddings=False)
+    assert initial_critic(ctx, PPOConfig()) is None  # shared by default
+    critic = initial_critic(ctx, PPOConfig(critic="separate"))  # value_init zero: the SFT model's trunk
+    assert all(torch.equal(a, b) for a, b in zip(critic.parameters(), policy.parameters()))
+    model = PolicyWithValueHead(policy.train(), None, critic)
+    torch.nn.init.normal_(model.value_head.weight)
+    batch = collate([[3, 4], [2]], [[5, 6, 7], [8, 9]], pad_id=0)
+    mask = batch.completion_mask[:, 1:].float()
+    logps, values = model.logps_and_values(batch)
+    vf = clipped_value_loss(values, values.detach(), torch.ones_like(values), mask, 10.0)
+    vf.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.policy.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.critic.parameters())
+    model.zero_grad(set_to_none=True)
+    pg = clipped_policy_loss(logps, logps.detach(), torch.ones_like(logps), mask, 0.2)
+    pg.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in [*model.critic.parameters(), *model.value_head.parameters()])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.policy.parameters())
 
 
 def test_value_init_without_normalisation_copies_the_head_and_zero_is_zero():

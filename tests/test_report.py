@@ -330,6 +330,23 @@ def test_the_headline_opens_with_the_verdict_and_flags_an_unconverged_ppo(tmp_pa
     assert "KL ≤ 2" in frontier and "not reached" in frontier and "p (Holm)" in frontier
 
 
+def test_budgets_below_a_methods_policies_are_shown_as_the_chord_and_their_absence_explained(tmp_path):
+    run_dir = _with_verdict(make_run(tmp_path), 1.2)
+    frontier = pd.read_parquet(run_dir / "frontier.parquet")
+    # ppo's policies start at 0.8 nats: at 0.5 its frontier is the chord from the SFT model
+    frontier["covered"] = ~((frontier["method"] == "ppo") & (frontier["kl_budget"] == 0.5))
+    frontier["kl_min"] = np.where(frontier["method"] == "ppo", 0.8, 0.1)
+    frontier.to_parquet(run_dir / "frontier.parquet")
+    comparisons = pd.read_parquet(run_dir / "comparisons.parquet")
+    comparisons[comparisons["kl_budget"] != 0.5].to_parquet(run_dir / "comparisons.parquet")
+    build_report(run_dir)
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    first = [ln for ln in _sections(md)["Headline"].splitlines() if ln.startswith("- ")][0]
+    assert first.startswith("- The evidence does not separate RLHF (ppo) from dpo")
+    assert "Not compared at 0.5 nats: below the policies of the grid (ppo's smallest KL is 0.800 nats)" in first
+    assert "below its policies (0.200 on the chord)" in _sections(md)["Frontier"]
+
+
 def test_results_table_marks_the_best(plain_run):
     run_dir, _ = plain_run
     md = (run_dir / "report.md").read_text(encoding="utf-8")

@@ -10,11 +10,12 @@ kl_coef adapted toward a target KL.
 The details follow Huang et al. 2024, "The N+ implementation details of RLHF with PPO": the
 reward normalised to mean 0, std 1 on SFT samples (so kl_coef, the value clip and the EOS penalty
 are in the same units for ``ppo`` and ``ppo_gt``); a fixed penalty for a completion without EOS;
-the value head optionally initialised from the reward model's.
+the value function optionally a network of its own, initialised from the reward model.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -30,6 +31,7 @@ from ..configs import ConfigError, field, non_negative, positive, probability
 from ..logprobs import (
     SequenceBatch, by_length_groups, token_kl_terms, token_log_distributions, token_logps, token_logps_and_hidden,
 )
+from ..policy import freeze_first_blocks
 from ..training import LR_SCHEDULE_DOC, check_finite, checkpoint_steps, lr_factor, make_optimizer
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
@@ -57,8 +59,13 @@ class PPOConfig:
                                          "is the same price against either; false reads raw scores")
     missing_eos_penalty: float = field(1.0, "subtracted from the score of a completion cut at the length cap without EOS, "
                                             "in the score's units (with normalise_reward: standard deviations); 0 turns it off")
-    value_init: Literal["zero", "reward_model"] = field("zero", "the value head's start: zero, or the reward model's head "
-                                                                "(normalised with the reward; ppo only)")
+    value_init: Literal["zero", "reward_model"] = field("zero", "the value function's start: a zero head, or the reward "
+                                                                "model's head, normalised with the reward (with critic = "
+                                                                "'separate', its trunk too; ppo only)")
+    critic: Literal["shared", "separate"] = field(
+        "shared", "the value function: a head on the policy's trunk ('shared'), or a network of its own, a trunk and a head "
+                  "('separate': Huang et al. 2024's, started from the reward model with value_init = 'reward_model', else "
+                  "from the SFT model; a second trunk's forward and backward per minibatch)")
     target_kl: float = field(0.0, "if > 0, adapt kl_coef so the rollout KL tracks this target (Ziegler et al.); 0 keeps it fixed")
     kl_horizon: float = field(10.0, "horizon of the adaptive KL controller, in iterations: kl_coef moves by a factor of at "
                                     "most 1 ± 0.2/kl_horizon an iteration (Ziegler et al.'s K_β = 0.1)")
@@ -182,13 +189,19 @@ class AdaptiveKLController:
 
 
 class PolicyWithValueHead(nn.Module):
-    """The policy plus a scalar value head on its last hidden state (a shared trunk)."""
+    """The policy plus a scalar value head on a last hidden state: the policy's own (a shared trunk),
+    or that of a separate critic trunk."""
 
-    def __init__(self, policy: nn.Module, head: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """``head``: the value head's initial (weight (1, D), bias (1,)); zero when None."""
+    def __init__(self, policy: nn.Module, head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 critic: nn.Module | None = None):
+        """``head``: the value head's initial (weight (1, D), bias (1,)); zero when None. ``critic``:
+        a trunk of the value function's own (a causal LM whose last hidden state the head reads);
+        None shares the policy's."""
         super().__init__()
         self.policy = policy
-        hidden = getattr(policy.config, "hidden_size", None) or policy.config.n_embd
+        self.critic = critic
+        trunk = critic if critic is not None else policy
+        hidden = getattr(trunk.config, "hidden_size", None) or trunk.config.n_embd
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -202,7 +215,9 @@ class PolicyWithValueHead(nn.Module):
         ``full``, a third: the next-token log-distributions (B, T-1, V)."""
         def both(b: SequenceBatch) -> tuple[torch.Tensor, ...]:
             # Values only where a completion token is predicted: the losses and GAE read no others.
-            logps, hidden, *dists = token_logps_and_hidden(self.policy, b, hidden=True, full=full)
+            logps, hidden, *dists = token_logps_and_hidden(self.policy, b, hidden=self.critic is None, full=full)
+            if self.critic is not None:
+                hidden = token_logps_and_hidden(self.critic, b, hidden=True)[1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
             return logps, values.new_zeros(logps.shape).masked_scatter(b.completion_mask[:, 1:].bool(), values), *dists
 
@@ -229,9 +244,10 @@ def initial_value_head(ctx: MethodContext, config: PPOConfig, score_source: str,
     """The value head's (weight, bias) at the start: None (zero), or the reward model's head,
     normalised as the reward is (w/std, (b − mean)/std), so that it predicts r̂ from the trunk's state.
 
-    The policy's trunk is the SFT model, and the reward model's trunk is fine-tuned away from it: on
-    the default task the reward model's head on the SFT trunk hardly correlates with r̂ (README,
-    "PPO"). Huang et al. initialise a separate value network, trunk and head, from the reward model."""
+    On a shared trunk (the SFT model) this carries little: the reward model's trunk is fine-tuned
+    away from it, and on the default task the reward model's head on the SFT trunk hardly correlates
+    with r̂ (docs/ppo.md, value_init). With ``critic = "separate"`` the head reads the reward model's
+    own trunk (:func:`initial_critic`), as Huang et al. initialise their value network."""
     if config.value_init == "zero":
         return None
     if score_source != "reward_model":
@@ -242,6 +258,20 @@ def initial_value_head(ctx: MethodContext, config: PPOConfig, score_source: str,
     return normalised_head(weight, bias, normaliser) if normaliser is not None else (weight, bias)
 
 
+def initial_critic(ctx: MethodContext, config: PPOConfig) -> nn.Module | None:
+    """The separate critic's trunk at the start (trainable, the context's frozen blocks fixed): the
+    reward model's trunk with ``value_init = "reward_model"``, else the SFT model's; None for a
+    shared trunk."""
+    if config.critic == "shared":
+        return None
+    trunk = copy.deepcopy(ctx.reward_model.trunk if config.value_init == "reward_model" else ctx.reference)
+    for p in trunk.parameters():
+        p.requires_grad_(True)
+    if ctx.freeze_blocks or ctx.freeze_embeddings:
+        freeze_first_blocks(trunk, ctx.freeze_blocks, ctx.freeze_embeddings)
+    return trunk.train()
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -249,7 +279,8 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     """PPO against ``score_source``: "reward_model" (RLHF) or "gold" (PPO-GT)."""
     device = ctx.device
     normaliser = reward_normaliser(ctx, config, score_source)
-    model = PolicyWithValueHead(trainable_copy(ctx), initial_value_head(ctx, config, score_source, normaliser)).to(device)
+    head = initial_value_head(ctx, config, score_source, normaliser)
+    model = PolicyWithValueHead(trainable_copy(ctx), head, initial_critic(ctx, config)).to(device)
     optimizer = make_optimizer(model, config.lr)
     controller = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon) if config.target_kl > 0 else None
     prompt_ids = ctx.train_prompt_ids()

@@ -175,6 +175,10 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
             for method in sorted(set(envelope["method"])):
                 families.setdefault(_role(data, method), []).append(method)
             for method, g in envelope.groupby("method", sort=True):
+                # budgets below a method's policies (the chord from the reference alone) are not its frontier
+                g = g[g["covered"].astype(bool)] if "covered" in g else g
+                if g.empty:
+                    continue
                 g = g.sort_values("kl_budget")
                 role = _role(data, method)
                 colour = FAMILY_COLOURS.get(role, "#777777")

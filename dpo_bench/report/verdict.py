@@ -39,13 +39,14 @@ def verdict_findings(data: RunData) -> list[Finding]:
     comparisons, frontier = data.comparisons, data.frontier
     if frontier is None or frontier.empty:
         return []
+    frontier = _with_coverage(frontier)
     config = (data.run.get("config") or {}).get("verdict") or {}
     rlhf = str(config.get("rlhf", "ppo"))
     findings: list[Finding] = []
     if comparisons is None or comparisons.empty:
         reached = set(frontier["method"])
         why = (f"the grid has no '{rlhf}' entry" if rlhf not in reached
-               else "no method of the DPO family shares a KL budget with it in every seed")
+               else "no method of the DPO family shares a KL budget with it that both cover (reach with their own policies) in every seed")
         findings.append(Finding(f"No verdict on RLHF against the DPO family: {why}.", warning=True))
     else:
         correction = CORRECTIONS.get(str(comparisons["correction"].iloc[0]), str(comparisons["correction"].iloc[0]))
@@ -62,7 +63,8 @@ def verdict_findings(data: RunData) -> list[Finding]:
                                               f"{other} is ahead of RLHF ({rlhf}) at {', '.join(worse)}" if worse else "") if s)
             else:
                 claim = f"The evidence does not separate RLHF ({rlhf}) from {other} at any budget both reach"
-            findings.append(Finding(f"{claim}. Gold reward difference {rlhf} − {other} on the test prompts: {'; '.join(parts)}."))
+            findings.append(Finding(f"{claim}. Gold reward difference {rlhf} − {other} on the test prompts: {'; '.join(parts)}."
+                                    + _uncovered(frontier, rlhf, str(other))))
     findings += _baselines(data, frontier)
     findings += objective_findings(data)
     findings += _evidence(data, comparisons)
@@ -159,6 +161,25 @@ def objective_findings(data: RunData) -> list[Finding]:
     return out
 
 
+def _with_coverage(frontier: pd.DataFrame) -> pd.DataFrame:
+    """The frontier with its ``covered`` column (runs written before it had none: every row covered)."""
+    return frontier if "covered" in frontier else frontier.assign(covered=True, kl_min=float("nan"))
+
+
+def _uncovered(frontier: pd.DataFrame, a: str, b: str) -> str:
+    """' Not compared at …: below …'s policies (…).' for budgets both reach where one of the two is read
+    only on the chord from the reference; '' when there are none."""
+    rows = {m: frontier[frontier["method"] == m].set_index("kl_budget") for m in (a, b)}
+    shared = sorted(set(rows[a].index) & set(rows[b].index))
+    below = [k for k in shared if not (rows[a].loc[k, "covered"] and rows[b].loc[k, "covered"])]
+    if not below:
+        return ""
+    why = [f"{m}'s smallest KL is {fmt.num(rows[m]['kl_min'].iloc[0])} nats" for m in (a, b)
+           if not rows[m].loc[below, "covered"].all()]
+    return (f" Not compared at {', '.join(_budget(k) for k in below)}: below the policies of the grid ({'; '.join(why)}), where "
+            "a frontier is only the chord from the SFT model, a mixture every method gets for free.")
+
+
 def _baselines(data: RunData, frontier: pd.DataFrame) -> list[Finding]:
     """Where the oracle and the inference-time baseline stand: shown, not competing."""
     out = []
@@ -167,6 +188,8 @@ def _baselines(data: RunData, frontier: pd.DataFrame) -> list[Finding]:
         if role not in ("oracle", "inference"):
             continue
         top = g.sort_values("kl_budget").iloc[-1]
+        if "covered" in g and not bool(top["covered"]):
+            continue
         out.append(Finding(
             f"{method} is {'an oracle (it optimises the gold reward itself)' if role == 'oracle' else 'an inference-time baseline (no training)'}, "
             f"shown for scale, not as a competitor: at {_budget(top['kl_budget'])} it reaches {fmt.num(top['gold_reward'])} "
@@ -220,6 +243,7 @@ def frontier_table(data: RunData) -> Table | None:
     frontier = data.frontier
     if frontier is None or frontier.empty:
         return None
+    frontier = _with_coverage(frontier)
     budgets = sorted(set(frontier["kl_budget"]))
     order = {"rlhf": 0, "direct": 1, "baseline": 2, "inference": 3, "oracle": 4}
     methods = sorted(set(frontier["method"]), key=lambda m: (order.get(_role(data, m), 1), m))
@@ -228,17 +252,21 @@ def frontier_table(data: RunData) -> Table | None:
         g = frontier[frontier["method"] == method].set_index("kl_budget")
         row = [Cell(_display(data, method))]
         for k in budgets:
-            if k in g.index:
+            if k in g.index and bool(g.loc[k, "covered"]):
                 r = g.loc[k]
                 row.append(Cell(f"{fmt.num(r['gold_reward'])} [{fmt.num(r['ci_low'])}, {fmt.num(r['ci_high'])}]",
                                 sort=float(r["gold_reward"])))
+            elif k in g.index:
+                row.append(Cell(f"below its policies ({fmt.num(g.loc[k, 'gold_reward'])} on the chord)"))
             else:
                 row.append(Cell("not reached"))
         rows.append(row)
     return Table(["method"] + [f"KL ≤ {k:g}" for k in budgets], rows,
                  "Gold reward on the test prompts at each KL budget (nats), read on each method's frontier: the mean over "
                  "seeds, with a 95% bootstrap interval over seeds and prompts. 'not reached': some seed's policies never "
-                 "reach that KL, and a frontier is never extrapolated.")
+                 "reach that KL, and a frontier is never extrapolated. 'below its policies': in some seed every policy of "
+                 "the method lies above that KL, so its frontier there is only the chord from the SFT model (a mixture "
+                 "every method gets for free); the verdict compares no method there.")
 
 
 def comparisons_table(data: RunData) -> Table | None:
