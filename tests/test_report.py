@@ -336,7 +336,9 @@ def test_budgets_below_a_methods_policies_are_shown_as_the_chord_and_their_absen
     # ppo's policies start at 0.8 nats: at 0.5 its frontier is the chord from the SFT model
     frontier["covered"] = ~((frontier["method"] == "ppo") & (frontier["kl_budget"] == 0.5))
     frontier["kl_min"] = np.where(frontier["method"] == "ppo", 0.8, 0.1)
-    frontier.to_parquet(run_dir / "frontier.parquet")
+    ipo = dict(method="ipo", kl_budget=0.5, gold_reward=0.3, ci_low=0.25, ci_high=0.35, n_seeds=3, kl=0.5, stderr=0.02,
+               role="direct", covered=True, kl_min=0.1)  # reaches 0.5 nats only, where ppo has no policy
+    pd.concat([frontier, pd.DataFrame([ipo])], ignore_index=True).to_parquet(run_dir / "frontier.parquet")
     comparisons = pd.read_parquet(run_dir / "comparisons.parquet")
     comparisons[comparisons["kl_budget"] != 0.5].to_parquet(run_dir / "comparisons.parquet")
     build_report(run_dir)
@@ -345,6 +347,7 @@ def test_budgets_below_a_methods_policies_are_shown_as_the_chord_and_their_absen
     assert first.startswith("- The evidence does not separate RLHF (ppo) from dpo")
     assert "Not compared at 0.5 nats: below the policies of the grid (ppo's smallest KL is 0.800 nats)" in first
     assert "below its policies (0.200 on the chord)" in _sections(md)["Frontier"]
+    assert "RLHF (ppo) and ipo cover no KL budget together, so they are not compared: ppo's policies cover 1 nat and 2 nats, ipo's 0.5 nats" in md
 
 
 def test_results_table_marks_the_best(plain_run):

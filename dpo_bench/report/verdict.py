@@ -65,6 +65,10 @@ def verdict_findings(data: RunData) -> list[Finding]:
                 claim = f"The evidence does not separate RLHF ({rlhf}) from {other} at any budget both reach"
             findings.append(Finding(f"{claim}. Gold reward difference {rlhf} − {other} on the test prompts: {'; '.join(parts)}."
                                     + _uncovered(frontier, rlhf, str(other))))
+        for other in sorted(set(frontier.loc[frontier["role"] == "direct", "method"]) - set(comparisons["method_b"])
+                            if "role" in frontier else []):
+            findings.append(Finding(f"RLHF ({rlhf}) and {other} cover no KL budget together, so they are not compared: "
+                                    f"{rlhf}'s policies cover {_covered_budgets(frontier, rlhf)}, {other}'s {_covered_budgets(frontier, str(other))}."))
     findings += _baselines(data, frontier)
     findings += objective_findings(data)
     findings += _evidence(data, comparisons)
@@ -178,6 +182,12 @@ def _uncovered(frontier: pd.DataFrame, a: str, b: str) -> str:
            if not rows[m].loc[below, "covered"].all()]
     return (f" Not compared at {', '.join(_budget(k) for k in below)}: below the policies of the grid ({'; '.join(why)}), where "
             "a frontier is only the chord from the SFT model, a mixture every method gets for free.")
+
+
+def _covered_budgets(frontier: pd.DataFrame, method: str) -> str:
+    """'1 nat and 2 nats': the budgets a method covers with its own policies ('none of the budgets')."""
+    budgets = [_budget(k) for k in sorted(frontier.loc[(frontier["method"] == method) & frontier["covered"].astype(bool), "kl_budget"])]
+    return " and ".join([", ".join(budgets[:-1]), budgets[-1]] if len(budgets) > 1 else budgets) or "none of the budgets"
 
 
 def _baselines(data: RunData, frontier: pd.DataFrame) -> list[Finding]:
