@@ -13,7 +13,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
-# Idle OpenMP threads sleep rather than spin (benchmarks/RESULTS.md: spinning cost 3.4x on shared cores).
+# Idle OpenMP threads sleep rather than spin (git show 8338f62:benchmarks/RESULTS.md, "Threads": spinning cost 3.4x on shared cores).
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: bench test quick install clean

@@ -632,8 +632,8 @@ def bandit_checks(ref_probs: np.ndarray, rewards: np.ndarray, config: ChecksConf
     key = (ref_probs.tobytes(), ref_probs.shape, rewards.tobytes(), rewards.shape, repr(config), seed)
     if key not in _BANDIT_CHECKS:
         threads = torch.get_num_threads()
-        # Tables of a few hundred numbers: more threads only add overhead (benchmarks/RESULTS.md, "The
-        # review task and its verdict", the bandit checks).
+        # Tables of a few hundred numbers: more threads only add overhead (benchmarks/RESULTS.md, "Speed
+        # on the review task", the bandit checks).
         torch.set_num_threads(1)
         try:
             results = bandit_convergence(ref_probs, rewards, config, np.random.default_rng(seed))

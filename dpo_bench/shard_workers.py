@@ -4,7 +4,7 @@ Threads (:class:`~dpo_bench.training.ShardRunner`) run a step's shards at once, 
 model's forward is a few hundred calls into torch from Python, and each call hands the GIL back
 and forth between the cores: the ``default`` SFT step in two shards took 17.7 ms in two threads
 and 14.5 ms with the second in a worker process (``python -m benchmarks.shards``;
-``benchmarks/RESULTS.md``, "Shards in worker processes"). So the shards after the first go to
+``benchmarks/RESULTS.md``, "Trainers against TRL"). So the shards after the first go to
 worker processes, one each, and the first runs in the training process:
 
 - The weights are shared, not copied: the model's tensors are moved into shared memory, and each

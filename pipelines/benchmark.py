@@ -165,9 +165,8 @@ def keep_freed_memory() -> None:
     Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to return memory to the OS
     early). That also fixes glibc's mmap threshold at 128 kB, so every tensor above it is a fresh
     mmap, zeroed by page faults, and unmapped when freed. Unset, the workers allocate as a process
-    started from the shell does: the default preset's system CPU fell from 247 s to 27 s and its
-    wall time from 9:42 to 7:12 (``python -m benchmarks.presets --variants default:prefect``
-    measures both; benchmarks/RESULTS.md).
+    started from the shell does, at a ninth of the system CPU (``python -m benchmarks.presets
+    --variants default:prefect`` measures it; git show 8338f62:benchmarks/RESULTS.md, "Dask workers").
     """
     import dask
 

@@ -629,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning: with two cores shared by a server, Dask workers or
-    # other jobs, spinning made a DPO step 3.4x slower than one thread (benchmarks/RESULTS.md). Set
+    # other jobs, spinning made a DPO step 3.4x slower than one thread (git show 8338f62:benchmarks/RESULTS.md, "Threads"). Set
     # before torch is imported, which every subcommand does lazily.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

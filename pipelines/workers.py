@@ -12,7 +12,7 @@ import os
 def resolve_workers(requested: int | None, config) -> int:
     """``requested``, or by default one Dask worker per core for a grid on a multi-core CPU: small
     models use two cores better as two processes of one thread than as one process of two
-    (benchmarks/RESULTS.md); a short grid, or the exact task's table policies, do not repay
+    (git show 8338f62:benchmarks/RESULTS.md, "Dask workers"); a short grid, or the exact task's table policies, do not repay
     starting the workers, and without the ``dask`` extra there are none to start."""
     if requested is not None:
         if requested < 0:

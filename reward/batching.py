@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 # What one extra forward pass costs, counted in padded tokens: a sub-batch pays off only when it
-# saves more padding than this. Measured on the sentiment task's GPT-2 (benchmarks/RESULTS.md).
+# saves more padding than this. Measured on the sentiment task's GPT-2 (git show 8338f62:benchmarks/RESULTS.md, "Choosing the per-pass overhead").
 GROUP_OVERHEAD_TOKENS = 64
 
 

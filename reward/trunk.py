@@ -107,10 +107,10 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 # Sequences are packed into rows at least this wide: attention's cost on a CPU is mostly per
-# (row, head), so short sequences share a row (``benchmarks/RESULTS.md``, "Packed real tokens").
+# (row, head), so short sequences share a row (``git show 8338f62:benchmarks/RESULTS.md``, "Packed real tokens").
 PACK_WIDTH = 32
 
-# Whether a prefix several sequences share is computed once (``benchmarks/RESULTS.md``, "Shared
+# Whether a prefix several sequences share is computed once (``git show 8338f62:benchmarks/RESULTS.md``, "Shared
 # prefixes"); off, every real token is computed, as before. The same numbers up to float rounding.
 SHARE_PREFIXES = True
 
