@@ -129,7 +129,10 @@ class TabularLM(nn.Module):
         output_hidden_states: bool = False,
         **_: object,
     ) -> SimpleNamespace:
-        logits = self.table[input_ids].masked_fill(~self.allowed, float("-inf"))
+        # index_select: its backward adds repeated tokens' gradients in order, reproducibly (a tensor
+        # index's does not on the CPU: reward/trunk.py, last_hidden_at).
+        rows = self.table.index_select(0, input_ids.flatten()).view(*input_ids.shape, -1)
+        logits = rows.masked_fill(~self.allowed, float("-inf"))
         hidden = None
         if output_hidden_states:
             previous = torch.cat([input_ids[:, :1], input_ids[:, :-1]], dim=1)

@@ -100,10 +100,14 @@ def last_hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     kept = packing.node[keep.flatten()[packing.tokens].nonzero().squeeze(1)]  # the prefixes read, one per kept position
     read, back = (kept, None) if packing.shares_nothing else torch.unique(kept, return_inverse=True)
     read_slots = packing.unique_slots[read]
-    q = packing.scatter(torch.addmm(bias[:dim], h[read], weight[:, :dim]), read_slots)
-    out = x[read] + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), read_slots))
+    q = packing.scatter(torch.addmm(bias[:dim], h.index_select(0, read), weight[:, :dim]), read_slots)
+    out = x.index_select(0, read) + block.attn.c_proj(packing.gather(packing.attend(q, k, v, heads, scale), read_slots))
     out = body.ln_f(out + block.mlp(block.ln_2(out)))
-    return out if back is None else out[back]
+    # Rows are picked with index_select, never a tensor index: on the CPU the backward of x[index]
+    # adds repeated rows (here a prefix that several kept positions read) in whatever order its
+    # threads finish, and a run's gradients differed from the next in the last bits;
+    # index_select's backward (index_add) adds them in order.
+    return out if back is None else out.index_select(0, back)
 
 
 # Sequences are packed into rows at least this wide: attention's cost on a CPU is mostly per

@@ -30,7 +30,7 @@ def test_methods_lists_every_registered_method_with_its_options(capsys):
 
 def test_check_config_reports_cells_and_errors(tmp_path, capsys):
     assert main(["check-config", "--preset", "quick"]) == 0
-    assert "dpo β=0.5 seed=0" in capsys.readouterr().out
+    assert "dpo β=0.1 seed=0" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
     bad.write_text('[[grid]]\nmethod = "dpo"\nvalues = [-1.0]\n')
     assert main(["check-config", "--config", str(bad)]) == 2
@@ -83,7 +83,8 @@ def test_default_workers_follow_the_grid_the_task_and_the_machine(monkeypatch):
     bandit = load_config("default", overrides={"task": "bandit"})
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert resolve_workers(None, default) == 2 and worker_threads(2, default) == 1
-    assert resolve_workers(None, quick) == 0  # one seed of 3 cells: starting workers does not pay
+    assert len(quick.cells()) == 4 and resolve_workers(None, quick) == 2
+    assert resolve_workers(None, quick.with_methods(["sft", "dpo"])) == 0  # 2 cells: starting workers does not pay
     assert resolve_workers(None, bandit) == 0  # table policies
     assert resolve_workers(3, quick) == 3 and worker_threads(0, quick) == 0
     monkeypatch.setattr("os.cpu_count", lambda: 1)
@@ -105,10 +106,10 @@ def test_negative_workers_are_refused_before_anything_starts(command, capsys):
 def test_seeds_on_the_command_line_are_whole_pipelines(capsys):
     assert main(["check-config", "--preset", "quick", "--seeds", "3,4"]) == 0
     out = capsys.readouterr().out
-    assert "dpo β=0.5 seed=3" in out and "ppo kl_coef=0.1 seed=4" in out and "seed=0" not in out
+    assert "dpo β=0.1 seed=3" in out and "ppo kl_coef=0.5 seed=4" in out and "seed=0" not in out
     assert main(["check-config", "--preset", "quick", "--seed", "7"]) == 0
     out = capsys.readouterr().out
-    assert "dpo β=0.5 seed=7" in out and "seed=1" not in out
+    assert "dpo β=0.1 seed=7" in out and "seed=1" not in out
     assert main(["check-config", "--preset", "quick", "--seeds", "0,one"]) == 2
     assert "--seeds: expected comma-separated non-negative integers such as 0,1,2, got '0,one'" in capsys.readouterr().err
 
@@ -121,8 +122,8 @@ def test_a_machine_with_several_gpus_gets_one_worker_per_gpu(monkeypatch):
     monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
     default = load_config("default")  # device auto: CUDA here
     assert local_gpus(default) == 4 and resolve_workers(None, default) == 4
-    quick = load_config("quick", overrides={"seed": 0})  # 3 cells: 3 of the 4 GPUs
-    assert resolve_workers(None, quick) == 3
+    quick = load_config("quick", overrides={"seed": 0}).with_methods(["sft", "ppo"])  # 3 cells: 3 of the 4 GPUs
+    assert len(quick.cells()) == 3 and resolve_workers(None, quick) == 3
     # a device the config names runs in-process on it; so does one GPU
     assert local_gpus(load_config("default", overrides={"device": "cuda:1"})) == 0
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)

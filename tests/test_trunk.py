@@ -237,3 +237,31 @@ def test_reward_model_scores_match_the_trunks_own_forward():
         full = _reference_hidden(model.trunk, ids, mask)
         last = full[torch.arange(len(ids)), last_token_index(mask)]
         torch.testing.assert_close(model(ids, mask), model.head(last).squeeze(-1), atol=1e-5, rtol=1e-5)
+
+
+
+def _backward_ops(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``t``'s backward runs."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(parent for parent, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_the_backward_adds_repeated_rows_in_a_fixed_order():
+    """Completions of one prompt read its hidden states many times. On the CPU the backward of a
+    tensor index (``x[index]``, IndexBackward0) adds repeated rows in the order its threads finish,
+    and two runs' gradients differed in the last bits; the trunk, and the exact task's table policy,
+    pick rows with index_select, whose backward adds them in order."""
+    from dpo_bench.policy import TabularLM
+
+    model = _gpt2(7).train()
+    ids, mask = _batch(7, 8, 9, left=True, symbols=2)
+    out = last_hidden_at(model, ids, mask, mask.bool())
+    assert not Packing(mask.bool(), ids).shares_nothing
+    assert "IndexBackward0" not in _backward_ops(out) and "IndexSelectBackward0" in _backward_ops(out)
+    table = TabularLM(4, torch.ones(4, 4, dtype=torch.bool), torch.randn(4, 4, requires_grad=True))
+    assert "IndexBackward0" not in _backward_ops(table(torch.tensor([[0, 1, 1, 1]])).logits)
