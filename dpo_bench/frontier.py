@@ -256,7 +256,7 @@ PER_SEED_COLUMNS = (
     "method", "seed", "kl_budget", "reached", "covered", "gold", "kl", "val_gold",
     "point_a", "point_b", "weight", "within_stderr", "n_test_prompts",
 )
-COMPARE_COLUMNS = ("kl_budget", "diff", "stderr", "ci_low", "ci_high", "p", "test", "n_seeds")
+COMPARE_COLUMNS = ("kl_budget", "diff", "stderr", "ci_low", "ci_high", "p", "test", "n_seeds", "gold_a", "gold_b")
 
 
 @dataclass(frozen=True, eq=False)
@@ -592,7 +592,8 @@ def compare_at_budgets(
     (reach, and not only on the chord from the reference; ``covered_only = False``: reach).
 
     Columns: kl_budget, diff (mean over seeds of the per-seed a - b), stderr, ci_low, ci_high, p
-    (two-sided), test (which test: `seed_paired_test`'s method string), n_seeds.
+    (two-sided), test (which test: `seed_paired_test`'s method string), n_seeds, and gold_a and
+    gold_b, each method's test gold at the budget averaged over the seeds (diff = gold_a - gold_b).
     S >= 2 seeds: a t-test over the per-seed differences. S = 1: a normal test whose stderr is the
     paired per-prompt error: with the val choices held fixed, each method's test value is the mean
     over test prompts i of sum_p c_p gold_p,i (c the mixture weights), so it is the mean of
@@ -623,7 +624,9 @@ def compare_at_budgets(
                 raise ValueError("one seed with one test prompt: no paired per-prompt error to test with")
         est, p, test = seed_paired_test(diffs, within, confidence=confidence)
         rows.append(dict(kl_budget=budget, diff=est.value, stderr=est.stderr, ci_low=est.ci_low,
-                         ci_high=est.ci_high, p=p, test=test, n_seeds=len(pairs)))
+                         ci_high=est.ci_high, p=p, test=test, n_seeds=len(pairs),
+                         gold_a=float(np.mean([a.test_gold for a, _ in pairs])),
+                         gold_b=float(np.mean([b.test_gold for _, b in pairs]))))
     return pd.DataFrame(rows, columns=list(COMPARE_COLUMNS))
 
 

@@ -360,7 +360,7 @@ def test_compare_at_budgets_three_seeds_is_a_t_test_over_per_seed_differences():
     per_prompt, anchor = long_tables({"dpo": CURVE, "ppo": [(kl, gain * 0.8) for kl, gain in CURVE]}, 3, 80,
                                      np.random.default_rng(8))
     table = compare_at_budgets(per_prompt, anchor, "dpo", "ppo", [0.7, 2.5, 9.0])
-    assert list(table.columns) == ["kl_budget", "diff", "stderr", "ci_low", "ci_high", "p", "test", "n_seeds"]
+    assert list(table.columns) == ["kl_budget", "diff", "stderr", "ci_low", "ci_high", "p", "test", "n_seeds", "gold_a", "gold_b"]
     assert list(table.kl_budget) == [0.7, 2.5]  # 9.0 is out of reach
     for _, row in table.iterrows():
         a = [h[0] for h in per_seed_by_hand(per_prompt, anchor, "dpo", row.kl_budget)]
@@ -370,6 +370,7 @@ def test_compare_at_budgets_three_seeds_is_a_t_test_over_per_seed_differences():
         ci = ref.confidence_interval(0.95)
         expected = (d.mean(), ref.pvalue, ci.low, ci.high)
         assert (row["diff"], row.p, row.ci_low, row.ci_high) == pytest.approx(expected)
+        assert (row.gold_a, row.gold_b) == pytest.approx((np.mean(a), np.mean(b)))
         assert row.test == "paired t over 3 seeds" and row.n_seeds == 3
 
 

@@ -35,7 +35,7 @@ def _display(data: RunData, method: str) -> str:
 
 
 def verdict_findings(data: RunData) -> list[Finding]:
-    """The headline's opening: RLHF against each DPO-family method at every budget both reach."""
+    """The headline's opening: RLHF against each DPO-family method at every budget both cover."""
     comparisons, frontier = data.comparisons, data.frontier
     if frontier is None or frontier.empty:
         return []
@@ -56,13 +56,15 @@ def verdict_findings(data: RunData) -> list[Finding]:
                 significant = fmt.finite(r["p_adjusted"]) and r["p_adjusted"] < ALPHA
                 if significant:
                     (better if r["diff"] > 0 else worse).append(_budget(r["kl_budget"]))
+                levels = (f" ({fmt.num(r['gold_a'])} against {fmt.num(r['gold_b'])})"
+                          if fmt.finite(r.get("gold_a")) and fmt.finite(r.get("gold_b")) else "")
                 parts.append(f"at {_budget(r['kl_budget'])} {fmt.signed(r['diff'])} "
-                             f"[{fmt.num(r['ci_low'])}, {fmt.num(r['ci_high'])}], {correction} {fmt.pvalue(r['p_adjusted'])}")
+                             f"[{fmt.num(r['ci_low'])}, {fmt.num(r['ci_high'])}]{levels}, {correction} {fmt.pvalue(r['p_adjusted'])}")
             if better or worse:
                 claim = "; ".join(s for s in (f"RLHF ({rlhf}) is ahead of {other} at {', '.join(better)}" if better else "",
                                               f"{other} is ahead of RLHF ({rlhf}) at {', '.join(worse)}" if worse else "") if s)
             else:
-                claim = f"The evidence does not separate RLHF ({rlhf}) from {other} at any budget both reach"
+                claim = f"The evidence does not separate RLHF ({rlhf}) from {other} at any budget both cover"
             findings.append(Finding(f"{claim}. Gold reward difference {rlhf} − {other} on the test prompts: {'; '.join(parts)}."
                                     + _uncovered(frontier, rlhf, str(other))))
         for other in sorted(set(frontier.loc[frontier["role"] == "direct", "method"]) - set(comparisons["method_b"])
