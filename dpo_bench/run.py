@@ -246,7 +246,8 @@ def write_verdict_files(run_dir: Path, cells: list[tuple[Cell, Stage]], config: 
         dpo = dpo_objective(c, reward_models.get(c.seed))
         if dpo is not None:
             objectives[(c.display_name, c.strength_value, c.seed)] = dpo
-    return objective_rows(per_prompt, roles, objectives)
+    pools = collect_per_prompt([stage.path / "pool.parquet" for _, stage in cells])
+    return objective_rows(per_prompt, roles, objectives, pools=pools)
 
 
 def finish_run(

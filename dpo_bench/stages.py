@@ -61,6 +61,21 @@ log = logging.getLogger("dpo_bench")
 #: What a cell's per_prompt.parquet keeps of each evaluated prompt (besides the reward, step and cell).
 PER_PROMPT_COLUMNS = ["split", "prompt_index", "kl", "proxy_reward", "length", "truncated", "fluent"]
 
+def pool_frame(samples: pd.DataFrame, scores: np.ndarray, truncated: np.ndarray | None) -> pd.DataFrame:
+    """A pool of reference draws in long form: ``split, prompt_index, draw, proxy_reward,
+    truncated``, one row per draw of each prompt, the prompts in ``samples``' order (the pool's rows)."""
+    n_prompts, n_draws = scores.shape
+    if len(samples) != n_prompts:
+        raise ValueError(f"a pool of {n_prompts} prompts for {len(samples)} samples")
+    return pd.DataFrame({
+        "split": np.repeat(samples["split"].to_numpy(), n_draws),
+        "prompt_index": np.repeat(samples["prompt_index"].to_numpy(), n_draws),
+        "draw": np.tile(np.arange(n_draws), n_prompts),
+        "proxy_reward": scores.reshape(-1),
+        "truncated": (truncated if truncated is not None else np.zeros(scores.shape, dtype=bool)).reshape(-1),
+    })
+
+
 METRIC_COLUMNS = ["run_id", "task", "method", "beta", "seed", "step", "temperature", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
 
 
@@ -705,6 +720,7 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         generator = seed_everything(seed)
         rows: list[dict] = []
         per_prompt: list[pd.DataFrame] = []
+        pools: list[pd.DataFrame] = []  # a best-of-N cell's reference draws, the optimum's estimate reads them
         last_samples: dict[str, pd.DataFrame] = {}
         strength = cell.strength_value
         train_log = TrainLog()
@@ -729,6 +745,8 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
             )
             rows.extend({"step": step, "temperature": 1.0, **r} for r in metric_rows)
             per_prompt.append(samples[PER_PROMPT_COLUMNS + [task.reward_metric]].assign(step=step))
+            if hasattr(policy, "pool_draws"):
+                pools.append(pool_frame(samples, *policy.pool_draws()).assign(step=step))
             last_samples["samples"] = samples[samples["split"] == "test"].drop(columns=["split", "prompt_index"]).assign(step=step)
 
         ctx = MethodContext(
@@ -771,6 +789,8 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
             # Every checkpoint's per-prompt results on the validation and test prompts: the frontier's input.
             frame = pd.concat(per_prompt, ignore_index=True).rename(columns={task.reward_metric: "reward"})
             write_parquet(frame.assign(method=name, beta=strength, seed=cell.seed), out / "per_prompt.parquet")
+        if pools:
+            write_parquet(pd.concat(pools, ignore_index=True).assign(seed=cell.seed), out / "pool.parquet")
         if "samples" in last_samples:
             # Every eval prompt's final gold reward, for head-to-head win rates between cells.
             write_parquet(last_samples["samples"][[task.reward_metric]], out / "final_gold.parquet")

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from scipy.special import logsumexp
 
 from reward.normalise import Normaliser
 
@@ -46,7 +47,7 @@ class VerdictConfig:
 
 
 def collect_per_prompt(paths: list[Path]) -> pd.DataFrame:
-    """The cells' ``per_prompt.parquet`` files, stacked (cells that wrote none are skipped)."""
+    """The cells' ``per_prompt.parquet`` (or ``pool.parquet``) files, stacked (cells that wrote none are skipped)."""
     frames = [pd.read_parquet(p) for p in paths if p.exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -106,13 +107,29 @@ class Objective:
     adaptive: bool = False
     raw: Normaliser | None = None
 
-    def values(self, frame: pd.DataFrame) -> np.ndarray:
-        """The objective of each row of a per-prompt frame (``proxy_reward``, ``truncated``, ``kl``)."""
+    def scores(self, frame: pd.DataFrame) -> np.ndarray:
+        """s(r̂) − p·truncated of each row of a frame with ``proxy_reward`` (and ``truncated``)."""
         score = frame["proxy_reward"].to_numpy(dtype=float)
         if self.raw is not None:
             score = score * self.raw.std + self.raw.mean
         truncated = frame["truncated"].to_numpy(dtype=float) if "truncated" in frame else np.zeros(len(frame))
-        return score - self.eos_penalty * truncated - self.kl_coef * frame["kl"].fillna(0.0).to_numpy(dtype=float)
+        return score - self.eos_penalty * truncated
+
+    def values(self, frame: pd.DataFrame) -> np.ndarray:
+        """The objective of each row of a per-prompt frame (``proxy_reward``, ``truncated``, ``kl``)."""
+        return self.scores(frame) - self.kl_coef * frame["kl"].fillna(0.0).to_numpy(dtype=float)
+
+    def optimum(self, pool: pd.DataFrame) -> np.ndarray:
+        """Per prompt, the regularised optimum's objective estimated from a pool of reference draws
+        (``prompt_index``, ``proxy_reward``, ``truncated``, one row per draw): the optimum
+        π* = π_ref·exp(s/c)/Z scores c·log E_{y~π_ref} exp(s(y)/c), and the pool's mean stands in for
+        the expectation. By Jensen's inequality the estimate is low on average, by less as the pool
+        grows; it is the exact objective of π_ref's draws reweighted by exp(s/c), the best policy on the
+        pool. c = 0: the pool's best score. In prompt_index order."""
+        scores = pool.assign(_s=self.scores(pool)).pivot(index="prompt_index", columns="draw", values="_s").to_numpy()
+        if self.kl_coef <= 0:
+            return scores.max(axis=1)
+        return self.kl_coef * (logsumexp(scores / self.kl_coef, axis=1) - np.log(scores.shape[1]))
 
 
 #: The metrics that say which objective a cell was checked on: its c (the config's kl_coef, or the
@@ -122,15 +139,20 @@ OBJECTIVE_KL_COEF, OBJECTIVE_KL_COEF_ADAPTIVE, OBJECTIVE_EOS_PENALTY = (
 
 
 def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], objectives: dict[tuple[str, float, int], Objective] | None = None,
-                   reference: str = "sft") -> pd.DataFrame:
+                   reference: str = "sft", pools: pd.DataFrame | None = None) -> pd.DataFrame:
     """Each RLHF cell checked on its own objective E[s(r̂) − p·truncated] − c·KL (:class:`Objective`:
     ``objectives[(method, beta, seed)]``; without one, E[r̂] − c·KL with c the cell's ``beta``), on
     the test prompts at its final checkpoint, beside the SFT model's and every best-of-N's on the
     same objective (best-of-N with its estimated KL). The regularised optimum scores at least as high
     as any policy, so a cell below a best-of-N from the reference has not converged.
 
-    Rows in the metrics' columns on the cell's keys: ``objective`` (the cell's), ``objective/sft``
-    and ``objective/<best-of-N cell>``, with standard errors over prompts; and the objective's c
+    ``pools``: the best-of-N cells' pools of reference draws (:func:`dpo_bench.stages.pool_frame`, with
+    ``seed``), from which the optimum's objective is estimated (:meth:`Objective.optimum`) on the
+    same test prompts.
+
+    Rows in the metrics' columns on the cell's keys: ``objective`` (the cell's), ``objective/sft``,
+    ``objective/<best-of-N cell>`` and, with a pool, ``objective/optimum (pool of M)``, with standard
+    errors over prompts; and the objective's c
     (``objective_kl_coef``, or ``objective_kl_coef_adaptive`` when it is the adaptive controller's
     final kl_coef) and p (``objective_eos_penalty``).
     """
@@ -149,8 +171,11 @@ def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], objectives: 
         others[f"objective/{reference}"] = same_seed[same_seed["method"] == reference]
         for (other, n), g in same_seed[same_seed["method"].map(roles.get) == "inference"].groupby(["method", "beta"]):
             others[f"objective/{other} (N={n:g})"] = g[g["step"] == g["step"].max()]
-        for metric, g in others.items():
-            values = objective.values(g)
+        estimates = {metric: objective.values(g) for metric, g in others.items()}
+        pool = _test_pool(pools, seed)
+        if pool is not None:
+            estimates[f"objective/optimum (pool of {pool['draw'].nunique()})"] = objective.optimum(pool)
+        for metric, values in estimates.items():
             if not len(values) or not np.isfinite(values).all():
                 continue
             est = estimate_from_samples(values)
@@ -162,6 +187,17 @@ def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], objectives: 
             rows.append({"method": method, "beta": beta, "seed": seed, "step": step, "temperature": 1.0, "metric": metric,
                          "value": value, "stderr": 0.0, "ci_low": value, "ci_high": value, "n": 1})
     return pd.DataFrame(rows, columns=columns)
+
+
+def _test_pool(pools: pd.DataFrame | None, seed: int) -> pd.DataFrame | None:
+    """One seed's pool of reference draws on the test prompts (the best-of-N cells of a run share
+    it; the largest is kept), or None."""
+    if pools is None or pools.empty:
+        return None
+    pool = pools[(pools["seed"] == seed) & (pools["split"] == "test")]
+    if pool.empty:
+        return None
+    return pool.drop_duplicates(["prompt_index", "draw"])
 
 
 def verdict_frames(per_prompt: pd.DataFrame, roles: dict[str, str], config: VerdictConfig,

@@ -80,6 +80,38 @@ def test_the_kl_estimated_from_a_large_pool_is_the_exact_best_of_n_kl(bandit):
         assert (estimate <= best_of_n_kl(n) + 1e-9).all() and exact.max() > 0.05
 
 
+def test_the_optimum_estimated_from_a_large_pool_is_the_exact_optimum(bandit):
+    """The regularised optimum's objective is c·log E_{y~π_ref} exp(s(x, y)/c), exactly known on the
+    bandit; its estimate from a pool of reference draws finds it, and a cell writes its pool."""
+    from dpo_bench.stages import pool_frame
+    from dpo_bench.verdict import Objective
+
+    bench, stages, _ = bandit
+    task = bench.task(stages["task"])
+    reference, rm = bench.reference(stages["sft"]), bench.reward_model(stages["reward_model"], stages["sft"])
+    contexts = task.context_ids
+    policy = BestOfNPolicy(reference, rm, 1, task, pool=4000)
+    samples = policy.sample([[int(x)] for x in contexts], generator=torch.Generator().manual_seed(3), temperature=1.0)
+    frame = pd.DataFrame({"split": "test", "prompt_index": np.arange(len(contexts))})
+    pool = pool_frame(frame, *policy.pool_draws())
+    assert len(pool) == 4000 * len(contexts) and not pool["truncated"].any()
+    probs = reference.probabilities(contexts).double().numpy()
+    with torch.no_grad():
+        exact = []
+        for row, x in enumerate(contexts.tolist()):
+            ys = torch.arange(probs.shape[1])
+            scores = rm.normalised_score(torch.stack([torch.full_like(ys, x), ys], 1), torch.ones(len(ys), 2, dtype=torch.long))
+            exact.append(scores.double().numpy())
+    for c in (0.3, 1.0):
+        truth = [c * np.log((p * np.exp(s / c)).sum()) for p, s in zip(probs, exact)]
+        np.testing.assert_allclose(Objective(c).optimum(pool), truth, atol=0.02)
+    # A best-of-N cell keeps its pool of the eval prompts for the report's optimum.
+    built = run_cell(bench, Cell("best_of_n", 2, 0, overrides=(("kl_pool", 8),)), upstream_for(Cell("best_of_n", 2, 0), stages))
+    written = pd.read_parquet(built.path / "pool.parquet")
+    assert set(written.columns) >= {"split", "prompt_index", "draw", "proxy_reward", "truncated", "seed", "step"}
+    assert written.groupby(["split", "prompt_index"]).size().eq(8).all()
+
+
 def test_packed_rows_unpack_to_themselves():
     rows = [[3, 1, 4], [], [1, 5, 9, 2, 6], [0]]
     assert unpack(pack(rows)) == rows

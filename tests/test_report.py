@@ -297,13 +297,14 @@ def _with_verdict(run_dir: Path, ppo_objective: float) -> Path:
         for k, g in points]).to_parquet(run_dir / "frontier.parquet")
     pd.DataFrame([
         dict(method_a="ppo", method_b="dpo", kl_budget=0.5, diff=-0.15, ci_low=-0.2, ci_high=-0.1, p=0.002, p_adjusted=0.004,
-             correction="holm", test="paired t over 3 seeds", n_seeds=3),
+             correction="holm", test="paired t over 3 seeds", n_seeds=3, gold_a=0.2, gold_b=0.35),
         dict(method_a="ppo", method_b="dpo", kl_budget=1.0, diff=-0.05, ci_low=-0.2, ci_high=0.1, p=0.3, p_adjusted=0.3,
              correction="holm", test="paired t over 3 seeds", n_seeds=3),
     ]).to_parquet(run_dir / "comparisons.parquet")
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     extra = [_row(metrics["run_id"].iloc[0], "ppo", 0.1, 0, 300, 1.0, metric, value, 0.01)
-             for metric, value in (("objective", ppo_objective), ("objective/sft", 0.2), ("objective/best_of_n (N=4)", 1.0))]
+             for metric, value in (("objective", ppo_objective), ("objective/sft", 0.2), ("objective/best_of_n (N=4)", 1.0),
+                                   ("objective/optimum (pool of 32)", 1.2))]
     pd.concat([metrics, pd.DataFrame(extra)], ignore_index=True).to_parquet(run_dir / "metrics.parquet")
     record = json.loads((run_dir / "run.json").read_text())
     record["seeds"] = [0, 1, 2]
@@ -320,9 +321,12 @@ def test_the_headline_opens_with_the_verdict_and_flags_an_unconverged_ppo(tmp_pa
     lines = [ln for ln in _sections(md)["Headline"].splitlines() if ln.startswith("- ")]
     assert lines[0].startswith("- dpo is ahead of RLHF (ppo) at 0.5 nats")
     assert "at 1 nat -0.050 [-0.200, 0.100], Holm p = 0.300" in lines[0]
+    assert "at 0.5 nats -0.150 [-0.200, -0.100] (0.200 against 0.350), Holm p = 0.004" in lines[0]
     text = "\n".join(lines)
     assert ("NOT CONVERGED: ppo (kl\\_coef=0.1) in 1 of 1 seeds" in text) is not converged
     assert ("It is at or above best\\_of\\_n (N=4) in 0 of 1 seeds" in text) is not converged
+    # how far it got: (0.8 − 0.2)/(1.2 − 0.2) of the way from SFT to the optimum, best-of-4 (1.0 − 0.2)/(1.2 − 0.2)
+    assert ("a pool of 32 reference draws a prompt, low by a little), it covers seed 0: 60% (the best best-of-N 80%)" in text) is not converged
     assert ("Every RLHF cell (1) scores above every best-of-N" in text) is converged
     # With a verdict the comparisons of final checkpoints (Welch, best on the test prompts) are gone.
     assert "reaches the highest gold reward" not in text and "At matched KL" not in text

@@ -134,6 +134,21 @@ def test_the_objective_is_what_ppo_maximises_eos_penalty_and_adaptive_kl_coef_in
     assert (out["beta"] == 0.5).all()
 
 
+def test_the_optimum_is_estimated_from_the_pool_of_reference_draws():
+    """c·mean over prompts of log mean_j exp(s_j/c), s = r̂ − p·truncated, by hand; c = 0: the best draw."""
+    per_prompt = pd.DataFrame({"method": ["sft", "ppo"], "beta": [np.nan, 0.5], "seed": 0, "step": [0, 20], "split": "test",
+                               "prompt_index": 0, "reward": 0.0, "proxy_reward": [0.0, 1.0], "kl": [0.0, 0.4]})
+    pool = pd.DataFrame({"seed": 0, "split": ["test"] * 4 + ["val"] * 2, "prompt_index": 0, "draw": [0, 1, 2, 3, 0, 1],
+                         "proxy_reward": [0.0, 1.0, 2.0, 3.0, 9.0, 9.0], "truncated": [False, False, False, True, False, False]})
+    out = objective_rows(per_prompt, ROLES, {("ppo", 0.5, 0): Objective(0.5, eos_penalty=2.0)}, pools=pool).set_index("metric")
+    # s = 0, 1, 2, 1 (the last draw cut without EOS); the validation prompts' draws are not read
+    expected = 0.5 * np.log(np.mean(np.exp(np.array([0.0, 1.0, 2.0, 1.0]) / 0.5)))
+    np.testing.assert_allclose(out.loc["objective/optimum (pool of 4)", "value"], expected)
+    assert out.loc["objective/optimum (pool of 4)", "value"] > out.loc["objective", "value"]  # 1 − 0.2: below it
+    np.testing.assert_allclose(Objective(0.0).optimum(pool[pool["split"] == "test"]), [3.0])
+    assert "objective/optimum (pool of 4)" not in objective_rows(per_prompt, ROLES, pools=pool.assign(seed=1)).set_index("metric").index
+
+
 def test_an_objective_on_raw_scores_undoes_the_normalisation():
     """normalise_reward off: PPO read r = r̂·std + mean, so the objective does too."""
     frame = pd.DataFrame({"proxy_reward": [1.0, -1.0], "kl": [2.0, 0.0], "truncated": [False, True]})

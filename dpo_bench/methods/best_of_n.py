@@ -59,6 +59,7 @@ class BestOfNPolicy:
         self.reference, self.reward_model, self.n, self.task, self.shared = reference, reward_model, n, task, shared
         self.pool = max(n, pool or n)
         self._pool_scores: torch.Tensor | None = None  # (P, pool) of the last sample() call
+        self._pool_truncated: np.ndarray | None = None  # (P, pool) bool: each draw cut at the length cap without EOS
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], *, generator: torch.Generator, temperature: float) -> Samples:
         """The best of N draws per prompt: from the run's shared pool when there is one (``generator``
@@ -75,6 +76,7 @@ class BestOfNPolicy:
             scores = torch.stack([rounds[r]["scores"] for r in range(self.pool)], dim=1)
             completions = [[rounds[r]["completions"][i] for r in range(self.pool)] for i in range(len(prompts))]
         self._pool_scores = scores
+        self._pool_truncated = np.stack([self.task.truncated(row) for row in completions]) if completions else None
         # The first of equal scores wins (argmax returns the first maximum).
         best = scores[:, :self.n].argmax(-1).tolist()
         picked = [row[b] for row, b in zip(completions, best)]
@@ -87,6 +89,14 @@ class BestOfNPolicy:
         if self._pool_scores is None or self._pool_scores.shape[0] != len(samples):
             raise RuntimeError("kl_estimate reads the pool of the last sample() call; sample these prompts first")
         return best_of_n_kl_estimate(self._pool_scores.double().numpy(), self.n)
+
+    def pool_draws(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last sample() call's pool, (P, pool) each: every draw's normalised reward-model score
+        and whether it was cut at the length cap without EOS (the regularised optimum's estimate
+        reads them: :func:`dpo_bench.verdict.pool_optimum`)."""
+        if self._pool_scores is None:
+            raise RuntimeError("pool_draws reads the draws of the last sample() call; sample first")
+        return self._pool_scores.double().numpy(), self._pool_truncated
 
     def _draw(self, prompts: list[list[int]], generator: torch.Generator, temperature: float) -> dict:
         task = self.task

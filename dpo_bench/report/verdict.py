@@ -139,6 +139,7 @@ def objective_findings(data: RunData) -> list[Finding]:
         said = " / ".join(dict.fromkeys(t for t in terms if t))  # per seed where they differ
         smallest_name = min(cell.loc[cell["metric"].str.startswith("objective/best_of_n"), "metric"], key=_best_of_n_size)
         where = (f"It is at or above {smallest_name.removeprefix('objective/')} in {above_smallest} of {held} seeds.")
+        where += _optimum_shares(cell)
         if family == "RLHF":
             out.append(Finding(
                 f"NOT CONVERGED: {data.config_label(method, c)} in {len(beaten_in)} of {held} seeds scores below a best-of-N "
@@ -165,6 +166,30 @@ def objective_findings(data: RunData) -> list[Finding]:
         out.append(Finding(f"Every {family} cell ({n}) scores above every best-of-N on its own objective {OBJECTIVE} "
                            f"(r̂ the learned reward model, normalised on SFT samples; {terms})."))
     return out
+
+
+def _optimum_shares(cell: pd.DataFrame) -> str:
+    """' Of the way from the SFT model to the optimum …, it covers …' for a cell's objective rows
+    (every seed's, where the optimum was estimated from a pool of reference draws); '' without."""
+    shares = []
+    for seed, g in cell.groupby("seed", sort=True):
+        value = dict(zip(g["metric"], g["value"].astype(float)))
+        optimum = next((m for m in value if m.startswith("objective/optimum")), None)
+        if optimum is None or "objective" not in value or "objective/sft" not in value:
+            continue
+        gap = value[optimum] - value["objective/sft"]
+        if not gap > 0:
+            continue
+        best = max((v for m, v in value.items() if m.startswith("objective/best_of_n")), default=float("nan"))
+        share = f"seed {seed}: {100 * (value['objective'] - value['objective/sft']) / gap:.0f}%"
+        if fmt.finite(best):
+            share += f" (the best best-of-N {100 * (best - value['objective/sft']) / gap:.0f}%)"
+        shares.append(share)
+        pool = optimum.removeprefix("objective/optimum ").strip("()")
+    if not shares:
+        return ""
+    return (f" Of the way from the SFT model to the optimum (its objective estimated from a {pool} reference draws a "
+            f"prompt, low by a little), it covers {'; '.join(shares)}.")
 
 
 def _with_coverage(frontier: pd.DataFrame) -> pd.DataFrame:
