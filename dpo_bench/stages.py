@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -821,15 +820,6 @@ def built_threads(stage: Stage) -> int | None:
         return json.loads((stage.path / "_complete.json").read_text()).get("torch_threads")
     except (OSError, ValueError):
         return None
-
-
-def is_finite_metrics(frame: pd.DataFrame) -> bool:
-    values = frame["value"].to_numpy(dtype=float)
-    return bool(np.all(np.isfinite(values)))
-
-
-def nan_to_none(x: float) -> float | None:
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 # --- the empirical checks' stages (invariance.py turns their outputs into checks) ----------------
