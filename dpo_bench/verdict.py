@@ -123,9 +123,9 @@ class Objective:
         """Per prompt, the regularised optimum's objective estimated from a pool of reference draws
         (``prompt_index``, ``proxy_reward``, ``truncated``, one row per draw): the optimum
         π* = π_ref·exp(s/c)/Z scores c·log E_{y~π_ref} exp(s(y)/c), and the pool's mean stands in for
-        the expectation. By Jensen's inequality the estimate is low on average, by less as the pool
-        grows; it is the exact objective of π_ref's draws reweighted by exp(s/c), the best policy on the
-        pool. c = 0: the pool's best score. In prompt_index order."""
+        the expectation: the optimum's value with the pool's empirical distribution in place of π_ref. By
+        Jensen's inequality it is low on average, by less as the pool grows (its standard error over
+        prompts does not include that bias). c = 0: the pool's best score. In prompt_index order."""
         scores = pool.assign(_s=self.scores(pool)).pivot(index="prompt_index", columns="draw", values="_s").to_numpy()
         if self.kl_coef <= 0:
             return scores.max(axis=1)
@@ -190,8 +190,9 @@ def objective_rows(per_prompt: pd.DataFrame, roles: dict[str, str], objectives: 
 
 
 def _test_pool(pools: pd.DataFrame | None, seed: int) -> pd.DataFrame | None:
-    """One seed's pool of reference draws on the test prompts (the best-of-N cells of a run share
-    it; the largest is kept), or None."""
+    """One seed's pool of reference draws on the test prompts, or None. The best-of-N cells of a run
+    share their draws (draw r depends on the seed and r alone), so smaller pools are prefixes of
+    larger ones and their union is the largest."""
     if pools is None or pools.empty:
         return None
     pool = pools[(pools["seed"] == seed) & (pools["split"] == "test")]

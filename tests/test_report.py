@@ -326,7 +326,8 @@ def test_the_headline_opens_with_the_verdict_and_flags_an_unconverged_ppo(tmp_pa
     assert ("NOT CONVERGED: ppo (kl\\_coef=0.1) in 1 of 1 seeds" in text) is not converged
     assert ("It is at or above best\\_of\\_n (N=4) in 0 of 1 seeds" in text) is not converged
     # how far it got: (0.8 − 0.2)/(1.2 − 0.2) of the way from SFT to the optimum, best-of-4 (1.0 − 0.2)/(1.2 − 0.2)
-    assert ("a pool of 32 reference draws a prompt, low by a little), it covers seed 0: 60% (the best best-of-N 80%)" in text) is not converged
+    assert ("to the optimum (its objective estimated from 32 reference draws a prompt, low on average, so the shares are high), "
+            "it covers about seed 0: 60% (the best best-of-N 80%)" in text) is not converged
     assert ("Every RLHF cell (1) scores above every best-of-N" in text) is converged
     # With a verdict the comparisons of final checkpoints (Welch, best on the test prompts) are gone.
     assert "reaches the highest gold reward" not in text and "At matched KL" not in text

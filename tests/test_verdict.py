@@ -138,8 +138,8 @@ def test_the_optimum_is_estimated_from_the_pool_of_reference_draws():
     """c·mean over prompts of log mean_j exp(s_j/c), s = r̂ − p·truncated, by hand; c = 0: the best draw."""
     per_prompt = pd.DataFrame({"method": ["sft", "ppo"], "beta": [np.nan, 0.5], "seed": 0, "step": [0, 20], "split": "test",
                                "prompt_index": 0, "reward": 0.0, "proxy_reward": [0.0, 1.0], "kl": [0.0, 0.4]})
-    pool = pd.DataFrame({"seed": 0, "split": ["test"] * 4 + ["val"] * 2, "prompt_index": 0, "draw": [0, 1, 2, 3, 0, 1],
-                         "proxy_reward": [0.0, 1.0, 2.0, 3.0, 9.0, 9.0], "truncated": [False, False, False, True, False, False]})
+    pool = pd.DataFrame({"seed": 0, "split": ["val"] * 2 + ["test"] * 4, "prompt_index": 0, "draw": [0, 1, 0, 1, 2, 3],
+                         "proxy_reward": [9.0, 9.0, 0.0, 1.0, 2.0, 3.0], "truncated": [False, False, False, False, False, True]})
     out = objective_rows(per_prompt, ROLES, {("ppo", 0.5, 0): Objective(0.5, eos_penalty=2.0)}, pools=pool).set_index("metric")
     # s = 0, 1, 2, 1 (the last draw cut without EOS); the validation prompts' draws are not read
     expected = 0.5 * np.log(np.mean(np.exp(np.array([0.0, 1.0, 2.0, 1.0]) / 0.5)))

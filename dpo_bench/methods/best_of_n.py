@@ -93,7 +93,7 @@ class BestOfNPolicy:
     def pool_draws(self) -> tuple[np.ndarray, np.ndarray]:
         """The last sample() call's pool, (P, pool) each: every draw's normalised reward-model score
         and whether it was cut at the length cap without EOS (the regularised optimum's estimate
-        reads them: :func:`dpo_bench.verdict.pool_optimum`)."""
+        reads them: :meth:`dpo_bench.verdict.Objective.optimum`)."""
         if self._pool_scores is None:
             raise RuntimeError("pool_draws reads the draws of the last sample() call; sample first")
         return self._pool_scores.double().numpy(), self._pool_truncated

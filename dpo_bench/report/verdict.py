@@ -139,7 +139,7 @@ def objective_findings(data: RunData) -> list[Finding]:
         said = " / ".join(dict.fromkeys(t for t in terms if t))  # per seed where they differ
         smallest_name = min(cell.loc[cell["metric"].str.startswith("objective/best_of_n"), "metric"], key=_best_of_n_size)
         where = (f"It is at or above {smallest_name.removeprefix('objective/')} in {above_smallest} of {held} seeds.")
-        where += _optimum_shares(cell)
+        where += _optimum_shares(cell, family)
         if family == "RLHF":
             out.append(Finding(
                 f"NOT CONVERGED: {data.config_label(method, c)} in {len(beaten_in)} of {held} seeds scores below a best-of-N "
@@ -168,10 +168,11 @@ def objective_findings(data: RunData) -> list[Finding]:
     return out
 
 
-def _optimum_shares(cell: pd.DataFrame) -> str:
+def _optimum_shares(cell: pd.DataFrame, family: str) -> str:
     """' Of the way from the SFT model to the optimum …, it covers …' for a cell's objective rows
-    (every seed's, where the optimum was estimated from a pool of reference draws); '' without."""
-    shares = []
+    (every seed's, where the optimum was estimated from a pool of reference draws); '' without.
+    For the DPO family the optimum is the reward model's, at c = β/σ."""
+    shares, pools, over = [], set(), False
     for seed, g in cell.groupby("seed", sort=True):
         value = dict(zip(g["metric"], g["value"].astype(float)))
         optimum = next((m for m in value if m.startswith("objective/optimum")), None)
@@ -181,15 +182,21 @@ def _optimum_shares(cell: pd.DataFrame) -> str:
         if not gap > 0:
             continue
         best = max((v for m, v in value.items() if m.startswith("objective/best_of_n")), default=float("nan"))
-        share = f"seed {seed}: {100 * (value['objective'] - value['objective/sft']) / gap:.0f}%"
+        own = (value["objective"] - value["objective/sft"]) / gap
+        share = f"seed {seed}: {100 * own:.0f}%"
+        over |= own > 1
         if fmt.finite(best):
             share += f" (the best best-of-N {100 * (best - value['objective/sft']) / gap:.0f}%)"
+            over |= (best - value["objective/sft"]) / gap > 1
         shares.append(share)
-        pool = optimum.removeprefix("objective/optimum ").strip("()")
+        pools.add(optimum.removeprefix("objective/optimum (pool of ").rstrip(")"))
     if not shares:
         return ""
-    return (f" Of the way from the SFT model to the optimum (its objective estimated from a {pool} reference draws a "
-            f"prompt, low by a little), it covers {'; '.join(shares)}.")
+    whose = "the reward model's optimum at c = β/σ" if family != "RLHF" else "the optimum"
+    pool = " or ".join(sorted(pools, key=float))
+    return (f" Of the way from the SFT model to {whose} (its objective estimated from {pool} reference draws a prompt, "
+            f"low on average, so the shares are high{'; over 100% where the estimate falls below a policy' if over else ''}), "
+            f"it covers about {'; '.join(shares)}.")
 
 
 def _with_coverage(frontier: pd.DataFrame) -> pd.DataFrame:
