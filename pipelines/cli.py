@@ -208,10 +208,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = f", on {workers} Dask workers x {threads} torch threads" if workers else ""
     print(f"dpo-bench: {config.task} task, preset {config.preset}, {len(config.cells())} cells{where}", file=sys.stderr)
     from dpo_bench.data import DataValidationError, HubUnreachableError
+    from dpo_bench.run import RunExistsError
 
     try:
         run_dir = _run(args, config, api, workers)
-    except (DataValidationError, HubUnreachableError) as e:  # the task's data, read by its first stage
+    except (DataValidationError, HubUnreachableError, RunExistsError) as e:  # the task's data, read by its first stage; a live run's id
         print(f"dpo-bench: {e}", file=sys.stderr)
         return 2
     print(f"dpo-bench: report written to {run_dir / 'report.html'} and {run_dir / 'report.md'}")

@@ -314,3 +314,16 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line(tmp_path, capsys, monkey
         "dpo-bench: dpo-bench-tests/no-such-model: could not reach the Hugging Face hub to load this model (HF_HUB_OFFLINE "
         "is set and it is not in the cache); give a local directory (one written by save_pretrained), or download it "
         "beforehand and run with HF_HUB_OFFLINE=1 to read it from the cache")
+
+
+def test_a_run_id_in_use_by_a_live_run_is_one_line(tmp_path, capsys):
+    import os
+
+    run_dir = tmp_path / "reports" / "busy"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".lock").write_text(str(os.getpid()))  # this process is alive: the lock holds
+    code, _, err = cli(capsys, "run", "--preset", "quick", "--task", "bandit", "--no-prefect", "--quiet", "--run-id", "busy",
+                       "--reports-dir", str(tmp_path / "reports"))
+    assert code == 2
+    assert "run 'busy' is already running in" in err and "choose another --run-id or wait for it to finish" in err
+    assert not (run_dir / "metrics.parquet").exists()
