@@ -60,6 +60,7 @@ log = logging.getLogger("dpo_bench")
 #: What a cell's per_prompt.parquet keeps of each evaluated prompt (besides the reward, step and cell).
 PER_PROMPT_COLUMNS = ["split", "prompt_index", "kl", "proxy_reward", "length", "truncated", "fluent"]
 
+
 def pool_frame(samples: pd.DataFrame, scores: np.ndarray, truncated: np.ndarray | None) -> pd.DataFrame:
     """A pool of reference draws in long form: ``split, prompt_index, draw, proxy_reward,
     truncated``, one row per draw of each prompt, the prompts in ``samples``' order (the pool's rows)."""
