@@ -25,13 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpo_bench.verdict import pool_optimum_values
+
 from .common import table, write_result
-
-
-def log_mean_exp(x: np.ndarray) -> np.ndarray:
-    """log mean_j exp(x_j) per row of (P, n), computed stably."""
-    top = x.max(axis=1, keepdims=True)
-    return np.log(np.exp(x - top).mean(axis=1)) + top[:, 0]
 
 
 def pool_optimum(scores: np.ndarray, c: float) -> dict[str, float]:
@@ -42,7 +38,7 @@ def pool_optimum(scores: np.ndarray, c: float) -> dict[str, float]:
     weights /= weights.sum(axis=1, keepdims=True)
     n = scores.shape[1]
     kl = (weights * np.log(np.maximum(weights * n, 1e-300))).sum(axis=1)
-    return {"objective": float(c * log_mean_exp(x).mean()), "proxy": float((weights * scores).sum(axis=1).mean()),
+    return {"objective": float(pool_optimum_values(scores, c).mean()), "proxy": float((weights * scores).sum(axis=1).mean()),
             "kl": float(kl.mean())}
 
 

@@ -127,9 +127,15 @@ class Objective:
         Jensen's inequality it is low on average, by less as the pool grows (its standard error over
         prompts does not include that bias). c = 0: the pool's best score. In prompt_index order."""
         scores = pool.assign(_s=self.scores(pool)).pivot(index="prompt_index", columns="draw", values="_s").to_numpy()
-        if self.kl_coef <= 0:
-            return scores.max(axis=1)
-        return self.kl_coef * (logsumexp(scores / self.kl_coef, axis=1) - np.log(scores.shape[1]))
+        return pool_optimum_values(scores, self.kl_coef)
+
+
+def pool_optimum_values(scores: np.ndarray, c: float) -> np.ndarray:
+    """c·log mean_j exp(s_j/c) for each row of scores (P, n): the regularised optimum's objective on
+    a pool of n reference draws a prompt (:meth:`Objective.optimum`); c = 0: the row's best score."""
+    if c <= 0:
+        return scores.max(axis=1)
+    return c * (logsumexp(scores / c, axis=1) - np.log(scores.shape[1]))
 
 
 #: The metrics that say which objective a cell was checked on: its c (the config's kl_coef, or the

@@ -117,7 +117,8 @@ def test_the_frontier_and_the_verdict_are_drawn_between_seeds(quick_run):
     # compared exactly at the budgets both methods cover with their own policies in every seed
     covered = frontier[frontier["covered"]].groupby("kl_budget")["method"].apply(set)
     assert set(comparisons["kl_budget"]) == {k for k, m in covered.items() if {"ppo", "dpo"} <= m}
-    assert set(comparisons["method_a"]) <= {"ppo"} and set(comparisons["method_b"]) <= {"dpo"}
+    assert not comparisons.empty  # quick's grid shares a covered budget: the verdict path runs
+    assert set(comparisons["method_a"]) == {"ppo"} and set(comparisons["method_b"]) == {"dpo"}
     assert (comparisons["test"] == "paired t over 2 seeds").all() and (comparisons["p_adjusted"] >= comparisons["p"]).all()
     per_prompt = pd.read_parquet(f"{run_dir}/per_prompt.parquet")
     sizes = per_prompt[(per_prompt["method"] == "sft")].groupby(["seed", "split"]).size().to_dict()
