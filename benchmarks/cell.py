@@ -12,7 +12,9 @@ evaluation (every call of the evaluation at a checkpoint or an extra temperature
 speed-ups, alternating with the normal run on the same upstream stages: ``reward.trunk`` with
 every shared prefix computed once per sequence, then transformers' own GPT-2 forward instead of
 ``reward.trunk``'s (a batch's rows in length groups, completion-only logits), then one padded pass
-per batch, then logits over every position too.
+per batch, then logits over every position too. ``--nproc 1 2`` instead alternates the cell on
+one process and on two ranks of torch.distributed (``nproc_per_cell``; the process's threads shared
+between its ranks: ``--threads 2`` gives one process two threads, or two ranks one each).
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", help="results file name (default cell_<preset>)")
     p.add_argument("--ablate", action="store_true",
                    help="alternate with runs on transformers' own GPT-2 forward: with length groups, in one padded pass, and with full logits too")
+    p.add_argument("--nproc", type=int, nargs="+", metavar="N",
+                   help="alternate runs on N processes (ranks, nproc_per_cell) for each N given, e.g. --nproc 1 2")
     add_threads_argument(p)
     args = p.parse_args(argv)
+    if args.nproc and args.ablate:
+        raise SystemExit("--nproc and --ablate are separate comparisons: give one")
 
     import dpo_bench.logprobs as logprobs
     import reward.batching as batching
@@ -90,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = [("current", "all"), ("prefixes unshared", "unshared"), ("own forward, length groups", "groups"),
                 ("own forward, one pass", "logits"), ("own forward, one pass, full logits", "none")] if args.ablate else [("current", "all")]
+    nprocs = {name: 1 for name, _ in variants}
+    if args.nproc:
+        variants = [(f"{n} rank{'s' if n > 1 else ''}", "all") for n in args.nproc]
+        nprocs = {f"{n} rank{'s' if n > 1 else ''}": n for n in args.nproc}
     rows = []
     for cell in chosen:
         up = upstream_for(cell, stages)
@@ -103,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                 spent["evaluation"] = 0.0
                 load = load_average()[0]
                 # A fresh run each time: with the cache off, a run builds each stage once.
-                uncached = dataclasses.replace(bench, use_cache=False, started=0.0)
+                ranked = dataclasses.replace(bench.config, nproc_per_cell=nprocs[name])
+                uncached = dataclasses.replace(bench, config=ranked, use_cache=False, started=0.0)
                 wall, cpu = time.perf_counter(), time.process_time()
                 ablation = {"all": contextlib.nullcontext, "unshared": prefixes_unshared}.get(on, models_own_forward)
                 with ablation():

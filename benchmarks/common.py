@@ -176,20 +176,6 @@ def prefixes_unshared() -> ContextManager:
 
 
 @contextmanager
-def shards_in(where: str) -> Iterator[None]:
-    """Where a step's shards after the first run: ``processes``, in shard workers
-    (``dpo_bench.shard_workers``) started before the first step and waited for, so that every
-    timed step is one of theirs (the SFT stage starts them after its probe steps, and runs its
-    shards in turn while they start); ``threads``, in threads, as before the workers."""
-    import dpo_bench.shard_workers as workers
-    import dpo_bench.training as training
-
-    with mock.patch.multiple(training, SHARD_WORKERS_AFTER_SECONDS=0.0, WAIT_FOR_SHARD_WORKERS=True), \
-            mock.patch.object(workers, "USE_PROCESSES", where == "processes"):
-        yield
-
-
-@contextmanager
 def models_own_forward() -> Iterator[None]:
     """GPT-2 through transformers' own forward, as every other model runs (a batch's rows in length
     groups, completion-only logits), instead of ``reward.trunk``'s packed real tokens: the ablation

@@ -7,10 +7,8 @@ and a constant learning rate. The objectives match (mean NLL per completion toke
 the first batch must agree within 1e-5; the loss at step 10 is compared too (ours logs every 10).
 
 Ours runs as the SFT stage does: each batch in ``SFTConfig.shards`` shards (2), whose gradients
-are computed at once when torch has a thread for each (``--threads 2``), in turn otherwise: the
-second shard in a worker process (``--shards-in processes``, started before the first step, so
-that every timed step is one the SFT stage runs once its worker is up) or in a thread
-(``--shards-in threads``). ``--shards 1`` gives the single-pass step. ``--each-best`` runs every
+are computed at once in threads when torch has a thread for each (``--threads 2``), in turn
+otherwise. ``--shards 1`` gives the single-pass step. ``--each-best`` runs every
 repeat of each side in a process of its own, with the OpenMP waiting that is fastest for it: ours under
 ``OMP_WAIT_POLICY=PASSIVE`` (what ``make`` and ``dpo-bench`` set), TRL with it unset (threads that
 spin while they wait, faster for TRL on an idle machine).
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .common import StepClock, fixture, interleave, load_average, median, set_threads, shards_in, table, write_result
+from .common import StepClock, fixture, interleave, load_average, median, set_threads, table, write_result
 from .trl_support import (
     common_args, order_like_ours, require_trl, run_trl, step_comparison_parser, ticking_optimiser_steps, timed_trainer,
 )
@@ -39,13 +37,13 @@ from .trl_support import (
 TOLERANCE = 1e-5
 
 
-def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed, shards, where) -> tuple[StepClock, dict[int, float]]:
+def ours(fx, model, prompts, completions, *, steps, batch_size, lr, seed, shards) -> tuple[StepClock, dict[int, float]]:
     from dpo_bench.methods.sft import SFTConfig, supervised_finetune
     from dpo_bench.training import TrainLog
 
     clock = StepClock()
     log = TrainLog()
-    with ticking_optimiser_steps(clock), shards_in(where):
+    with ticking_optimiser_steps(clock):
         supervised_finetune(
             model, prompts, completions, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, group_by_length=False, shards=shards),
             pad_id=fx.task.pad_id, generator=torch.Generator().manual_seed(seed), log=log, progress=False,
@@ -92,17 +90,14 @@ def measure(side: str, fx, init, prompts, completions, order, args) -> dict:
     """One timed run of one side: median step and CPU time, and the logged losses."""
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     if side == "ours":
-        clock, logged = ours(fx, copy.deepcopy(init), prompts, completions, seed=args.seed, shards=args.shards,
-                             where=args.shards_in, **kw)
+        clock, logged = ours(fx, copy.deepcopy(init), prompts, completions, seed=args.seed, shards=args.shards, **kw)
         step10 = logged.get(10, float("nan"))
         step0 = None
     else:
         with tempfile.TemporaryDirectory() as tmp:
             clock, losses = trl(fx, copy.deepcopy(init).train(), prompts, completions, order, workdir=tmp, **kw)
         step0, step10 = losses[0], (losses[9] if len(losses) >= 10 else float("nan"))
-    # CPU time is this process's: a shard worker's is not in it.
-    in_worker = side == "ours" and args.shards_in == "processes" and args.shards > 1 and torch.get_num_threads() > 1
-    return {"step": median(clock.step_times()), "cpu": float("nan") if in_worker else median(clock.cpu_times()),
+    return {"step": median(clock.step_times()), "cpu": median(clock.cpu_times()),
             "step0": step0, "step10": step10, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load": load_average()[0]}
 
 
@@ -120,8 +115,6 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = step_comparison_parser(__doc__, lr=1e-3)
     parser.add_argument("--shards", type=int, default=SFTConfig.shards, help="our SFTConfig.shards (default: the stage's)")
-    parser.add_argument("--shards-in", choices=["processes", "threads"], default="processes",
-                        help="where our second shard runs: a worker process (the SFT stage's, once it is up) or a thread")
     parser.add_argument("--each-best", action="store_true",
                         help="run each side in its own process with its fastest OpenMP waiting: ours under OMP_WAIT_POLICY=PASSIVE "
                              "(what make and dpo-bench set), TRL with it unset (spinning threads); use with --threads 2")

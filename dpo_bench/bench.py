@@ -19,6 +19,7 @@ from reward.train import RewardTrainConfig
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .configs import ConfigError, TRLNameNote, field, from_dict, non_negative, to_dict, translate_trl_names
+from .precision import PRECISIONS
 from .methods.base import METHODS, get_method, load_plugins
 from .methods.sft import SFTConfig
 from .invariance import ChecksConfig
@@ -165,6 +166,12 @@ class BenchConfig:
                                        "tests are drawn between seeds (empty: the one seed `seed`)")
     device: str = field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     threads: int = field(0, "torch threads per stage (0 = torch's default)")
+    precision: str = field("auto", "mixed precision of training: fp32, bf16 or fp16 (autocast with float32 weights and "
+                                   "optimiser; fp16 with loss scaling); auto: bf16 on a CUDA GPU that supports it, else fp32. "
+                                   "Evaluation runs in float32")
+    nproc_per_cell: int = field(1, "processes (ranks) that train each stage and cell together, data parallel on "
+                                   "torch.distributed (gloo on the CPU, NCCL on GPUs, one GPU a rank): each its share of "
+                                   "every batch, gradients summed before the step; 1 trains in one process")
     freeze_blocks: int = field(0, "fix the first n transformer blocks of every trained policy")
     freeze_embeddings: bool = field(False, "fix the token and position embeddings of every trained policy")
     sentiment: Any = field(default_factory=lambda: TASK_CONFIGS["sentiment"](), doc="the sentiment task")
@@ -186,6 +193,10 @@ class BenchConfig:
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"device: unknown device '{self.device}'; use auto, cpu, cuda, cuda:N (N a GPU index) or mps")
         non_negative("threads", self.threads)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: unknown precision '{self.precision}'; use {', '.join(PRECISIONS)}")
+        if self.nproc_per_cell < 1:
+            raise ConfigError(f"nproc_per_cell: must be >= 1, got {self.nproc_per_cell}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: each seed may appear once, got {list(self.seeds)}")
         for s in self.seeds:
@@ -205,6 +216,12 @@ class BenchConfig:
         if self.checks.label_temperatures and not get_task_class(self.task).samples_preferences(self.task_config):
             raise ConfigError("checks.label_temperatures: this task's preference data carries its own labels (hf data that "
                               "is not data_format = \"text\"), so they cannot be drawn at another temperature; remove it")
+        if self.nproc_per_cell > 1:
+            for cell in self.cells():
+                rollouts, minibatches = (getattr(cell.config(), k, None) for k in ("rollout_batch", "n_minibatches"))
+                if rollouts is not None and (rollouts % self.nproc_per_cell or rollouts // self.nproc_per_cell < (minibatches or 1)):
+                    raise ConfigError(f"grid ({cell.label}): rollout_batch = {rollouts} must split into nproc_per_cell = "
+                                      f"{self.nproc_per_cell} equal shares of at least n_minibatches = {minibatches} rollouts")
         # A task may need more than valid fields to run (hf: a model, data, a judge for PPO-GT).
         check_runnable = getattr(self.task_config, "check_runnable", None)
         if check_runnable is not None:

@@ -15,9 +15,11 @@ from typing import Any, Collection, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .configs import ConfigError, field, positive
+from .distributed import Ranks
 from .evaluate import Estimate, estimate_from_samples, win_rate
 from .generation import sample
 from .logprobs import batched_sequence_logps
@@ -80,6 +82,7 @@ def evaluate_policy(
     judge: Any = None,
     only: Collection[str] | None = None,
     splits: Sequence[str] = ("test",),
+    ranks: Ranks = Ranks(),
 ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """Metric rows (``metric, value, stderr, ci_low, ci_high, n``) and the per-prompt samples.
 
@@ -95,6 +98,10 @@ def evaluate_policy(
     KL: ``kl`` is the sequence KL(π‖π_ref) estimated from the samples by the policy's own
     ``kl_estimate`` (a language model: the exact per-token KL summed along each completion;
     best-of-N: from its pool of reference draws), else by the log-ratio of the samples.
+
+    Under ``ranks`` (a process group, :mod:`dpo_bench.distributed`) every rank calls it at once:
+    each samples its run of the prompts with its own ``generator``, and every rank returns the rows
+    and frame of all the prompts.
     """
     test, val = list(task.eval_prompts), list(getattr(task, "val_prompts", []) or [])
     unknown = set(splits) - {"test", "val"}
@@ -103,28 +110,21 @@ def evaluate_policy(
     prompts = test + (val if "val" in splits else [])
     split = np.array(["test"] * len(test) + ["val"] * (len(prompts) - len(test)))
     is_test = split == "test"
-    prompt_ids = [task.encode_prompt(p) for p in prompts]
-    samples = policy.sample(prompt_ids, generator=generator, temperature=temperature)
-    completions = [task.decode_completion(c) for c in samples.completion_ids]
     reward = task.reward_metric
-    gold = (judge if judge is not None else task.gold).score(prompts, completions)
-    fluent = task.fluency(prompts, completions)
-    lengths = np.array([len(c) for c in samples.completion_ids], dtype=float)
-    truncated = task.truncated(samples.completion_ids)
     wanted = (lambda metric: True) if only is None else (lambda metric: metric in only)  # noqa: E731
-    missing = np.full(len(prompts), np.nan)
-    ref_logps, policy_logps, kl = missing, missing, missing
-    if wanted("kl"):
-        ref_logps = batched_sequence_logps(reference, samples.batch).numpy()
-        policy_logps = policy.sequence_logps(samples.batch)
-        policy_logps = missing if policy_logps is None else policy_logps.numpy()
-        estimate = getattr(policy, "kl_estimate", None)
-        estimated = estimate(samples, reference) if estimate is not None else None
-        kl = np.asarray(estimated, dtype=float) if estimated is not None else policy_logps - ref_logps
-    proxy = missing
-    if reward_model is not None and wanted("proxy_reward"):
-        # r̂, the normalised score PPO optimises and best-of-N ranks by: E[r̂] − c·KL is PPO's objective.
-        proxy = reward_model.normalised_score(samples.batch.input_ids, samples.batch.attention_mask).numpy()
+    judged = lambda some: _judged_samples(policy, some, task=task, reference=reference, reward_model=reward_model,  # noqa: E731
+                                          generator=generator, temperature=temperature, judge=judge, wanted=wanted)
+    if ranks.distributed:
+        # Each rank samples and judges its run of the prompts; every rank gets all of them, in order.
+        share = np.array_split(np.arange(len(prompts)), ranks.size)[ranks.rank]
+        parts: list[dict] = [{} for _ in range(ranks.size)]
+        dist.all_gather_object(parts, judged([prompts[i] for i in share]))
+        columns = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    else:
+        columns = judged(prompts)
+    completions, gold, fluent, lengths, truncated = (columns[k] for k in ("completion", "gold", "fluent", "length", "truncated"))
+    ref_logps, policy_logps, kl, proxy = (columns[k] for k in ("ref_logp", "policy_logp", "kl", "proxy_reward"))
+    completions, fluent = list(completions), (None if np.isnan(fluent).all() else fluent.astype(bool))
 
     rows = [
         _row(reward, estimate_from_samples(gold[is_test])),
@@ -157,6 +157,40 @@ def evaluate_policy(
         "ref_completion": ref_completions, f"ref_{reward}": ref_gold,
     })
     return rows, frame
+
+
+def _judged_samples(policy: Any, prompts: Sequence[str], *, task, reference: nn.Module, reward_model: Any,
+                    generator: torch.Generator, temperature: float, judge: Any, wanted) -> dict[str, np.ndarray]:
+    """The policy's completions of ``prompts`` and every per-prompt quantity the evaluation reads:
+    one array per column, NaN where a quantity is not ``wanted`` (or, for fluency, not defined)."""
+    missing = np.full(len(prompts), np.nan)
+    if not prompts:
+        return {k: missing for k in ("completion", "gold", "fluent", "length", "truncated", "ref_logp", "policy_logp",
+                                     "kl", "proxy_reward")}
+    prompt_ids = [task.encode_prompt(p) for p in prompts]
+    samples = policy.sample(prompt_ids, generator=generator, temperature=temperature)
+    completions = [task.decode_completion(c) for c in samples.completion_ids]
+    fluent = task.fluency(prompts, completions)
+    ref_logps, policy_logps, kl = missing, missing, missing
+    if wanted("kl"):
+        ref_logps = batched_sequence_logps(reference, samples.batch).numpy()
+        policy_logps = policy.sequence_logps(samples.batch)
+        policy_logps = missing if policy_logps is None else policy_logps.numpy()
+        estimate = getattr(policy, "kl_estimate", None)
+        estimated = estimate(samples, reference) if estimate is not None else None
+        kl = np.asarray(estimated, dtype=float) if estimated is not None else policy_logps - ref_logps
+    proxy = missing
+    if reward_model is not None and wanted("proxy_reward"):
+        # r̂, the normalised score PPO optimises and best-of-N ranks by: E[r̂] − c·KL is PPO's objective.
+        proxy = reward_model.normalised_score(samples.batch.input_ids, samples.batch.attention_mask).numpy()
+    return {
+        "completion": np.array(completions, dtype=object),
+        "gold": np.asarray((judge if judge is not None else task.gold).score(prompts, completions), dtype=float),
+        "fluent": np.asarray(fluent, dtype=float) if fluent is not None else missing,  # 1/0, NaN: not judged
+        "length": np.array([len(c) for c in samples.completion_ids], dtype=float),
+        "truncated": np.asarray(task.truncated(samples.completion_ids)),
+        "ref_logp": ref_logps, "policy_logp": policy_logps, "kl": kl, "proxy_reward": proxy,
+    }
 
 
 def finite_or_nan(x: float) -> float:

@@ -43,6 +43,7 @@ from reward.train import PairTensors, evaluate_reward_model, train_reward_model
 from .bench import BenchConfig, Cell
 from .configs import from_dict, to_dict
 from .data import write_preferences
+from .distributed import RankJob, Ranks, rank_device, ranks
 from .evaluate import estimate_from_samples, wilson_interval
 from .logprobs import SequenceBatch, batched_sequence_logps, collate
 from .methods.base import MethodContext, ModelPolicy, PreferenceTensors, get_method
@@ -51,9 +52,10 @@ from .policy import (
     derive_seed, load_module, load_policy, load_tensors, resolve_device, save_module, save_policy, save_tensors, seed_everything,
 )
 from .policy_eval import ReferenceSamples, evaluate_policy, reference_samples
+from .precision import Precision
 from .preferences import Candidates, PreferenceConfig, shuffle_train_labels
 from .tasks import get_task_class
-from .training import NonFiniteLossError, TrainLog
+from .training import CheckpointFn, NonFiniteLossError, TrainLog
 
 log = logging.getLogger("dpo_bench")
 
@@ -219,7 +221,13 @@ class Bench:
 
     @property
     def device(self) -> torch.device:
-        return resolve_device(self.config.device)
+        """The run's device; under ranks (``nproc_per_cell``), this rank's GPU of a CUDA device."""
+        return rank_device(resolve_device(self.config.device), Ranks.current().rank)
+
+    @property
+    def precision(self) -> Precision:
+        """The training's mixed precision, resolved for the device."""
+        return Precision.of(self.config.precision, resolve_device(self.config.device))
 
     def setup_threads(self) -> None:
         if self.config.threads:
@@ -354,23 +362,33 @@ def train_sft(bench: Bench, task_stage: Stage) -> Stage:
     seed = derive_seed(config.seed, "sft")
 
     def build(out: Path) -> None:
-        task = bench.task(task_stage)
-        seed_everything(seed)
-        model = task.initial_model(seed).to(bench.device)
-        data = task.reference_training_data()
-        train_log = TrainLog()
-        if data is not None:
-            prompts, completions = data
-            train_log.compute.start()  # the reference's training: a cost every cell shares
-            supervised_finetune(
-                model, prompts, completions, config.sft, pad_id=task.pad_id,
-                generator=torch.Generator().manual_seed(seed), log=train_log, label="SFT", progress=bench.progress,
-            )
+        with ranks(config.nproc_per_cell, RankJob(_sft_training, (bench, task_stage, seed, False)), bench.device):
+            model, train_log = _sft_training(bench, task_stage, seed, bench.progress)
         save_policy(model, out / "model")
         write_parquet(_train_rows(train_log, "sft", float("nan"), config.seed), out / "train_metrics.parquet")
 
     sft_data = to_dict(config.sft) if get_task_class(config.task).exact is False else {}
-    return bench.run_stage("sft", {"task": task_stage.key, "sft": sft_data, "seed": seed}, build)
+    return bench.run_stage("sft", {"task": task_stage.key, "sft": sft_data, "seed": seed,
+                                   "precision": bench.precision.name, "ranks": config.nproc_per_cell}, build)
+
+
+def _sft_training(bench: Bench, task_stage: Stage, seed: int, progress: bool) -> tuple[torch.nn.Module, TrainLog]:
+    """The SFT model trained from its initial weights, and its training log: the stage's work on
+    every rank (rank 0 writes it)."""
+    task = bench.task(task_stage)
+    seed_everything(seed)
+    model = task.initial_model(seed).to(bench.device)
+    data = task.reference_training_data()
+    train_log = TrainLog()
+    if data is not None:
+        prompts, completions = data
+        train_log.compute.start()  # the reference's training: a cost every cell shares
+        supervised_finetune(
+            model, prompts, completions, bench.config.sft, pad_id=task.pad_id,
+            generator=torch.Generator().manual_seed(seed), log=train_log, label="SFT", progress=progress,
+            precision=bench.precision,
+        )
+    return model, train_log
 
 
 def _train_rows(train_log: TrainLog, method: str, beta: float, seed: int) -> pd.DataFrame:
@@ -510,19 +528,11 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
 
     def build(out: Path) -> None:
         task = bench.task(task_stage)
-        seed_everything(seed)
         train = _pairs_frame(prefs, "train")
         heldout = _pairs_frame(prefs, "heldout")
-        pairs = lambda f: _pair_tensors(_collate_texts(task, f["prompt"], f["chosen"]), _collate_texts(task, f["prompt"], f["rejected"]))  # noqa: E731
-        model = RewardModel(bench.reference(sft)).to(bench.device)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        train_log = TrainLog()
-        train_pairs = pairs(train)
-        train_reward_model(
-            model, train_pairs, config.reward_model, pad_id=task.pad_id, generator=torch.Generator().manual_seed(seed),
-            log=train_log.log, progress=bench.progress,
-        )
+        with ranks(config.nproc_per_cell, RankJob(_rm_training, (bench, task_stage, sft, prefs, seed, False)), bench.device):
+            model, train_pairs, train_log = _rm_training(bench, task_stage, sft, prefs, seed, bench.progress)
+        pairs = _pair_tensors_of(task)
         normalisers = fit_normalisers(task, model, sft_samples(train))
         model.set_normaliser(normalisers["reward_model"])
         normalisers["reward_model"] = model.normaliser  # as the model keeps it (float32)
@@ -551,7 +561,31 @@ def train_rm(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage
         write_parquet(pd.concat([rows, extra], ignore_index=True)[METRIC_COLUMNS[2:]], out / "metrics.parquet")
 
     return bench.run_stage("reward_model", {"sft": sft.key, "preferences": prefs.key,
-                                            "reward_model": to_dict(config.reward_model), "seed": seed}, build)
+                                            "reward_model": to_dict(config.reward_model), "seed": seed,
+                                            "precision": bench.precision.name, "ranks": config.nproc_per_cell}, build)
+
+
+def _pair_tensors_of(task: Any) -> Callable[[pd.DataFrame], PairTensors]:
+    """A frame of (prompt, chosen, rejected) texts as token tensors of the task."""
+    return lambda f: _pair_tensors(_collate_texts(task, f["prompt"], f["chosen"]), _collate_texts(task, f["prompt"], f["rejected"]))
+
+
+def _rm_training(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage, seed: int,
+                 progress: bool) -> tuple[RewardModel, PairTensors, TrainLog]:
+    """The reward model fitted to the train pairs, the pairs and the training log: the stage's
+    training on every rank (rank 0 evaluates and writes it)."""
+    task = bench.task(task_stage)
+    seed_everything(seed)
+    train_pairs = _pair_tensors_of(task)(_pairs_frame(prefs, "train"))
+    model = RewardModel(bench.reference(sft)).to(bench.device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    train_log = TrainLog()
+    train_reward_model(
+        model, train_pairs, bench.config.reward_model, pad_id=task.pad_id, generator=torch.Generator().manual_seed(seed),
+        log=train_log.log, progress=progress, ranks=Ranks.current(), precision=bench.precision,
+    )
+    return model, train_pairs, train_log
 
 
 def sft_samples(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -703,21 +737,20 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
     seed = derive_seed(config.seed, cell.display_name, cell.strength_value, cell.seed)
     if cell.preferences and up.preferences is not None:
         up = _variant_preferences(bench, cell, up)
-    freeze_blocks = config.freeze_blocks if cell.freeze_blocks is None else cell.freeze_blocks
-    freeze_embeddings = config.freeze_embeddings if cell.freeze_embeddings is None else cell.freeze_embeddings
+    freeze_blocks, freeze_embeddings = _cell_freeze(config, cell)
+    # Ranks change a training's random streams (PPO's rollouts) or its float sums: they key the cell.
+    nproc = config.nproc_per_cell if method.data_parallel else 1
     name = cell.display_name
     key = {
         "upstream": up.keys(),
         "method": cell.method, "name": name, "config": to_dict(method_config), "seed": seed,
         "evaluation": to_dict(config.evaluation), "freeze": [freeze_blocks, freeze_embeddings],
+        "precision": bench.precision.name, "ranks": nproc,
     }
 
     def build(out: Path) -> None:
-        task, reference = bench.task(up.task), bench.reference(up.sft)
-        reward_model = bench.reward_model(up.reward_model, up.sft)
-        judge = task.judge(reward_model)
-        prefs = preference_tensors(bench, up.task, up.preferences, up.ref_logps) if up.preferences and up.ref_logps else None
-        generator = seed_everything(seed)
+        inputs = _cell_inputs(bench, up)
+        task, reference, reward_model, judge = inputs.task, inputs.reference, inputs.reward_model, inputs.judge
         rows: list[dict] = []
         per_prompt: list[pd.DataFrame] = []
         pools: list[pd.DataFrame] = []  # a best-of-N cell's reference draws, the optimum's estimate reads them
@@ -737,30 +770,20 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
                     # The last evaluated policy is kept: after a failure it is the last good checkpoint.
                     save_policy(policy, out / "policy")
                 policy = ModelPolicy(policy, task)
-            eval_gen = torch.Generator().manual_seed(derive_seed(seed, "eval", step))
-            metric_rows, samples = evaluate_policy(
-                policy, task=task, reference=reference, reward_model=reward_model, judge=judge,
-                reference_samples=judged_reference_samples(bench, up, task, judge, 1.0), generator=eval_gen, temperature=1.0,
-                splits=("test", "val"),
-            )
+            metric_rows, samples = _evaluate_checkpoint(bench, up, inputs, seed, step, policy)
             rows.extend({"step": step, "temperature": 1.0, **r} for r in metric_rows)
             per_prompt.append(samples[PER_PROMPT_COLUMNS + [task.reward_metric]].assign(step=step))
             if hasattr(policy, "pool_draws"):
                 pools.append(pool_frame(samples, *policy.pool_draws()).assign(step=step))
             last_samples["samples"] = samples[samples["split"] == "test"].drop(columns=["split", "prompt_index"]).assign(step=step)
 
-        ctx = MethodContext(
-            task=task, reference=reference, device=bench.device, seed=seed, generator=generator, checkpoint=checkpoint,
-            n_checkpoints=config.evaluation.n_checkpoints, log=train_log, preferences=prefs, reward_model=reward_model,
-            gold_scores=judge.score if judge is not None else None, gold_normaliser=gold_normaliser(up.reward_model),
-            freeze_blocks=freeze_blocks, freeze_embeddings=freeze_embeddings,
-            progress=bench.progress, label=cell.label, shared=StoreShared(bench, up, cell.seed),
-        )
+        ctx = _method_context(bench, cell, up, inputs, seed, checkpoint, train_log, bench.progress)
         status = {"status": "ok", "error": None, "label": cell.label}
         start = time.perf_counter()
         train_log.compute.start()
         try:
-            policy = method.train(ctx, method_config)
+            with ranks(nproc, RankJob(_train_cell_rank, (bench, cell, up, seed)), bench.device):
+                policy = method.train(ctx, method_config)
             final_step = max((r["step"] for r in rows), default=0)
             for t in config.evaluation.temperatures:
                 if t == 1.0:
@@ -799,6 +822,73 @@ def run_cell(bench: Bench, cell: Cell, up: Upstream) -> Stage:
         write_json(out / "status.json", status)
 
     return bench.run_stage("cell", key, build)
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """What a cell's training reads from the upstream stages."""
+
+    task: Any
+    reference: torch.nn.Module
+    reward_model: RewardModel | None
+    judge: Any
+    preferences: PreferenceTensors | None
+
+
+def _cell_inputs(bench: Bench, up: Upstream) -> CellInputs:
+    task, reference = bench.task(up.task), bench.reference(up.sft)
+    reward_model = bench.reward_model(up.reward_model, up.sft)
+    prefs = preference_tensors(bench, up.task, up.preferences, up.ref_logps) if up.preferences and up.ref_logps else None
+    return CellInputs(task, reference, reward_model, task.judge(reward_model), prefs)
+
+
+def _method_context(bench: Bench, cell: Cell, up: Upstream, inputs: CellInputs, seed: int, checkpoint: CheckpointFn,
+                    train_log: TrainLog, progress: bool) -> MethodContext:
+    """The context a cell's method trains in (every random stream seeded from ``seed`` here)."""
+    config = bench.config
+    judge = inputs.judge
+    freeze_blocks, freeze_embeddings = _cell_freeze(config, cell)
+    return MethodContext(
+        task=inputs.task, reference=inputs.reference, device=bench.device, seed=seed, generator=seed_everything(seed),
+        checkpoint=checkpoint, n_checkpoints=config.evaluation.n_checkpoints, log=train_log, preferences=inputs.preferences,
+        reward_model=inputs.reward_model, gold_scores=judge.score if judge is not None else None,
+        gold_normaliser=gold_normaliser(up.reward_model),
+        freeze_blocks=freeze_blocks, freeze_embeddings=freeze_embeddings, progress=progress, label=cell.label,
+        shared=StoreShared(bench, up, cell.seed), precision=bench.precision,
+    )
+
+
+def _cell_freeze(config: BenchConfig, cell: Cell) -> tuple[int, bool]:
+    """The blocks and embeddings a cell fixes: its grid entry's, else the run's."""
+    return (config.freeze_blocks if cell.freeze_blocks is None else cell.freeze_blocks,
+            config.freeze_embeddings if cell.freeze_embeddings is None else cell.freeze_embeddings)
+
+
+def _evaluate_checkpoint(bench: Bench, up: Upstream, inputs: CellInputs, seed: int, step: int,
+                         policy: Any) -> tuple[list[dict], pd.DataFrame]:
+    """A checkpoint's evaluation on the test and validation prompts at temperature 1: metric rows
+    and per-prompt samples. Under ranks every rank calls it and samples its share of the prompts
+    from a stream of its own."""
+    where = Ranks.current()
+    names = ("eval", step) if not where.distributed else ("eval", step, "rank", where.rank)
+    return evaluate_policy(
+        policy, task=inputs.task, reference=inputs.reference, reward_model=inputs.reward_model, judge=inputs.judge,
+        reference_samples=judged_reference_samples(bench, up, inputs.task, inputs.judge, 1.0),
+        generator=torch.Generator().manual_seed(derive_seed(seed, *names)), temperature=1.0, splits=("test", "val"),
+        ranks=where,
+    )
+
+
+def _train_cell_rank(bench: Bench, cell: Cell, up: Upstream, seed: int) -> None:
+    """A cell's training on a rank other than 0: the same context; at each checkpoint its share of
+    the evaluation's sampling, for rank 0 to gather; nothing written."""
+    inputs = _cell_inputs(bench, up)
+
+    def checkpoint(step: int, policy: Any) -> None:
+        _evaluate_checkpoint(bench, up, inputs, seed, step, ModelPolicy(policy, inputs.task))
+
+    ctx = _method_context(bench, cell, up, inputs, seed, checkpoint, TrainLog(), False)
+    get_method(cell.method).train(ctx, cell.config())
 
 
 def _variant_preferences(bench: Bench, cell: Cell, up: Upstream) -> Upstream:

@@ -3,7 +3,6 @@ checkpoint schedule and the training log."""
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +19,8 @@ from reward.train import adamw, minibatches
 
 from .configs import field as cfield
 from .configs import ConfigError, non_negative, positive
-from .shard_workers import Part, ShardWorkers, WorkerStartError, part_gradient
-
-logger = logging.getLogger(__name__)
+from .distributed import Ranks
+from .precision import FP32, LossScaler, Precision
 
 CheckpointFn = Callable[[int, nn.Module], None]
 
@@ -160,9 +158,9 @@ def checkpoint_steps(total: int, n_checkpoints: int) -> list[int]:
 
 
 SHARDS_DOC = (
-    "split each micro-batch into this many shards whose gradients are computed at once on the CPU, torch's threads "
-    "shared between them (data parallelism: the shards after the first in worker processes once they are up, in "
-    "threads before); the result depends on the shards, not on whether or where they run at once"
+    "split each micro-batch into this many shards whose gradients are computed at once in threads on the CPU, torch's "
+    "threads shared between them; the result depends on the shards, not on whether they run at once (processes of "
+    "their own: nproc_per_cell)"
 )
 
 
@@ -226,6 +224,15 @@ def shard_indices(idx: torch.Tensor, shards: int, lengths: torch.Tensor | None =
     return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def rank_part(idx: torch.Tensor, ranks: Ranks, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's part of a micro-batch: the ranks take :func:`shard_indices`'s parts (so that two
+    ranks compute what two shards in one process do), and a rank beyond the parts none."""
+    if not ranks.distributed:
+        return idx
+    parts = shard_indices(idx, ranks.size, lengths)
+    return parts[ranks.rank] if ranks.rank < len(parts) else idx[:0]
+
+
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # transformers configs whose dropout a model applies as a float (attention dropout inside SDPA), not a module.
 DROPOUT_CONFIG_KEYS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout",
@@ -243,14 +250,19 @@ def draws_random_numbers(model: nn.Module) -> bool:
     return any(isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) > 0 for key in DROPOUT_CONFIG_KEYS)
 
 
-# Shard worker processes (dpo_bench.shard_workers) start when the steps left would take longer
-# than this in threads, judged from the first SHARD_PROBE_STEPS steps (a worker takes a few seconds
-# to start, on a core the threads would use); they take parts from the first step after they are up.
-SHARD_WORKERS_AFTER_SECONDS = 10.0
-SHARD_PROBE_STEPS = 10
-# Whether a step waits for workers that are starting instead of running in threads meanwhile:
-# benchmarks and tests set it (with SHARD_WORKERS_AFTER_SECONDS = 0) to time or test the workers alone.
-WAIT_FOR_SHARD_WORKERS = False
+# One part's loss, metrics and weighted gradient (None for a parameter the loss does not reach).
+Part = tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor | None, ...]]
+
+
+def part_gradient(loss_fn: Callable, params: Sequence[torch.Tensor], part: torch.Tensor, weight: float,
+                  precision: Precision = FP32, scaler: LossScaler | None = None) -> Part:
+    """One part's loss and metrics, and the gradient of its ``weight``-weighted loss (its forward
+    under ``precision``'s autocast, the loss scaled by ``scaler`` before the backward pass)."""
+    with precision.autocast():
+        loss, metrics = loss_fn(part)
+    weighted = loss * weight
+    grads = torch.autograd.grad(scaler.scale(weighted) if scaler is not None else weighted, params, allow_unused=True)
+    return loss.detach().cpu(), metrics, grads
 
 
 class Job(NamedTuple):
@@ -263,20 +275,18 @@ class Job(NamedTuple):
 
 
 class ShardRunner:
-    """Runs a step's shards: at once, in worker processes or threads, or in turn.
+    """Runs a step's shards: at once in threads, or in turn.
 
     Each shard's gradient is its own ``torch.autograd.grad``, and the step sums them in shard
-    order, so the result does not depend on how many ran at once, nor where. Concurrency needs the
-    GIL-free CPU kernels of torch and no shared random stream: a model that draws random numbers in
-    its forward (dropout) runs its shards in turn, as does one on an accelerator.
+    order, so the result does not depend on how many ran at once. Concurrency needs the GIL-free
+    CPU kernels of torch and no shared random stream: a model that draws random numbers in its
+    forward (dropout) runs its shards in turn, as does one on an accelerator. Processes of their
+    own are ranks (``nproc_per_cell``, :mod:`dpo_bench.distributed`).
 
     The process's torch threads are split between the shards running at once: one each on a
     2-core machine with 2 shards (the step's ops are then never split across cores, and the
     weights are bit-identical to the shards run in turn on one thread), several each on a
     machine with more cores, where a larger model's matmuls gain from them.
-
-    With :meth:`start_workers`, the shards after the first run in worker processes
-    (:mod:`dpo_bench.shard_workers`: no GIL between them) once the workers are up; in threads until then.
     """
 
     def __init__(self, threads: int):
@@ -286,10 +296,6 @@ class ShardRunner:
         self._pool = ThreadPoolExecutor(
             threads, thread_name_prefix="shard", initializer=torch.set_num_threads, initargs=(self.threads_each,),
         ) if threads > 1 else None
-        self.workers: ShardWorkers | None = None
-        self.workers_started = False
-        self._served_by_workers = False
-        self._seconds: dict[str, list[float]] = {"workers": [], "threads": []}
 
     @classmethod
     def for_model(cls, model: nn.Module, shards: int, device: torch.device) -> "ShardRunner":
@@ -297,69 +303,20 @@ class ShardRunner:
             return cls(1)
         return cls(min(shards, torch.get_num_threads()))
 
-    def start_workers(self, loss_fn: Callable, params: Sequence[torch.Tensor]) -> None:
-        """Worker processes for the shards after the first, if they can serve ``loss_fn`` here."""
-        if self._pool is not None and self.workers is None:
-            self.workers = ShardWorkers.start(loss_fn, params, self.threads - 1, self.threads_each)
-            self.workers_started = self.workers is not None
-
-    def consider_workers(self, loss_fn: Callable, params: Sequence[torch.Tensor], steps_left: int) -> None:
-        """Starts workers if the ``steps_left`` would take longer than :data:`SHARD_WORKERS_AFTER_SECONDS`
-        at the mean of the steps recorded so far, the first left out (it warms up); at once if none."""
-        probe = self._seconds["threads"][1:]
-        each = sum(probe) / len(probe) if probe else math.inf
-        if steps_left * each > SHARD_WORKERS_AFTER_SECONDS:
-            self.start_workers(loss_fn, params)
-
     def map(self, fn: Callable, items: Sequence) -> list:
+        """``fn`` of each item, in order: at once in the threads when there are any, else in turn."""
         if self._pool is None:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
 
     def gradients(self, run_part: Callable[[Job], Part], jobs: Sequence[Job]) -> list[Part]:
-        """``run_part`` of each job, in job order: the first in this thread and the others in the
-        workers when they are up and there is one for each, else at once in threads."""
-        self._served_by_workers = self.workers is not None and len(jobs) == self.workers.count + 1 and self._workers_up()
-        if self._served_by_workers:
-            return self.workers.run(lambda: run_part(jobs[0]), [(job.part, job.weight) for job in jobs[1:]])
-        if self.workers is not None and not self.workers.all_up:
-            # Workers starting take the other cores: the shards run in turn here until they are up
-            # (ad hoc, `default`'s SFT on 2 cores: 18.6-20.3 ms a step, against 21.4 ms in two
-            # threads beside the starting worker).
-            return [run_part(job) for job in jobs]
+        """``run_part`` of each job, in job order."""
         return self.map(run_part, jobs)
-
-    def record(self, seconds: float) -> None:
-        """A step's wall time, counted where its shards ran (for the probe and the summary; kept only
-        where shards can run at once)."""
-        if self._pool is not None:
-            self._seconds["workers" if self._served_by_workers else "threads"].append(seconds)
-        self._served_by_workers = False
-
-    def summary(self) -> str:
-        """How many steps ran their shards where, and their median time."""
-        parts = []
-        for where, seconds in self._seconds.items():
-            if seconds:
-                median = sorted(seconds)[len(seconds) // 2]
-                label = "with shard workers" if where == "workers" else "without"
-                parts.append(f"{len(seconds)} steps {label} (median {1000 * median:.1f} ms)")
-        return ", ".join(parts)
-
-    def _workers_up(self) -> bool:
-        try:
-            return self.workers.ready(wait=WAIT_FOR_SHARD_WORKERS)
-        except WorkerStartError as e:
-            logger.warning("a shard worker failed to start; the shards run in threads: %s", e)
-            self.workers.close()
-            self.workers = None
-            return False
 
     @contextmanager
     def step(self) -> Iterator[None]:
         """A training step's span: while shards run at once, this thread's own torch work (summing
-        the gradients, clipping, the optimiser, and its own shard beside the workers') runs on a
-        shard's share of the threads too (one on 2 cores). With ``OMP_WAIT_POLICY=PASSIVE`` a second
+        the gradients, clipping, the optimiser) runs on a shard's share of the threads too (one on 2 cores). With ``OMP_WAIT_POLICY=PASSIVE`` a second
         OpenMP thread sleeps between parallel regions, and waking it for each small op made them
         slower: AdamW took 2.4 ms per step on 2 threads against 0.33 ms on 1 (the sentiment task's
         GPT-2, an ad hoc timing)."""
@@ -374,11 +331,12 @@ class ShardRunner:
             torch.set_num_threads(self._own_threads)
 
     def close(self) -> None:
-        if self.workers is not None:
-            self.workers.close()
-            self.workers = None
         if self._pool is not None:
             self._pool.shutdown()
+
+
+# The loss's key beside a step's metrics in their one all-reduce (no metric is named so).
+LOSS_KEY = "\0loss"
 
 
 def optimise(
@@ -399,6 +357,7 @@ def optimise(
     lengths: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     tokens: torch.Tensor | None = None,
+    precision: Precision = FP32,
 ) -> nn.Module:
     """The loop every method with a loss shares: minibatch indices → ``loss_fn(idx)`` → AdamW step.
 
@@ -415,8 +374,18 @@ def optimise(
 
     ``tokens`` (non-pad tokens each item puts through the forward and backward passes; default
     ``lengths``) and the steps are added to ``log.compute``, the cell's compute.
+
+    Under a process group (:mod:`dpo_bench.distributed`), each rank takes its run of every
+    micro-batch, weighted by its share of the whole batch as a shard is, and the ranks' gradients
+    are summed before the step: every rank draws the same batches (the same ``generator``) and
+    takes the same step. The loss and metrics logged are the whole batch's.
+
+    ``precision`` (:mod:`dpo_bench.precision`): the forward passes under its autocast, the weights
+    and the optimiser in float32, fp16's loss scaled before each backward pass.
     """
     model.train()
+    ranks = Ranks.current()
+    ranks.broadcast_parameters(model)
     optimizer = make_optimizer(model, config.lr, weight_decay)
     schedule = warmup_schedule(optimizer, config.warmup_steps, config.steps, config.lr_schedule)
     evals = set(checkpoint_steps(config.steps, n_checkpoints)) if checkpoint and n_checkpoints else set()
@@ -424,16 +393,16 @@ def optimise(
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     runner = ShardRunner.for_model(model, config.shards, device)
-    # When to decide on shard worker processes: after the probe steps (and the first), or at once.
-    decide_at = 1 if SHARD_WORKERS_AFTER_SECONDS <= 0 else 2 + SHARD_PROBE_STEPS
+    scaler = precision.scaler()
 
     def run_part(job: Job) -> Part:
         """One part's loss and metrics, and its weighted gradient: into ``.grad`` when it is the
         micro-batch's only part (``in_place``), else returned, for the step to sum in order."""
         if not job.in_place:
-            return part_gradient(loss_fn, params, job.part, job.weight)
-        part_loss, part_metrics = loss_fn(job.part)
-        (part_loss * job.weight).backward()
+            return part_gradient(loss_fn, params, job.part, job.weight, precision, scaler)
+        with precision.autocast():
+            part_loss, part_metrics = loss_fn(job.part)
+        scaler.scale(part_loss * job.weight).backward()
         return part_loss.detach().cpu(), part_metrics, ()
 
     def batch_gradients(step: int, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -446,34 +415,40 @@ def optimise(
 
         loss, metrics = torch.zeros(()), {}
         for micro in idx.chunk(config.accumulation_steps):
-            parts = shard_indices(micro, config.shards, lengths)
-            jobs = [Job(step, part, share(part), len(parts) == 1) for part in parts]
+            own = rank_part(micro, ranks, lengths)
+            parts = shard_indices(own, config.shards, lengths)
+            # A rank left without items (a batch smaller than the ranks) runs one at weight 0: no
+            # gradient, and the same metrics' names as the others for their all-reduce.
+            jobs = [Job(step, part, share(part), len(parts) == 1) for part in parts] if len(own) else [Job(step, micro[:1], 0.0, True)]
             results = [run_part(jobs[0])] if len(jobs) == 1 else runner.gradients(run_part, jobs)
             for job, (part_loss, part_metrics, grads) in zip(jobs, results):  # in part order, whichever finished first
-                check_finite(part_loss, label, step, log)
+                if not ranks.distributed:  # under ranks, the whole batch's loss is checked below, on every rank alike
+                    check_finite(part_loss, label, step, log)
                 for p, g in zip(params, grads):
                     if g is not None:
-                        # A worker's gradient is its shared buffer, which its next part overwrites: copied.
-                        p.grad = (g.clone() if g.is_shared() else g) if p.grad is None else p.grad + g
+                        p.grad = g if p.grad is None else p.grad + g
                 loss = loss + part_loss * job.weight
                 for k, v in part_metrics.items():
                     metrics[k] = metrics.get(k, 0.0) + v * job.weight
+        if ranks.distributed:
+            ranks.sum_gradients(params)
+            summed = ranks.sum_scalars({**metrics, LOSS_KEY: float(loss)})
+            loss = torch.tensor(summed.pop(LOSS_KEY))
+            metrics = summed
+            check_finite(loss, label, step, log)
         return loss, metrics
 
     try:
         bar = tqdm(range(1, config.steps + 1), desc=label, disable=not progress, leave=False)
         for step in bar:
-            if step == decide_at:
-                runner.consider_workers(loss_fn, params, config.steps - step + 1)
-            began = time.perf_counter()
             with runner.step():
                 idx = next(batches)
                 optimizer.zero_grad(set_to_none=True)
                 loss, metrics = batch_gradients(step, idx)
+                scaler.unscale(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
                 schedule.step()
-            runner.record(time.perf_counter() - began)
             counted = tokens if tokens is not None else lengths
             log.compute.add(steps=1, tokens=int(counted[idx].sum()) if counted is not None else 0)
             if step % log_every == 0 or step == config.steps:
@@ -485,7 +460,5 @@ def optimise(
                 model.train()
     finally:
         runner.close()
-    if runner.workers_started:
-        logger.info("%s: %s", label, runner.summary())
     model.eval()
     return model

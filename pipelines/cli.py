@@ -68,7 +68,8 @@ def resolve_config(args: argparse.Namespace):
     from dpo_bench.configs import ConfigError, TRLNameNote
     from dpo_bench.run import read_run
 
-    overrides = {flag: getattr(args, flag) for flag in ("device", "task", "threads") if getattr(args, flag, None) is not None}
+    overrides = {flag: getattr(args, flag) for flag in ("device", "task", "threads", "nproc_per_cell", "precision")
+                 if getattr(args, flag, None) is not None}
     if getattr(args, "seed", None) is not None:
         overrides.update(seed=args.seed, seeds=[])
     if getattr(args, "seeds", None):
@@ -133,14 +134,33 @@ def missing_paths_error(config, flags: dict[str, str] | None = None) -> str | No
     return None
 
 
+def devices_error_here(config) -> str | None:
+    """Why the config's device and ranks cannot run on this machine, or None."""
+    from dpo_bench.distributed import devices_error
+    from dpo_bench.policy import resolve_device
+
+    return devices_error(resolve_device(config.device), config.nproc_per_cell)
+
+
 def dry_run_plan(config) -> str:
     """What `run` would do: where it runs, what it would download, its stages and cells."""
     from dpo_bench.configs import to_dict
     from dpo_bench.policy import resolve_device
 
     seeds = ", ".join(map(str, config.pipeline_seeds))
-    lines = [f"task {config.task}, preset {config.preset}, pipeline seeds {seeds}, "
-             f"device {config.device} (here: {resolve_device(config.device)})"]
+    device = resolve_device(config.device)
+    from dpo_bench.precision import resolve_precision
+
+    lines = [f"task {config.task}, preset {config.preset}, pipeline seeds {seeds}, device {config.device} (here: {device}), "
+             f"precision {config.precision} (here: {resolve_precision(config.precision, device)})"]
+    if config.nproc_per_cell > 1:
+        from dpo_bench.distributed import rank_device
+
+        backend = "NCCL" if device.type == "cuda" else "gloo"
+        where = ", ".join(str(rank_device(device, r)) for r in range(config.nproc_per_cell))
+        lines.append(f"each stage and cell trains on {config.nproc_per_cell} ranks ({backend}; {where})")
+    if (unavailable := devices_error_here(config)) is not None:
+        lines.append(f"not runnable on this machine: {unavailable}")
     downloads = getattr(config.task_config, "downloads", None)
     items = downloads() if downloads else []
     hub = [(what, name) for what, name, where in items if where == "hub"]
@@ -193,14 +213,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         error = missing_paths_error(config, HF_FLAGS)
     except ConfigError as e:
         error = f"config error: {e}"
+    if args.dry_run and not error:  # the plan is shown for any machine; what this one lacks is said in it
+        print(dry_run_plan(config))
+        return 0
+    error = error or devices_error_here(config)
     if error:
         if api is not None:
             api.stop()
         print(f"dpo-bench: {error}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(dry_run_plan(config))
-        return 0
     from pipelines.workers import resolve_workers, worker_threads
 
     workers = 0 if args.no_prefect or args.dask_address else resolve_workers(args.workers, config)
@@ -418,7 +439,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     try:
         config = resolve_config(args)
-        error = missing_paths_error(config)
+        error = missing_paths_error(config) or devices_error_here(config)
     except ConfigError as e:
         error = f"config error: {e}"
     if error:
@@ -499,6 +520,14 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                                                       "preference data, reward model and cells; the report's tests are between seeds")
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="torch threads per stage (0 = torch's default)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="mixed precision of training: autocast to bf16 or fp16 with float32 weights and optimiser (fp16 "
+                        "with loss scaling), or fp32; auto (the default): bf16 on a CUDA GPU that supports it, else fp32; "
+                        "evaluation runs in float32")
+    p.add_argument("--nproc-per-cell", type=int, metavar="N",
+                   help="train each stage and cell on N processes, data parallel on torch.distributed (gloo on the CPU, "
+                        "NCCL with one GPU a rank): each rank its share of every batch, gradients summed before the step; "
+                        "the cores (or GPUs) are shared between the ranks and the Dask workers")
     p.add_argument("--from-run", metavar="RUN_DIR", help="repeat a run: take the resolved config from RUN_DIR/run.json")
     p.add_argument("--curves-x", metavar="AXIS", help=CURVES_X_HELP)
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",

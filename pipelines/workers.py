@@ -25,8 +25,12 @@ def resolve_workers(requested: int | None, config) -> int:
     if importlib.util.find_spec("prefect_dask") is None:
         return 0
     gpus = local_gpus(config)
+    if gpus and getattr(config, "nproc_per_cell", 1) > 1:  # a cell's ranks take the GPUs: the cells run in turn
+        return 0
     if gpus:  # one cell per GPU
         return min(gpus, cells)
+    # A cell's ranks (nproc_per_cell) take cores of their own.
+    cores //= max(1, getattr(config, "nproc_per_cell", 1))
     if resolve_device(config.device).type != "cpu" or get_task_class(config.task).exact or cores < 2 or cells < 4:
         return 0
     return min(cores, cells)

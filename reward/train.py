@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -113,34 +115,65 @@ def train_reward_model(
     generator: torch.Generator,
     log=None,
     progress: bool = True,
+    ranks=None,
+    precision=None,
 ) -> RewardModel:
     """Fit ``model`` to the pairs with the Bradley-Terry loss; ``log(step, **metrics)`` gets curves.
 
     The pairs are reshuffled every epoch and cut into ``config.batch_size`` batches, of pairs of
     similar length when ``config.group_by_length`` (a pair's length: its longer row).
+
+    ``ranks`` (a ``dpo_bench.distributed.Ranks``: data parallelism on torch.distributed): each
+    rank takes its part of every batch, weighted by its share, and the ranks' gradients are summed
+    before the step; every rank draws the same batches from ``generator``. ``precision`` (a
+    ``dpo_bench.precision.Precision``): the forward passes under its autocast, the loss scaled by its
+    scaler (fp16); the weights and the optimiser stay float32.
     """
     device = model.head.weight.device
     model.train()
+    if ranks is not None:
+        ranks.broadcast_parameters(model)
     optimizer = adamw(model.parameters(), lr=config.lr)
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    scaler = precision.scaler() if precision is not None else None
     lengths = longest_rows(pairs.chosen_mask, pairs.rejected_mask) if config.group_by_length else None
     batches = minibatches(len(pairs), config.batch_size, generator, lengths)
     bar = tqdm(range(1, config.steps + 1), desc="reward model", disable=not progress, leave=False)
     for step in bar:
         idx = next(batches)
-        batch = pairs.select(idx)
+        own = ranks.part(idx) if ranks is not None else idx
+        # A rank left without pairs (a batch smaller than the ranks) scores one at weight 0.
+        share = len(own) / len(idx)
+        batch = pairs.select(own if len(own) else idx[:1])
         batch = PairTensors(*(t.to(device) for t in (batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask)))
-        r_w, r_l = pair_scores(model, batch, pad_id)
+        with autocast():
+            r_w, r_l = pair_scores(model, batch, pad_id)
+        r_w, r_l = r_w.float(), r_l.float()
         loss = bt_loss(r_w, r_l).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"reward model: loss is {loss.item()} at step {step}")
+        accuracy = pairwise_accuracy(r_w.detach(), r_l.detach())
+        if ranks is not None and ranks.distributed:
+            loss = loss * share
+            summed = ranks.sum_scalars({"loss": loss.item(), "accuracy": accuracy * share})
+            shown, accuracy = summed["loss"], summed["accuracy"]
+        else:
+            shown = loss.item()
+        if not math.isfinite(shown):
+            raise FloatingPointError(f"reward model: loss is {shown} at step {step}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if ranks is not None:
+            ranks.sum_gradients([p for p in model.parameters() if p.requires_grad])
+        if scaler is not None:
+            scaler.unscale(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
         if step % 10 == 0 or step == config.steps:
-            bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+            bar.set_postfix(loss=f"{shown:.4g}", refresh=False)
             if log is not None:
-                log(step, len(idx), **{"train/loss": loss.item(), "train/accuracy": pairwise_accuracy(r_w.detach(), r_l.detach())})
+                log(step, len(idx), **{"train/loss": shown, "train/accuracy": accuracy})
     model.eval()
     return model
 

@@ -155,9 +155,32 @@ def test_an_unknown_device_lists_the_valid_ones(command, device, capsys):
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
-def test_the_documented_devices_are_accepted(device, capsys):
-    code, _, _ = cli(capsys, "check-config", "--preset", "quick", "--device", device)
-    assert code == 0
+def test_the_documented_devices_are_accepted_and_one_this_machine_lacks_is_refused_before_a_run(device, capsys):
+    import torch
+
+    from dpo_bench.distributed import devices_error
+
+    missing = devices_error(torch.device("cpu" if device == "auto" else device))
+    code, _, err = cli(capsys, "check-config", "--preset", "quick", "--device", device)
+    assert (code, err) == ((0, "") if missing is None else (2, f"dpo-bench: {missing}\n"))
+    code, out, _ = cli(capsys, "run", "--dry-run", "--preset", "quick", "--device", device)  # a plan for any machine
+    assert code == 0 and (missing is None) == ("not runnable on this machine" not in out)
+    if device == "cuda" and missing is not None:
+        assert one_line(cli(capsys, "run", "--preset", "quick", "--device", device, "--no-prefect")[2]) == (
+            "dpo-bench: device cuda: needs GPU 0, and this machine has 0 CUDA device(s)")
+
+
+def test_ranks_and_precision_are_shown_by_the_dry_run_and_a_rollout_batch_ranks_cannot_split_is_refused(capsys):
+    code, out, _ = cli(capsys, "run", "--dry-run", "--preset", "quick", "--device", "cpu", "--nproc-per-cell", "2",
+                       "--precision", "bf16")
+    assert code == 0 and "each stage and cell trains on 2 ranks (gloo; cpu, cpu)" in out
+    assert "device cpu (here: cpu), precision bf16 (here: bf16)" in out.splitlines()[0]
+    code, _, err = cli(capsys, "check-config", "--preset", "quick", "--nproc-per-cell", "3")
+    assert code == 2 and one_line(err) == (
+        "dpo-bench: config error: grid (ppo kl_coef=0.2 seed=0): rollout_batch = 64 must split into nproc_per_cell = 3 "
+        "equal shares of at least n_minibatches = 2 rollouts")
+    code, _, err = cli(capsys, "check-config", "--preset", "quick", "--nproc-per-cell", "0")
+    assert code == 2 and one_line(err) == "dpo-bench: config error: nproc_per_cell: must be >= 1, got 0"
 
 
 # --- missing local files ---------------------------------------------------------------------------------

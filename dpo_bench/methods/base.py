@@ -22,6 +22,7 @@ from ..configs import ConfigError, from_dict
 from ..generation import Samples, sample
 from ..logprobs import SequenceBatch, batched_sequence_logps, batched_token_kl
 from ..frontier import best_of_n_kl_bound
+from ..precision import FP32, Precision
 from ..training import CheckpointFn, TrainLog
 
 Need = Literal["preferences", "rankings", "reward_model", "gold"]
@@ -40,7 +41,9 @@ class Method:
     ``strength`` names the config field a sweep varies (β, kl_coef, n, α); ``stronger_when``
     says whether a larger value of it regularises toward the reference more ("higher", as β
     and kl_coef), less ("lower", as N of best-of-N), or whether it is no KL regulariser at all
-    (None, as SimPO's β, which has no reference to stay near).
+    (None, as SimPO's β, which has no reference to stay near). ``data_parallel``: its training
+    runs on the ranks of ``nproc_per_cell`` (:mod:`dpo_bench.distributed`; every trainer on
+    :func:`~dpo_bench.training.optimise` does); other methods train in one process.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Method:
     strength: str | None = None
     stronger_when: Literal["higher", "lower"] | None = "higher"
     role: Role = "direct"
+    data_parallel: bool = False
 
     def make_config(self, overrides: dict | None = None, strength: float | None = None) -> Any:
         data = dict(overrides or {})
@@ -78,13 +82,15 @@ def register_method(
     strength: str | None = None,
     stronger_when: Literal["higher", "lower"] | None = "higher",
     role: Role = "direct",
+    data_parallel: bool = False,
 ) -> Callable[[Callable], Callable]:
-    """Decorator registering ``train(ctx, config) -> Policy`` as method ``name`` (``role``: see :data:`Role`)."""
+    """Decorator registering ``train(ctx, config) -> Policy`` as method ``name`` (``role``: see
+    :data:`Role`; ``data_parallel``: see :class:`Method`)."""
 
     def wrap(train: Callable) -> Callable:
         if strength is not None and strength not in config.__dataclass_fields__:
             raise ValueError(f"method '{name}': strength '{strength}' is not a field of {config.__name__}")
-        METHODS[name] = Method(name, description, config, train, frozenset(needs), strength, stronger_when, role)
+        METHODS[name] = Method(name, description, config, train, frozenset(needs), strength, stronger_when, role, data_parallel)
         return train
 
     return wrap
@@ -169,6 +175,8 @@ class MethodContext:
     progress: bool = True
     label: str = ""
     shared: SharedStore | None = None  # None: nothing is shared (each cell draws its own)
+    # The forward passes' mixed precision (dpo_bench.precision): the run's, resolved for its device.
+    precision: Precision = FP32
 
     def sample(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], temperature: float = 1.0) -> Samples:
         return sample(

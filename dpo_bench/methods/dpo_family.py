@@ -100,7 +100,7 @@ def train_dpo_family(ctx: MethodContext, config: DPOConfig, spec: LossSpec) -> M
     optimise(
         policy, config, loss_fn, n_items=len(lengths), generator=ctx.generator,
         log=ctx.log, label=ctx.label, progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
-        max_grad_norm=10.0, lengths=lengths, tokens=item_tokens(*batches),
+        max_grad_norm=10.0, lengths=lengths, tokens=item_tokens(*batches), precision=ctx.precision,
     )
     return ModelPolicy(policy, ctx.task)
 
@@ -116,6 +116,7 @@ def register_loss_method(name: str) -> None:
         strength="beta",
         # Without a reference, β scales the margin but pulls toward nothing.
         stronger_when=None if spec.reference_free else "higher",
+        data_parallel=True,
     )(lambda ctx, config: train_dpo_family(ctx, config, spec))
 
 

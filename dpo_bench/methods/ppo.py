@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from reward.normalise import Normaliser, normalised_head
 
 from ..configs import ConfigError, field, non_negative, positive, probability
+from ..distributed import Ranks
 from ..logprobs import (
     SequenceBatch, by_length_groups, token_kl_terms, token_log_distributions, token_logps, token_logps_and_hidden,
 )
@@ -142,10 +143,17 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return whitened(x, mask, eps)[0]
 
 
-def whitened(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(:func:`whiten`'s result, the scale it divided by: √(var + eps) of the masked entries)."""
-    mean = masked_mean(x, mask)
-    inverse = torch.rsqrt(masked_mean((x - mean) ** 2, mask) + eps)
+def whitened(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`whiten`'s result, the scale it divided by: √(var + eps) of the masked entries);
+    under ``ranks``, the mean and variance of every rank's entries together."""
+    if not ranks.distributed:
+        mean = masked_mean(x, mask)
+        inverse = torch.rsqrt(masked_mean((x - mean) ** 2, mask) + eps)
+        return (x - mean) * inverse * mask, 1 / inverse
+    total, count = ranks.sum(torch.stack([(x * mask).sum(), mask.sum()])).unbind()
+    mean = total / count.clamp(min=1)
+    squares, _ = ranks.sum(torch.stack([((x - mean) ** 2 * mask).sum(), count])).unbind()
+    inverse = torch.rsqrt(squares / count.clamp(min=1) + eps)
     return (x - mean) * inverse * mask, 1 / inverse
 
 
@@ -218,7 +226,7 @@ class PolicyWithValueHead(nn.Module):
             logps, hidden, *dists = token_logps_and_hidden(self.policy, b, hidden=self.critic is None, full=full)
             if self.critic is not None:
                 hidden = token_logps_and_hidden(self.critic, b, hidden=True)[1]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
             return logps, values.new_zeros(logps.shape).masked_scatter(b.completion_mask[:, 1:].bool(), values), *dists
 
         # Rollouts stop at eos: their lengths vary, so rows of similar length share a forward pass.
@@ -278,10 +286,19 @@ def initial_critic(ctx: MethodContext, config: PPOConfig) -> nn.Module | None:
 def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> ModelPolicy:
     """PPO against ``score_source``: "reward_model" (RLHF) or "gold" (PPO-GT)."""
     device = ctx.device
+    # Under a process group each rank draws its share of the rollouts from a stream of its own, and
+    # the updates sum the ranks' gradients of the whole minibatch's token-mean losses.
+    ranks = Ranks.current()
+    if ranks.distributed:
+        ctx = replace(ctx, generator=ranks.generator(ctx.generator, ctx.seed))
+    n_rollouts = config.rollout_batch // ranks.size
     normaliser = reward_normaliser(ctx, config, score_source)
     head = initial_value_head(ctx, config, score_source, normaliser)
     model = PolicyWithValueHead(trainable_copy(ctx), head, initial_critic(ctx, config)).to(device)
+    ranks.broadcast_parameters(model)
     optimizer = make_optimizer(model, config.lr)
+    # Mixed precision: the forward passes (rollouts, scores, log-probs) under autocast, fp16's loss scaled.
+    autocast, scaler = ctx.precision.autocast, ctx.precision.scaler()
     controller = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon) if config.target_kl > 0 else None
     prompt_ids = ctx.train_prompt_ids()
     evals = set(checkpoint_steps(config.iterations, ctx.n_checkpoints))
@@ -293,33 +310,40 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(iteration - 1, config.iterations, 0, config.lr_schedule)
         # 1. rollouts
-        pick = torch.randint(len(prompt_ids), (config.rollout_batch,), generator=ctx.generator).tolist()
-        samples = ctx.sample(model.policy, [prompt_ids[i] for i in pick])
-        ctx.log.compute.add(samples=len(pick))
+        pick = torch.randint(len(prompt_ids), (n_rollouts,), generator=ctx.generator).tolist()
+        with autocast():
+            samples = ctx.sample(model.policy, [prompt_ids[i] for i in pick])
+        ctx.log.compute.add(samples=len(pick) * ranks.size)
         batch = samples.batch.trim().to(device)
         mask = batch.completion_mask[:, 1:].float()
         # 2. scores: normalised on SFT samples, less the penalty where EOS is missing
         prompts = [task.train_prompts[i] for i in pick]
         completions = [task.decode_completion(c) for c in samples.completion_ids]
         gold = torch.tensor(ctx.gold_scores(prompts, completions), dtype=torch.float32)
-        raw = gold if score_source == "gold" else ctx.reward_model.score(batch.input_ids, batch.attention_mask)
+        if score_source == "gold":
+            raw = gold
+        else:
+            with autocast():
+                raw = ctx.reward_model.score(batch.input_ids, batch.attention_mask).float()
         reward = normaliser(raw) if normaliser else raw
         truncated = torch.from_numpy(task.truncated(samples.completion_ids))
         scores = eos_penalised_scores(reward, truncated, config.missing_eos_penalty).to(device)
         # 3. old log-probs, reference log-probs, values; rewards; advantages
         with torch.no_grad():
-            old_logps, old_values, *old_dists = model.logps_and_values(batch, full=exact)
+            with autocast():
+                old_logps, old_values, *old_dists = model.logps_and_values(batch, full=exact)
+                ref = token_log_distributions(ctx.reference, batch) if exact else token_logps(ctx.reference, batch)
             if exact:
-                ref_dists = token_log_distributions(ctx.reference, batch)
+                ref_dists = ref
                 token_kl = token_kl_terms(old_dists[0], ref_dists, mask)
             else:
-                token_kl = (old_logps - token_logps(ctx.reference, batch)) * mask
+                token_kl = (old_logps - ref) * mask
             rewards = kl_penalised_rewards(token_kl, scores, mask, kl_coef)
             advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
             # The exact KL's own gradient enters the loss in the advantages' units.
             scale = torch.ones(())
             if config.whiten_advantages:
-                advantages, scale = whitened(advantages, mask)
+                advantages, scale = whitened(advantages, mask, ranks=ranks)
         kl = token_kl.sum(-1).mean().item()
         # 4. updates
         n = len(batch)
@@ -329,29 +353,48 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
             for start in range(0, n, size):
                 idx = order[start:start + size].to(device)
                 mb = batch.select(idx)
-                logps, values, *dists = model.logps_and_values(mb, full=exact)
+                with autocast():
+                    logps, values, *dists = model.logps_and_values(mb, full=exact)
                 pg = clipped_policy_loss(logps, old_logps[idx], advantages[idx], mask[idx], config.clip_range)
                 if exact:
                     # ∇ Σ_t KL_t at the visited positions; the rewards above carry its effect on later positions.
                     pg = pg + kl_coef / scale * masked_mean(token_kl_terms(dists[0], ref_dists[idx], mask[idx]), mask[idx])
                 vf = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], config.value_clip)
                 loss = pg + config.vf_coef * vf
-                check_finite(loss, ctx.label, iteration, ctx.log)
+                tokens = int(mb.attention_mask.sum())
+                if ranks.distributed:
+                    # The losses are token means over the rank's part: weighted by its share of the
+                    # minibatch's completion tokens, the ranks' gradients sum to the whole minibatch's.
+                    own, tokens = ranks.sum(torch.tensor([float(mask[idx].sum()), float(tokens)], dtype=torch.float64)).tolist()
+                    share = float(mask[idx].sum()) / max(own, 1.0)
+                    loss = loss * share
+                else:
+                    share = 1.0
+                    check_finite(loss, ctx.label, iteration, ctx.log)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                ctx.log.compute.add(steps=1, tokens=int(mb.attention_mask.sum()))
+                scaler.scale(loss).backward()
+                ranks.sum_gradients(list(model.parameters()))
+                scaler.unscale(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                if ranks.distributed and not torch.isfinite(norm) and scaler.scaler is None:
+                    # The same on every rank: they stop together (under fp16 the scaler skips the step instead).
+                    check_finite(torch.tensor(ranks.sum_scalars({"loss": loss.item()})["loss"]), ctx.label, iteration, ctx.log)
+                scaler.step(optimizer)
+                ctx.log.compute.add(steps=1, tokens=int(tokens))
+        # The iteration's means over every rank's rollouts (equal shares), the last minibatch's losses.
+        means = ranks.mean_scalars({"kl": kl, "reward": reward.mean().item(), "gold_reward": gold.mean().item(),
+                                    "truncated": truncated.float().mean().item()})
+        losses = ranks.sum_scalars({"loss": loss.item(), "policy_loss": pg.item() * share, "value_loss": vf.item() * share})
+        kl = means["kl"]
         if controller:
             controller.update(kl)
         ctx.log.log(
-            iteration, n,
-            **{"train/loss": loss.item(), "train/policy_loss": pg.item(), "train/value_loss": vf.item(),
-               # the (normalised) reward before the EOS penalty: the proxy curve of the over-optimisation figure
-               "train/reward": reward.mean().item(), "train/gold_reward": gold.mean().item(),
-               "train/truncated": truncated.float().mean().item(), "train/kl": kl, "train/kl_coef": kl_coef},
+            iteration, n * ranks.size,
+            **{f"train/{k}": v for k, v in losses.items()},
+            # the (normalised) reward before the EOS penalty: the proxy curve of the over-optimisation figure
+            **{f"train/{k}": v for k, v in means.items()}, **{"train/kl_coef": kl_coef},
         )
-        bar.set_postfix(reward=f"{reward.mean().item():.3g}", kl=f"{kl:.3g}", refresh=False)
+        bar.set_postfix(reward=f"{means['reward']:.3g}", kl=f"{kl:.3g}", refresh=False)
         if iteration in evals:
             model.policy.eval()
             ctx.checkpoint(iteration, model.policy)
@@ -367,6 +410,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     needs=("reward_model",),
     strength="kl_coef",
     role="rlhf",
+    data_parallel=True,
 )
 def train_ppo_rm(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
     return train_ppo(ctx, config, "reward_model")
@@ -379,6 +423,7 @@ def train_ppo_rm(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
     needs=("gold",),
     strength="kl_coef",
     role="oracle",
+    data_parallel=True,
 )
 def train_ppo_gold(ctx: MethodContext, config: PPOConfig) -> ModelPolicy:
     return train_ppo(ctx, config, "gold")

@@ -15,6 +15,7 @@ from torch import nn
 from ..configs import field, non_negative
 from ..logprobs import collate, token_logps
 from ..policy import apply_lora, freeze_first_blocks
+from ..precision import FP32, Precision
 from ..training import SHARDS_DOC, CheckpointFn, OptimConfig, TrainLog, optimise
 from .base import MethodContext, ModelPolicy, register_method
 
@@ -44,8 +45,7 @@ def sft_loss(model: nn.Module, batch) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class SFTBatchLoss:
-    """SFT's loss on the items ``idx``: a class, not a closure, so that it pickles and a step's
-    shards can run in worker processes (:mod:`dpo_bench.shard_workers`)."""
+    """SFT's loss on the items ``idx``."""
 
     model: nn.Module
     prompts: Sequence[Sequence[int]]
@@ -72,6 +72,7 @@ def supervised_finetune(
     n_checkpoints: int = 0,
     label: str = "sft",
     progress: bool = True,
+    precision: Precision = FP32,
 ) -> nn.Module:
     """Train ``model`` in place to maximise log p(completion | prompt); returns it."""
     loss_fn = SFTBatchLoss(model, prompts, completions, pad_id, next(model.parameters()).device)
@@ -81,6 +82,7 @@ def supervised_finetune(
         lengths=torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions)]),
         # The loss is a mean over predicted completion tokens (a first token after an empty prompt has no prediction).
         weights=torch.tensor([len(c) - (len(c) > 0 and len(p) == 0) for p, c in zip(prompts, completions)], dtype=torch.float64),
+        precision=precision,
     )
 
 
@@ -113,6 +115,7 @@ class PreferredFTConfig(SFTConfig):
     config=PreferredFTConfig,
     needs=("preferences",),
     role="baseline",
+    data_parallel=True,
 )
 def train_preferred_ft(ctx: MethodContext, config: PreferredFTConfig) -> ModelPolicy:
     prefs = ctx.preferences
@@ -121,6 +124,7 @@ def train_preferred_ft(ctx: MethodContext, config: PreferredFTConfig) -> ModelPo
     supervised_finetune(
         policy, prompts, completions, config, pad_id=ctx.task.pad_id, generator=ctx.generator, log=ctx.log,
         checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints, label=ctx.label, progress=ctx.progress,
+        precision=ctx.precision,
     )
     return ModelPolicy(policy, ctx.task)
 

@@ -49,6 +49,7 @@ def unlikelihood_loss(
     strength="alpha",
     stronger_when="lower",
     role="baseline",
+    data_parallel=True,
 )
 def train_unlikelihood(ctx: MethodContext, config: UnlikelihoodConfig) -> ModelPolicy:
     prefs = ctx.preferences
@@ -65,5 +66,6 @@ def train_unlikelihood(ctx: MethodContext, config: UnlikelihoodConfig) -> ModelP
         policy, config, loss_fn, n_items=len(prefs), generator=ctx.generator, log=ctx.log, label=ctx.label,
         progress=ctx.progress, checkpoint=ctx.checkpoint, n_checkpoints=ctx.n_checkpoints,
         lengths=longest_rows(prefs.chosen, prefs.rejected), tokens=item_tokens(prefs.chosen, prefs.rejected),
+        precision=ctx.precision,
     )
     return ModelPolicy(policy, ctx.task)

@@ -82,7 +82,10 @@ class HFConfig:
     judge_model: str = field("", "judge = classifier: a sequence-classification model, hub id or directory (a reward model or a classifier)")
     judge_label: str = field("", "judge = classifier: the output whose logit is the reward (label name or index); empty: its only output")
     judge_is_gold: bool = field(False, "the judge is this task's ground truth (as the paper's sentiment classifier): report its scores as gold_reward")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "weights' precision; auto: bfloat16 on a CUDA GPU that supports it, else float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "float32", "the weights' own precision: float32 (mixed precision comes from `precision`, with float32 weights); "
+                   "bfloat16 or float16 store the weights and the optimiser's updates in that precision (less memory, and "
+                   "updates below its resolution round away); auto: bfloat16 on a CUDA GPU that supports it, else float32")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass: less memory, about 30% more compute")
     disable_dropout: bool = field(True, "zero the model's dropout (PPO's ratios and DPO's reference comparison assume a deterministic policy)")
     lora: LoRASpec = field(default_factory=LoRASpec, doc="LoRA adapters (needs the optional peft package) for the reference's fine-tuning and every method's policy; r = 0: full fine-tuning")
