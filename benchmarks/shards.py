@@ -37,7 +37,29 @@ SETTINGS = {"1 shard, 1 thread": (1, 1, 1), "1 shard, 2 threads": (1, 2, 1), "2 
 def sft_steps(preset: str, steps: int, shards: int) -> tuple[torch.nn.Module, list[float]]:
     """The SFT stage's training for ``steps`` steps from the task's fresh model: the model and each
     step's wall seconds (on every rank: ranks other than 0 run it as their job)."""
+    from dpo_bench.methods.sft import SFTConfig, supervised_finetune
+    from dpo_bench.training import TrainLog
+
+    fx = fixture(preset=preset)
+    prompts, completions = fx.task.reference_training_data()
+    model = copy.deepcopy(fx.task.initial_model(0))
+    clock = StepClock()
+    with ticking_optimiser_steps(clock):
+        supervised_finetune(model, prompts, completions, SFTConfig(steps=steps, shards=shards), pad_id=fx.task.pad_id,
+                            generator=torch.Generator().manual_seed(0), log=TrainLog(), progress=False)
+    return model, clock.step_times()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="default", help="whose SFT stage (its corpus and model; built once into the bench cache)")
+    p.add_argument("--steps", type=int, default=100, help="SFT steps per run")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each setting, interleaved")
+    args = p.parse_args(argv)
+
     from dpo_bench.distributed import RankJob, ranks
+
+    from benchmarks.shards import sft_steps as job  # by its module's name: under `-m` this module is __main__
 
     fixture(preset=args.preset)  # the stages it reads, built once before the timings
     own_threads = torch.get_num_threads()
@@ -47,7 +69,7 @@ def sft_steps(preset: str, steps: int, shards: int) -> tuple[torch.nn.Module, li
     def run(name: str) -> float:
         shards, threads, nproc = SETTINGS[name]
         torch.set_num_threads(threads)
-        with ranks(nproc, RankJob(sft_steps, (args.preset, args.steps, shards)), torch.device("cpu")):
+        with ranks(nproc, RankJob(job, (args.preset, args.steps, shards)), torch.device("cpu")):
             model, seconds = sft_steps(args.preset, args.steps, shards)
         torch.set_num_threads(own_threads)
         final[name] = model
