@@ -316,10 +316,10 @@ class ShardRunner:
     @contextmanager
     def step(self) -> Iterator[None]:
         """A training step's span: while shards run at once, this thread's own torch work (summing
-        the gradients, clipping, the optimiser) runs on a shard's share of the threads too (one on 2 cores). With ``OMP_WAIT_POLICY=PASSIVE`` a second
-        OpenMP thread sleeps between parallel regions, and waking it for each small op made them
-        slower: AdamW took 2.4 ms per step on 2 threads against 0.33 ms on 1 (the sentiment task's
-        GPT-2, an ad hoc timing)."""
+        the gradients, clipping, the optimiser) runs on a shard's share of the threads too (one on
+        2 cores). With ``OMP_WAIT_POLICY=PASSIVE`` a second OpenMP thread sleeps between parallel
+        regions, and waking it for each small op made them slower: AdamW took 2.4 ms per step on 2
+        threads against 0.33 ms on 1 (the sentiment task's GPT-2, an ad hoc timing)."""
         if self._pool is None:
             yield
             return

@@ -146,11 +146,10 @@ def dry_run_plan(config) -> str:
     """What `run` would do: where it runs, what it would download, its stages and cells."""
     from dpo_bench.configs import to_dict
     from dpo_bench.policy import resolve_device
+    from dpo_bench.precision import resolve_precision
 
     seeds = ", ".join(map(str, config.pipeline_seeds))
     device = resolve_device(config.device)
-    from dpo_bench.precision import resolve_precision
-
     lines = [f"task {config.task}, preset {config.preset}, pipeline seeds {seeds}, device {config.device} (here: {device}), "
              f"precision {config.precision} (here: {resolve_precision(config.precision, device)})"]
     if config.nproc_per_cell > 1:
@@ -673,7 +672,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if argv is None and args.command == "run":
         _skip_teardown_at_exit()
-    code = args.func(args, extra) if takes_extra else args.func(args)
+    try:
+        code = args.func(args, extra) if takes_extra else args.func(args)
+    except BrokenPipeError:
+        # The reader of stdout went away (`dpo-bench check-config | head`): stop quietly, as Unix
+        # tools do; stdout goes to /dev/null so that the interpreter's final flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     _EXIT_CODE[0] = code
     return code
 

@@ -350,3 +350,14 @@ def test_a_run_id_in_use_by_a_live_run_is_one_line(tmp_path, capsys):
     assert code == 2
     assert "run 'busy' is already running in" in err and "choose another --run-id or wait for it to finish" in err
     assert not (run_dir / "metrics.parquet").exists()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`dpo-bench check-config | head -1`: the pipe closes under the command, which stops quietly."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); from pipelines.cli import main; "
+            "sys.exit(main(['check-config', '--preset', 'quick']))")
+    done = subprocess.run([sys.executable, "-u", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
