@@ -34,35 +34,50 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _sft_ranked(out: str | None = None, steps: int = 4) -> tuple[torch.nn.Module, list[float], list[list[torch.Tensor]]]:
+def _llama() -> torch.nn.Module:
+    """A tiny Llama (RoPE, RMSNorm, SwiGLU), which trains through transformers' own forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=1))
+
+
+ARCHITECTURES = {"gpt2": _model, "llama": _llama}
+
+
+def _sft_ranked(out: str | None = None, steps: int = 4,
+                arch: str = "gpt2") -> tuple[torch.nn.Module, list[float], list[list[torch.Tensor]]]:
     """test_training's SFT run on this rank, the whole batch in one shard (the model, its logged
     losses, each step's gradient); a rank other than 0 saves its weights to ``out``."""
-    model, losses, grads = _sft(_model(), _sft_data(), shards=1, steps=steps)
+    model, losses, grads = _sft(ARCHITECTURES[arch](), _sft_data(), shards=1, steps=steps)
     if out is not None:
         torch.save(model.state_dict(), out)
     return model, losses, grads
 
 
-def test_two_ranks_train_what_two_shards_in_one_process_do_bit_for_bit(tmp_path, one_thread):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # reward.trunk's packed forward, and transformers' own
+def test_two_ranks_train_what_two_shards_in_one_process_do_bit_for_bit(tmp_path, one_thread, arch):
     """Bit for bit against two shards in one process; against the whole batch in one pass, the same
     gradient up to float rounding."""
     other = tmp_path / "rank1.pt"
-    with ranks(2, RankJob(_sft_ranked, (str(other),)), CPU) as where:
+    with ranks(2, RankJob(_sft_ranked, (str(other), 4, arch)), CPU) as where:
         assert where == Ranks(0, 2) == Ranks.current()
         elsewhere = []  # another thread of the process (a cell beside this one) trains alone
         thread = threading.Thread(target=lambda: elsewhere.append(Ranks.current()))
         thread.start()
         thread.join()
         assert elsewhere == [Ranks()]
-        ranked, ranked_losses, ranked_grads = _sft_ranked()
+        ranked, ranked_losses, ranked_grads = _sft_ranked(arch=arch)
     assert Ranks.current() == Ranks()  # the group is gone
-    in_one, losses, _ = _sft(_model(), _sft_data(), threads=1, shards=2, steps=4)
+    in_one, losses, _ = _sft(ARCHITECTURES[arch](), _sft_data(), threads=1, shards=2, steps=4)
     assert _max_diff(ranked, in_one) == 0.0
     assert ranked_losses == pytest.approx(losses, rel=1e-6)  # summed in float64 across ranks, in float32 in one process
-    rank1 = _model()
+    rank1 = ARCHITECTURES[arch]()
     rank1.load_state_dict(torch.load(other))
     assert _max_diff(ranked, rank1) == 0.0  # every rank took the same steps
-    _, _, whole_grads = _sft_ranked(steps=1)
+    _, _, whole_grads = _sft_ranked(steps=1, arch=arch)
     for a, b in zip(ranked_grads[0], whole_grads[0]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
