@@ -219,7 +219,8 @@ class BenchConfig:
         if self.nproc_per_cell > 1:
             for cell in self.cells():
                 rollouts, minibatches = (getattr(cell.config(), k, None) for k in ("rollout_batch", "n_minibatches"))
-                if rollouts is not None and (rollouts % self.nproc_per_cell or rollouts // self.nproc_per_cell < (minibatches or 1)):
+                share, left = divmod(rollouts or 0, self.nproc_per_cell)
+                if rollouts is not None and (left or share < (minibatches or 1)):
                     raise ConfigError(f"grid ({cell.label}): rollout_batch = {rollouts} must split into nproc_per_cell = "
                                       f"{self.nproc_per_cell} equal shares of at least n_minibatches = {minibatches} rollouts")
         # A task may need more than valid fields to run (hf: a model, data, a judge for PPO-GT).

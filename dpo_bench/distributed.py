@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as e:
         # One line for rank 0's error (the whole traceback stays in the rank's log).
         message = str(e).strip().splitlines()
-        (Path(argv[0]).parent / f"rank{rank}.error").write_text(f"{type(e).__name__}: {message[0] if message else ''}".rstrip(": "))
+        summary = f"{type(e).__name__}: {message[0] if message else ''}".rstrip(": ")
+        (Path(argv[0]).parent / f"rank{rank}.error").write_text(summary)
         raise
     finally:
         dist.destroy_process_group()
