@@ -40,6 +40,7 @@ from reward.model import RewardModel
 from reward.normalise import Normaliser
 from reward.train import PairTensors, evaluate_reward_model, train_reward_model
 
+from . import schema
 from .bench import BenchConfig, Cell
 from .configs import from_dict, to_dict
 from .data import write_preferences
@@ -78,7 +79,7 @@ def pool_frame(samples: pd.DataFrame, scores: np.ndarray, truncated: np.ndarray 
     })
 
 
-METRIC_COLUMNS = ["run_id", "task", "method", "beta", "seed", "step", "temperature", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
+METRIC_COLUMNS = list(schema.METRIC_COLUMNS)
 
 
 def code_version() -> str:

@@ -28,7 +28,8 @@ import sqlalchemy as sa
 
 # Only report code (pandas, no torch): `dpo-bench history` and `compare` start fast.
 from .report.history import HISTORY_METRICS, final_summary
-from .report.load import METRIC_COLUMNS, atomic_write
+from .report.load import atomic_write
+from .schema import FLOAT_METRIC_COLUMNS, METRIC_COLUMNS
 
 log = logging.getLogger("dpo_bench")
 
@@ -78,8 +79,6 @@ metrics_table = sa.Table(
     sa.Column("ci_high", sa.Float),
     sa.Column("n", sa.Integer),
 )
-
-_FLOAT_METRIC_COLUMNS = ("beta", "temperature", "value", "stderr", "ci_low", "ci_high")
 
 
 class StoreError(RuntimeError):
@@ -156,7 +155,7 @@ def _metric_rows(metrics: pd.DataFrame, run_id: str) -> list[dict]:
         for col in ("seed", "step", "n"):
             if row[col] is not None:
                 row[col] = int(row[col])
-        for col in _FLOAT_METRIC_COLUMNS:
+        for col in FLOAT_METRIC_COLUMNS:
             row[col] = _none_if_nan(float(row[col])) if row[col] is not None else None
     return rows
 
@@ -231,7 +230,7 @@ def run_metrics(url: str, run_ids: list[str], method: str | None = None, final_o
     if final_only:
         query = query.where(metrics_table.c.temperature == 1.0)
     frame = _read(url, query, list(METRIC_COLUMNS))
-    for col in _FLOAT_METRIC_COLUMNS:
+    for col in FLOAT_METRIC_COLUMNS:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
     return frame
 

@@ -18,11 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-METRIC_COLUMNS = (
-    "run_id", "task", "method", "beta", "seed", "step", "temperature",
-    "metric", "value", "stderr", "ci_low", "ci_high", "n",
-)
-_FLOAT_COLUMNS = ("beta", "temperature", "value", "stderr", "ci_low", "ci_high")
+from ..schema import FLOAT_METRIC_COLUMNS, METRIC_COLUMNS
 
 # Methods that are not policies: they have rows in metrics.parquet but no cell in the results.
 NON_POLICY_METHODS = frozenset({"reward_model", "optimum"})
@@ -199,7 +195,7 @@ def _normalise_metrics(df: pd.DataFrame | None) -> pd.DataFrame:
     for col in METRIC_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan
-    for col in _FLOAT_COLUMNS:
+    for col in FLOAT_METRIC_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     for col in ("seed", "step", "n"):
         df[col] = pd.to_numeric(df[col], errors="coerce").fillna(0).astype("int64")
