@@ -20,7 +20,7 @@ from dpo_bench.training import NonFiniteLossError, TrainLog
 from reward.model import RewardModel
 from reward.train import PairTensors, RewardTrainConfig, train_reward_model
 
-from .test_training import _max_diff, _model, _sft, _sft_data
+from .test_training import _max_diff, _model, _sft, _sft_data, torch_threads
 
 CPU = torch.device("cpu")
 
@@ -28,10 +28,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def one_thread():
     """Rank 0 runs here on one thread, as each rank of a 2-core machine does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from torch_threads(1)
 
 
 def _llama() -> torch.nn.Module:

@@ -66,13 +66,18 @@ def _sft(model, data, threads=None, **config):
     return model, [v for _, name, v, _ in log.records if name == "train/loss"], grads
 
 
-@pytest.fixture
-def two_threads():
-    """Two torch threads for the test (shards run at once), the suite's count restored after it."""
+def torch_threads(n: int):
+    """``n`` torch threads for a test, the suite's count restored after it (a fixture's body)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(n)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (shards run at once)."""
+    yield from torch_threads(2)
 
 
 def _max_diff(a, b) -> float:

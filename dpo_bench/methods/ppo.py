@@ -365,8 +365,9 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
                 if ranks.distributed:
                     # The losses are token means over the rank's part: weighted by its share of the
                     # minibatch's completion tokens, the ranks' gradients sum to the whole minibatch's.
-                    own, tokens = ranks.sum(torch.tensor([float(mask[idx].sum()), float(tokens)], dtype=torch.float64)).tolist()
-                    share = float(mask[idx].sum()) / max(own, 1.0)
+                    mine = float(mask[idx].sum())
+                    every, tokens = ranks.sum(torch.tensor([mine, float(tokens)], dtype=torch.float64)).tolist()
+                    share = mine / max(every, 1.0)
                     loss = loss * share
                 else:
                     share = 1.0
