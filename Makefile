@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 PRESET ?= default
 ARGS ?=
+# Test files run on this many pytest-xdist workers, a file's tests on one worker (their module
+# fixtures are whole runs); 0 runs them in this process (benchmarks/RESULTS.md, "The test suite").
+TEST_WORKERS ?= 2
 
 # Prefect state stays inside the project and never phones home.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -34,7 +37,7 @@ quick: $(BIN)/.installed
 	$(BIN)/dpo-bench run --preset quick $(ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 clean:
 	rm -rf $(VENV) .prefect .pytest_cache .hypothesis

@@ -18,7 +18,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipelines/cli.py
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the files on pytest-xdist workers that share the cores: each worker's torch
+# gets its part of them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
