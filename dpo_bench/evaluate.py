@@ -146,18 +146,11 @@ def win_rate_test(scores_a: ArrayLike, scores_b: ArrayLike) -> float:
     return float(stats.binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
 
 
-def _welch(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """(mean(x) - mean(y), its stderr, Welch-Satterthwaite df)."""
+def _unpaired_stderr(x: np.ndarray, y: np.ndarray) -> float:
+    """The standard error of mean(x) − mean(y) for independent samples (Welch's)."""
     if x.size < 2 or y.size < 2:
         raise ValueError("Welch's test needs at least 2 observations in each sample")
-    vx = x.var(ddof=1) / x.size
-    vy = y.var(ddof=1) / y.size
-    se = math.sqrt(vx + vy)
-    diff = float(x.mean() - y.mean())
-    if se == 0.0:
-        return diff, 0.0, float(x.size + y.size - 2)
-    df = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
-    return diff, se, float(df)
+    return math.sqrt(x.var(ddof=1) / x.size + y.var(ddof=1) / y.size)
 
 
 def _two_sided_p(diff: float, se: float, df: float) -> float:
@@ -173,7 +166,7 @@ def difference_test(
     """Difference of means mean(x) - mean(y) with a t-interval and a two-sided p-value.
 
     paired=True: paired t-test on d = x - y (same prompts / seeds), n = len(d), df = n - 1.
-    paired=False: Welch's unequal-variance t-test, n = len(x) + len(y), Welch-Satterthwaite df.
+    paired=False: Welch's unequal-variance t-test (scipy's), n = len(x) + len(y).
     """
     xa = _as_1d(x, "x")
     ya = _as_1d(y, "y")
@@ -182,16 +175,15 @@ def difference_test(
             raise ValueError(f"paired samples must have the same length, got {xa.size} and {ya.size}")
         if xa.size < 2:
             raise ValueError("a paired t-test needs at least 2 pairs")
-        d = xa - ya
-        diff, se, n = mean_stderr(d)
-        df = float(n - 1)
-    else:
-        diff, se, df = _welch(xa, ya)
-        n = xa.size + ya.size
-    est = estimate_from_mean_stderr(diff, se, n, df=df, confidence=confidence)
+        diff, se, n = mean_stderr(xa - ya)
+        est = Estimate(diff, 0.0, diff, diff, n) if se == 0.0 else estimate_from_mean_stderr(diff, se, n, df=n - 1, confidence=confidence)
+        return est, _two_sided_p(diff, se, n - 1)
+    diff, se, n = float(xa.mean() - ya.mean()), _unpaired_stderr(xa, ya), xa.size + ya.size
     if se == 0.0:
-        est = Estimate(diff, 0.0, diff, diff, n)
-    return est, _two_sided_p(diff, se, df)
+        return Estimate(diff, 0.0, diff, diff, n), _two_sided_p(diff, se, 0.0)
+    welch = stats.ttest_ind(xa, ya, equal_var=False)
+    ci = welch.confidence_interval(confidence)
+    return Estimate(diff, se, float(ci.low), float(ci.high), n), float(welch.pvalue)
 
 
 def tost_equivalence(x: ArrayLike, y: ArrayLike, margin: float, paired: bool = False) -> float:
@@ -199,7 +191,7 @@ def tost_equivalence(x: ArrayLike, y: ArrayLike, margin: float, paired: bool = F
 
     Returns the TOST p-value max(p_lower, p_upper); p < 0.05 means the means are shown equivalent
     within +-margin at the 5% level (the 90% interval of the difference lies inside the margin).
-    paired=False: Welch's tests, for independent samples. paired=True: one-sample tests on
+    paired=False: Welch's tests (scipy's), for independent samples. paired=True: one-sample tests on
     d = x - y (df = n - 1), for samples matched item by item, such as two policies evaluated on
     the same prompts with the same random numbers: their shared noise cancels in d.
     """
@@ -211,14 +203,18 @@ def tost_equivalence(x: ArrayLike, y: ArrayLike, margin: float, paired: bool = F
             raise ValueError(f"paired samples must have the same length, got {xa.size} and {ya.size}")
         if xa.size < 2:
             raise ValueError("a paired test needs at least 2 pairs")
-        diff, se, n = mean_stderr(xa - ya)
-        df = float(n - 1)
-    else:
-        diff, se, df = _welch(xa, ya)
+        diff, se, _ = mean_stderr(xa - ya)
+        if se == 0.0:
+            return 0.0 if abs(diff) < margin else 1.0
+        d = xa - ya
+        p_lower = stats.ttest_1samp(d + margin, 0.0, alternative="greater").pvalue  # H0: diff <= -margin
+        p_upper = stats.ttest_1samp(d - margin, 0.0, alternative="less").pvalue  # H0: diff >= +margin
+        return float(max(p_lower, p_upper))
+    diff, se = float(xa.mean() - ya.mean()), _unpaired_stderr(xa, ya)
     if se == 0.0:
         return 0.0 if abs(diff) < margin else 1.0
-    p_lower = stats.t.sf((diff + margin) / se, df)  # H0: diff <= -margin
-    p_upper = stats.t.cdf((diff - margin) / se, df)  # H0: diff >= +margin
+    p_lower = stats.ttest_ind(xa + margin, ya, equal_var=False, alternative="greater").pvalue
+    p_upper = stats.ttest_ind(xa - margin, ya, equal_var=False, alternative="less").pvalue
     return float(max(p_lower, p_upper))
 
 

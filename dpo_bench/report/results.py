@@ -142,7 +142,6 @@ class Comparison:
     diff: float
     stderr: float
     t: float
-    df: float
     p: float
 
     @property
@@ -151,25 +150,20 @@ class Comparison:
 
 
 def welch(m1: float, se1: float, n1: float, m2: float, se2: float, n2: float) -> Comparison:
-    """Welch's unequal-variance t test from summary statistics (m1 - m2).
+    """Welch's unequal-variance t test from summary statistics (m1 - m2): scipy's
+    ``ttest_ind_from_stats``, each standard deviation se·√n.
 
-    Degrees of freedom by Welch-Satterthwaite with df_i = n_i - 1; with unknown n (or n < 2)
-    the normal approximation is used. Exact quantities (stderr 0, e.g. the bandit task) give
-    p = 0 for any difference and p = 1 for none.
+    With unknown n (or n < 2) the normal approximation is used. Exact quantities (stderr 0, e.g.
+    the bandit task) give p = 0 for any difference and p = 1 for none.
     """
     se1 = 0.0 if not np.isfinite(se1) else float(se1)
     se2 = 0.0 if not np.isfinite(se2) else float(se2)
     diff = float(m1 - m2)
-    var = se1 ** 2 + se2 ** 2
-    se = math.sqrt(var)
+    se = math.sqrt(se1 ** 2 + se2 ** 2)
     if se == 0.0:
-        return Comparison(diff, 0.0, math.copysign(math.inf, diff) if diff else 0.0, math.inf,
-                          0.0 if diff else 1.0)
-    t = diff / se
+        return Comparison(diff, 0.0, math.copysign(math.inf, diff) if diff else 0.0, 0.0 if diff else 1.0)
     if np.isfinite(n1) and np.isfinite(n2) and n1 >= 2 and n2 >= 2:
-        denom = se1 ** 4 / (n1 - 1) + se2 ** 4 / (n2 - 1)
-        dof = var ** 2 / denom if denom > 0 else math.inf
-    else:
-        dof = math.inf
-    p = float(2 * (stats.norm.sf(abs(t)) if math.isinf(dof) else stats.t.sf(abs(t), dof)))
-    return Comparison(diff, se, t, dof, p)
+        test = stats.ttest_ind_from_stats(m1, se1 * math.sqrt(n1), n1, m2, se2 * math.sqrt(n2), n2, equal_var=False)
+        return Comparison(diff, se, float(test.statistic), float(test.pvalue))
+    t = diff / se
+    return Comparison(diff, se, t, float(2 * stats.norm.sf(abs(t))))
