@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from reward.batching import GROUP_OVERHEAD_TOKENS
@@ -164,6 +165,43 @@ SHARDS_DOC = (
 )
 
 
+EMA_DOC = (
+    "if > 0, the policy evaluated at each checkpoint and returned is an exponential moving average of the trained "
+    "weights with this decay per optimiser step (Polyak averaging: the iterates' average sits nearer the optimum than "
+    "the last iterate, whose noise spends KL); 0 keeps the trained weights"
+)
+
+
+def check_ema(decay: float) -> None:
+    if not 0 <= decay < 1:
+        raise ConfigError(f"ema must be in [0, 1), got {decay}")
+
+
+class WeightAverage:
+    """An exponential moving average of ``model``'s parameters (torch's ``AveragedModel``), updated
+    after every optimiser step; with ``decay`` 0, nothing: :meth:`current` is the model itself."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = model
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay else None
+
+    def update(self) -> None:
+        if self.average is not None:
+            self.average.update_parameters(self.model)
+
+    def current(self) -> nn.Module:
+        """The weights to evaluate: the average, or the model."""
+        return self.model if self.average is None else self.average.module
+
+    def finish(self) -> nn.Module:
+        """The model, holding the average's parameters from now on."""
+        if self.average is not None:
+            with torch.no_grad():
+                for mine, averaged in zip(self.model.parameters(), self.average.module.parameters()):
+                    mine.copy_(averaged)
+        return self.model
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """The optimiser settings every gradient-trained method shares."""
@@ -176,8 +214,10 @@ class OptimConfig:
     accumulation_steps: int = cfield(1, "split each step's batch into this many micro-batches (gradient accumulation)")
     shards: int = cfield(1, SHARDS_DOC)
     group_by_length: bool = cfield(True, "batch items of similar length together: less padding, faster steps (transformers' group_by_length)")
+    ema: float = cfield(0.0, EMA_DOC)
 
     def __post_init__(self) -> None:
+        check_ema(self.ema)
         positive("steps", self.steps)
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)
@@ -394,6 +434,7 @@ def optimise(
     device = params[0].device if params else torch.device("cpu")
     runner = ShardRunner.for_model(model, config.shards, device)
     scaler = precision.scaler()
+    average = WeightAverage(model, config.ema)
 
     def run_part(job: Job) -> Part:
         """One part's loss and metrics, and its weighted gradient: into ``.grad`` when it is the
@@ -449,16 +490,17 @@ def optimise(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 scaler.step(optimizer)
                 schedule.step()
+                average.update()
             counted = tokens if tokens is not None else lengths
             log.compute.add(steps=1, tokens=int(counted[idx].sum()) if counted is not None else 0)
             if step % log_every == 0 or step == config.steps:
                 log.log(step, len(idx), **{"train/loss": loss.item(), **{f"train/{k}": v for k, v in metrics.items()}})
                 bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
             if step in evals:
-                model.eval()
-                checkpoint(step, model)
+                evaluated = average.current()
+                evaluated.eval()
+                checkpoint(step, evaluated)
                 model.train()
     finally:
         runner.close()
-    model.eval()
-    return model
+    return average.finish().eval()

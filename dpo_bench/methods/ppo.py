@@ -33,7 +33,7 @@ from ..logprobs import (
     SequenceBatch, by_length_groups, token_kl_terms, token_log_distributions, token_logps, token_logps_and_hidden,
 )
 from ..policy import freeze_first_blocks
-from ..training import LR_SCHEDULE_DOC, check_finite, checkpoint_steps, lr_factor, make_optimizer
+from ..training import EMA_DOC, LR_SCHEDULE_DOC, WeightAverage, check_ema, check_finite, checkpoint_steps, lr_factor, make_optimizer
 from .base import MethodContext, ModelPolicy, register_method
 from .sft import trainable_copy
 
@@ -76,6 +76,7 @@ class PPOConfig:
                    "TRL's); 'exact', the KL of the whole next-token distribution at each visited position, in the rewards "
                    "and, through its gradient, in the loss (Rao-Blackwellised: the same expected penalty and gradient, with "
                    "less noise; holds B·T·V log-probs, for small vocabularies)")
+    ema: float = field(0.0, EMA_DOC + " (the rollouts come from the trained weights)")
 
     def __post_init__(self) -> None:
         non_negative("kl_coef", self.kl_coef)
@@ -86,6 +87,7 @@ class PPOConfig:
         probability("lam", self.lam)
         non_negative("missing_eos_penalty", self.missing_eos_penalty)
         non_negative("target_kl", self.target_kl)
+        check_ema(self.ema)
         if self.rollout_batch < self.n_minibatches:
             raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be >= n_minibatches ({self.n_minibatches})")
 
@@ -297,6 +299,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     model = PolicyWithValueHead(trainable_copy(ctx), head, initial_critic(ctx, config)).to(device)
     ranks.broadcast_parameters(model)
     optimizer = make_optimizer(model, config.lr)
+    average = WeightAverage(model.policy, config.ema)
     # Mixed precision: the forward passes (rollouts, scores, log-probs) under autocast, fp16's loss scaled.
     autocast, scaler = ctx.precision.autocast, ctx.precision.scaler()
     controller = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon) if config.target_kl > 0 else None
@@ -381,6 +384,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
                     # The same on every rank: they stop together (under fp16 the scaler skips the step instead).
                     check_finite(torch.tensor(ranks.sum_scalars({"loss": loss.item()})["loss"]), ctx.label, iteration, ctx.log)
                 scaler.step(optimizer)
+                average.update()
                 ctx.log.compute.add(steps=1, tokens=int(tokens))
         # The iteration's means over every rank's rollouts (equal shares), the last minibatch's losses.
         means = ranks.mean_scalars({"kl": kl, "reward": reward.mean().item(), "gold_reward": gold.mean().item(),
@@ -397,11 +401,11 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
         )
         bar.set_postfix(reward=f"{means['reward']:.3g}", kl=f"{kl:.3g}", refresh=False)
         if iteration in evals:
-            model.policy.eval()
-            ctx.checkpoint(iteration, model.policy)
+            evaluated = average.current()
+            evaluated.eval()
+            ctx.checkpoint(iteration, evaluated)
             model.policy.train()
-    model.policy.eval()
-    return ModelPolicy(model.policy, task)
+    return ModelPolicy(average.finish().eval(), task)
 
 
 @register_method(
