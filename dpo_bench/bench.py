@@ -149,6 +149,18 @@ class ReportConfig:
                  "or wall seconds of training (each cell's compute/ metrics), so methods are compared at equal compute")
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking: the finished run logged to MLflow or TensorBoard (dpo_bench/tracking.py)."""
+
+    backend: Literal["", "mlflow", "tensorboard"] = field(
+        "", "log the finished run (a parent run with a child per cell: config, fingerprints, curves, metrics at each "
+            "checkpoint, the report) to 'mlflow' or 'tensorboard' (the `tracking` extra); empty: no tracking")
+    uri: str = field("", "MLflow's tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's ./mlruns), or TensorBoard's "
+                         "log directory (default: <reports-dir>/tensorboard)")
+    experiment: str = field("dpo-bench", "the MLflow experiment the runs are logged under")
+
+
 # auto (see policy.resolve_device) or a device the benchmark runs on; torch.device accepts more (xla,
 # hpu, ...) that nothing here supports, and would fail only when the first stage starts.
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -185,6 +197,7 @@ class BenchConfig:
     questions: QuestionsConfig = field(default_factory=QuestionsConfig, doc="grid entries that answer the reading notes' questions")
     verdict: VerdictConfig = field(default_factory=VerdictConfig, doc="the frontier's KL budgets and the headline's verdict")
     report: ReportConfig = field(default_factory=ReportConfig, doc="how the report draws the run (the training curves' x-axis)")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, doc="experiment tracking (MLflow, TensorBoard) of the finished run")
     grid: tuple[GridEntry, ...] = field((), "the methods to run")
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ Prefect flow in ``pipelines/benchmark.py``, which only adds orchestration around
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from . import store
+from . import store, tracking
 from .bench import BenchConfig, Cell
 from .configs import to_dict
 from .invariance import run_invariance_checks
@@ -35,6 +36,8 @@ from .stages import (
 
 RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "per_prompt.parquet", "frontier.parquet",
              "comparisons.parquet", "invariance.parquet", "history.parquet", "run.json")
+
+log = logging.getLogger("dpo_bench")
 
 
 class RunExistsError(RuntimeError):
@@ -344,7 +347,22 @@ def finish_run(
         record["results_db_error"] = error
         record["notes"].append(f"the run was not recorded in the results store: {error}")
         write_json(run_dir / "run.json", record)
-    return build_report(run_dir)
+    paths = build_report(run_dir)
+    if config.tracking.backend:
+        track(run_dir, record, config)
+    return paths
+
+
+def track(run_dir: Path, record: dict, config: BenchConfig) -> None:
+    """Log the finished run to its tracking backend; a failure is a warning and a note in run.json."""
+    try:
+        where = tracking.log_run(run_dir, config.tracking.backend, config.tracking.uri, config.tracking.experiment)
+        log.info("tracked: %s", where)
+        record["tracking"] = where
+    except Exception as e:  # noqa: BLE001 - the run's results are written; tracking must not lose them
+        log.warning("the run was not logged to %s: %s", config.tracking.backend, e)
+        record["notes"].append(f"the run was not logged to {config.tracking.backend}: {e}")
+    write_json(run_dir / "run.json", record)
 
 
 def start_run(

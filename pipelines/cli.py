@@ -76,6 +76,10 @@ def resolve_config(args: argparse.Namespace):
         overrides["seeds"] = _parse_seeds(args.seeds)
     if getattr(args, "curves_x", None):
         overrides["report"] = {"curves_x": args.curves_x}
+    tracking = {key: getattr(args, f"tracking{flag}") for key, flag in (("backend", ""), ("uri", "_uri"))
+                if getattr(args, f"tracking{flag}", None) is not None}
+    if tracking:
+        overrides["tracking"] = tracking
     hf = {key: getattr(args, key) for key in ("model", "data") if getattr(args, key, None)}
     if hf:
         # --model / --data are the hf task's; they select it unless --task names it.
@@ -132,6 +136,13 @@ def missing_paths_error(config, flags: dict[str, str] | None = None) -> str | No
         where = ", ".join([f"{config.task}.{key}"] + ([flags[key]] if key in (flags or {}) else []))
         return f"file not found: {name} ({where}); give an existing file or directory, or a hub id such as owner/name"
     return None
+
+
+def tracking_error_here(config) -> str | None:
+    """Why the config's tracking backend cannot log from here (its package missing), or None."""
+    from dpo_bench.tracking import tracking_error
+
+    return tracking_error(config.tracking.backend)
 
 
 def devices_error_here(config) -> str | None:
@@ -215,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run and not error:  # the plan is shown for any machine; what this one lacks is said in it
         print(dry_run_plan(config))
         return 0
-    error = error or devices_error_here(config)
+    error = error or devices_error_here(config) or tracking_error_here(config)
     if error:
         if api is not None:
             api.stop()
@@ -416,6 +427,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    from dpo_bench.tracking import log_run, tracking_error
+
+    run_dir = Path(args.run_dir)
+    error = tracking_error(args.tracking) or (None if (run_dir / "run.json").is_file() else
+                                              f"{run_dir}: no run.json (not a directory written by `dpo-bench run`)")
+    if error:
+        print(f"dpo-bench: {error}", file=sys.stderr)
+        return 2
+    try:
+        where = log_run(run_dir, args.tracking, args.tracking_uri or "", args.experiment)
+    except Exception as e:  # noqa: BLE001 - the tracker's own errors (a store it cannot open), in one line
+        print(f"dpo-bench: not logged to {args.tracking}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"dpo-bench: logged to {where}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dpo_bench.report import build_report
 
@@ -438,7 +467,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     try:
         config = resolve_config(args)
-        error = missing_paths_error(config) or devices_error_here(config)
+        error = missing_paths_error(config) or devices_error_here(config) or tracking_error_here(config)
     except ConfigError as e:
         error = f"config error: {e}"
     if error:
@@ -529,6 +558,13 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                         "the cores (or GPUs) are shared between the ranks and the Dask workers")
     p.add_argument("--from-run", metavar="RUN_DIR", help="repeat a run: take the resolved config from RUN_DIR/run.json")
     p.add_argument("--curves-x", metavar="AXIS", help=CURVES_X_HELP)
+    p.add_argument("--tracking", choices=["mlflow", "tensorboard"],
+                   help="log the finished run to MLflow or TensorBoard: a parent run with a child per cell (config, data "
+                        "fingerprints, training curves, metrics at each checkpoint, the report); needs the tracking extra; "
+                        "[tracking] backend in a config")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow's tracking URI (e.g. sqlite:///mlflow.db; default MLFLOW_TRACKING_URI, else ./mlruns) or "
+                        "TensorBoard's log directory (default <reports-dir>/tensorboard)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one config value, after the preset, the file and the other flags (repeatable): "
                         "e.g. --set sft.steps=400 --set evaluation.temperatures=[1.0] --set device=cpu; the value "
@@ -641,6 +677,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("cell", help="the cell, as run.json's `cells` and the report name it, e.g. 'dpo β=0.1 seed=0'")
     export.add_argument("out_dir", help="where to write it (created; must be new or empty)")
     export.set_defaults(func=cmd_export)
+
+    track = sub.add_parser("track", help="log a finished run to MLflow or TensorBoard",
+                           description="Log a run written by `dpo-bench run` (now or before) to an experiment tracker: a parent "
+                                       "run (config, data fingerprints, the verdict, the report and figures) with a child per "
+                                       "cell (its method config, training curves, metrics at each checkpoint).")
+    track.add_argument("run_dir", help="a directory written by `dpo-bench run`")
+    track.add_argument("--tracking", required=True, choices=["mlflow", "tensorboard"], help="the tracker")
+    track.add_argument("--tracking-uri", metavar="URI",
+                       help="MLflow's tracking URI (default MLFLOW_TRACKING_URI, else ./mlruns) or TensorBoard's log "
+                            "directory (default: beside the run, <reports-dir>/tensorboard)")
+    track.add_argument("--experiment", default="dpo-bench", help="MLflow experiment name (default: dpo-bench)")
+    track.set_defaults(func=cmd_track)
 
     check = sub.add_parser("check-config", help="validate a config (preset + TOML + flags) without running it")
     _add_config_options(check)
