@@ -127,8 +127,8 @@ def _none_if_nan(x: Any) -> Any:
 
 
 def config_hash(config: dict) -> str:
-    """Hash of a resolved config, ignoring settings that change speed but not results."""
-    kept = {k: v for k, v in config.items() if k not in ("threads", "device")}
+    """Hash of a resolved config, ignoring settings that change speed or where results are shown, not the results."""
+    kept = {k: v for k, v in config.items() if k not in ("threads", "device", "report", "tracking")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
