@@ -46,7 +46,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .files import atomic_path
 
 __all__ = [
     "DataValidationError",
@@ -1225,26 +1226,18 @@ def write_preferences(frame: pd.DataFrame | PreferenceData, path: str | os.PathL
         raise ValueError(f"write_preferences writes .jsonl or .parquet, not '{suffix}' ({path})")
     columns = [str(c) for c in frame.columns]
     records = [dict(zip(columns, (_plain(v) for v in values))) for values in frame.itertuples(index=False, name=None)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            if suffix == ".jsonl":
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n")
-            else:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if suffix == ".jsonl":
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-                table = pa.Table.from_pydict({c: [r[c] for r in records] for c in columns})
-                pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            table = pa.Table.from_pydict({c: [r[c] for r in records] for c in columns})
+            pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
     return fingerprint_frame(frame)
 
 

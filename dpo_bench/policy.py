@@ -13,9 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+from .files import atomic_path
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -333,18 +333,6 @@ def count_parameters(model: nn.Module) -> int:
 # --- checkpoints: safetensors only, written atomically --------------------------------------
 
 
-def _atomic_dir(target: Path) -> Path:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
 
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
@@ -356,15 +344,14 @@ def save_policy(model: nn.Module, directory: Path) -> Path:
     """Save a policy as safetensors plus a small JSON description, atomically."""
     _quiet_transformers()
     directory = Path(directory)
-    tmp = _atomic_dir(directory)
-    if isinstance(model, TabularLM):
-        save_file({"table": model.table.detach().cpu().contiguous(), "allowed": model.allowed.cpu()}, tmp / "model.safetensors")
-        (tmp / "policy.json").write_text(json.dumps({"kind": "tabular", "vocab_size": model.vocab_size}))
-    else:
-        # A checkpoint is always a plain transformers model: LoRA adapters are merged in.
-        merge_adapters(model).save_pretrained(tmp, safe_serialization=True)
-        (tmp / "policy.json").write_text(json.dumps({"kind": "hf"}))
-    _commit_dir(tmp, directory)
+    with atomic_path(directory, directory=True) as tmp:
+        if isinstance(model, TabularLM):
+            save_file({"table": model.table.detach().cpu().contiguous(), "allowed": model.allowed.cpu()}, tmp / "model.safetensors")
+            (tmp / "policy.json").write_text(json.dumps({"kind": "tabular", "vocab_size": model.vocab_size}))
+        else:
+            # A checkpoint is always a plain transformers model: LoRA adapters are merged in.
+            merge_adapters(model).save_pretrained(tmp, safe_serialization=True)
+            (tmp / "policy.json").write_text(json.dumps({"kind": "hf"}))
     return directory
 
 
@@ -386,10 +373,8 @@ def load_policy(directory: Path, device: torch.device | str = "cpu", trust_remot
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a dict of tensors as safetensors atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -398,10 +383,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def save_module(model: nn.Module, path: Path) -> None:
     """A module's weights as safetensors, atomically; tied weights (GPT-2's lm_head) are stored once."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
 
 
 def load_module(model: nn.Module, path: Path) -> nn.Module:

@@ -46,6 +46,7 @@ from .configs import from_dict, to_dict
 from .data import write_preferences
 from .distributed import RankJob, Ranks, rank_device, ranks
 from .evaluate import estimate_from_samples, wilson_interval
+from .files import atomic_path, write_json
 from .logprobs import SequenceBatch, batched_sequence_logps, collate
 from .methods.base import MethodContext, ModelPolicy, PreferenceTensors, get_method
 from .methods.sft import supervised_finetune
@@ -109,16 +110,9 @@ class Stage:
     seconds: float = 0.0
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 _HOST = socket.gethostname().replace("-", "_")

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 # Only report code (pandas, no torch): `dpo-bench history` and `compare` start fast.
 from .report.history import HISTORY_METRICS, final_summary
-from .report.load import atomic_write
+from .files import atomic_write
 from .schema import FLOAT_METRIC_COLUMNS, METRIC_COLUMNS
 
 log = logging.getLogger("dpo_bench")

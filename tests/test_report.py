@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from dpo_bench.report import SECTION_TITLES, build_report
-from dpo_bench.report.load import atomic_write
+from dpo_bench.files import atomic_write
 from dpo_bench.report.results import welch
 
 # markup, quotes, entities, non-ASCII, mathtext ($) for matplotlib, a table pipe and a newline

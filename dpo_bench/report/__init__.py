@@ -15,7 +15,8 @@ from . import html as html_writer
 from . import markdown as md_writer
 from .document import SECTION_TITLES, build_document
 from .figures import FIGURE_NAMES, all_figures, cached_figures
-from .load import RunData, atomic_write, load_run
+from ..files import atomic_write
+from .load import RunData, load_run
 from .results import checkpoint_results, config_results, final_results
 
 __all__ = ["build_report", "load_run", "RunData", "SECTION_TITLES", "FIGURE_NAMES"]

@@ -11,8 +11,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..files import atomic_path  # noqa: E402
 from .load import CURVES_X, GOLD, REFERENCE_METHOD, RewardScale, RunData, policy_rows  # noqa: E402
 from .results import CELL  # noqa: E402
 
@@ -567,16 +566,12 @@ def cached_figures(data: RunData, render: Callable[[], dict[str, bytes]]) -> dic
         return {p.stem: p.read_bytes() for p in sorted(folder.glob("*.png"))}
     figures = render()
     try:
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, png in figures.items():
-            (tmp / f"{name}.png").write_bytes(png)
-        (tmp / "_complete.json").write_text(json.dumps(sorted(figures)))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with atomic_path(folder, directory=True) as tmp:
+            for name, png in figures.items():
+                (tmp / f"{name}.png").write_bytes(png)
+            (tmp / "_complete.json").write_text(json.dumps(sorted(figures)))
     except OSError:  # an unwritable or shared cache only costs the next run the drawing
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
     return figures
 
 

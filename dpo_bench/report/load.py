@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,32 +235,3 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         frontier=_read_parquet(run_dir / "frontier.parquet"),
         comparisons=_read_parquet(run_dir / "comparisons.parquet"),
     )
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write(path: Path, data: bytes | str) -> Path:
-    """Write via a temporary file in the same directory and os.replace, so that a reader never
-    sees a half-written report (a scheduled run may rebuild while someone has it open)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        # mkstemp makes the file private (0600); a report should get the usual permissions
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +31,7 @@ import pandas as pd
 from torch import nn
 
 from ..configs import ConfigError, field, positive
+from ..files import write_json
 from ..data import (
     CHAT_FORMATS, DataValidationError, HubUnreachableError, check_lengths, hub_offline, load_preferences, looks_like_path,
     render_conversational, unreachable,
@@ -530,9 +530,7 @@ def path_fingerprint(path: Path) -> str:
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_json(path, data, indent=None)
 
 
 __all__ = ["HFConfig", "HFTask", "split_prompts", "path_fingerprint"]

@@ -11,7 +11,6 @@ that are reviews the corpus grammar could have produced.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from torch import nn
 from reward.gold import RelativeVaderGold
 
 from ..configs import ConfigError, field, positive
+from ..files import write_json
 from ..policy import GPT2Spec, build_gpt2
 from .base import Task, fingerprint_strings, register_task
 from .corpus import CorpusConfig, ReviewGrammar, build_tokenizer, generate_corpus, make_prompts
@@ -146,6 +146,4 @@ class SentimentTask(Task):
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_json(path, data, indent=None)
