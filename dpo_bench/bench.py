@@ -26,6 +26,7 @@ from .invariance import ChecksConfig
 from .policy_eval import EvalConfig
 from .preferences import PreferenceConfig
 from .presets import preset_names
+from .schema import STRENGTH_SYMBOLS
 from .tasks import TASK_CONFIGS, get_task_class
 from .verdict import VerdictConfig
 
@@ -113,7 +114,7 @@ class Cell:
         method = get_method(self.method)
         parts = [self.display_name]
         if method.strength is not None:
-            symbol = {"beta": "β"}.get(method.strength, method.strength)
+            symbol = STRENGTH_SYMBOLS.get(method.strength, method.strength)
             parts.append(f"{symbol}={self.strength_value:g}")
         parts.append(f"seed={self.seed}")
         return " ".join(parts)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from . import store, tracking
+from .schema import STRENGTH_SYMBOLS
 from .bench import BenchConfig, Cell
 from .configs import to_dict
 from .invariance import run_invariance_checks
@@ -114,7 +115,7 @@ def _cell_config_label(cell: Cell) -> str:
     strength = get_method(cell.method).strength
     if strength is None:
         return cell.display_name
-    symbol = {"beta": "β", "alpha": "α"}.get(strength, strength)
+    symbol = STRENGTH_SYMBOLS.get(strength, strength)
     return f"{cell.display_name} ({symbol}={cell.strength_value:g})"
 
 

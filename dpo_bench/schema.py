@@ -9,3 +9,6 @@ METRIC_COLUMNS = (
 )
 # The columns that are floats even when a frame holds none of them (an empty run, a store's NULLs).
 FLOAT_METRIC_COLUMNS = ("beta", "temperature", "value", "stderr", "ci_low", "ci_high")
+# How labels write a method's strength parameter (``register_method(..., strength=...)``): β, α, or its own name
+# (kl_coef, n).
+STRENGTH_SYMBOLS = {"beta": "β", "alpha": "α"}

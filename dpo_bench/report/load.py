@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..schema import FLOAT_METRIC_COLUMNS, METRIC_COLUMNS
+from ..schema import FLOAT_METRIC_COLUMNS, METRIC_COLUMNS, STRENGTH_SYMBOLS
 
 # Methods that are not policies: they have rows in metrics.parquet but no cell in the results.
 NON_POLICY_METHODS = frozenset({"reward_model", "optimum"})
@@ -25,7 +25,6 @@ REFERENCE_METHOD = "sft"
 
 # Default names of each method's strength value when run.json does not say (see DESIGN.md).
 _DEFAULT_STRENGTH = {"ppo": "kl_coef", "best_of_n": "N", "unlikelihood": "alpha"}
-_STRENGTH_SYMBOL = {"beta": "β", "alpha": "α"}
 
 
 #: What the training curves can be drawn against: each cell's ``compute/`` metric and the axis label
@@ -150,7 +149,7 @@ class RunData:
         info = (self.run.get("methods") or {}).get(method)
         name = info.get("strength") if isinstance(info, dict) else None
         name = str(name) if name else _DEFAULT_STRENGTH.get(method, "beta")
-        return _STRENGTH_SYMBOL.get(name, name)
+        return STRENGTH_SYMBOLS.get(name, name)
 
     def config_label(self, method: str, beta: float) -> str:
         """'dpo (β=0.1)'; just the method when it has no strength value (e.g. sft)."""
