@@ -131,6 +131,7 @@ def task_runner_for(workers: int, dask_address: str | None, gpus: int = 0, threa
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     keep_freed_memory()
+    quiet_worker_logs()
     if gpus:
         from distributed import Scheduler
 
@@ -157,6 +158,9 @@ def quiet_dask_logs() -> None:
     Dask's config. The dashboard's address is still logged, by prefect-dask.
     """
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    from pipelines import dask_quiet
+
+    dask_quiet.install()
 
 
 def keep_freed_memory() -> None:
@@ -171,6 +175,16 @@ def keep_freed_memory() -> None:
     import dask
 
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
+
+def quiet_worker_logs() -> None:
+    """The local workers drop a shutdown's closed-connection tracebacks too (:mod:`pipelines.dask_quiet`,
+    preloaded into each)."""
+    import dask
+
+    preload = list(dask.config.get("distributed.worker.preload", []))
+    if "pipelines.dask_quiet" not in preload:
+        dask.config.set({"distributed.worker.preload": [*preload, "pipelines.dask_quiet"]})
 
 
 @flow(name="dpo-bench")

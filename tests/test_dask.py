@@ -336,3 +336,42 @@ def test_a_cluster_without_gpu_workers_puts_no_constraint_on_tasks():
         runner = SimpleNamespace(client=SimpleNamespace(scheduler_info=lambda info=info: info))
         with one_gpu_per_task(runner):
             assert dask.get_annotations() == expected
+
+
+def _closed_connection_filters() -> bool:
+    """In a worker: whether the handlers Dask's loggers reach drop closed-connection records."""
+    import logging
+
+    from pipelines.dask_quiet import ClosedConnections
+
+    handlers = logging.getLogger("distributed").handlers + logging.getLogger().handlers
+    return bool(handlers) and all(any(isinstance(f, ClosedConnections) for f in h.filters) for h in handlers)
+
+
+def test_a_shutdowns_closed_connections_are_not_logged_by_the_run_or_its_workers():
+    """A worker's heartbeat racing the scheduler's close logs a CommClosedError traceback at ERROR
+    (seen on a loaded machine): the local workers preload a filter that drops it, and nothing else."""
+    import logging
+
+    import dask
+    from distributed import Client, LocalCluster
+    from distributed.comm.core import CommClosedError
+
+    from pipelines.benchmark import quiet_worker_logs
+    from pipelines.dask_quiet import ClosedConnections
+
+    with dask.config.set({"distributed.worker.preload": []}):
+        quiet_worker_logs()
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            assert list(client.run(_closed_connection_filters).values()) == [True]
+    keep = ClosedConnections()
+    try:
+        raise CommClosedError("in <TCP (closed) ConnectionPool.heartbeat_worker>: Stream is closed")
+    except CommClosedError:
+        import sys
+
+        closed = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                                   "Failed to communicate with scheduler during heartbeat.", None, sys.exc_info())
+    other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, "Compute Failed", None, None)
+    assert not keep.filter(closed) and keep.filter(other)
