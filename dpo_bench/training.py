@@ -167,8 +167,8 @@ SHARDS_DOC = (
 
 EMA_DOC = (
     "if > 0, the policy evaluated at each checkpoint and returned is an exponential moving average of the trained "
-    "weights with this decay per optimiser step (Polyak averaging: the iterates' average sits nearer the optimum than "
-    "the last iterate, whose noise spends KL); 0 keeps the trained weights"
+    "weights with this decay per optimiser step (Polyak averaging, which smooths the last iterate's noise; tried on the "
+    "default task and not adopted by the presets: docs/ppo.md); 0 keeps the trained weights"
 )
 
 
