@@ -479,8 +479,24 @@ def detect_format(frame: pd.DataFrame, source: str = "<frame>") -> str:
         near = sum(bool(difflib.get_close_matches(c, unused, n=1, cutoff=0.6)) for c in required if c not in has)
         return present + 0.5 * near
 
+    unused = _unused_format(has)
+    if unused:
+        raise DataValidationError(source, None, None, unused)
     best = max(("standard", "rankings", "implicit"), key=score)  # max keeps the first on ties
     raise _missing_column_error(source, best, columns)
+
+
+def _unused_format(columns: set[str]) -> str | None:
+    """What to say of a file in one of TRL's formats that carries no preference between two
+    completions (the benchmark's methods all compare a chosen with a rejected one), or None."""
+    if {"prompt", "completion", "label"} <= columns:
+        return ("unpaired preference data (TRL's prompt/completion/label, as KTO trains on): this benchmark's methods "
+                "compare a chosen with a rejected completion of the same prompt; pair them first (prompt/chosen/rejected)")
+    if columns <= {"prompt", "images", "id"} and "prompt" in columns:
+        return ("prompt-only data (TRL's prompt column alone, as online methods sample from), not preference data; for "
+                "preferences sampled from your model and judged, give plain text (a 'text' column: its prefixes become the "
+                "prompts; README, 'Your own model and data')")
+    return None
 
 
 # ------------------------------------------------------------------------------- validation

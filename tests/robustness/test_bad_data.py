@@ -134,6 +134,21 @@ def test_check_data_lists_the_bad_row():
     assert check_data(CORRUPT / "empty_file.jsonl").startswith("unusable:")
 
 
+@pytest.mark.parametrize("rows, says", [
+    ([{"prompt": "a", "completion": " b", "label": True}, {"prompt": "c", "completion": " d", "label": False}],
+     "unpaired preference data (TRL's prompt/completion/label, as KTO trains on)"),
+    ([{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}], "label": True}],
+     "unpaired preference data"),
+    ([{"prompt": "a"}, {"prompt": "b"}], "prompt-only data (TRL's prompt column alone"),
+])
+def test_a_format_the_benchmark_does_not_use_is_named_as_such(tmp_path, rows, says):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = check_data(path)
+    assert report.splitlines()[0] == f"unusable: {path}"
+    assert f"error: {path}: {says}" in report and "is missing" not in report
+
+
 def test_all_rows_bad_with_skip_lists_every_problem(tmp_path):
     path = tmp_path / "all_bad.jsonl"
     path.write_text('{"prompt": "a", "chosen": "", "rejected": "b"}\n{"prompt": "a", "chosen": 1, "rejected": "b"}\n')
