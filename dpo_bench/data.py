@@ -1260,13 +1260,16 @@ def write_preferences(frame: pd.DataFrame | PreferenceData, path: str | os.PathL
 # ------------------------------------------------------------------------------- check-data
 
 
-def check_data(source: str | os.PathLike, *, max_problems: int = 20, **kwargs: Any) -> str:
+def check_data(source: str | os.PathLike, *, max_problems: int = 20, lengths: tuple[Any, int, str] | None = None,
+               **kwargs: Any) -> str:
     """A human-readable report on a preference file for ``dpo-bench check-data FILE``.
 
     The first word is the verdict, for the command's exit status: ``ok`` (no problems),
     ``problems`` (bad rows that ``on_bad_rows="skip"`` would drop) or ``unusable`` (the file
     cannot be used at all). ``kwargs`` go to :func:`load_preferences`; bad rows are collected,
-    not raised, unless ``on_bad_rows="error"`` is passed.
+    not raised, unless ``on_bad_rows="error"`` is passed. ``lengths`` = (tokenizer, max_length,
+    what they are) also checks every row's prompt + completion against ``max_length`` tokens of
+    that tokenizer (:func:`check_lengths`; conversational rows rendered with its chat template).
     """
     kwargs.setdefault("on_bad_rows", "skip")
     name = os.fspath(source)
@@ -1279,6 +1282,15 @@ def check_data(source: str | os.PathLike, *, max_problems: int = 20, **kwargs: A
         if len(errors) > max_problems:
             lines.append(f"    ... and {len(errors) - max_problems} more")
         return "\n".join(lines)
+    length_line = None
+    if lengths is not None:
+        tokenizer, max_length, what = lengths
+        try:
+            before = data.n_dropped
+            data = check_lengths(data, tokenizer, max_length, on_bad_rows="skip")
+            length_line = f"  lengths: {what}; {data.n_dropped - before} rows longer"
+        except DataValidationError as e:  # every row too long, or a chat template that cannot cut completions out
+            return "\n".join([f"unusable: {name}", f"  lengths: {what}", f"  error: {e}"])
     verdict = "problems" if data.n_dropped else "ok"
     lines = [
         f"{verdict}: {name}",
@@ -1290,6 +1302,8 @@ def check_data(source: str | os.PathLike, *, max_problems: int = 20, **kwargs: A
     if data.format == "rankings":
         sizes = data.frame["ranking"].map(len)
         lines.append(f"  completions per ranking: {sizes.min()}-{sizes.max()}")
+    if length_line:
+        lines.append(length_line)
     if data.problems:
         lines.append("  problems (rows dropped with on_bad_rows='skip'):")
         lines += [f"    {p}" for p in data.problems[:max_problems]]

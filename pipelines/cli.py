@@ -520,13 +520,38 @@ def _check_data_source(args: argparse.Namespace, extra: list[str]) -> str:
     return args.file
 
 
+def _model_lengths(model: str) -> tuple:
+    """(tokenizer, max_length, what they are) for `check-data --model`: the model's tokenizer and the
+    max_length a run of the hf task takes for it by default (its positions less EOS, at most 512)."""
+    from dpo_bench.data import HubUnreachableError, hub_offline, looks_like_path, unreachable
+    from dpo_bench.policy import load_tokenizer
+    from dpo_bench.tasks.hf import DEFAULT_MAX_LENGTH
+
+    if looks_like_path(model) and not Path(model).expanduser().exists():
+        raise UsageError(f"--model: file not found: {model}")
+    from transformers import AutoConfig
+
+    try:
+        tokenizer = load_tokenizer(model)
+        config = AutoConfig.from_pretrained(model)
+    except OSError as e:
+        if unreachable(e):
+            raise HubUnreachableError(model, offline=hub_offline(), kind="model") from None
+        raise UsageError(f"--model {model}: {e}".splitlines()[0]) from None
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_length = min(DEFAULT_MAX_LENGTH, positions - 1) if positions else DEFAULT_MAX_LENGTH
+    where = f"its {positions} positions less EOS" if positions else "no position limit stated"
+    return tokenizer, max_length, f"prompt + completion within {max_length} tokens of {model}'s tokenizer (hf.max_length's default: {where})"
+
+
 def cmd_check_data(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from dpo_bench.data import HubUnreachableError, check_data
 
     try:
         source = _check_data_source(args, extra or [])
         column_map = _parse_column_map(args.column_map or [])
-        summary = check_data(source, column_map=column_map or None)
+        lengths = _model_lengths(args.model) if args.model else None
+        summary = check_data(source, column_map=column_map or None, lengths=lengths)
     except (UsageError, HubUnreachableError) as e:
         print(f"dpo-bench: {e}", file=sys.stderr)
         return 2
@@ -697,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("check-data", help="validate a preference dataset (jsonl, parquet, csv, a saved dataset or a hub id)")
     data.add_argument("file", help="the dataset: a .jsonl/.json/.parquet/.csv file, a folder of such shards, a save_to_disk directory or a hub id")
+    data.add_argument("--model", metavar="MODEL",
+                      help="also check every row's prompt + completion against MODEL's tokenizer and positions (a hub id "
+                           "or a local directory; conversational rows through its chat template), as --task hf would")
     data.add_argument("--column-map", action="append", metavar="SRC=DST",
                       help="rename a source column before checking, one pair per flag (repeat it), e.g. "
                            "--column-map question=prompt --column-map response_j=chosen")

@@ -458,3 +458,35 @@ def test_a_file_with_one_prompt_is_a_one_line_error(workspace, tmp_path, capsys)
     assert code == 2 and "Traceback" not in err
     assert (f"dpo-bench: {data}: need at least 2 distinct prompts to split into train and eval, got 1; give more prompts, "
             "or hf.eval_split for separate eval data") in err.splitlines()
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+def test_check_data_with_a_model_names_the_rows_too_long_for_it(workspace, tmp_path, capsys, fmt):
+    """`check-data FILE --model DIR`: every row's prompt + completion against the max_length a run
+    would take for the model by default (its 64 positions less EOS: 63 tokens), through its chat
+    template for conversational rows; a row too long is a problem naming its row and field."""
+    from pipelines.cli import main
+
+    rows = _format_rows(fmt)
+    long = " ".join(["good"] * 80)
+    if fmt == "conversational":
+        rows[3] = {**rows[3], "rejected": [{"role": "assistant", "content": long}]}
+    else:
+        rows[3] = {**rows[3], "rejected": " " + long}
+    path = _write(rows, tmp_path / "data.jsonl")
+    assert main(["check-data", str(path), "--model", str(workspace / "model")]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"problems: {path}"
+    assert (f"lengths: prompt + completion within 63 tokens of {workspace / 'model'}'s tokenizer (hf.max_length's default: "
+            "its 64 positions less EOS); 1 rows longer") in out
+    assert "row 3, field 'rejected': prompt + completion is" in out and "more than max_length 63" in out
+    assert main(["check-data", str(_write(_format_rows(fmt), tmp_path / "ok.jsonl")), "--model", str(workspace / "model")]) == 0
+    assert "; 0 rows longer" in capsys.readouterr().out
+
+
+def test_check_data_refuses_a_model_path_that_does_not_exist(tmp_path, capsys):
+    from pipelines.cli import main
+
+    path = _write(_rows(), tmp_path / "data.jsonl")
+    assert main(["check-data", str(path), "--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"dpo-bench: --model: file not found: {tmp_path / 'nowhere'}"
