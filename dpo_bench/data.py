@@ -72,6 +72,7 @@ __all__ = [
     "load_preferences",
     "looks_like_path",
     "rankings_to_pairs",
+    "read_table",
     "render_conversational",
     "validate_frame",
     "write_preferences",
@@ -937,6 +938,17 @@ def _read_source(
     except ConnectionError:
         raise HubUnreachableError(name, offline=bool(datasets.config.HF_HUB_OFFLINE)) from None
     return name, _dataset_rows(dataset, max_rows), [], []
+
+
+def read_table(
+    source: str | os.PathLike, split: str = "train", max_rows: int | None = None, trust_remote_code: bool = False,
+    column_map: Mapping[str, str] | None = None,
+) -> tuple[str, pd.DataFrame, list[DataValidationError]]:
+    """(name, frame, problems of rows that could not be parsed): any source the preference loader
+    reads (a file, a folder of shards, a saved dataset, a hub id), its columns renamed by
+    ``column_map``, not validated as preferences: for data of another kind (the hf task's texts)."""
+    name, rows, problems, _ = _read_source(source, split, max_rows, trust_remote_code)
+    return name, _apply_column_map(_rows_to_frame(rows), column_map, name), problems
 
 
 def _rows_to_frame(rows: _Rows) -> pd.DataFrame:

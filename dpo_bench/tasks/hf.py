@@ -34,7 +34,7 @@ from ..configs import ConfigError, field, positive
 from ..files import write_json
 from ..data import (
     CHAT_FORMATS, DataValidationError, HubUnreachableError, check_lengths, hub_offline, load_preferences, looks_like_path,
-    render_conversational, unreachable,
+    read_table, render_conversational, unreachable,
 )
 from ..judges import ClassifierJudge, RewardModelJudge, judge_entry_points, known_judges, registered_judge
 from ..policy import (
@@ -411,12 +411,10 @@ def _prepare_texts(config: HFConfig, tokenizer: Any, workdir: Path) -> dict:
 def _read_texts(config: HFConfig, split: str) -> list[str]:
     """The distinct non-empty strings of the data's ``text`` column (after column_map)."""
     # The preference loader's readers: the same file types, hub access and error messages.
-    from ..data import _apply_column_map, _read_source, _rows_to_frame
-
-    name, rows, problems, _ = _read_source(config.data, split, config.max_rows or None, config.trust_remote_code)
+    name, frame, problems = read_table(config.data, split, config.max_rows or None, config.trust_remote_code,
+                                       config.column_map or None)
     if problems and config.on_bad_rows == "error":
         raise problems[0]
-    frame = _apply_column_map(_rows_to_frame(rows), config.column_map or None, name)
     if "text" not in frame.columns:
         found = ", ".join(f"'{c}'" for c in frame.columns) or "none"
         raise ValueError(f"{name}: text data needs a 'text' column (found {found}); map one with column_map")
