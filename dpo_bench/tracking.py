@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from .bench import from_dict_config
+
 BACKENDS = ("mlflow", "tensorboard")
 #: What each backend needs installed (the `tracking` extra brings both).
 MODULES = {"mlflow": "mlflow", "tensorboard": "tensorboard"}
@@ -96,8 +98,6 @@ class LoggedRun:
 
     def cells(self) -> Iterator[tuple[str, dict[str, str], list[tuple[str, float, int]]]]:
         """(label, params, [(metric, value, step)]) for each cell of the run."""
-        from .bench import from_dict_config
-
         built = {cell.label: cell for cell in from_dict_config(self.record["config"]).cells()}
         rows = self.metrics[self.metrics["value"].notna()]
         for label, info in (self.record.get("cells") or {}).items():

@@ -534,8 +534,8 @@ def _model_lengths(model: str) -> tuple:
     try:
         tokenizer = load_tokenizer(model)
         config = AutoConfig.from_pretrained(model)
-    except OSError as e:
-        if unreachable(e):
+    except (OSError, ValueError) as e:  # not a model (no config or tokenizer), a tokenizer that cannot pad, the hub
+        if isinstance(e, OSError) and unreachable(e):
             raise HubUnreachableError(model, offline=hub_offline(), kind="model") from None
         raise UsageError(f"--model {model}: {e}".splitlines()[0]) from None
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
