@@ -9,9 +9,9 @@ evaluation (every call of the evaluation at a checkpoint or an extra temperature
 
 ``--cell`` matches the start of a cell's label as the run logs it (``dpo β=0.3 seed=0``);
 ``--list`` prints the preset's cells. ``--ablate`` also runs every cell without the forward's
-speed-ups, alternating with the normal run on the same upstream stages: ``reward.trunk`` with
+speed-ups, alternating with the normal run on the same upstream stages: ``dpo_engine.trunk`` with
 every shared prefix computed once per sequence, then transformers' own GPT-2 forward instead of
-``reward.trunk``'s (a batch's rows in length groups, completion-only logits), then one padded pass
+``dpo_engine.trunk``'s (a batch's rows in length groups, completion-only logits), then one padded pass
 per batch, then logits over every position too. ``--nproc 1 2`` instead alternates the cell on
 one process and on two ranks of torch.distributed (``nproc_per_cell``; the process's threads shared
 between its ranks: ``--threads 2`` gives one process two threads, or two ranks one each).
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--nproc and --ablate are separate comparisons: give one")
 
     import dpo_bench.logprobs as logprobs
-    import reward.batching as batching
+    import dpo_engine.batching as batching
     from dpo_bench import stages as stages_module
     from dpo_bench.bench import load_config
     from dpo_bench.run import Timings, plan_stages, upstream_for

@@ -167,10 +167,10 @@ def quiet_transformers() -> None:
 
 
 def prefixes_unshared() -> ContextManager:
-    """``reward.trunk`` computing every real token, a prefix shared by several sequences once for
+    """``dpo_engine.trunk`` computing every real token, a prefix shared by several sequences once for
     each (``SHARE_PREFIXES`` off): the ablation of the shared prefixes in ``benchmarks.cell`` and
     ``benchmarks.grouping``."""
-    import reward.trunk as trunk
+    import dpo_engine.trunk as trunk
 
     return mock.patch.object(trunk, "SHARE_PREFIXES", False)
 
@@ -178,7 +178,7 @@ def prefixes_unshared() -> ContextManager:
 @contextmanager
 def models_own_forward() -> Iterator[None]:
     """GPT-2 through transformers' own forward, as every other model runs (a batch's rows in length
-    groups, completion-only logits), instead of ``reward.trunk``'s packed real tokens: the ablation
+    groups, completion-only logits), instead of ``dpo_engine.trunk``'s packed real tokens: the ablation
     of the trunk in ``benchmarks.cell`` and ``benchmarks.grouping``."""
     import dpo_bench.logprobs as logprobs
     import reward.model as reward_model

@@ -5,7 +5,7 @@ Forward FLOPs of a GPT-2 (L blocks, width d, vocabulary V) over a B x T batch, c
 multiply-add as 2: per token and block 24·d² (the QKV, output and MLP projections) plus 4·T·d
 (attention scores and their weighted sum over the T positions the kernel computes), plus 2·d·V
 for the LM head. A training step is 3x its forward (backward ≈ 2x). The count follows what the
-code computes (``reward.trunk``): the projections and the MLP at the real tokens only, and a
+code computes (``dpo_engine.trunk``): the projections and the MLP at the real tokens only, and a
 prefix that several sequences share once (a DPO pair's prompt); attention over the sequences
 packed into R rows of W slots, every slot attending over its row's W slots (4·W·d, empty slots
 and the copies of shared tokens included); the last block's keys and values (4·d²) at every
@@ -52,11 +52,11 @@ def useful_fraction(mask: torch.Tensor) -> float:
 
 def packed_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
                  lm_head: bool = True) -> tuple[float, float]:
-    """(computed, useful) forward FLOPs of one batch as ``reward.trunk`` runs it: the tokens it
+    """(computed, useful) forward FLOPs of one batch as ``dpo_engine.trunk`` runs it: the tokens it
     computes (each shared prefix once), attention over packed rows, and the last block's queries,
     projection and MLP at the computed tokens whose output is read (``keep``, B x T), and the LM
     head, when ``lm_head``, at every kept position."""
-    from reward.trunk import Packing
+    from dpo_engine.trunk import Packing
 
     layers, d, vocab = shape(model)
     lengths = attention_mask.sum(-1)
@@ -73,8 +73,8 @@ def packed_flops(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
 
 
 def computed_share(batch) -> str:
-    """The share of a batch's real tokens that ``reward.trunk`` computes (each shared prefix once)."""
-    from reward.trunk import Packing
+    """The share of a batch's real tokens that ``dpo_engine.trunk`` computes (each shared prefix once)."""
+    from dpo_engine.trunk import Packing
 
     packing = Packing(batch.attention_mask.bool(), batch.input_ids)
     return f"computes {len(packing.unique) / len(packing.tokens):.0%} of its real tokens"
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_bench.methods.sft import sft_loss
     from reward.bradley_terry import bt_loss
     from reward.model import RewardModel, last_token_index
-    from reward.train import PairTensors, adamw, pair_scores
+    from dpo_engine.optim import adamw
+    from reward.train import PairTensors, pair_scores
 
     fx = fixture()
     pad = fx.task.pad_id

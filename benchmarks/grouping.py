@@ -1,6 +1,6 @@
 """How many forward passes a batch should be split into: DPO step time against the per-pass
-overhead that :func:`reward.batching.length_groups` charges (``GROUP_OVERHEAD_TOKENS``), and
-against GPT-2's packed forward (``reward.trunk``), which computes no padding in one pass, and
+overhead that :func:`dpo_engine.batching.length_groups` charges (``GROUP_OVERHEAD_TOKENS``), and
+against GPT-2's packed forward (``dpo_engine.trunk``), which computes no padding in one pass, and
 a pair's shared prompt once.
 
 A DPO step on the train pairs in plain (not length-grouped) order, 64 pairs per step, the
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     set_threads(args.threads)
 
-    import reward.batching as batching
+    import dpo_engine.batching as batching
     from dpo_bench.logprobs import concat_batches, sequence_logps
     from dpo_bench.losses import LOSSES
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def computed_per_real(overhead: float | str) -> float:
         """Tokens computed per real token: padding included, shared prefixes once when packed."""
-        from reward.trunk import Packing
+        from dpo_engine.trunk import Packing
 
         computed = real = 0
         for pair, _, _ in batches:

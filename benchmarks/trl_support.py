@@ -117,7 +117,7 @@ def run_trl(trainer, clock: StepClock) -> list[float]:
 def order_like_ours(n: int, batch_size: int, steps: int, seed: int) -> list[int]:
     """The row indices our trainers' ``minibatches`` (without length groups) yield for ``steps``
     steps, concatenated: TRL reads them in order."""
-    from reward.train import minibatches
+    from dpo_engine.optim import minibatches
 
     batches = minibatches(n, batch_size, torch.Generator().manual_seed(seed))
     return [i for _ in range(steps) for i in next(batches).tolist()]

@@ -4,10 +4,10 @@ Every method needs log π(y|x) = Σ_t log π(y_t | x, y_<t) over the completion 
 module is the one place that computes it, for any padding (left-padded prompts from the sampler,
 right-padded pairs from the collator): positions are derived from the attention mask. Two things
 keep it cheap without changing a number beyond float rounding: padding is not computed (GPT-2
-runs on the real tokens alone, ``reward.trunk``; other models take a batch's rows in groups of
-similar length, ``reward.batching``), and the model's output is computed only where a completion
+runs on the real tokens alone, ``dpo_engine.trunk``; other models take a batch's rows in groups of
+similar length, ``dpo_engine.batching``), and the model's output is computed only where a completion
 token is predicted: the vocabulary projection for any transformers causal LM, and for GPT-2 the
-last block's MLP too (``reward.trunk``).
+last block's MLP too (``dpo_engine.trunk``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from reward import batching
-from reward.trunk import last_hidden_at, position_ids, selects_positions
+from dpo_engine import batching
+from dpo_engine.trunk import last_hidden_at, position_ids, selects_positions
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def completion_outputs(model: nn.Module, batch: SequenceBatch, hidden: bool = Fa
     ``completion_mask[:, 1:]``'s N positions in row-major order, and, when ``hidden``, its last
     hidden state there (N, D) (PPO's value head reads it).
 
-    Three ways, the same numbers: GPT-2 through :func:`reward.trunk.last_hidden_at` (the last
+    Three ways, the same numbers: GPT-2 through :func:`dpo_engine.trunk.last_hidden_at` (the last
     block's MLP, the LM head and the softmax only at those positions); a model that keeps selected
     logits with a ``logits_to_keep`` mask (the prompt and the padding cost no vocabulary
     projection); any other from its full logits.
@@ -206,13 +206,13 @@ def token_kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor)
 
 def by_length_groups(batch: SequenceBatch, fn: Callable[[SequenceBatch], tuple[torch.Tensor, ...]], group: bool = True,
                      model: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
-    """``fn`` over the batch's rows in length groups (:func:`reward.batching.by_length_groups`),
+    """``fn`` over the batch's rows in length groups (:func:`dpo_engine.batching.by_length_groups`),
     each group trimmed to its longest row.
 
     ``fn`` maps a batch of b rows and width t to tensors of shape (b, t-1) (per-token quantities
     aligned to input_ids[:, 1:]); the results come back in the rows' order, zero where a group's
     trimmed width did not reach. One group is one call on the whole batch. So is a ``model`` (the
-    one ``fn`` runs) whose forward :mod:`reward.trunk` computes on the real tokens alone: padding
+    one ``fn`` runs) whose forward :mod:`dpo_engine.trunk` computes on the real tokens alone: padding
     costs it nothing.
     """
     def run(rows: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, ...]:

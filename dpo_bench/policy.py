@@ -130,7 +130,7 @@ class TabularLM(nn.Module):
         **_: object,
     ) -> SimpleNamespace:
         # index_select: its backward adds repeated tokens' gradients in order, reproducibly (a tensor
-        # index's does not on the CPU: reward/trunk.py, last_hidden_at).
+        # index's does not on the CPU: dpo_engine/trunk.py, last_hidden_at).
         rows = self.table.index_select(0, input_ids.flatten()).view(*input_ids.shape, -1)
         logits = rows.masked_fill(~self.allowed, float("-inf"))
         hidden = None

@@ -88,7 +88,7 @@ def code_version() -> str:
     package is left out: no stage reads it (its figures are cached on a hash of their own)."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for base in (root, root.parent / "reward"):
+    for base in (root, root.parent / "reward", root.parent / "dpo_engine"):
         for path in sorted(p for p in base.rglob("*.py") if (root / "report") not in p.parents):
             h.update(str(path.relative_to(base.parent)).encode())
             h.update(path.read_bytes())

@@ -15,8 +15,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from reward.batching import GROUP_OVERHEAD_TOKENS
-from reward.train import adamw, minibatches
+from dpo_engine.batching import GROUP_OVERHEAD_TOKENS
+from dpo_engine.optim import adamw, minibatches
 
 from .configs import field as cfield
 from .configs import ConfigError, non_negative, positive
@@ -238,7 +238,7 @@ def shard_indices(idx: torch.Tensor, shards: int, lengths: torch.Tensor | None =
     Without ``lengths``: equal runs of items. With them (tokens per item), the items are ordered
     by length and cut into runs, so each part is padded little, at the cuts that make the costliest
     part cheapest. A part costs its rows times its longest row plus one forward's overhead
-    (:data:`reward.batching.GROUP_OVERHEAD_TOKENS`); fewer parts come back when more would not
+    (:data:`dpo_engine.batching.GROUP_OVERHEAD_TOKENS`); fewer parts come back when more would not
     make the costliest one cheaper.
     """
     if shards == 1 or len(idx) <= 1:

@@ -19,9 +19,9 @@ import inspect
 import torch
 from torch import nn
 
-from .batching import by_length_groups
+from dpo_engine.batching import by_length_groups
 from .normalise import Normaliser
-from .trunk import last_hidden_at, position_ids, selects_positions
+from dpo_engine.trunk import last_hidden_at, position_ids, selects_positions
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,8 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores of shape (B,); rows of very different lengths go through the trunk in separate
-        passes, each trimmed to its longest row (:mod:`reward.batching`): the same scores. A GPT-2
-        trunk computes the real tokens alone (:mod:`reward.trunk`): one pass."""
+        passes, each trimmed to its longest row (:mod:`dpo_engine.batching`): the same scores. A GPT-2
+        trunk computes the real tokens alone (:mod:`dpo_engine.trunk`): one pass."""
         if selects_positions(self.trunk):
             return self._scores(input_ids, attention_mask)
         grouped = by_length_groups(attention_mask, lambda rows, lo, hi: (
@@ -62,7 +62,7 @@ class RewardModel(nn.Module):
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         index = last_token_index(attention_mask)
         if selects_positions(self.trunk):
-            # The trunk's last block at the scored token only (reward.trunk).
+            # The trunk's last block at the scored token only (dpo_engine.trunk).
             keep = torch.zeros_like(attention_mask, dtype=torch.bool)
             keep[rows, index] = True
             last = last_hidden_at(self.trunk, input_ids, attention_mask, keep)

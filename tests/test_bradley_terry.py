@@ -205,7 +205,7 @@ def test_reward_model_scores_skip_the_lm_head_without_changing_them(monkeypatch)
     trunk = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32,
                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
     model = RewardModel(trunk).eval()
-    # The model's own forward, as for a trunk reward.trunk does not reproduce (tests/test_trunk.py).
+    # The model's own forward, as for a trunk dpo_engine.trunk does not reproduce (tests/test_trunk.py).
     monkeypatch.setattr("reward.model.selects_positions", lambda trunk: False)
     assert model._trunk_kwargs == {"logits_to_keep": 1}
     torch.nn.init.normal_(model.head.weight)
@@ -221,10 +221,10 @@ def test_reward_model_scores_skip_the_lm_head_without_changing_them(monkeypatch)
 def test_reward_model_scores_rows_of_mixed_lengths_in_groups_with_the_same_result(monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from reward.batching import length_groups
+    from dpo_engine.batching import length_groups
     from reward.model import RewardModel
 
-    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 4)
+    monkeypatch.setattr("dpo_engine.batching.GROUP_OVERHEAD_TOKENS", 4)
     torch.manual_seed(1)
     trunk = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=64,
                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
@@ -239,7 +239,7 @@ def test_reward_model_scores_rows_of_mixed_lengths_in_groups_with_the_same_resul
     grouped.sum().backward()
     grad = model.head.weight.grad.clone()
     model.zero_grad()
-    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 10**9)
+    monkeypatch.setattr("dpo_engine.batching.GROUP_OVERHEAD_TOKENS", 10**9)
     whole = model(ids, mask)
     whole.sum().backward()
     assert torch.allclose(grouped, whole, atol=1e-5)

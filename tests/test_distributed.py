@@ -54,7 +54,7 @@ def _sft_ranked(out: str | None = None, steps: int = 4,
     return model, losses, grads
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # reward.trunk's packed forward, and transformers' own
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # dpo_engine.trunk's packed forward, and transformers' own
 def test_two_ranks_train_what_two_shards_in_one_process_do_bit_for_bit(tmp_path, one_thread, arch):
     """Bit for bit against two shards in one process; against the whole batch in one pass, the same
     gradient up to float rounding."""

@@ -146,7 +146,7 @@ import itertools  # noqa: E402
 from dpo_bench.logprobs import (  # noqa: E402
     forward, gather_token_logps, keeps_selected_logits, kl_rows, token_kl_terms, token_log_distributions,
 )
-from reward.batching import length_groups  # noqa: E402
+from dpo_engine.batching import length_groups  # noqa: E402
 
 
 def _cost(groups, lengths, overhead):
@@ -189,7 +189,7 @@ def _mixed_batch(seed, rows=24):
 
 
 def test_grouped_forward_gives_the_padded_forwards_numbers_and_gradients(monkeypatch):
-    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 16)
+    monkeypatch.setattr("dpo_engine.batching.GROUP_OVERHEAD_TOKENS", 16)
     batch = _mixed_batch(0)
     assert len(length_groups(batch.attention_mask.sum(-1))) > 1  # the test must exercise grouping
     values, grads = [], []
@@ -228,10 +228,10 @@ def test_ppo_log_probs_and_values_in_length_groups_match_one_padded_pass(monkeyp
     model = PolicyWithValueHead(_model(4))
     torch.nn.init.normal_(model.value_head.weight)
     mask = batch.completion_mask[:, 1:].bool()
-    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 16)
+    monkeypatch.setattr("dpo_engine.batching.GROUP_OVERHEAD_TOKENS", 16)
     assert len(length_groups(batch.attention_mask.sum(-1))) > 1
     logps, values = model.logps_and_values(batch)
-    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 10**9)
+    monkeypatch.setattr("dpo_engine.batching.GROUP_OVERHEAD_TOKENS", 10**9)
     whole_logps, whole_values = model.logps_and_values(batch)
     assert torch.allclose(logps, whole_logps, atol=1e-5)
     # Values count only on completion tokens (GAE and the value loss mask the rest).
@@ -246,10 +246,10 @@ def test_ppo_full_distributions_in_length_groups_match_one_padded_pass(monkeypat
     batch = _mixed_batch(3)
     model = PolicyWithValueHead(_model(6))
     mask = batch.completion_mask[:, 1:].bool()
-    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 16)
+    monkeypatch.setattr("dpo_engine.batching.GROUP_OVERHEAD_TOKENS", 16)
     assert len(length_groups(batch.attention_mask.sum(-1))) > 1
     logps, _, dists = model.logps_and_values(batch, full=True)
-    monkeypatch.setattr("reward.batching.GROUP_OVERHEAD_TOKENS", 10**9)
+    monkeypatch.setattr("dpo_engine.batching.GROUP_OVERHEAD_TOKENS", 10**9)
     _, _, whole = model.logps_and_values(batch, full=True)
     assert dists.shape == (*mask.shape, model.policy.config.vocab_size)
     assert torch.allclose(dists, whole, atol=1e-5)

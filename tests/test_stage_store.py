@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from dpo_bench.bench import load_config
 from dpo_bench.stages import _HOST, Bench
-from reward.train import minibatches
+from dpo_engine.optim import minibatches
 
 
 def _bench(tmp_path) -> Bench:

@@ -60,7 +60,7 @@ def _enumerated(padding: str) -> SequenceBatch:
 @pytest.mark.parametrize("path", ["trunk", "logits_to_keep", "full_logits"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_token_kl_averages_to_the_exact_sequence_kl(padding, path, monkeypatch):
-    if path != "trunk":  # the paths of models reward.trunk does not compute (in length groups)
+    if path != "trunk":  # the paths of models dpo_engine.trunk does not compute (in length groups)
         monkeypatch.setattr("dpo_bench.logprobs.selects_positions", lambda model: False)
     if path == "full_logits":
         monkeypatch.setattr("dpo_bench.logprobs.keeps_selected_logits", lambda model: False)

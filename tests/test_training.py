@@ -17,7 +17,7 @@ from dpo_bench.methods import sft
 from dpo_bench.methods.sft import SFTConfig, supervised_finetune
 from dpo_bench.policy import GPT2Spec, build_gpt2
 from dpo_bench.training import NonFiniteLossError, OptimConfig, ShardRunner, TrainLog, optimise, shard_indices
-from reward.batching import GROUP_OVERHEAD_TOKENS
+from dpo_engine.batching import GROUP_OVERHEAD_TOKENS
 
 
 class _Tok:

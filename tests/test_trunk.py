@@ -1,4 +1,4 @@
-"""reward.trunk: GPT-2's last hidden states at selected positions equal its own forward's, values
+"""dpo_engine.trunk: GPT-2's last hidden states at selected positions equal its own forward's, values
 and gradients, for any padding and any packing of the sequences into rows; models it does not
 reproduce are refused, and the callers (log-probs, PPO's values, the reward model) give the numbers
 of the model's own forward. The packing is checked on its own."""
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from reward.trunk import Packing, last_hidden_at, pack_rows, position_ids, selects_positions, shared_prefixes
+from dpo_engine.trunk import Packing, last_hidden_at, pack_rows, position_ids, selects_positions, shared_prefixes
 
 
 def _gpt2(seed=0, **overrides):
@@ -54,7 +54,7 @@ def test_last_hidden_at_equals_the_models_forward_in_value_and_gradient(seed, la
     keep = mask.bool() & (torch.rand(ids.shape, generator=g) < 0.5)
     weights = torch.randn(int(keep.sum()), model.config.n_embd, generator=g)
 
-    with mock.patch("reward.trunk.PACK_WIDTH", pack_width):
+    with mock.patch("dpo_engine.trunk.PACK_WIDTH", pack_width):
         ours = last_hidden_at(model, ids, mask, keep)
     (ours * weights).sum().backward()
     our_grads = [p.grad.clone() for p in model.parameters()]
@@ -76,7 +76,7 @@ def test_a_row_of_padding_alone_changes_nothing_for_the_others():
     mask[2] = 0
     keep = mask.bool()
     expected = _reference_hidden(model, ids, mask)[keep]
-    with mock.patch("reward.trunk.PACK_WIDTH", 8):
+    with mock.patch("dpo_engine.trunk.PACK_WIDTH", 8):
         torch.testing.assert_close(last_hidden_at(model, ids, mask, keep), expected, atol=1e-5, rtol=1e-5)
     assert last_hidden_at(model, ids, torch.zeros_like(mask), torch.zeros_like(keep)).shape == (0, model.config.n_embd)
 
@@ -155,7 +155,7 @@ def test_shared_prefixes_change_nothing_but_the_work():
     results = []
     for share in (True, False):
         model.zero_grad()
-        with mock.patch("reward.trunk.SHARE_PREFIXES", share):
+        with mock.patch("dpo_engine.trunk.SHARE_PREFIXES", share):
             out = last_hidden_at(model, ids, mask, keep)
         (out * weights).sum().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
