@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -22,12 +23,16 @@ pytest.importorskip("tensorboard")
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
-    before = torch.get_num_threads()
+    before, cwd = torch.get_num_threads(), os.getcwd()
     root = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    code = main(["run", "--task", "bandit", "--preset", "quick", "--no-prefect", "--quiet", "--reports-dir", str(root / "reports"),
-                 "--run-id", "tracked", "--tracking", "mlflow", "--tracking-uri", uri])
-    torch.set_num_threads(before)
+    os.chdir(root)  # MLflow keeps a SQLite store's artifacts in ./mlruns
+    try:
+        code = main(["run", "--task", "bandit", "--preset", "quick", "--no-prefect", "--quiet", "--reports-dir",
+                     str(root / "reports"), "--run-id", "tracked", "--tracking", "mlflow", "--tracking-uri", uri])
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(before)
     assert code == 0
     return root / "reports" / "tracked", uri
 
