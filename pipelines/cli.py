@@ -525,21 +525,18 @@ def _model_lengths(model: str) -> tuple:
     max_length a run of the hf task takes for it by default (its positions less EOS, at most 512)."""
     from dpo_bench.data import HubUnreachableError, hub_offline, looks_like_path, unreachable
     from dpo_bench.policy import load_tokenizer
-    from dpo_bench.tasks.hf import DEFAULT_MAX_LENGTH
+    from dpo_bench.tasks.hf import default_max_length, positions_of
 
     if looks_like_path(model) and not Path(model).expanduser().exists():
         raise UsageError(f"--model: file not found: {model}")
-    from transformers import AutoConfig
-
     try:
         tokenizer = load_tokenizer(model)
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:  # not a model (no config or tokenizer), a tokenizer that cannot pad, the hub
+        positions = positions_of(model)
+    except (OSError, ValueError) as e:  # not a model (no tokenizer), a tokenizer that cannot pad, the hub
         if isinstance(e, OSError) and unreachable(e):
             raise HubUnreachableError(model, offline=hub_offline(), kind="model") from None
         raise UsageError(f"--model {model}: {e}".splitlines()[0]) from None
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    max_length = min(DEFAULT_MAX_LENGTH, positions - 1) if positions else DEFAULT_MAX_LENGTH
+    max_length = default_max_length(positions)
     where = f"its {positions} positions less EOS" if positions else "no position limit stated"
     return tokenizer, max_length, f"prompt + completion within {max_length} tokens of {model}'s tokenizer (hf.max_length's default: {where})"
 

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo_bench import training
 from dpo_bench.bench import Cell, load_config
 from dpo_bench.configs import ConfigError
 from dpo_bench.methods.ppo import PPOConfig
@@ -109,4 +108,4 @@ def test_the_first_update_copies_the_weights_and_finish_writes_the_average_into_
     average.update()
     assert torch.equal(average.current().weight, torch.full((1, 2), 3.0))
     assert average.finish() is model and torch.equal(model.weight, torch.full((1, 2), 3.0))
-    assert training.WeightAverage(model, 0.0).current() is model
+    assert WeightAverage(model, 0.0).current() is model

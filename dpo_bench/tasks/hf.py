@@ -477,14 +477,18 @@ DEFAULT_MAX_LENGTH = 512
 
 
 def model_positions(config: HFConfig) -> int | None:
+    """The configured model's position limit: :func:`positions_of`."""
+    return positions_of(config.model, config.revision_or_none, config.trust_remote_code)
+
+
+def positions_of(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
     """The model's position limit (``max_position_embeddings`` or ``n_positions``), None if its
     config states none or cannot be read here (the SFT stage, which loads the model, then says why;
     a hub that cannot be reached is the caller's error)."""
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(config.model, revision=config.revision_or_none,
-                                                  trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if isinstance(e, OSError) and unreachable(e):
             raise
@@ -492,12 +496,15 @@ def model_positions(config: HFConfig) -> int | None:
     return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None) or None
 
 
-def fitted_max_length(config: HFConfig, positions: int | None) -> int:
-    """``hf.max_length``, or when it is 0 what the model takes: its positions less one (EOS), at
-    most :data:`DEFAULT_MAX_LENGTH`."""
-    if config.max_length:
-        return config.max_length
+def default_max_length(positions: int | None) -> int:
+    """What a model takes when ``hf.max_length`` is 0: its positions less one (EOS), at most
+    :data:`DEFAULT_MAX_LENGTH`."""
     return min(DEFAULT_MAX_LENGTH, positions - 1) if positions else DEFAULT_MAX_LENGTH
+
+
+def fitted_max_length(config: HFConfig, positions: int | None) -> int:
+    """``hf.max_length``, or when it is 0 :func:`default_max_length`."""
+    return config.max_length or default_max_length(positions)
 
 
 def _check_positions(config: HFConfig, info: dict, limit: int | None) -> None:
