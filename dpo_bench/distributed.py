@@ -19,6 +19,7 @@ the identity, so a trainer written for ranks runs unchanged without them.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import pickle
 import shutil
@@ -38,6 +39,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .policy import derive_seed
+
+logger = logging.getLogger(__name__)
 
 # How long a rank waits for the others at a collective: rank 0 evaluates its checkpoints while
 # the others wait at the next step's all-reduce.
@@ -222,7 +225,12 @@ def ranks(nproc: int, job: RankJob, device: torch.device) -> Iterator[Ranks]:
                 raise
             for rank, child, log in children:
                 if child.wait() != 0:
-                    raise _rank_error(rank, child.returncode, log)
+                    if not _finished(log):
+                        raise _rank_error(rank, child.returncode, log)
+                    # Its share of every collective is behind it, so the training is whole: what
+                    # failed is the process's teardown (see main).
+                    logger.warning("%s (after its training had finished; the result stands)",
+                                   _rank_error(rank, child.returncode, log))
         finally:
             torch.set_num_threads(own_threads)
             _own_group(False)
@@ -262,6 +270,11 @@ def _failed_child(children: list[tuple[int, subprocess.Popen, Path]]) -> RankErr
     return None
 
 
+def _finished(log: Path) -> bool:
+    """Whether the rank writing ``log`` had finished its job (:func:`main` marks it)."""
+    return log.with_suffix(".done").exists()
+
+
 def _rank_error(rank: int, code: int, log: Path) -> RankError:
     """The rank's error in one line: the one its process wrote (:func:`main`), else the last line
     of its error output (a crash before the job started)."""
@@ -293,9 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         message = str(e).strip().splitlines()
         summary = f"{type(e).__name__}: {message[0] if message else ''}".rstrip(": ")
         (Path(argv[0]).parent / f"rank{rank}.error").write_text(summary)
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    (Path(argv[0]).parent / f"rank{rank}.done").touch()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -303,3 +317,9 @@ if __name__ == "__main__":
     from dpo_bench.distributed import main as rank_main
 
     rank_main()
+    # A rank writes nothing but its logs, so it ends here rather than in the interpreter's
+    # teardown, where gloo's threads could abort the process ("terminate called without an active
+    # exception", seen under load) after the work was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

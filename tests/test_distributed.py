@@ -153,6 +153,37 @@ def test_a_rank_that_fails_is_reported_in_one_line_naming_it(one_thread):
     assert Ranks.current() == Ranks()
 
 
+def _sum_then_abort_at_teardown() -> None:
+    """Joins the body's one collective, then aborts in the process group's teardown: the C++ abort
+    ("terminate called without an active exception") a rank's gloo threads can raise at exit."""
+    import os
+
+    Ranks.current().sum(torch.ones(1))
+    torch.distributed.destroy_process_group = os.abort
+
+
+def test_a_rank_that_aborts_after_its_work_is_done_leaves_the_result_standing(one_thread, caplog):
+    with caplog.at_level("WARNING", logger="dpo_bench.distributed"):
+        with ranks(2, RankJob(_sum_then_abort_at_teardown), CPU) as where:
+            total = where.sum(torch.ones(1))
+    assert total.item() == 2.0
+    assert "rank 1 exited with code -6" in caplog.text and "after its training had finished" in caplog.text
+    assert Ranks.current() == Ranks()
+
+
+def _abort() -> None:
+    import os
+
+    os.abort()
+
+
+def test_a_rank_that_aborts_before_its_work_is_done_fails_the_stage(one_thread):
+    with pytest.raises(RankError, match=r"^rank 1 exited with code -6"):
+        with ranks(2, RankJob(_abort), CPU) as where:
+            where.sum(torch.ones(1))  # the collective rank 1 never joins
+    assert Ranks.current() == Ranks()
+
+
 def _refuse_to_load():
     raise ValueError("this job cannot be read here")
 
