@@ -152,14 +152,16 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Experiment tracking: the finished run logged to MLflow or TensorBoard (dpo_bench/tracking.py)."""
+    """Experiment tracking: the finished run logged to MLflow, TensorBoard or W&B (dpo_bench/tracking.py)."""
 
-    backend: Literal["", "mlflow", "tensorboard"] = field(
+    backend: Literal["", "mlflow", "tensorboard", "wandb"] = field(
         "", "log the finished run (a parent run with a child per cell: config, fingerprints, curves, metrics at each "
-            "checkpoint, the report) to 'mlflow' or 'tensorboard' (the `tracking` extra); empty: no tracking")
-    uri: str = field("", "MLflow's tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's ./mlruns), or TensorBoard's "
-                         "log directory (default: <reports-dir>/tensorboard)")
-    experiment: str = field("dpo-bench", "the MLflow experiment the runs are logged under")
+            "checkpoint, the report) to 'mlflow', 'tensorboard' or 'wandb' (W&B: offline unless WANDB_MODE says "
+            "otherwise; the `tracking` extra); empty: no tracking")
+    uri: str = field("", "MLflow's tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's ./mlruns), TensorBoard's "
+                         "log directory (default: <reports-dir>/tensorboard) or W&B's directory (default: "
+                         "<reports-dir>/wandb)")
+    experiment: str = field("dpo-bench", "the MLflow experiment, or W&B project, the runs are logged under")
 
 
 # auto (see policy.resolve_device) or a device the benchmark runs on; torch.device accepts more (xla,

@@ -1,10 +1,11 @@
-"""Experiment tracking: a finished run in MLflow or TensorBoard.
+"""Experiment tracking: a finished run in MLflow, TensorBoard or Weights & Biases.
 
-With ``[tracking] backend = "mlflow"`` or ``"tensorboard"`` (``--tracking``), a run is logged once
-its files are written: one tracking run for the benchmark run (its config, data fingerprints,
-the verdict's differences, the report and its figures as artifacts) and, nested in it, one per
-cell (method, strength, seed, the cell's method config, every ``train/*`` curve by step and every
-evaluation metric at each checkpoint). ``dpo-bench track RUN_DIR`` logs a run written before.
+With ``[tracking] backend = "mlflow"``, ``"tensorboard"`` or ``"wandb"`` (``--tracking``), a run is
+logged once its files are written: one tracking run for the benchmark run (its config, data
+fingerprints, the verdict's differences, the report and its figures as artifacts) and, nested in it
+(W&B: in its group), one per cell (method, strength, seed, the cell's method config, every
+``train/*`` curve by step and every evaluation metric at each checkpoint). ``dpo-bench track
+RUN_DIR`` logs a run written before.
 
 The log is written from the run's own files (``run.json``, ``metrics.parquet``), so it holds the
 numbers the report shows, whichever process or machine trained the cells. A tracking failure is
@@ -25,9 +26,9 @@ import pandas as pd
 
 from .bench import from_dict_config
 
-BACKENDS = ("mlflow", "tensorboard")
-#: What each backend needs installed (the `tracking` extra brings both).
-MODULES = {"mlflow": "mlflow", "tensorboard": "tensorboard"}
+BACKENDS = ("mlflow", "tensorboard", "wandb")
+#: What each backend needs installed (the `tracking` extra brings them).
+MODULES = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}
 ARTIFACTS = ("report.md", "report.html", "run.json", "frontier.parquet", "comparisons.parquet")
 
 
@@ -120,7 +121,7 @@ def log_run(run_dir: Path | str, backend: str, uri: str = "", experiment: str = 
     if error:
         raise ValueError(error)
     run = LoggedRun(Path(run_dir))
-    return (_log_mlflow if backend == "mlflow" else _log_tensorboard)(run, uri, experiment)
+    return {"mlflow": _log_mlflow, "tensorboard": _log_tensorboard, "wandb": _log_wandb}[backend](run, uri, experiment)
 
 
 def _log_mlflow(run: LoggedRun, uri: str, experiment: str) -> str:
@@ -174,3 +175,43 @@ def _log_tensorboard(run: LoggedRun, uri: str, experiment: str) -> str:
             for name, value, step in points:
                 writer.add_scalar(name, value, step)
     return f"TensorBoard event files under {base} (tensorboard --logdir {root})"
+
+
+def _log_wandb(run: LoggedRun, uri: str, experiment: str) -> str:
+    """W&B has no nested runs: the benchmark run and each cell are runs of one group (the run id),
+    the cells' job type their method. Offline unless ``WANDB_MODE`` says otherwise (this machine
+    may have no network or key): ``wandb sync`` uploads the directory later."""
+    import os
+
+    import wandb
+
+    root = Path(uri) if uri else run.dir.parent / "wandb"
+    root.mkdir(parents=True, exist_ok=True)
+    mode = os.environ.get("WANDB_MODE", "offline")
+    common = {"project": experiment, "group": run.name, "dir": str(root), "mode": mode, "reinit": "create_new"}
+
+    parent = wandb.init(name=run.name, job_type="benchmark", config=run.params(), **common)
+    try:
+        parent.summary.update(run.verdict())
+        report = wandb.Artifact(re.sub(r"[^\w.-]+", "_", f"{run.name}-report"), type="report")
+        for name in ARTIFACTS:
+            if (run.dir / name).exists():
+                report.add_file(str(run.dir / name))
+        if (run.dir / "figures").is_dir():
+            report.add_dir(str(run.dir / "figures"), name="figures")
+        parent.log_artifact(report)
+    finally:
+        parent.finish()
+    for label, params, points in run.cells():
+        cell = wandb.init(name=label, job_type=params["method"], config=params, **common)
+        try:
+            # W&B's steps only go forward within a run: one log call per step, every metric of it.
+            by_step: dict[int, dict[str, float]] = {}
+            for name, value, step in points:
+                by_step.setdefault(step, {})[name] = value
+            for step in sorted(by_step):
+                cell.log(by_step[step], step=step)
+        finally:
+            cell.finish(exit_code=0 if params["status"] in ("ok", "") else 1)
+    where = f"W&B runs of group '{run.name}' in project '{experiment}' under {root / 'wandb'}"
+    return where + (" (offline: upload with `wandb sync` on each run directory)" if mode == "offline" else "")

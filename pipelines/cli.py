@@ -580,13 +580,15 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                         "the cores (or GPUs) are shared between the ranks and the Dask workers")
     p.add_argument("--from-run", metavar="RUN_DIR", help="repeat a run: take the resolved config from RUN_DIR/run.json")
     p.add_argument("--curves-x", metavar="AXIS", help=CURVES_X_HELP)
-    p.add_argument("--tracking", choices=["mlflow", "tensorboard"],
-                   help="log the finished run to MLflow or TensorBoard: a parent run with a child per cell (config, data "
-                        "fingerprints, training curves, metrics at each checkpoint, the report); needs the tracking extra; "
-                        "[tracking] backend in a config")
+    p.add_argument("--tracking", choices=["mlflow", "tensorboard", "wandb"],
+                   help="log the finished run to MLflow, TensorBoard or Weights & Biases: a parent run with a child per cell "
+                        "(config, data fingerprints, training curves, metrics at each checkpoint, the report; W&B: runs of "
+                        "one group, offline unless WANDB_MODE says otherwise); needs the tracking extra; [tracking] backend "
+                        "in a config")
     p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow's tracking URI (e.g. sqlite:///mlflow.db; default MLFLOW_TRACKING_URI, else ./mlruns) or "
-                        "TensorBoard's log directory (default <reports-dir>/tensorboard)")
+                   help="MLflow's tracking URI (e.g. sqlite:///mlflow.db; default MLFLOW_TRACKING_URI, else ./mlruns), "
+                        "TensorBoard's log directory (default <reports-dir>/tensorboard) or W&B's directory (default "
+                        "<reports-dir>/wandb)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one config value, after the preset, the file and the other flags (repeatable): "
                         "e.g. --set sft.steps=400 --set evaluation.temperatures=[1.0] --set device=cpu; the value "
@@ -700,16 +702,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="where to write it (created; must be new or empty)")
     export.set_defaults(func=cmd_export)
 
-    track = sub.add_parser("track", help="log a finished run to MLflow or TensorBoard",
+    track = sub.add_parser("track", help="log a finished run to MLflow, TensorBoard or W&B",
                            description="Log a run written by `dpo-bench run` (now or before) to an experiment tracker: a parent "
                                        "run (config, data fingerprints, the verdict, the report and figures) with a child per "
                                        "cell (its method config, training curves, metrics at each checkpoint).")
     track.add_argument("run_dir", help="a directory written by `dpo-bench run`")
-    track.add_argument("--tracking", required=True, choices=["mlflow", "tensorboard"], help="the tracker")
+    track.add_argument("--tracking", required=True, choices=["mlflow", "tensorboard", "wandb"],
+                       help="the tracker (W&B: offline unless WANDB_MODE says otherwise)")
     track.add_argument("--tracking-uri", metavar="URI",
-                       help="MLflow's tracking URI (default MLFLOW_TRACKING_URI, else ./mlruns) or TensorBoard's log "
-                            "directory (default: beside the run, <reports-dir>/tensorboard)")
-    track.add_argument("--experiment", default="dpo-bench", help="MLflow experiment name (default: dpo-bench)")
+                       help="MLflow's tracking URI (default MLFLOW_TRACKING_URI, else ./mlruns), TensorBoard's log "
+                            "directory or W&B's directory (default: beside the run, <reports-dir>/tensorboard or "
+                            "<reports-dir>/wandb)")
+    track.add_argument("--experiment", default="dpo-bench", help="MLflow experiment or W&B project (default: dpo-bench)")
     track.set_defaults(func=cmd_track)
 
     check = sub.add_parser("check-config", help="validate a config (preset + TOML + flags) without running it")

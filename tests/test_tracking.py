@@ -1,7 +1,8 @@
 """Experiment tracking end to end from the CLI: `dpo-bench run --tracking mlflow` leaves one parent
 run with a child per cell in a real local MLflow store (SQLite), holding the numbers of the run's
 own files; `dpo-bench track RUN_DIR --tracking tensorboard` writes event files that TensorBoard
-reads back; a missing tracker package or a bad run directory is one line, before anything runs."""
+reads back, and `--tracking wandb` offline runs whose logs read back; a missing tracker package or a
+bad run directory is one line, before anything runs."""
 
 from __future__ import annotations
 
@@ -97,6 +98,49 @@ def test_track_writes_tensorboard_event_files_that_read_back(tracked_run, tmp_pa
     assert gold[-1].value == pytest.approx(_final(metrics, cell["name"], cell["strength"], cell["seed"], "gold_reward"), rel=1e-6)
     assert "train/kl" in events.Tags()["scalars"]
     assert "report/text_summary" in EventAccumulator(str(base)).Reload().Tags()["tensors"]
+
+
+def test_track_writes_offline_wandb_runs_of_one_group_that_read_back(tracked_run, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from .wandb_log import records, values
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default here
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir, _ = tracked_run
+    assert main(["track", str(run_dir), "--tracking", "wandb", "--tracking-uri", str(tmp_path / "wb")]) == 0
+    record = json.loads((run_dir / "run.json").read_text())
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    logs = {}
+    for path in (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"):
+        read = list(records(path))
+        run = next(r.run for r in read if r.WhichOneof("record_type") == "run")
+        logs[run.display_name] = (run, read)
+    assert set(logs) == {"tracked", *record["cells"]}
+    assert {run.run_group for run, _ in logs.values()} == {"tracked"}
+
+    parent, read = logs["tracked"]
+    assert parent.job_type == "benchmark" and parent.project == "dpo-bench"
+    config = values(parent.config.update)
+    assert config["task"] == "bandit" and config["config.sft.steps"] == str(record["config"]["sft"]["steps"])
+    summary = {k: v for r in read if r.WhichOneof("record_type") == "summary" for k, v in values(r.summary.update).items()}
+    verdict = tracking.LoggedRun(run_dir).verdict()
+    assert verdict and {k: summary[k] for k in verdict} == pytest.approx(verdict)
+    files = {c.path for r in read if r.WhichOneof("record_type") == "artifact" for c in r.artifact.manifest.contents}
+    assert {"report.md", "report.html", "run.json"} <= files and any(f.startswith("figures/") for f in files)
+
+    for label, cell in record["cells"].items():
+        run, read = logs[label]
+        assert run.job_type == cell["method"]
+        config = values(run.config.update)
+        assert config["seed"] == str(cell["seed"]) and config["method"] == cell["method"]
+        history = [values(r.history.item) for r in read if r.WhichOneof("record_type") == "history"]
+        steps = [h["_step"] for h in history if "_step" in h]
+        assert steps == sorted(steps)
+        gold = [h["gold_reward"] for h in history if "gold_reward" in h]
+        assert gold[-1] == pytest.approx(_final(metrics, cell["name"], cell["strength"], cell["seed"], "gold_reward"))
+        if cell["method"] in ("dpo", "ipo", "ppo"):
+            assert len([h for h in history if "train/loss" in h]) > 1
+        assert [r.exit.exit_code for r in read if r.WhichOneof("record_type") == "exit"] == [0]
 
 
 def test_a_missing_tracker_package_is_one_line_before_anything_runs(monkeypatch, capsys, tmp_path):
