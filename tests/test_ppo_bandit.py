@@ -87,9 +87,15 @@ def test_ppo_with_the_exact_kl_settles_at_the_optimums_kl(bandit):
     assert exact[-3:].mean() == pytest.approx(target, rel=0.2)
 
 
-@pytest.mark.parametrize("schedule, last", [("constant", 1.0), ("linear", 1 / 8)])
-def test_ppo_learning_rate_schedule(bandit, monkeypatch, schedule, last):
-    """``lr_schedule``: the rate of each of 8 iterations, constant or decaying linearly to 1/8 of the peak."""
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0, [1.0] * 8),
+    ("linear", 0, [1 - i / 8 for i in range(8)]),
+    ("constant", 4, [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]),
+    ("linear", 4, [(min(i + 1, 4) / 4) * (1 - i / 8) for i in range(8)]),
+])
+def test_ppo_learning_rate_schedule(bandit, monkeypatch, schedule, warmup, expected):
+    """``lr_schedule`` and ``warmup_iterations``: the rate of each of 8 iterations, constant or decaying
+    linearly to 1/8 of the peak, after a linear warm-up over 4 iterations or none."""
     import dpo_bench.methods.ppo as ppo
 
     optimisers, rates = [], []
@@ -97,13 +103,13 @@ def test_ppo_learning_rate_schedule(bandit, monkeypatch, schedule, last):
     monkeypatch.setattr(ppo, "make_optimizer", lambda model, lr: optimisers.append(make(model, lr)) or optimisers[-1])
 
     bench, stages, _, _ = bandit
-    cell = Cell("ppo", 0.5, 0, (("iterations", 8), ("lr", 0.05), ("epochs", 1), ("n_minibatches", 1), ("lr_schedule", schedule)))
+    cell = Cell("ppo", 0.5, 0, (("iterations", 8), ("lr", 0.05), ("epochs", 1), ("n_minibatches", 1), ("lr_schedule", schedule),
+                                ("warmup_iterations", warmup)))
     with monkeypatch.context() as m:
         m.setattr(ppo.torch.nn.utils, "clip_grad_norm_", lambda params, norm: rates.append(optimisers[0].param_groups[0]["lr"]))
         stage = run_cell(bench, cell, upstream_for(cell, stages))
     assert '"ok"' in (stage.path / "status.json").read_text()
-    assert rates == pytest.approx([0.05 * (1 - i / 8) if schedule == "linear" else 0.05 for i in range(8)])
-    assert rates[-1] == pytest.approx(0.05 * last)
+    assert rates == pytest.approx([0.05 * f for f in expected])
 
 
 def test_lr_factor_and_the_schedule_field():
@@ -125,3 +131,5 @@ def test_lr_factor_and_the_schedule_field():
     for method in ("dpo", "ppo", "sft"):
         with pytest.raises(ConfigError, match="lr_schedule"):
             get_method(method).make_config({"lr_schedule": "cosine"}, None)
+    with pytest.raises(ConfigError, match="warmup_iterations must be >= 0, got -1"):
+        get_method("ppo").make_config({"warmup_iterations": -1}, None)

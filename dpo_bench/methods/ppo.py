@@ -71,6 +71,8 @@ class PPOConfig:
     kl_horizon: float = field(10.0, "horizon of the adaptive KL controller, in iterations: kl_coef moves by a factor of at "
                                     "most 1 ± 0.2/kl_horizon an iteration (Ziegler et al.'s K_β = 0.1)")
     lr_schedule: Literal["constant", "linear"] = field("constant", LR_SCHEDULE_DOC + "; by iteration")
+    warmup_iterations: int = field(0, "linear warm-up of the learning rate over this many iterations (0: none); the "
+                                      "schedule's decay runs over the whole run")
     kl_estimator: Literal["sampled", "exact"] = field(
         "sampled", "the per-token KL the penalty reads: 'sampled', log π − log π_ref of the drawn token (Ziegler et al.; "
                    "TRL's); 'exact', the KL of the whole next-token distribution at each visited position, in the rewards "
@@ -88,6 +90,7 @@ class PPOConfig:
         non_negative("missing_eos_penalty", self.missing_eos_penalty)
         non_negative("target_kl", self.target_kl)
         check_ema(self.ema)
+        non_negative("warmup_iterations", self.warmup_iterations)
         if self.rollout_batch < self.n_minibatches:
             raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be >= n_minibatches ({self.n_minibatches})")
 
@@ -311,7 +314,7 @@ def train_ppo(ctx: MethodContext, config: PPOConfig, score_source: str) -> Model
     for iteration in bar:
         kl_coef = controller.value if controller else config.kl_coef
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(iteration - 1, config.iterations, 0, config.lr_schedule)
+            group["lr"] = config.lr * lr_factor(iteration - 1, config.iterations, config.warmup_iterations, config.lr_schedule)
         # 1. rollouts
         pick = torch.randint(len(prompt_ids), (n_rollouts,), generator=ctx.generator).tolist()
         with autocast():
