@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import dpo_bench.logprobs as logprobs
     import dpo_engine.batching as batching
-    from dpo_bench import stages as stages_module
+    from dpo_bench.stages import cells as cells_module
     from dpo_bench.bench import load_config
     from dpo_bench.run import Timings, plan_stages, upstream_for
-    from dpo_bench.stages import Bench, _variant_preferences, run_cell
+    from dpo_bench.stages import Bench, run_cell
+    from dpo_bench.stages.cells import _variant_preferences
 
     config = load_config(args.preset)
     cells = config.cells()
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Count the evaluation's time wherever run_cell calls it.
     spent = {"evaluation": 0.0}
-    evaluate = stages_module.evaluate_policy
+    evaluate = cells_module.evaluate_policy
 
     def timed_evaluate(*a, **k):
         start = time.perf_counter()
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             spent["evaluation"] += time.perf_counter() - start
 
-    stages_module.evaluate_policy = timed_evaluate
+    cells_module.evaluate_policy = timed_evaluate
 
     saved_overhead, saved_keeps = batching.GROUP_OVERHEAD_TOKENS, logprobs.keeps_selected_logits
 

@@ -39,7 +39,7 @@ from .evaluate import Estimate, estimate_from_samples, tost_equivalence, within_
 from .losses import get_loss
 from .methods.ppo import PPOConfig, clipped_policy_loss, gae, kl_penalised_rewards
 from .policy import derive_seed
-from .tasks.bandit import BanditConfig, bandit_tables, exact_kl_rows, optimal_policy
+from .tasks.bandit import exact_kl_rows, optimal_policy
 
 COLUMNS = ["kind", "check", "quantity", "step", "value", "tolerance", "passed", "negative_control_detected", "control_value"]
 
@@ -611,17 +611,6 @@ def prompt_shift(prompts, seed: int, scale: float = 1.0) -> np.ndarray:
     return np.array([np.random.default_rng(derive_seed(seed, "f(x)", p)).normal(0, scale) for p in prompts])
 
 
-def bandit_reference(bench, stages: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(π_ref (X, Y), gold reward (X, Y)) of the convergence check: the run's own bandit, or the bandit config's tables."""
-    task = bench.task(stages["task"])
-    if task.exact:
-        return task.response_probs(bench.reference(stages["sft"])), task.rewards
-    bandit: BanditConfig = bench.config.bandit
-    rewards, logits = bandit_tables(bandit)
-    ref_probs = np.exp(logits - logits.max(1, keepdims=True))
-    return ref_probs / ref_probs.sum(1, keepdims=True), rewards
-
-
 _BANDIT_CHECKS: dict[tuple, tuple[CheckResult, ...]] = {}
 
 
@@ -644,27 +633,3 @@ def bandit_checks(ref_probs: np.ndarray, rewards: np.ndarray, config: ChecksConf
             torch.set_num_threads(threads)
         _BANDIT_CHECKS[key] = tuple(results)
     return _BANDIT_CHECKS[key]
-
-
-def run_invariance_checks(bench, stages: dict, cells: list | None = None) -> pd.DataFrame:
-    """Every check this run's data supports, as rows of ``invariance.parquet``."""
-    from .stages import implicit_reward_control, implicit_reward_data, lemma2_ppo, reward_model_heldout_accuracy  # noqa: PLC0415
-
-    config = bench.config
-    results = list(bandit_checks(*bandit_reference(bench, stages), config.checks, derive_seed(config.seed, "bandit_convergence")))
-    task = bench.task(stages["task"])
-    # The empirical checks compare against a gold reward: a task judged only by a proxy has none to compare with.
-    if config.checks.empirical and not task.exact and task.has_gold:
-        checked = implicit_reward_control(bench, stages, cells or [])
-        if checked is not None:
-            (cell, stage), control = checked
-            results += implicit_reward_checks(cell.label, cell.strength_value, implicit_reward_data(bench, stages, cell, stage),
-                                              implicit_reward_data(bench, stages, cell, control), config.checks.spearman_threshold)
-            accuracy = reward_model_heldout_accuracy(bench, stages)
-            if accuracy is not None:
-                results.append(CheckResult.finding("reward_model_accuracy", "held-out pairwise accuracy of the reward model "
-                                                   "on the implicit-reward check's pairs", accuracy))
-        frames, curves = lemma2_ppo(bench, stages)
-        results += lemma2_empirical(frames, config.checks.lemma2_margin_fraction)
-        results += lemma2_speed(curves)
-    return pd.DataFrame([r.row() for r in results], columns=COLUMNS)

@@ -25,14 +25,14 @@ from . import store, tracking
 from .schema import STRENGTH_SYMBOLS
 from .bench import BenchConfig, Cell
 from .configs import to_dict
-from .invariance import run_invariance_checks
 from .methods.base import get_method
 from .report import build_report
 from .verdict import Objective, collect_per_prompt, objective_rows, verdict_frames
+from .files import write_json
 from .stages import (
     METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, fitted_normaliser,
     label_temperature_rms, preference_info, prepare_task, process_alive, reference_eval, reference_logps, run_cell,
-    samples_preferences, train_rm, train_sft, write_json, write_parquet,
+    run_invariance_checks, samples_preferences, train_rm, train_sft, write_parquet,
 )
 
 RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "per_prompt.parquet", "frontier.parquet",

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from dpo_bench.bench import load_config
 from dpo_bench.preferences import Candidates, PreferenceConfig, label_candidates
 from dpo_bench.run import Timings, plan_stages
-from dpo_bench.stages import Bench, _pairs_frame, label_temperature_rm, preference_info, worker_jobs
+from dpo_bench.stages import Bench, label_temperature_rm, preference_info, worker_jobs
+from dpo_bench.stages.shared import _pairs_frame
 
 
 def _candidates(completions: list[list[str]], gold: list[list[float]]) -> Candidates:

@@ -13,7 +13,8 @@ import torch
 
 from dpo_bench.bench import load_config
 from dpo_bench.run import Timings, plan_stages
-from dpo_bench.stages import Bench, _calibration_rows, _collate_texts, _pairs_frame, gold_normaliser, sft_samples
+from dpo_bench.stages import Bench, gold_normaliser, sft_samples
+from dpo_bench.stages.shared import _calibration_rows, _collate_texts, _pairs_frame
 from reward.bradley_terry import pairwise_accuracy
 from reward.normalise import Normaliser
 

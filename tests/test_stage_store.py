@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpo_bench.bench import load_config
-from dpo_bench.stages import _HOST, Bench
+from dpo_bench.stage_store import _HOST
+from dpo_bench.stages import Bench
 from dpo_engine.optim import minibatches
 
 
@@ -63,14 +64,14 @@ def test_a_stage_finished_meanwhile_by_another_process_is_kept(tmp_path):
 
     # ``run_stage`` removes an existing directory before its rename, as --no-cache does; a
     # directory that reappears in between makes the rename fail, which must not fail the run.
-    import dpo_bench.stages as stages
+    import dpo_bench.stage_store as store
 
-    real_rmtree = stages.shutil.rmtree
-    stages.shutil.rmtree = lambda path, ignore_errors=False: real_rmtree(path, ignore_errors) if ".tmp-" in path.name else None
+    real_rmtree = store.shutil.rmtree
+    store.shutil.rmtree = lambda path, ignore_errors=False: real_rmtree(path, ignore_errors) if ".tmp-" in path.name else None
     try:
         stage = bench.run_stage("race", {"x": 2}, build)
     finally:
-        stages.shutil.rmtree = real_rmtree
+        store.shutil.rmtree = real_rmtree
     assert (stage.path / "value.txt").read_text() == "theirs"
     assert not list(stage.path.parent.glob(".*tmp-*"))
 
@@ -127,12 +128,12 @@ def test_without_the_cache_a_run_builds_each_stage_once(tmp_path):
 def test_a_run_keys_every_stage_on_the_code_version_it_started_with(tmp_path, monkeypatch):
     import dataclasses
 
-    import dpo_bench.stages as stages
+    import dpo_bench.stages.context as context
 
     bench = _bench(tmp_path)
     started = bench.version
     key = bench.run_stage("probe", {"x": 1}, lambda out: None).key
-    monkeypatch.setattr(stages, "code_version", lambda: "edited meanwhile")
+    monkeypatch.setattr(context, "code_version", lambda: "edited meanwhile")
     # Its workers (a pickled Bench) and its variants (another label temperature) keep the version,
     # so they find the stages this process built; a new run takes the source as it is now.
     worker = pickle.loads(pickle.dumps(bench))
