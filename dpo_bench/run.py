@@ -30,10 +30,10 @@ from .report import build_report
 from .verdict import Objective, collect_per_prompt, objective_rows, verdict_frames
 from .files import write_json
 from .stages import (
-    METRIC_COLUMNS, Bench, Stage, Upstream, build_candidates, build_preferences, built_threads, cell_status, fitted_normaliser,
-    label_temperature_rms, preference_info, prepare_task, process_alive, reference_eval, reference_logps, run_cell,
-    run_invariance_checks, samples_preferences, train_rm, train_sft, write_parquet,
+    METRIC_COLUMNS, Bench, Stage, Upstream, built_threads, cell_status, fitted_normaliser, label_temperature_rms, preference_info,
+    process_alive, run_cell, run_invariance_checks, write_parquet,
 )
+from .stages.pipeline import PIPELINE, Step, run_steps
 
 RUN_FILES = ("report.md", "report.html", "metrics.parquet", "samples.parquet", "per_prompt.parquet", "frontier.parquet",
              "comparisons.parquet", "invariance.parquet", "history.parquet", "run.json")
@@ -419,27 +419,18 @@ def seed_label(config: BenchConfig, seed: int) -> str:
 
 def plan_stages(bench: Bench, timings: Timings, say: Callable[[str], None] = lambda _m: None,
                 suffix: str = "") -> dict[str, Stage | None]:
-    """One pipeline's shared stages, in dependency order, skipping those no method of the grid needs."""
-    needs = bench.config.needs()
-    stages: dict[str, Stage | None] = {}
+    """One pipeline's shared stages (:data:`~dpo_bench.stages.pipeline.PIPELINE`), in this process,
+    skipping those no method of the grid needs."""
 
-    def record(stage: Stage) -> Stage:
+    def announce(step: Step) -> None:
+        if step.message:
+            say(step.message + suffix)
+
+    def build(step: Step, b: Bench, stages: dict) -> Stage:
+        stage = step.build(b, stages)
         return timings.record(stage, stage.name + suffix)
 
-    say(f"preparing the task{suffix}")
-    stages["task"] = record(prepare_task(bench))
-    say(f"training the SFT model{suffix}")
-    stages["sft"] = record(train_sft(bench, stages["task"]))
-    say(f"evaluating the reference{suffix}")
-    stages["ref_eval"] = record(reference_eval(bench, stages["task"], stages["sft"]))
-    say(f"sampling the preference data{suffix}")
-    stages["candidates"] = record(build_candidates(bench, stages["task"], stages["sft"])) if samples_preferences(bench) else None
-    stages["preferences"] = record(build_preferences(bench, stages["task"], stages["sft"], stages["candidates"]))
-    stages["ref_logps"] = record(reference_logps(bench, stages["task"], stages["sft"], stages["preferences"])) \
-        if needs & {"preferences", "rankings"} else None
-    say(f"training the reward model{suffix}")
-    stages["reward_model"] = record(train_rm(bench, stages["task"], stages["sft"], stages["preferences"]))
-    return stages
+    return run_steps(bench, {}, PIPELINE, build, announce)
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:

@@ -23,10 +23,8 @@ from prefect.cache_policies import NONE
 
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
 from dpo_bench.run import RunLock, Timings, finish_run, plan_stages, seed_label, start_run, upstream_for
-from dpo_bench.stages import (
-    Bench, Stage, Upstream, build_candidates, build_preferences, prepare_task, reference_eval, reference_logps, run_cell, run_job,
-    samples_preferences, train_rm, train_sft, worker_jobs,
-)
+from dpo_bench.stages import Bench, Stage, Upstream, run_cell, run_job, worker_jobs
+from dpo_bench.stages.pipeline import PIPELINE, Step, run_steps
 from pipelines.workers import GPU_RESOURCE, gpu_worker_specs, local_gpus, offers_gpus, resolve_workers, worker_threads
 
 
@@ -63,42 +61,22 @@ TRANSIENT_ERRORS = frozenset({"ConnectTimeout", "ReadTimeout", "ConnectError", "
 DOWNLOAD_RETRY_DELAYS = [15, 60]
 
 
-# The store in dpo_bench.stages caches on content keys; Prefect's own input hashing is off.
-@task(name="prepare task", cache_policy=NONE, retries=len(DOWNLOAD_RETRY_DELAYS), retry_delay_seconds=DOWNLOAD_RETRY_DELAYS,
-      retry_condition_fn=transient_failure)
-def prepare_task_task(bench: Bench) -> Stage:
-    return _logged(prepare_task(bench))
+def _step_task(step: Step) -> Any:
+    """The Prefect task of one shared stage of :data:`~dpo_bench.stages.pipeline.PIPELINE`, named by
+    its title; one that downloads retries after a transient failure. The store in
+    dpo_bench.stages caches on content keys, so Prefect's own input hashing is off."""
+    retry = ({"retries": len(DOWNLOAD_RETRY_DELAYS), "retry_delay_seconds": DOWNLOAD_RETRY_DELAYS,
+              "retry_condition_fn": transient_failure} if step.downloads else {})
+
+    def build(bench: Bench, stages: dict) -> Stage:
+        return _logged(step.build(bench, stages))
+
+    build.__qualname__ = build.__name__ = f"{step.name}_task"  # each step a task key of its own
+    return task(name=step.title, cache_policy=NONE, **retry)(build)
 
 
-@task(name="train SFT", cache_policy=NONE, retries=len(DOWNLOAD_RETRY_DELAYS), retry_delay_seconds=DOWNLOAD_RETRY_DELAYS,
-      retry_condition_fn=transient_failure)
-def train_sft_task(bench: Bench, task_stage: Stage) -> Stage:
-    return _logged(train_sft(bench, task_stage))
-
-
-@task(name="evaluate reference", cache_policy=NONE)
-def reference_eval_task(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
-    return _logged(reference_eval(bench, task_stage, sft))
-
-
-@task(name="sample preference candidates", cache_policy=NONE)
-def candidates_task(bench: Bench, task_stage: Stage, sft: Stage) -> Stage:
-    return _logged(build_candidates(bench, task_stage, sft))
-
-
-@task(name="label preferences", cache_policy=NONE)
-def preferences_task(bench: Bench, task_stage: Stage, sft: Stage, candidates: Stage | None) -> Stage:
-    return _logged(build_preferences(bench, task_stage, sft, candidates))
-
-
-@task(name="reference log-probs", cache_policy=NONE)
-def reference_logps_task(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage:
-    return _logged(reference_logps(bench, task_stage, sft, prefs))
-
-
-@task(name="train reward model", cache_policy=NONE)
-def reward_model_task(bench: Bench, task_stage: Stage, sft: Stage, prefs: Stage) -> Stage:
-    return _logged(train_rm(bench, task_stage, sft, prefs))
+#: The Prefect task of each step of a pipeline, by the step's name.
+STEP_TASKS = {step.name: _step_task(step) for step in PIPELINE}
 
 
 @task(name="train", task_run_name="train[{label}]", cache_policy=NONE)
@@ -223,9 +201,7 @@ def benchmark_flow(
                     ", ".join(map(str, bench_config.pipeline_seeds)), len(bench_config.cells()), bench.cache_dir)
         record = partial(_record, timings, seed_label(bench_config, first))
         seeded = bench.for_seed(first)
-        stages: dict[str, Stage | None] = {"task": record(prepare_task_task(seeded))}
-        stages["sft"] = record(train_sft_task(seeded, stages["task"]))
-        stages["ref_eval"] = record(reference_eval_task(seeded, stages["task"], stages["sft"]))
+        stages = run_steps(seeded, {}, [step for step in PIPELINE if step.before_workers], _build_step(record))
         pipelines: dict[int, dict[str, Stage | None]] = {first: stages}
         # The cluster starts after the first SFT, which needs every core; workers get their share of
         # threads. Threads are in no cache key: they change where cells run, not what they compute.
@@ -274,21 +250,19 @@ def _record(timings: Timings, suffix: str, stage: Stage) -> Stage:
     return timings.record(stage, stage.name + suffix)
 
 
+def _build_step(record: Callable[[Stage], Stage]) -> Callable[[Step, Bench, dict], Stage]:
+    """A step built by its Prefect task in this process, its stage recorded."""
+    return lambda step, bench, stages: record(STEP_TASKS[step.name](bench, dict(stages)))
+
+
 def _first_pipeline(bench: Bench, stages: dict, record: Callable[[Stage], Stage], submit_jobs: Callable[[], None] | None,
                     jobs: dict) -> None:
-    """The first seed's stages after its reference evaluation, in this process, as Prefect tasks.
-    With workers, the jobs that need only the SFT model (the Lemma 2 PPO runs, the grid's own
-    preference variants) start on them now, while this process samples the preference candidates;
-    those that label the candidates start once they exist."""
-    if submit_jobs:
-        submit_jobs()
-    stages["candidates"] = record(candidates_task(bench, stages["task"], stages["sft"])) if samples_preferences(bench) else None
-    if submit_jobs:
-        submit_jobs()
-    stages["preferences"] = record(preferences_task(bench, stages["task"], stages["sft"], stages["candidates"]))
-    stages["ref_logps"] = (record(reference_logps_task(bench, stages["task"], stages["sft"], stages["preferences"]))
-                           if bench.config.needs() & {"preferences", "rankings"} else None)
-    stages["reward_model"] = record(reward_model_task(bench, stages["task"], stages["sft"], stages["preferences"]))
+    """The first seed's stages after those built before the workers start, in this process, as
+    Prefect tasks. With workers, each job beside the grid starts on them as soon as its inputs are
+    built (those that need only the SFT model, such as the Lemma 2 PPO runs and the grid's own
+    preference variants, now, while this process samples the preference candidates)."""
+    run_steps(bench, stages, [step for step in PIPELINE if not step.before_workers], _build_step(record),
+              (lambda step: submit_jobs()) if submit_jobs else (lambda step: None))
 
 
 @task(name="pipeline", task_run_name="pipeline[seed={seed}]", cache_policy=NONE)

@@ -12,7 +12,7 @@ from prefect.states import Failed
 from dpo_bench.configs import ConfigError
 from dpo_bench.data import DataValidationError, HubUnreachableError
 from pipelines.benchmark import (
-    DOWNLOAD_RETRY_DELAYS, _artifact_key, embedded_figures, prepare_task_task, train_sft_task, transient_failure,
+    DOWNLOAD_RETRY_DELAYS, STEP_TASKS, _artifact_key, embedded_figures, transient_failure,
 )
 
 
@@ -37,10 +37,20 @@ def test_only_failures_of_the_network_are_retried(error, retried):
 
 
 def test_the_stages_that_download_retry_with_growing_delays():
-    for task in (prepare_task_task, train_sft_task):
+    for name in ("task", "sft"):
+        task = STEP_TASKS[name]
         assert task.retries == len(DOWNLOAD_RETRY_DELAYS) == 2
         assert task.retry_delay_seconds == DOWNLOAD_RETRY_DELAYS == sorted(DOWNLOAD_RETRY_DELAYS)
         assert task.retry_condition_fn is transient_failure
+    assert all(STEP_TASKS[name].retries == 0 for name in STEP_TASKS if name not in ("task", "sft"))
+
+
+def test_every_step_of_a_pipeline_is_a_prefect_task_of_its_own():
+    from dpo_bench.stages.pipeline import PIPELINE
+
+    assert list(STEP_TASKS) == [step.name for step in PIPELINE]
+    assert [t.name for t in STEP_TASKS.values()] == [step.title for step in PIPELINE]
+    assert len({t.task_key for t in STEP_TASKS.values()}) == len(PIPELINE)
 
 
 def test_a_retried_task_succeeds_on_its_next_attempt_and_a_bad_input_fails_at_once(prefect_harness):
