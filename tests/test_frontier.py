@@ -14,7 +14,6 @@ from scipy import stats
 from dpo_bench.frontier import (
     ANCHOR,
     ANCHOR_POINT,
-    _best_mixtures,
     best_of_n_kl_bound,
     best_of_n_kl_estimate,
     budget_value,
@@ -25,6 +24,7 @@ from dpo_bench.frontier import (
     per_seed_budget_values,
     upper_envelope,
 )
+from dpo_bench.frontier.envelope import _best_mixtures
 
 QUICK = settings(max_examples=80, deadline=None)
 
