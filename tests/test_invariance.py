@@ -339,7 +339,7 @@ def test_a_reference_that_never_draws_some_responses_is_refused():
 
 
 def test_the_bandit_checks_are_computed_once_per_process_for_the_same_inputs(monkeypatch):
-    import dpo_bench.invariance as invariance
+    import dpo_bench.invariance.bandit as invariance
 
     calls = []
     monkeypatch.setattr(invariance, "bandit_convergence", lambda ref, rewards, config, rng: calls.append(rng.random()) or [])

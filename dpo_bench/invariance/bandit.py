@@ -1,21 +1,5 @@
-"""The DPO paper's reward-equivalence results, checked on trained models and measured quantities.
-
-Rewards that differ by a function f(x) of the prompt alone are equivalent: they induce the same
-Bradley-Terry preferences (Lemma 1) and the same KL-constrained optimal policy (Lemma 2), and each
-class holds the reward β·log π(y|x)/π_ref(y|x) (Theorem 1). On closed-form quantities these are
-identities of the code; they are unit tests (``tests/test_reward_equivalence.py``). What is checked
-here is what training could get wrong, each with a negative control that is an independent
-perturbation (never a function of the checked value):
-
-- on the bandit tables, DPO on Bradley-Terry pairs and sampled PPO against the pairs'
-  maximum-likelihood reward r̂ both reach π* = π_ref·exp(r̂/β)/Z, and PPO with a global baseline
-  reaches it against r̂ + f(x) too (control: the same learner with a y-dependent term added to its
-  reward, which moves π* by a predicted amount; it must move by that much);
-- a trained DPO policy's implicit reward β·log π/π_ref ranks held-out pairs and tracks the gold
-  reward (control: the same DPO trained on shuffled labels);
-- PPO against r and against r + f(x) reach the same gold reward and KL (control: f(x) + c·r).
-
-Rows are checks (pass/fail, with their control) or findings (measured numbers, no verdict).
+"""On the bandit tables: DPO and sampled PPO reach the optimum of the pairs' maximum-likelihood
+reward, and move where the reward moves (Theorem 1, Lemma 2 in practice).
 """
 
 from __future__ import annotations
@@ -26,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy.optimize import brentq
 from scipy.sparse import coo_matrix
@@ -34,95 +17,11 @@ from scipy.sparse.csgraph import connected_components
 
 from reward.bradley_terry import bt_loss, sample_bt_labels
 
-from .configs import ConfigError, field, positive
-from .evaluate import Estimate, estimate_from_samples, tost_equivalence, within_prompt_spearman
-from .losses import get_loss
-from .methods.ppo import PPOConfig, clipped_policy_loss, gae, kl_penalised_rewards
-from .policy import derive_seed
-from .tasks.bandit import exact_kl_rows, optimal_policy
+from ..losses import get_loss
+from ..methods.ppo import PPOConfig, clipped_policy_loss, gae, kl_penalised_rewards
+from ..tasks.bandit import exact_kl_rows, optimal_policy
 
-COLUMNS = ["kind", "check", "quantity", "step", "value", "tolerance", "passed", "negative_control_detected", "control_value"]
-
-
-@dataclass(frozen=True)
-class ChecksConfig:
-    """The checks on trained models: the bandit convergence check always runs; the empirical ones on request."""
-
-    empirical: bool = field(False, "run the checks that train and sample on the task: the DPO policy's implicit reward "
-                                   "(against a DPO trained on shuffled labels), and Lemma 2 with PPO against r, r + f(x), r + g(x, y)")
-    convergence_beta: float = field(0.5, "β of the bandit convergence check (DPO's β, and PPO's KL coefficient)")
-    convergence_pairs: int = field(1024, "Bradley-Terry pairs per context drawn from the reference for the bandit convergence check")
-    convergence_steps: int = field(50, "N: the first training budget of the bandit convergence check (DPO's full-batch Adam "
-                                       "steps, PPO's iterations); the second is 4N")
-    convergence_lr: float = field(0.05, "Adam learning rate of the bandit convergence check's tabular policies")
-    convergence_tolerance: float = field(0.05, "total variation to π*(r̂) the policies must be within after N steps; after "
-                                               "T steps the tolerance is this·N/T for full-batch DPO (the O(1/T) rate of "
-                                               "gradient methods) and this·√(N/T) for sampled PPO (stochastic approximation's)")
-    convergence_ppo_batch: int = field(64, "responses sampled per context per iteration by the bandit check's PPO "
-                                           "(the grid's PPO rollout batch, here per context)")
-    convergence_control_shift: float = field(3.0, "the controls' y-dependent perturbation δ·g(x, y) moves π* by this many "
-                                                  "tolerances (total variation, computed exactly); the learner must follow it")
-    lemma2_bandit_shift: float = field(1.0, "std of the prompt-only shift f(x) ~ N(0, std²) per context of the bandit Lemma 2 "
-                                            "check (sampled PPO with a global baseline against r̂ and r̂ + f(x))")
-    # Lemma 2 is about the KL-regularised optimum, and the check is only worth running where the
-    # policies move: of kl_coef 0.05, 0.1 and 0.2 on the raw gold reward, 0.2 is the strongest
-    # penalty (the closest to its optimum in 40 iterations) whose r run still passes 1 nat of KL
-    # (`python -m benchmarks.lemma2_regimes`; docs/checks.md).
-    lemma2_kl_coef: float = field(0.2, "kl_coef of the three PPO runs of the empirical Lemma 2 check (on the raw gold reward)")
-    lemma2_iterations: int = field(40, "PPO iterations of each of those runs")
-    lemma2_lr: float = field(3e-4, "learning rate of those runs")
-    lemma2_checkpoints: int = field(4, "evaluations along each run (the finding on PPO's speed under r and r + f(x))")
-    lemma2_control_scale: float = field(10.0, "c of the negative control r + g(x, y) = f(x) + c·r (the reward scaled: the optimum moves)")
-    lemma2_margin_fraction: float = field(0.2, "equivalence margins of the Lemma 2 check, as a fraction of the r run's effect: "
-                                               "of its gold-reward gain over the SFT model, and of its KL (TOST, 5%)")
-    spearman_completions: int = field(4, "completions per held-out prompt for the implicit-vs-gold Spearman correlation")
-    spearman_threshold: float = field(0.1, "within-prompt Spearman correlation the implicit reward must exceed")
-    label_temperatures: tuple[float, ...] = field((), "extra label temperatures at which a reward model is trained (accuracy vs Bayes ceiling)")
-
-    def __post_init__(self) -> None:
-        for name in ("convergence_beta", "convergence_pairs", "convergence_steps", "convergence_lr", "convergence_tolerance",
-                     "convergence_ppo_batch", "convergence_control_shift", "lemma2_bandit_shift", "lemma2_kl_coef",
-                     "lemma2_iterations", "lemma2_lr", "lemma2_checkpoints", "lemma2_margin_fraction", "spearman_completions"):
-            positive(name, getattr(self, name))
-        if self.lemma2_margin_fraction >= 1:
-            raise ConfigError(f"lemma2_margin_fraction must be < 1 (a fraction of the effect), got {self.lemma2_margin_fraction}")
-        if any(t < 0 for t in self.label_temperatures):
-            raise ValueError(f"label_temperatures must be >= 0, got {self.label_temperatures}")
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One row. A check: ``passed`` says the property held, ``control_detected`` that its negative
-    control failed it. A finding (``kind="finding"``): a measured number, with no tolerance or verdict."""
-
-    check: str
-    quantity: str
-    value: float
-    tolerance: float
-    control_value: float
-    passed: bool | None
-    control_detected: bool | None
-    kind: str = "check"
-    step: float = math.nan
-
-    @classmethod
-    def within(cls, check: str, quantity: str, value: float, tolerance: float, control_value: float) -> "CheckResult":
-        """A distance check: the value must be at most ``tolerance``; the control's must exceed it."""
-        return cls(check, quantity, value, tolerance, control_value, bool(value <= tolerance), bool(control_value > tolerance))
-
-    @classmethod
-    def finding(cls, check: str, quantity: str, value: float, step: float = math.nan) -> "CheckResult":
-        return cls(check, quantity, float(value), math.nan, math.nan, None, None, kind="finding", step=float(step))
-
-    def row(self) -> dict:
-        return {
-            "kind": self.kind, "check": self.check, "quantity": self.quantity, "step": self.step, "value": self.value,
-            "tolerance": self.tolerance, "passed": self.passed, "negative_control_detected": self.control_detected,
-            "control_value": self.control_value,
-        }
-
-
-# --- on the bandit tables: DPO and sampled PPO reach π*(r̂), and move where the reward moves -----
+from .results import CheckResult, ChecksConfig
 
 
 @dataclass(frozen=True)
@@ -499,117 +398,6 @@ def bandit_convergence(ref_probs: np.ndarray, rewards: np.ndarray, config: Check
     control = control_offset(reward_hat, ref_probs, beta, direction, config.convergence_control_shift * ppo_tolerance(budgets[-1]))
     results += lemma2_bandit(reward_hat, shift, ref_probs, beta, seed, per_context, decay, budgets, ppo_tolerance, control)
     return sorted(results, key=lambda r: r.kind)  # checks first, then findings
-
-# --- a trained DPO policy's implicit reward, against a DPO trained on shuffled labels -------------
-
-
-@dataclass(frozen=True)
-class ImplicitRewards:
-    """A policy's implicit reward β·log π/π_ref on the held-out pairs (``chosen``, ``rejected``: (n,),
-    from the prompts ``pair_prompt_ids``), and on K reference samples per held-out prompt
-    (``samples``: (m,), grouped by ``prompt_ids``) next to their ``gold`` rewards."""
-
-    chosen: np.ndarray
-    rejected: np.ndarray
-    pair_prompt_ids: np.ndarray
-    prompt_ids: np.ndarray
-    samples: np.ndarray
-    gold: np.ndarray
-
-    def accuracy(self) -> Estimate:
-        """Each held-out prompt's share of pairs the implicit reward orders as the label does (ties
-        count one half), averaged over prompts, with a Student-t interval between prompts: the pairs
-        of a prompt share its completions (K = 4 give 6 pairs), so they are not independent draws
-        and an interval over pairs would be too narrow."""
-        correct = (self.chosen > self.rejected) + 0.5 * (self.chosen == self.rejected)
-        return estimate_from_samples(pd.Series(correct).groupby(np.asarray(self.pair_prompt_ids)).mean())
-
-    def spearman(self) -> float:
-        """Within-prompt Spearman correlation with the gold reward (prompt means removed: exactly removing f(x))."""
-        return float(within_prompt_spearman(self.prompt_ids, self.samples, self.gold))
-
-
-def implicit_reward_checks(label: str, beta: float, policy: ImplicitRewards, control: ImplicitRewards,
-                           threshold: float) -> list[CheckResult]:
-    """The trained DPO policy's implicit reward ranks held-out pairs better than chance (the 95%
-    lower bound of its accuracy, between prompts, exceeds 0.5) and tracks the gold reward within
-    prompts (Spearman above ``threshold``).
-
-    Control: the implicit reward of a DPO policy trained the same way (same β, steps, seed schedule)
-    on the same pairs with shuffled labels, measured on the same held-out pairs and samples. It
-    learnt no preference, so it must fail both: its accuracy's lower bound at most 0.5, its
-    correlation at most the threshold.
-    """
-    accuracy, control_accuracy = policy.accuracy(), control.accuracy()
-    rho, control_rho = policy.spearman(), control.spearman()
-    return [
-        CheckResult(f"implicit_reward_accuracy[{label}]",
-                    f"held-out pairwise accuracy of β·log π/π_ref (β={beta:g}), mean over {accuracy.n} prompts; its 95% "
-                    f"interval [{accuracy.ci_low:.3f}, {accuracy.ci_high:.3f}] must lie above the tolerance (control: DPO on "
-                    f"shuffled labels, [{control_accuracy.ci_low:.3f}, {control_accuracy.ci_high:.3f}])",
-                    accuracy.value, 0.5, control_accuracy.value, bool(accuracy.ci_low > 0.5), not bool(control_accuracy.ci_low > 0.5)),
-        CheckResult(f"implicit_reward_spearman[{label}]",
-                    "within-prompt Spearman(β·log π/π_ref, gold reward) on reference samples; must exceed the tolerance "
-                    "(control: DPO on shuffled labels)",
-                    rho, threshold, control_rho, bool(rho > threshold), not bool(control_rho > threshold)),
-    ]
-
-
-# --- Lemma 2 with PPO: r and r + f(x) reach the same gold reward and KL -------------------------
-
-
-def lemma2_empirical(results: dict[str, pd.DataFrame], margin_fraction: float) -> list[CheckResult]:
-    """PPO against r and against r + f(x) ends at equivalent gold reward and KL (paired TOST, 5%),
-    while PPO against r + f(x) + g(x, y) does not (g = (c − 1)·r: the reward scaled by c, which moves the
-    optimum as dividing kl_coef by c would).
-
-    The margins are tied to the effect, decided before the runs: ``margin_fraction`` of the r run's
-    gold-reward gain over the SFT model (its reference samples on the same prompts) and of its KL.
-    A run that did not move has no effect to compare against, and the check fails.
-    ``results`` maps "r", "r+f", "r+g" to per-prompt frames (``prompt``, ``gold_reward``,
-    ``ref_gold_reward``, ``kl``). The three policies are evaluated on the same prompts with the same
-    random numbers, so the tests are paired, prompt by prompt: a Welch test would count the sampling
-    noise they share twice."""
-    base, shifted, perturbed = results["r"], results["r+f"], results["r+g"]
-    for name, frame in (("r+f", shifted), ("r+g", perturbed)):
-        if not np.array_equal(base["prompt"].to_numpy(), frame["prompt"].to_numpy()):
-            raise ValueError(f"lemma2 PPO: the {name} run was evaluated on other prompts than the r run, "
-                             "or in another order; the paired tests need the same prompts in the same order")
-    effects = {"gold_reward": float(base["gold_reward"].mean() - base["ref_gold_reward"].mean()), "kl": float(base["kl"].mean())}
-    units = {"gold_reward": "gain over SFT", "kl": "KL"}
-    out = []
-    for quantity, effect in effects.items():
-        margin = margin_fraction * effect
-        x, y, z = (f[quantity].to_numpy(dtype=float) for f in (shifted, base, perturbed))
-        if margin > 0:
-            p, p_control = (tost_equivalence(a, y, margin, paired=True) for a in (x, z))
-        else:  # nothing moved: nothing tested, and a control that cannot be tested is not detected either
-            p, p_control = 1.0, math.nan
-        out.append(CheckResult(
-            f"lemma2_ppo[{quantity}]",
-            f"paired TOST p-value that PPO against r and r+f(x) reach the same {quantity} within ±{margin:.3g} "
-            f"({margin_fraction:g} × the r run's {units[quantity]} {effect:.3g}; must be < tolerance)",
-            p, 0.05, p_control, bool(p < 0.05), bool(p_control >= 0.05),
-        ))
-    return out
-
-
-def lemma2_speed(curves: dict[str, pd.DataFrame]) -> list[CheckResult]:
-    """Findings: gold reward and KL along PPO's runs against r and r + f(x) (``curves``: per variant,
-    ``iteration``, ``gold_reward``, ``kl`` on the eval prompts). A prompt-only shift leaves the optimum
-    where it is but adds advantage variance a value head cannot learn quickly: it can slow PPO down."""
-    out = []
-    for variant in ("r", "r+f"):
-        for _, row in curves[variant].iterrows():
-            out.append(CheckResult.finding(f"lemma2_ppo_speed[{variant}]", "gold reward", row["gold_reward"], row["iteration"]))
-            out.append(CheckResult.finding(f"lemma2_ppo_speed[{variant}]", "KL(π‖π_ref)", row["kl"], row["iteration"]))
-    return out
-
-
-def prompt_shift(prompts, seed: int, scale: float = 1.0) -> np.ndarray:
-    """f(x): one N(0, scale²) value per distinct prompt, stable across processes."""
-    return np.array([np.random.default_rng(derive_seed(seed, "f(x)", p)).normal(0, scale) for p in prompts])
-
 
 _BANDIT_CHECKS: dict[tuple, tuple[CheckResult, ...]] = {}
 
