@@ -8,10 +8,8 @@ method also has its own marker shape, so the figures survive greyscale printing.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,102 +22,11 @@ import pandas as pd  # noqa: E402
 
 from ..files import atomic_path  # noqa: E402
 from .load import CURVES_X, GOLD, REFERENCE_METHOD, RewardScale, RunData, policy_rows  # noqa: E402
+from .plotting import (  # noqa: E402
+    FAIL_COLOUR, FAMILY_COLOURS, FAMILY_NAMES, LINESTYLES, OKABE_ITO, PASS_COLOUR, Palette, add_legend, asymmetric_errors, label,
+    render_png, role_of, shaded,
+)
 from .results import CELL  # noqa: E402
-
-DPI = 110
-# Okabe & Ito (2008); black is kept for the SFT model and the exact optimum.
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p")
-LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
-PASS_COLOUR, FAIL_COLOUR = "#009E73", "#D55E00"
-MAX_LABEL = 40
-
-
-def label(text: object, limit: int = MAX_LABEL) -> str:
-    """Data text made safe for matplotlib: one line, bounded length (a 5,000-character name
-    would otherwise blow up a legend and the PNG), and '$' escaped so it is not mathtext."""
-    s = " ".join(str(text).split())
-    if len(s) > limit:
-        # cut the middle: labels differ at their ends ("…(β=0.1), seed 2"), keep both ends
-        head = (limit - 1) // 2
-        s = s[:head] + "…" + s[len(s) - (limit - 1 - head):]
-    return s.replace("$", r"\$")
-
-
-class Palette:
-    """A stable colour, marker and per-strength line style for every method and config."""
-
-    def __init__(self, metrics: pd.DataFrame):
-        rows = policy_rows(metrics)
-        methods = sorted(set(rows["method"]) - {REFERENCE_METHOD})
-        self._style = {m: (OKABE_ITO[i % len(OKABE_ITO)], MARKERS[i % len(MARKERS)])
-                       for i, m in enumerate(methods)}
-        self._style[REFERENCE_METHOD] = ("#000000", "*")
-        self._betas = {m: sorted(set(g["beta"].dropna()))
-                       for m, g in rows.groupby("method")}
-
-    def colour(self, method: str) -> str:
-        return self._style.get(method, ("#777777", "o"))[0]
-
-    def marker(self, method: str) -> str:
-        return self._style.get(method, ("#777777", "o"))[1]
-
-    def linestyle(self, method: str, beta: float):
-        betas = self._betas.get(method, [])
-        if isinstance(beta, float) and math.isnan(beta) or beta not in betas:
-            return "-"
-        return LINESTYLES[betas.index(beta) % len(LINESTYLES)]
-
-
-def _render(draw: Callable[[], plt.Figure | None]) -> bytes | None:
-    # Non-ASCII method names may lack glyphs in the default font; that is cosmetic, not an error.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        fig = draw()
-        if fig is None:
-            return None
-        try:
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight",
-                        metadata={"Software": None})
-            return buf.getvalue()
-        finally:
-            plt.close(fig)
-
-
-def _legend(ax, n_entries: int) -> None:
-    if n_entries == 0:
-        return
-    ncol = 1 + (n_entries - 1) // 18
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=ncol,
-              frameon=False, borderaxespad=0.0)
-
-
-def _asym_err(centre: pd.Series, lo: pd.Series, hi: pd.Series) -> np.ndarray:
-    c = centre.to_numpy(dtype=float)
-    low = np.nan_to_num(c - lo.to_numpy(dtype=float), nan=0.0).clip(min=0)
-    high = np.nan_to_num(hi.to_numpy(dtype=float) - c, nan=0.0).clip(min=0)
-    return np.vstack([low, high])
-
-
-def _col(frame: pd.DataFrame, name: str) -> pd.Series:
-    return frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
-
-
-FAMILY_COLOURS = {"rlhf": "#D55E00", "direct": "#0072B2", "oracle": "#555555", "inference": "#CC79A7", "baseline": "#009E73"}
-FAMILY_NAMES = {"rlhf": "RLHF", "direct": "DPO family", "oracle": "oracle", "inference": "inference-time", "baseline": "baseline"}
-
-
-def _role(data: RunData, method: str) -> str:
-    info = (data.run.get("methods") or {}).get(method)
-    return str(info.get("role", "direct")) if isinstance(info, dict) else "direct"
-
-
-def _shade(colour: str, fraction: float) -> tuple[float, float, float]:
-    """``colour`` mixed with white: fraction 0 is the colour, 1 is white."""
-    rgb = np.array(matplotlib.colors.to_rgb(colour))
-    return tuple(rgb + (1.0 - rgb) * fraction)
-
 
 def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> bytes | None:
     """Reward against KL (DPO paper, Figure 2 left): each method's frontier at the KL budgets, with
@@ -151,12 +58,12 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
                     ax.plot(g["kl"], g[m], ls="none", marker="*", ms=13, color="#000000", zorder=4, label="SFT (reference)")
                     entries += 1
                     continue
-                colour = FAMILY_COLOURS.get(_role(data, method), "#777777")
+                colour = FAMILY_COLOURS.get(role_of(data, method), "#777777")
                 betas = sorted(set(g["beta"].dropna())) or [float("nan")]
                 stronger_high = (data.run.get("methods") or {}).get(method, {}).get("strength") not in ("n", "alpha")
                 for i, (beta, b) in enumerate(g.groupby("beta", dropna=False, sort=True)):
                     rank = i / max(len(betas) - 1, 1)
-                    shade = _shade(colour, 0.6 * (1 - rank if stronger_high else rank))
+                    shade = shaded(colour, 0.6 * (1 - rank if stronger_high else rank))
                     b = b.sort_values("step")
                     ax.plot(b["kl"], b[m], color=shade, lw=0.8, marker=palette.marker(method), ms=3.5, alpha=0.8, zorder=2)
         if not opt.empty:
@@ -172,14 +79,14 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
                 ax.axvline(k, color="#999999", lw=0.7, ls=":", zorder=0)
             families: dict[str, list[str]] = {}
             for method in sorted(set(envelope["method"])):
-                families.setdefault(_role(data, method), []).append(method)
+                families.setdefault(role_of(data, method), []).append(method)
             for method, g in envelope.groupby("method", sort=True):
                 # budgets below a method's policies (the chord from the reference alone) are not its frontier
                 g = g[g["covered"].astype(bool)] if "covered" in g else g
                 if g.empty:
                     continue
                 g = g.sort_values("kl_budget")
-                role = _role(data, method)
+                role = role_of(data, method)
                 colour = FAMILY_COLOURS.get(role, "#777777")
                 style = LINESTYLES[families[role].index(method) % len(LINESTYLES)]
                 ax.plot(g["kl_budget"], g["gold_reward"], color=colour, lw=2.2, ls=style, marker=palette.marker(method), ms=7,
@@ -194,10 +101,10 @@ def frontier(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> byte
         ax.set_title("Reward–KL frontier: thick lines read each method's frontier at the budgets (band: 95% interval);\n"
                      "thin lines join a strength's checkpoints (seed means; lighter: weaker regularisation)", fontsize=9)
         ax.grid(alpha=0.3)
-        _legend(ax, entries)
+        add_legend(ax, entries)
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def win_rates(final: pd.DataFrame, palette: Palette, reward: RewardScale = GOLD) -> bytes | None:
@@ -211,7 +118,7 @@ def win_rates(final: pd.DataFrame, palette: Palette, reward: RewardScale = GOLD)
         y = np.arange(len(f))
         for method, g in f.groupby("method", sort=False):
             ax.errorbar(g["win_rate"], y[g.index],
-                        xerr=_asym_err(g["win_rate"], g["win_rate_ci_low"], g["win_rate_ci_high"]),
+                        xerr=asymmetric_errors(g["win_rate"], g["win_rate_ci_low"], g["win_rate_ci_high"]),
                         ls="none", marker=palette.marker(method), color=palette.colour(method),
                         ms=6, capsize=3, label=label(method))
         ax.axvline(0.5, color="#555555", ls="--", lw=1, label="0.5 (no better than SFT)")
@@ -221,10 +128,10 @@ def win_rates(final: pd.DataFrame, palette: Palette, reward: RewardScale = GOLD)
         judge = "gold-reward judge" if reward.is_gold else f"judge: {reward.judge}"
         ax.set_xlabel(f"win rate against the SFT completion ({judge}, ties ½), 95% CI")
         ax.grid(axis="x", alpha=0.3)
-        _legend(ax, f["method"].nunique() + 1)
+        add_legend(ax, f["method"].nunique() + 1)
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 _UNITS = {"train/kl": "nats", "train/loss": "loss", "train/accuracy": "share",
@@ -287,7 +194,7 @@ def training_curves(data: RunData, palette: Palette) -> bytes | None:
         fig.tight_layout()
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def win_rate_temperature(data: RunData, palette: Palette) -> bytes | None:
@@ -306,7 +213,7 @@ def win_rate_temperature(data: RunData, palette: Palette) -> bytes | None:
             g = g.sort_values("temperature")
             key = label(data.config_label(method, beta))
             ax.errorbar(g["temperature"], g["value"],
-                        yerr=_asym_err(g["value"], g["ci_low"], g["ci_high"]),
+                        yerr=asymmetric_errors(g["value"], g["ci_low"], g["ci_high"]),
                         color=palette.colour(method), marker=palette.marker(method),
                         ls=palette.linestyle(method, beta), ms=5, capsize=2, lw=1.1,
                         label=None if key in labelled else key)
@@ -317,10 +224,10 @@ def win_rate_temperature(data: RunData, palette: Palette) -> bytes | None:
         ax.set_ylabel("win rate against SFT (95% CI)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        _legend(ax, n)
+        add_legend(ax, n)
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def head_to_head(data: RunData) -> bytes | None:
@@ -358,7 +265,7 @@ def head_to_head(data: RunData) -> bytes | None:
         fig.colorbar(im, ax=ax, label="win rate of row against column")
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def rm_calibration(data: RunData) -> bytes | None:
@@ -373,7 +280,7 @@ def rm_calibration(data: RunData) -> bytes | None:
         fig, ax = plt.subplots(figsize=(5.0, 5.0))
         ax.plot([0, 1], [0, 1], color="#555555", ls="--", lw=1, label="perfect calibration")
         ax.errorbar(rows["temperature"], rows["value"],
-                    yerr=_asym_err(rows["value"], rows["ci_low"], rows["ci_high"]),
+                    yerr=asymmetric_errors(rows["value"], rows["ci_low"], rows["ci_high"]),
                     color=OKABE_ITO[3], marker="o", capsize=3, lw=1.2, label="reward model")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -384,7 +291,7 @@ def rm_calibration(data: RunData) -> bytes | None:
         ax.legend(fontsize=8, loc="upper left")
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def invariance(data: RunData) -> bytes | None:
@@ -424,10 +331,10 @@ def invariance(data: RunData) -> bytes | None:
         ax.set_xscale("log")
         ax.set_xlabel("|value| / tolerance (log scale; below 1 passes)")
         ax.grid(axis="x", alpha=0.3)
-        _legend(ax, 5)
+        add_legend(ax, 5)
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def overoptimisation(data: RunData, palette: Palette) -> bytes | None:
@@ -461,10 +368,10 @@ def overoptimisation(data: RunData, palette: Palette) -> bytes | None:
             ax.set_xlabel("PPO iteration")
             ax.set_ylabel("change since the first iteration (running mean)")
             ax.grid(alpha=0.3)
-        _legend(axes[1], len(runs))
+        add_legend(axes[1], len(runs))
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def reward_against_sqrt_kl(data: RunData, checkpoints: pd.DataFrame, palette: Palette) -> bytes | None:
@@ -476,7 +383,7 @@ def reward_against_sqrt_kl(data: RunData, checkpoints: pd.DataFrame, palette: Pa
     m = data.reward.metric
     if checkpoints.empty or not {m, "proxy_reward", "kl"} <= set(checkpoints.columns):
         return None
-    roles = checkpoints["method"].map(lambda method: _role(data, method))
+    roles = checkpoints["method"].map(lambda method: role_of(data, method))
     picked = checkpoints[roles.isin(["inference", "rlhf"])].dropna(subset=[m, "proxy_reward", "kl"])
     reference = checkpoints[checkpoints["method"] == REFERENCE_METHOD][[m, "proxy_reward"]].mean()
     if picked.empty or reference.isna().any():
@@ -488,14 +395,14 @@ def reward_against_sqrt_kl(data: RunData, checkpoints: pd.DataFrame, palette: Pa
         fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharex=True)
         entries = 0
         for method, g in means.groupby("method", sort=True):
-            role = _role(data, method)
+            role = role_of(data, method)
             colour = FAMILY_COLOURS.get(role, "#777777")
             if role == "inference":  # one line over N: best-of-1 is the SFT model
                 lines = [(label(method), g.sort_values("beta"), colour, "--")]
             else:  # one line per kl_coef over its checkpoints; darker: a larger kl_coef
                 betas = sorted(set(g["beta"]))
                 lines = [(label(data.config_label(method, beta)), b.sort_values("step"),
-                          _shade(colour, 0.6 * (1 - i / (len(betas) - 1) if len(betas) > 1 else 0.0)), "-")
+                          shaded(colour, 0.6 * (1 - i / (len(betas) - 1) if len(betas) > 1 else 0.0)), "-")
                          for i, (beta, b) in enumerate(g.groupby("beta", sort=True))]
             for name, line, shade, style in lines:
                 for ax, metric in zip(axes, (m, "proxy_reward")):
@@ -517,10 +424,10 @@ def reward_against_sqrt_kl(data: RunData, checkpoints: pd.DataFrame, palette: Pa
         axes[0].set_title(f"{data.reward.name[:1].upper()}{data.reward.name[1:]}: what the policy earns", fontsize=9)
         axes[1].set_ylabel("proxy reward r̂ (normalised on SFT samples)")
         axes[1].set_title("Proxy reward: what best-of-N ranks by and PPO optimises", fontsize=9)
-        _legend(axes[1], entries + 1)
+        add_legend(axes[1], entries + 1)
         return fig
 
-    return _render(draw)
+    return render_png(draw)
 
 
 def all_figures(data: RunData, final: pd.DataFrame,
