@@ -7,6 +7,7 @@ every run.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 import warnings
@@ -120,7 +121,20 @@ class Cell:
         return " ".join(parts)
 
     def config(self) -> Any:
+        """The method's config, built from the entry's settings and strength (and validated) once per
+        cell and then kept: every stage, rank and report of the cell reads the same object."""
+        return self._method_config
+
+    @functools.cached_property
+    def _method_config(self) -> Any:
         return get_method(self.method).make_config(dict(self.overrides), self.value)
+
+    def __getstate__(self) -> dict:
+        # A method's config class may be made at run time (the DPO family's, from its loss), which
+        # pickle cannot name: a cell crosses to a worker without it and builds it there.
+        state = dict(self.__dict__)
+        state.pop("_method_config", None)
+        return state
 
     @property
     def strength_value(self) -> float:

@@ -181,3 +181,12 @@ def test_a_grid_entry_with_seeds_names_the_new_setting(tmp_path):
     path.write_text('[[grid]]\nmethod = "dpo"\nseeds = [0, 1]\n')
     with pytest.raises(ConfigError, match=r"grid\[0\]\.seeds: a seed is now a whole pipeline .*top-level seeds"):
         load_config(path=path)
+
+
+def test_a_cell_builds_its_method_config_once_and_crosses_to_a_worker_without_it():
+    import pickle
+
+    cell = next(c for c in load_config("quick").cells() if c.method == "dpo")
+    assert cell.config() is cell.config()
+    worker = pickle.loads(pickle.dumps(cell))  # the DPO family's config class is made at run time
+    assert worker == cell and worker.config() == cell.config() and worker.config() is not cell.config()
