@@ -3,7 +3,7 @@ fixed KL budgets.
 
 Inputs are the cells' per-prompt results (``per_prompt.parquet``: every checkpoint's gold reward
 and KL on the validation and test prompts). A method's points are its (strength, checkpoint)
-pairs; its frontier is their upper envelope with the reference at KL 0 (``frontier.py``), chosen
+pairs; its frontier is their upper envelope with the reference at KL 0 (``frontier/``), chosen
 on validation prompts and read on test prompts. Conclusions are drawn between seeds, paired on the
 prompts within a seed, and corrected for the number of claims (Holm by default).
 """
