@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_bench.bench import load_config
     from dpo_bench.invariance import prompt_shift
     from dpo_bench.methods.base import get_method
-    from dpo_bench.policy import derive_seed
+    from dpo_engine.seeds import derive_seed
     from dpo_bench.run import Timings, plan_stages
     from dpo_bench.stages import LEMMA2_PPO_OVERRIDES, Bench, load_reference_samples, ppo_against
 

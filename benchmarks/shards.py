@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="runs of each setting, interleaved")
     args = p.parse_args(argv)
 
-    from dpo_bench.distributed import RankJob, ranks
+    from dpo_engine.distributed import RankJob, ranks
 
     from benchmarks.shards import sft_steps as job  # by its module's name: under `-m` this module is __main__
 

@@ -11,7 +11,6 @@ runs unchanged on both.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -35,15 +34,6 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
-
-
-def derive_seed(seed: int, *names: object) -> int:
-    """A seed for one named unit of work (a grid cell, a stage), stable across processes.
-
-    Derived by hashing, so adding a method to the grid never changes another method's seed.
-    """
-    text = "/".join([str(seed), *map(str, names)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dpo_engine.distributed import Ranks
+
 from .configs import ConfigError, field, positive
-from .distributed import Ranks
 from .evaluate import Estimate, estimate_from_samples, win_rate
 from .generation import sample
 from .logprobs import batched_sequence_logps
@@ -99,7 +100,7 @@ def evaluate_policy(
     ``kl_estimate`` (a language model: the exact per-token KL summed along each completion;
     best-of-N: from its pool of reference draws), else by the log-ratio of the samples.
 
-    Under ``ranks`` (a process group, :mod:`dpo_bench.distributed`) every rank calls it at once:
+    Under ``ranks`` (a process group, :mod:`dpo_engine.distributed`) every rank calls it at once:
     each samples its run of the prompts with its own ``generator``, and every rank returns the rows
     and frame of all the prompts.
     """

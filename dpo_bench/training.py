@@ -16,11 +16,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from dpo_engine.batching import GROUP_OVERHEAD_TOKENS
+from dpo_engine.distributed import Ranks
 from dpo_engine.optim import adamw, minibatches
 
 from .configs import field as cfield
 from .configs import ConfigError, non_negative, positive
-from .distributed import Ranks
 from .precision import FP32, LossScaler, Precision
 
 CheckpointFn = Callable[[int, nn.Module], None]
@@ -321,7 +321,7 @@ class ShardRunner:
     order, so the result does not depend on how many ran at once. Concurrency needs the GIL-free
     CPU kernels of torch and no shared random stream: a model that draws random numbers in its
     forward (dropout) runs its shards in turn, as does one on an accelerator. Processes of their
-    own are ranks (``nproc_per_cell``, :mod:`dpo_bench.distributed`).
+    own are ranks (``nproc_per_cell``, :mod:`dpo_engine.distributed`).
 
     The process's torch threads are split between the shards running at once: one each on a
     2-core machine with 2 shards (the step's ops are then never split across cores, and the
@@ -415,7 +415,7 @@ def optimise(
     ``tokens`` (non-pad tokens each item puts through the forward and backward passes; default
     ``lengths``) and the steps are added to ``log.compute``, the cell's compute.
 
-    Under a process group (:mod:`dpo_bench.distributed`), each rank takes its run of every
+    Under a process group (:mod:`dpo_engine.distributed`), each rank takes its run of every
     micro-batch, weighted by its share of the whole batch as a shard is, and the ranks' gradients
     are summed before the step: every rank draws the same batches (the same ``generator``) and
     takes the same step. The loss and metrics logged are the whole batch's.

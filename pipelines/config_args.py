@@ -131,7 +131,7 @@ def tracking_error_here(config) -> str | None:
 
 def devices_error_here(config) -> str | None:
     """Why the config's device and ranks cannot run on this machine, or None."""
-    from dpo_bench.distributed import devices_error
+    from dpo_engine.distributed import devices_error
     from dpo_bench.policy import resolve_device
 
     return devices_error(resolve_device(config.device), config.nproc_per_cell)
@@ -148,7 +148,7 @@ def dry_run_plan(config) -> str:
     lines = [f"task {config.task}, preset {config.preset}, pipeline seeds {seeds}, device {config.device} (here: {device}), "
              f"precision {config.precision} (here: {resolve_precision(config.precision, device)})"]
     if config.nproc_per_cell > 1:
-        from dpo_bench.distributed import rank_device
+        from dpo_engine.distributed import rank_device
 
         backend = "NCCL" if device.type == "cuda" else "gloo"
         where = ", ".join(str(rank_device(device, r)) for r in range(config.nproc_per_cell))

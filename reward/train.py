@@ -83,7 +83,7 @@ def train_reward_model(
     The pairs are reshuffled every epoch and cut into ``config.batch_size`` batches, of pairs of
     similar length when ``config.group_by_length`` (a pair's length: its longer row).
 
-    ``ranks`` (a ``dpo_bench.distributed.Ranks``: data parallelism on torch.distributed): each
+    ``ranks`` (a ``dpo_engine.distributed.Ranks``: data parallelism on torch.distributed): each
     rank takes its part of every batch, weighted by its share, and the ranks' gradients are summed
     before the step; every rank draws the same batches from ``generator``. ``precision`` (a
     ``dpo_bench.precision.Precision``): the forward passes under its autocast, the loss scaled by its

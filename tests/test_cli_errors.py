@@ -158,7 +158,7 @@ def test_an_unknown_device_lists_the_valid_ones(command, device, capsys):
 def test_the_documented_devices_are_accepted_and_one_this_machine_lacks_is_refused_before_a_run(device, capsys):
     import torch
 
-    from dpo_bench.distributed import devices_error
+    from dpo_engine.distributed import devices_error
 
     missing = devices_error(torch.device("cpu" if device == "auto" else device))
     code, _, err = cli(capsys, "check-config", "--preset", "quick", "--device", device)

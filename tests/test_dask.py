@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from dpo_bench.bench import from_dict_config
-from dpo_bench.policy import derive_seed
 from dpo_bench.run import run_benchmark
 from dpo_bench.training import WALL_CLOCK_METRICS
+from dpo_engine.seeds import derive_seed
 from pipelines.cli import main
 
 

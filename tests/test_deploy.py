@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_bench.policy import derive_seed
+from dpo_engine.seeds import derive_seed
 from pipelines.cli import main
 
 BIN = Path(sys.executable).parent

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from dpo_bench import distributed
-from dpo_bench.distributed import RankError, RankJob, Ranks, ranks
 from dpo_bench.methods.ppo import whitened
 from dpo_bench.methods.sft import SFTConfig, supervised_finetune
 from dpo_bench.training import NonFiniteLossError, TrainLog
+from dpo_engine import distributed
+from dpo_engine.distributed import RankError, RankJob, Ranks, ranks
 from reward.model import RewardModel
 from reward.train import PairTensors, RewardTrainConfig, train_reward_model
 
@@ -163,7 +163,7 @@ def _sum_then_abort_at_teardown() -> None:
 
 
 def test_a_rank_that_aborts_after_its_work_is_done_leaves_the_result_standing(one_thread, caplog):
-    with caplog.at_level("WARNING", logger="dpo_bench.distributed"):
+    with caplog.at_level("WARNING", logger="dpo_engine.distributed"):
         with ranks(2, RankJob(_sum_then_abort_at_teardown), CPU) as where:
             total = where.sum(torch.ones(1))
     assert total.item() == 2.0

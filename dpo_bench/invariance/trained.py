@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..evaluate import Estimate, estimate_from_samples, tost_equivalence, within_prompt_spearman
-from ..policy import derive_seed
+from dpo_engine.seeds import derive_seed
 
+from ..evaluate import Estimate, estimate_from_samples, tost_equivalence, within_prompt_spearman
 from .results import CheckResult
 
 

@@ -19,9 +19,9 @@ from torch import nn
 from reward.normalise import Normaliser
 
 from ..configs import ConfigError, from_dict
+from ..frontier import best_of_n_kl_bound
 from ..generation import Samples, sample
 from ..logprobs import SequenceBatch, batched_sequence_logps, batched_token_kl
-from ..frontier import best_of_n_kl_bound
 from ..precision import FP32, Precision
 from ..training import CheckpointFn, TrainLog
 
@@ -42,7 +42,7 @@ class Method:
     says whether a larger value of it regularises toward the reference more ("higher", as β
     and kl_coef), less ("lower", as N of best-of-N), or whether it is no KL regulariser at all
     (None, as SimPO's β, which has no reference to stay near). ``data_parallel``: its training
-    runs on the ranks of ``nproc_per_cell`` (:mod:`dpo_bench.distributed`; every trainer on
+    runs on the ranks of ``nproc_per_cell`` (:mod:`dpo_engine.distributed`; every trainer on
     :func:`~dpo_bench.training.optimise` does); other methods train in one process.
     """
 

@@ -26,11 +26,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dpo_engine.seeds import derive_seed
+
 from ..configs import ConfigError, field
 from ..frontier import best_of_n_kl_estimate
 from ..generation import Samples, sample
 from ..logprobs import collate
-from ..policy import derive_seed
 from .base import MethodContext, SharedStore, best_of_n_kl, register_method
 
 

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpo_engine.distributed import Ranks
 from reward.normalise import Normaliser, normalised_head
 
 from ..configs import ConfigError, field, non_negative, positive, probability
-from ..distributed import Ranks
 from ..logprobs import (
     SequenceBatch, by_length_groups, token_kl_terms, token_log_distributions, token_logps, token_logps_and_hidden,
 )

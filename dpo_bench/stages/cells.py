@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpo_engine.distributed import RankJob, Ranks, ranks
+from dpo_engine.seeds import derive_seed
 from reward.model import RewardModel
 
 from ..bench import BenchConfig, Cell
 from ..configs import from_dict, to_dict
-from ..distributed import RankJob, Ranks, ranks
 from ..files import write_json
 from ..methods.base import MethodContext, ModelPolicy, PreferenceTensors, get_method
-from ..policy import derive_seed, load_tensors, save_policy, save_tensors, seed_everything
+from ..policy import load_tensors, save_policy, save_tensors, seed_everything
 from ..policy_eval import ReferenceSamples, evaluate_policy
 from ..preferences import PreferenceConfig
 from ..stage_store import Stage, stable_hash, write_parquet

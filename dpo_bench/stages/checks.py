@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpo_engine.seeds import derive_seed
+
 from ..bench import Cell
 from ..configs import to_dict
 from ..generation import sample
@@ -21,10 +23,10 @@ from ..invariance import (
 )
 from ..logprobs import batched_sequence_logps
 from ..methods.base import MethodContext, ModelPolicy, get_method
-from ..policy import derive_seed, load_policy, seed_everything
+from ..policy import load_policy, seed_everything
 from ..policy_eval import ReferenceSamples, evaluate_policy
-from ..tasks.bandit import BanditConfig, bandit_tables
 from ..stage_store import Stage, write_parquet
+from ..tasks.bandit import BanditConfig, bandit_tables
 from .cells import Upstream, _variant_preferences, run_cell
 from .context import METRIC_COLUMNS, Bench
 from .shared import _collate_texts, _pairs_frame, build_preferences, load_reference_samples, train_rm

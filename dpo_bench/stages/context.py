@@ -11,11 +11,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from dpo_engine.distributed import Ranks, rank_device
 from reward.model import RewardModel
 
 from .. import schema
 from ..bench import BenchConfig
-from ..distributed import Ranks, rank_device
 from ..policy import load_module, resolve_device
 from ..precision import Precision
 from ..preferences import PreferenceConfig

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpo_engine.distributed import RankJob, Ranks, ranks
+from dpo_engine.seeds import derive_seed
 from reward.bradley_terry import bayes_ceiling, pairwise_accuracy
 from reward.model import RewardModel
 from reward.normalise import Normaliser
@@ -19,13 +21,12 @@ from reward.train import PairTensors, evaluate_reward_model, train_reward_model
 
 from ..configs import to_dict
 from ..data import write_preferences
-from ..distributed import RankJob, Ranks, ranks
 from ..evaluate import estimate_from_samples, wilson_interval
 from ..files import write_json
 from ..logprobs import SequenceBatch, batched_sequence_logps, collate
 from ..methods.base import PreferenceTensors
 from ..methods.sft import supervised_finetune
-from ..policy import derive_seed, load_tensors, save_module, save_policy, save_tensors, seed_everything
+from ..policy import load_tensors, save_module, save_policy, save_tensors, seed_everything
 from ..policy_eval import ReferenceSamples, reference_samples
 from ..preferences import Candidates, shuffle_train_labels
 from ..stage_store import Stage, write_parquet

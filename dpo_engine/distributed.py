@@ -7,7 +7,7 @@ same global batch, up to the order of a float sum (bit for bit with two ranks, w
 adds two numbers, against ``shards = 2`` in one process).
 
 Rank 0 is the process that builds the stage (the run's own process, a Dask worker, a Prefect
-task): :func:`ranks` starts ranks 1..N-1 as child processes (``python -m dpo_bench.distributed``,
+task): :func:`ranks` starts ranks 1..N-1 as child processes (``python -m dpo_engine.distributed``,
 with torchrun's environment: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), which
 rebuild the same training from the stage store and run it without evaluating or writing
 anything. The process group (gloo on the CPU, NCCL on CUDA) lives while the training runs.
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .policy import derive_seed
+from .seeds import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def ranks(nproc: int, job: RankJob, device: torch.device) -> Iterator[Ranks]:
                        "OMP_NUM_THREADS": str(threads)}
                 log = folder / f"rank{rank}.log"
                 with log.open("wb") as err:
-                    children.append((rank, subprocess.Popen([sys.executable, "-m", "dpo_bench.distributed", str(spec)],
+                    children.append((rank, subprocess.Popen([sys.executable, "-m", "dpo_engine.distributed", str(spec)],
                                                             env=env, stdout=subprocess.DEVNULL, stderr=err), log))
             _wait_for_children(store, children)
             if device.type == "cuda":
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # The module itself, not this __main__ copy of it: the group's owner is its state.
-    from dpo_bench.distributed import main as rank_main
+    from dpo_engine.distributed import main as rank_main
 
     rank_main()
     # A rank writes nothing but its logs, so it ends here rather than in the interpreter's
