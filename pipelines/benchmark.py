@@ -20,6 +20,7 @@ from typing import Any, Callable
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.states import Completed, State
 
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
 from dpo_bench.run import RunLock, Timings, finish_run, plan_stages, seed_label, start_run, upstream_for
@@ -36,6 +37,19 @@ def _logged(stage: Stage, label: str = "") -> Stage:
     else:
         logger.info("%s: built in %.1f s", name, stage.seconds)
     return stage
+
+
+def _ended(stage: Stage, label: str = "") -> Stage | State:
+    """A stage task's return: the stage, logged; one read from the store ends in a Completed state
+    named "Cached" that holds it, so the UI tells it apart from a build (a future's ``result()``
+    and a direct call with ``return_state=True`` give the stage back: :func:`_result`)."""
+    _logged(stage, label)
+    return Completed(name="Cached", data=stage, message=f"read from the stage store: {stage.path}") if stage.cached else stage
+
+
+def _result(state: State) -> Stage:
+    """The stage a task run called directly (``return_state=True``) returned; its error if it failed."""
+    return state.result()
 
 
 def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
@@ -68,8 +82,8 @@ def _step_task(step: Step) -> Any:
     retry = ({"retries": len(DOWNLOAD_RETRY_DELAYS), "retry_delay_seconds": DOWNLOAD_RETRY_DELAYS,
               "retry_condition_fn": transient_failure} if step.downloads else {})
 
-    def build(bench: Bench, stages: dict) -> Stage:
-        return _logged(step.build(bench, stages))
+    def build(bench: Bench, stages: dict) -> Stage | State:
+        return _ended(step.build(bench, stages))
 
     build.__qualname__ = build.__name__ = f"{step.name}_task"  # each step a task key of its own
     return task(name=step.title, cache_policy=NONE, **retry)(build)
@@ -80,13 +94,13 @@ STEP_TASKS = {step.name: _step_task(step) for step in PIPELINE}
 
 
 @task(name="train", task_run_name="train[{label}]", cache_policy=NONE)
-def cell_task(bench: Bench, cell: Cell, upstream: Upstream, label: str) -> Stage:
-    return _logged(run_cell(bench, cell, upstream), label)
+def cell_task(bench: Bench, cell: Cell, upstream: Upstream, label: str) -> Stage | State:
+    return _ended(run_cell(bench, cell, upstream), label)
 
 
 @task(name="job", task_run_name="job[{job}]", cache_policy=NONE)
-def job_task(bench: Bench, stages: dict, job: str) -> Stage:
-    return _logged(run_job(bench, stages, job), job)
+def job_task(bench: Bench, stages: dict, job: str) -> Stage | State:
+    return _ended(run_job(bench, stages, job), job)
 
 
 @task(name="report", cache_policy=NONE)
@@ -216,7 +230,7 @@ def benchmark_flow(
                 _first_pipeline(seeded, stages, record, None, jobs)
                 done = _cells_here(seeded, stages, timings)
                 for seed in later:
-                    pipelines[seed], stage_seconds = pipeline_task(bench.for_seed(seed), seed)
+                    pipelines[seed], stage_seconds = pipeline_task(bench.for_seed(seed), seed, return_state=True).result()
                     timings.stages.update(stage_seconds)
                     done += _cells_here(bench.for_seed(seed), pipelines[seed], timings)
             else:
@@ -252,7 +266,7 @@ def _record(timings: Timings, suffix: str, stage: Stage) -> Stage:
 
 def _build_step(record: Callable[[Stage], Stage]) -> Callable[[Step, Bench, dict], Stage]:
     """A step built by its Prefect task in this process, its stage recorded."""
-    return lambda step, bench, stages: record(STEP_TASKS[step.name](bench, dict(stages)))
+    return lambda step, bench, stages: record(_result(STEP_TASKS[step.name](bench, dict(stages), return_state=True)))
 
 
 def _first_pipeline(bench: Bench, stages: dict, record: Callable[[Stage], Stage], submit_jobs: Callable[[], None] | None,
@@ -266,7 +280,7 @@ def _first_pipeline(bench: Bench, stages: dict, record: Callable[[Stage], Stage]
 
 
 @task(name="pipeline", task_run_name="pipeline[seed={seed}]", cache_policy=NONE)
-def pipeline_task(bench: Bench, seed: int) -> tuple[dict, dict[str, float]]:
+def pipeline_task(bench: Bench, seed: int) -> tuple[dict, dict[str, float]] | State:
     """One later seed's shared stages (SFT, reference evaluation, preferences, reward model): (its
     stages, their seconds). On a worker when there are workers, while the first seed's cells train."""
     timings = Timings()
@@ -274,6 +288,8 @@ def pipeline_task(bench: Bench, seed: int) -> tuple[dict, dict[str, float]]:
     for name, stage in stages.items():
         if stage is not None:
             _logged(stage, f"{name}, seed {seed}")
+    if all(stage is None or stage.cached for stage in stages.values()):
+        return Completed(name="Cached", data=(stages, timings.stages), message=f"seed {seed}'s stages read from the stage store")
     return stages, timings.stages
 
 
@@ -282,7 +298,8 @@ def _cells_here(bench: Bench, stages: dict, timings: Timings) -> list[tuple[Cell
     cells = bench.config.cells()
     done = []
     for n, cell in enumerate(cells, 1):
-        done.append((cell, timings.record(cell_task(bench, cell, upstream_for(cell, stages), cell.label), cell.label)))
+        stage = _result(cell_task(bench, cell, upstream_for(cell, stages), cell.label, return_state=True))
+        done.append((cell, timings.record(stage, cell.label)))
         _progress(n, len(cells), cell.label)
     return done
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 
+import pandas as pd
 import pytest
 from prefect.states import Failed
 
@@ -87,3 +88,42 @@ def test_artifact_keys_name_the_task_and_the_preset():
     assert _artifact_key("sentiment", "quick", "report") == "dpo-bench-sentiment-quick-report"
     assert _artifact_key("bandit", "quick", "report") != _artifact_key("sentiment", "quick", "report")
     assert _artifact_key("hf", "My Preset!", "results") == "dpo-bench-hf-my-preset-results"
+
+
+def test_a_second_flow_run_shows_its_stages_and_cells_as_cached(prefect_harness, tmp_path):
+    """Prefect's UI tells a stage read from the store from one built: the second run of the same
+    config on the same cache ends every stage and cell task in a Completed state named Cached,
+    while its report is the first run's."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from dpo_bench.bench import load_config
+    from pipelines.benchmark import benchmark_flow
+
+    config = load_config("quick", overrides={"task": "bandit"}).with_methods(["sft", "dpo"]).to_dict()
+    runs = {}
+    for name in ("first", "second"):
+        state = benchmark_flow(config=config, reports_dir=str(tmp_path / "reports"), run_id=name, cache_dir=str(tmp_path / "cache"),
+                               progress=False, workers=0, return_state=True)
+        runs[name] = state.state_details.flow_run_id
+
+    async def task_states(flow_run_id):
+        async with get_client() as client:
+            task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
+
+    first, second = asyncio.run(task_states(runs["first"])), asyncio.run(task_states(runs["second"]))
+    stage_tasks = {name for name in second if name != "report"}  # the report is written by every run
+    assert {"prepare task", "train SFT", "train reward model", "pipeline[seed=1]"} <= stage_tasks
+    assert any(n.startswith("train[") for n in stage_tasks)
+    assert {name: second[name] for name in stage_tasks if second[name] != "Cached"} == {}
+    assert {first[name] for name in stage_tasks} == {"Completed"}
+    assert second["report"] == "Completed"
+    from dpo_bench.training import WALL_CLOCK_METRICS
+
+    first_metrics, second_metrics = (pd.read_parquet(tmp_path / "reports" / name / "metrics.parquet").drop(columns="run_id")
+                                     for name in ("first", "second"))
+    pd.testing.assert_frame_equal(first_metrics[~first_metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True),
+                                  second_metrics[~second_metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True))
