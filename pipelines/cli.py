@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import re
+import signal
 import sys
 import textwrap
 from importlib import metadata
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if argv is None and args.command == "run":
         _skip_teardown_at_exit()
+        _stop_on_sigterm()
     try:
         code = args.func(args, extra) if takes_extra else args.func(args)
     except BrokenPipeError:
@@ -246,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
 
 # The exit code for _skip_teardown_at_exit: 1 unless the command returned.
 _EXIT_CODE = [1]
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's, ``kill``'s) ends ``dpo-bench run`` as Ctrl-C does: the run unwinds, so
+    its Dask workers, its ranks and Prefect's temporary server (a process of its own, which the
+    default action left running) stop with it; the exit status is 128 + 15."""
+
+    def stop(signum: int, frame: object) -> None:
+        _EXIT_CODE[0] = 128 + signum
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _skip_teardown_at_exit() -> None:

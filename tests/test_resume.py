@@ -127,3 +127,43 @@ def test_a_run_killed_during_a_grid_cell_resumes_to_the_uninterrupted_result(tmp
     resumed, baseline = _frames(run_dir), _frames(uninterrupted)
     for name in resumed:
         pd.testing.assert_frame_equal(resumed[name], baseline[name], check_exact=True, obj=name)
+
+
+def _processes_with(variable: str) -> list[str]:
+    """This machine's processes whose environment holds ``variable`` (``NAME=value``): their command lines."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if variable.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads processes' environments from /proc")
+def test_a_terminated_run_stops_prefects_temporary_server_with_it(tmp_path):
+    """SIGTERM (a scheduler's, kill's) while the flow runs: the run ends with status 143 and leaves no
+    process behind, Prefect's temporary server (a process of its own) included."""
+    home = tmp_path / "prefect-home"
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    log = tmp_path / "terminated.log"
+    command = [DPO_BENCH, "run", "--task", "bandit", "--preset", "quick", "--reports-dir", str(tmp_path / "reports"), "--quiet"]
+    proc = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "Beginning flow run" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be terminated\n{log.read_text()[-3000:]}"
+        assert _processes_with(f"PREFECT_HOME={home}"), "no temporary server started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while _processes_with(f"PREFECT_HOME={home}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(f"PREFECT_HOME={home}") == []
