@@ -25,10 +25,10 @@ from . import store, tracking
 from .schema import STRENGTH_SYMBOLS
 from .bench import BenchConfig, Cell
 from .configs import to_dict
+from .files import write_json
 from .methods.base import get_method
 from .report import build_report
 from .verdict import Objective, collect_per_prompt, objective_rows, verdict_frames
-from .files import write_json
 from .stages import (
     METRIC_COLUMNS, Bench, Stage, Upstream, built_threads, cell_status, fitted_normaliser, label_temperature_rms, preference_info,
     process_alive, run_cell, run_invariance_checks, write_parquet,
