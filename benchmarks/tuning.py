@@ -10,11 +10,15 @@ Bradley-Terry reward it fits implicitly, in the reward model's own units: E[r_BT
 model stands in for r_BT. Neither criterion reads the gold reward, which the benchmark's verdict is
 about, and both are read on validation prompts, which the report never shows.
 
-    python -m benchmarks.tuning RUN_DIR [--name tuning_ppo]
+    python -m benchmarks.tuning RUN_DIR [--name tuning_ppo] [--windows 60]
 
 Prints, per setting and checkpoint, the objective's mean over pipeline seeds (with each seed's
 value), the gold reward and KL for context, and the winner; writes the table to
-``benchmarks/results/<name>.json``.
+``benchmarks/results/<name>.json``. ``--windows N`` also prints each fixed-kl_coef PPO cell's
+objective on its own training rollouts, E[r̂] − p·P(truncated) − c·KL from its ``train/`` curves,
+averaged over its first, middle and last N iterations, with the rollouts' KL at its highest and
+its last N-iteration mean (the KL the penalty read: sampled, or exact with ``kl_estimator``) and
+its training's wall seconds (checkpoint evaluations left out).
 """
 
 from __future__ import annotations
@@ -83,10 +87,37 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     return agg.reset_index().sort_values(["method", "strength", "objective"], ascending=[True, True, False]).reset_index(drop=True)
 
 
+def rollout_windows(run_dir: Path, window: int) -> pd.DataFrame:
+    """Per fixed-kl_coef PPO cell: its training rollouts' objective r̂ − p·truncated − c·KL in
+    ``window``-iteration means (first, middle, last), the rollouts' KL (highest and last mean) and
+    the training's wall seconds."""
+    run = json.loads((run_dir / "run.json").read_text())
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    overrides = {entry["name"] or entry["method"]: entry["config"] for entry in run["config"]["grid"]}
+    rows = []
+    curves = metrics[metrics["metric"].str.startswith("train/") | (metrics["metric"] == "compute/seconds")]
+    for (name, strength, seed), g in curves.groupby(["method", "beta", "seed"]):
+        config = overrides.get(name, {})
+        if run["methods"][name]["method"] != "ppo" or config.get("target_kl", 0):
+            continue
+        curve = g.pivot_table(index="step", columns="metric", values="value").sort_index()
+        penalty = config.get("missing_eos_penalty", PPOConfig().missing_eos_penalty)
+        objective = curve["train/reward"] - penalty * curve["train/truncated"] - strength * curve["train/kl"]
+        windows = (objective.index - 1) // window
+        means, kl = objective.groupby(windows).mean(), curve["train/kl"].groupby(windows).mean()
+        middle = len(means) // 2
+        rows.append({"setting": name, "strength": strength, "seed": int(seed), "iterations": int(objective.index.max()),
+                     "first": means.iloc[0], "middle": means.iloc[middle], "last": means.iloc[-1],
+                     "kl_peak": kl.max(), "kl_last": kl.iloc[-1], "seconds": curve["compute/seconds"].max()})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a tuning run's directory (reports/<run_id>)")
     parser.add_argument("--name", default=None, help="results file name (default: tuning_<run_id>)")
+    parser.add_argument("--windows", type=int, metavar="N",
+                        help="also each PPO cell's objective on its training rollouts, in N-iteration means")
     args = parser.parse_args(argv)
     ranked = summary(objectives(args.run_dir))
     rows = [{"setting": r.setting, "strength": f"{r.strength:g}", "step": r.step,
@@ -97,7 +128,17 @@ def main(argv: list[str] | None = None) -> None:
     for (method, strength), group in ranked.groupby(["method", "strength"], sort=True):
         best = group.iloc[0]
         print(f"\nwinner for {method} at {strength:g}: {best.setting} at step {best.step} (objective {best.objective:.3f})")
-    write_result(args.name or f"tuning_{args.run_dir.name}", {"ranked": ranked.to_dict(orient="records")})
+    result = {"ranked": ranked.to_dict(orient="records")}
+    if args.windows:
+        rollouts = rollout_windows(args.run_dir, args.windows)
+        print(f"\nPPO's objective on its training rollouts, {args.windows}-iteration means:")
+        print(table([{"setting": r.setting, "strength": f"{r.strength:g}", "seed": r.seed, "iterations": r.iterations,
+                      "first": f"{r.first:.3f}", "middle": f"{r.middle:.3f}", "last": f"{r.last:.3f}",
+                      "rollout KL: peak / last": f"{r.kl_peak:.2f} / {r.kl_last:.2f}", "training": f"{r.seconds:.0f} s"}
+                     for r in rollouts.itertuples()],
+                    ["setting", "strength", "seed", "iterations", "first", "middle", "last", "rollout KL: peak / last", "training"]))
+        result["rollout_windows"] = rollouts.to_dict(orient="records")
+    write_result(args.name or f"tuning_{args.run_dir.name}", result)
 
 
 if __name__ == "__main__":

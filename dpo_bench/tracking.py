@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -181,8 +182,6 @@ def _log_wandb(run: LoggedRun, uri: str, experiment: str) -> str:
     """W&B has no nested runs: the benchmark run and each cell are runs of one group (the run id),
     the cells' job type their method. Offline unless ``WANDB_MODE`` says otherwise (this machine
     may have no network or key): ``wandb sync`` uploads the directory later."""
-    import os
-
     import wandb
 
     root = Path(uri) if uri else run.dir.parent / "wandb"

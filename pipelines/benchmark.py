@@ -41,15 +41,11 @@ def _logged(stage: Stage, label: str = "") -> Stage:
 
 def _ended(stage: Stage, label: str = "") -> Stage | State:
     """A stage task's return: the stage, logged; one read from the store ends in a Completed state
-    named "Cached" that holds it, so the UI tells it apart from a build (a future's ``result()``
-    and a direct call with ``return_state=True`` give the stage back: :func:`_result`)."""
+    named "Cached" that holds it, so the UI tells it apart from a build. A future's ``result()``
+    gives the stage back; a direct call would return the State itself, so the flow calls its tasks
+    with ``return_state=True`` and takes ``.result()`` (the stage, or the task's error)."""
     _logged(stage, label)
     return Completed(name="Cached", data=stage, message=f"read from the stage store: {stage.path}") if stage.cached else stage
-
-
-def _result(state: State) -> Stage:
-    """The stage a task run called directly (``return_state=True``) returned; its error if it failed."""
-    return state.result()
 
 
 def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
@@ -266,7 +262,7 @@ def _record(timings: Timings, suffix: str, stage: Stage) -> Stage:
 
 def _build_step(record: Callable[[Stage], Stage]) -> Callable[[Step, Bench, dict], Stage]:
     """A step built by its Prefect task in this process, its stage recorded."""
-    return lambda step, bench, stages: record(_result(STEP_TASKS[step.name](bench, dict(stages), return_state=True)))
+    return lambda step, bench, stages: record(STEP_TASKS[step.name](bench, dict(stages), return_state=True).result())
 
 
 def _first_pipeline(bench: Bench, stages: dict, record: Callable[[Stage], Stage], submit_jobs: Callable[[], None] | None,
@@ -298,7 +294,7 @@ def _cells_here(bench: Bench, stages: dict, timings: Timings) -> list[tuple[Cell
     cells = bench.config.cells()
     done = []
     for n, cell in enumerate(cells, 1):
-        stage = _result(cell_task(bench, cell, upstream_for(cell, stages), cell.label, return_state=True))
+        stage = cell_task(bench, cell, upstream_for(cell, stages), cell.label, return_state=True).result()
         done.append((cell, timings.record(stage, cell.label)))
         _progress(n, len(cells), cell.label)
     return done

@@ -141,7 +141,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _schedule_parameters(args: argparse.Namespace):
-    """(deployment name, flow parameters) from the config options, or an exit code on a config error."""
+    """(deployment name, flow parameters) from the config options, in the offline environment a
+    scheduled run gets, or None after saying what is wrong with them."""
+    offline_environment()
     from dpo_bench.configs import ConfigError
 
     try:
@@ -159,7 +161,6 @@ def _schedule_parameters(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    offline_environment()
     made = _schedule_parameters(args)
     if made is None:
         return 2
@@ -179,7 +180,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    offline_environment()
     made = _schedule_parameters(args)
     if made is None:
         return 2

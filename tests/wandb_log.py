@@ -4,6 +4,7 @@ type: whole, or the first, middle or last fragment of one record). W&B no longer
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,4 @@ def records(path: Path) -> Iterator:
 def values(items) -> dict:
     """A history, summary or config record's items as {key: value} (a key is in ``key`` or, as
     W&B 0.2x writes it, in ``nested_key``)."""
-    import json
-
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
