@@ -10,6 +10,7 @@ a time in the flow's process.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from contextlib import nullcontext
 from functools import partial
@@ -24,7 +25,7 @@ from prefect.states import Completed, State
 
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
 from dpo_bench.run import RunLock, Timings, finish_run, plan_stages, seed_label, start_run, upstream_for
-from dpo_bench.stages import Bench, Stage, Upstream, run_cell, run_job, worker_jobs
+from dpo_bench.stages import FILLER_JOBS, Bench, Stage, Upstream, run_cell, run_job, worker_jobs
 from dpo_bench.stages.pipeline import PIPELINE, Step, run_steps
 from pipelines.workers import GPU_RESOURCE, gpu_worker_specs, local_gpus, offers_gpus, resolve_workers, worker_threads
 
@@ -97,6 +98,14 @@ def cell_task(bench: Bench, cell: Cell, upstream: Upstream, label: str) -> Stage
 @task(name="job", task_run_name="job[{job}]", cache_policy=NONE)
 def job_task(bench: Bench, stages: dict, job: str) -> Stage | State:
     return _ended(run_job(bench, stages, job), job)
+
+
+@task(name="warm up", cache_policy=NONE)
+def warm_up_task() -> None:
+    """Nothing but the imports a cell needs (this module's, which unpickling the task already
+    loads, and the methods'): run on a worker the later seeds' pipelines leave idle while this
+    process builds the first seed's stages, so that the worker's first cell does not wait for them."""
+    importlib.import_module("dpo_bench.methods")
 
 
 @task(name="report", cache_policy=NONE)
@@ -235,6 +244,7 @@ def benchmark_flow(
                 # The later seeds' pipelines build on the workers, one each, while this process finishes
                 # the first seed's: then the first seed's cells, then each later seed's as its pipeline ends.
                 futures = {seed: runner.submit(pipeline_task, {"bench": worker.for_seed(seed), "seed": seed}) for seed in later}
+                warm = [runner.submit(warm_up_task, {}) for _ in range(n_workers - len(later))]
                 _first_pipeline(seeded, stages, record, partial(_submit_jobs, runner, jobs, first, worker.for_seed(first), stages, True), jobs)
                 submitted += _submit_cells(runner, worker.for_seed(first), stages)
                 for seed, future in futures.items():
@@ -242,7 +252,10 @@ def benchmark_flow(
                     timings.stages.update(stage_seconds)
                     _submit_jobs(runner, jobs, seed, worker.for_seed(seed), pipelines[seed], False)
                     submitted += _submit_cells(runner, worker.for_seed(seed), pipelines[seed])
+                _submit_jobs(runner, jobs, first, worker.for_seed(first), stages, True, fillers=True)
                 done = _collect_cells(submitted, timings)
+                for future in warm:
+                    future.wait()
             for (seed, job), f in jobs.items():
                 pipelines[seed][f"job:{job}"] = timings.record(f.result(), job + seed_label(bench_config, seed))
         paths = report_task(bench, run_dir, run_id, pipelines, done, timings, started, started_at, {"orchestrator": "prefect"},
@@ -324,10 +337,11 @@ def _submit_cells(runner: Any, bench: Bench, stages: dict) -> list[tuple[Cell, A
             for cell in bench.config.cells()]
 
 
-def _submit_jobs(runner: Any, jobs: dict, seed: int, bench: Bench, stages: dict, checks: bool) -> None:
-    """Start, on the workers, every job of the pipeline whose inputs are built and that is not started yet."""
+def _submit_jobs(runner: Any, jobs: dict, seed: int, bench: Bench, stages: dict, checks: bool, fillers: bool = False) -> None:
+    """Start, on the workers, every job of the pipeline whose inputs are built and that is not started
+    yet; the fillers (``FILLER_JOBS``) only with ``fillers``, once the grid's cells are queued."""
     for job in worker_jobs(bench, stages, checks):
-        if (seed, job) not in jobs:
+        if (seed, job) not in jobs and (fillers or job not in FILLER_JOBS):
             jobs[(seed, job)] = runner.submit(job_task, {"bench": bench, "stages": dict(stages), "job": job})
 
 

@@ -177,7 +177,7 @@ def test_ranks_and_precision_are_shown_by_the_dry_run_and_a_rollout_batch_ranks_
     assert "device cpu (here: cpu), precision bf16 (here: bf16)" in out.splitlines()[0]
     code, _, err = cli(capsys, "check-config", "--preset", "quick", "--nproc-per-cell", "3")
     assert code == 2 and one_line(err) == (
-        "dpo-bench: config error: grid (ppo kl_coef=0.2 seed=0): rollout_batch = 64 must split into nproc_per_cell = 3 "
+        "dpo-bench: config error: grid (ppo kl_coef=0.2 seed=0): rollout_batch = 32 must split into nproc_per_cell = 3 "
         "equal shares of at least n_minibatches = 2 rollouts")
     code, _, err = cli(capsys, "check-config", "--preset", "quick", "--nproc-per-cell", "0")
     assert code == 2 and one_line(err) == "dpo-bench: config error: nproc_per_cell: must be >= 1, got 0"

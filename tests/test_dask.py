@@ -122,6 +122,8 @@ def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd,
     assert len(reward_models) == 3 and reward_models.count(os.getpid()) == 1 and len(set(reward_models) & pids) >= 1
     shared = _markers(reports / ".cache", "shared")
     assert len(shared) == 2 * 32 and {m["pid"] for m in shared} <= pids
+    # The bandit convergence check ran on a worker too (queued after the cells, to fill a worker they leave idle).
+    assert [m["pid"] in pids for m in _markers(reports / ".cache", "bandit_checks")] == [True]
 
     local = run_benchmark(config, tmp_path / "local", run_id="local", progress=False)
     dask_metrics = pd.read_parquet(reports / "dask" / "metrics.parquet").drop(columns="run_id")
@@ -130,6 +132,7 @@ def test_the_grid_on_two_dask_workers_equals_the_in_process_run(tmp_path, capfd,
     pd.testing.assert_frame_equal(dask_metrics[~clocked].reset_index(drop=True),
                                   local_metrics[~local_metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True),
                                   check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(reports / "dask" / "invariance.parquet"), pd.read_parquet(local / "invariance.parquet"))
     assert (reports / "dask" / "report.html").is_file() and (reports / "dask" / "history.parquet").is_file()
 
 

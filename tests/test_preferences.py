@@ -121,6 +121,11 @@ def test_the_reward_model_at_another_label_temperature_labels_the_same_completio
 def test_jobs_start_as_soon_as_their_inputs_exist(bandit):
     bench, stages, _ = bandit
     before = {k: v for k, v in stages.items() if k in ("task", "sft", "ref_eval")}
-    # The grid's own 3-wise data needs only the SFT model; labelling at T = 1 needs the candidates.
-    assert worker_jobs(bench, before) == ["preferences dpo_pl_k3"]
-    assert worker_jobs(bench, {**before, "candidates": stages["candidates"]}) == ["reward model T=1", "preferences dpo_pl_k3"]
+    # The grid's own 3-wise data and the bandit convergence check (from the run's own SFT table on
+    # the bandit task) need only the SFT model; labelling at T = 1 needs the candidates.
+    assert worker_jobs(bench, {"task": stages["task"]}) == []
+    assert worker_jobs(bench, before) == ["preferences dpo_pl_k3", "bandit convergence"]
+    assert worker_jobs(bench, {**before, "candidates": stages["candidates"]}) == ["reward model T=1", "preferences dpo_pl_k3",
+                                                                                 "bandit convergence"]
+    # Without the first seed's checks, only the grid's own data.
+    assert worker_jobs(bench, before, checks=False) == ["preferences dpo_pl_k3"]

@@ -11,7 +11,7 @@
 from ..stage_store import LOCKS, Stage, built_threads, code_version, process_alive, stable_hash, write_parquet
 from .cells import PER_PROMPT_COLUMNS, StoreShared, Upstream, cell_status, pool_frame, run_cell
 from .checks import (
-    LEMMA2_PPO_OVERRIDES, check_stage, label_temperature_rm, label_temperature_rms, ppo_against, run_invariance_checks,
+    FILLER_JOBS, LEMMA2_PPO_OVERRIDES, check_stage, label_temperature_rm, label_temperature_rms, ppo_against, run_invariance_checks,
     run_job, shuffled_label_cell, worker_jobs,
 )
 from .context import METRIC_COLUMNS, Bench
@@ -21,7 +21,7 @@ from .shared import (
 )
 
 __all__ = [
-    "LEMMA2_PPO_OVERRIDES", "LOCKS", "METRIC_COLUMNS", "PER_PROMPT_COLUMNS", "Bench", "Stage", "StoreShared", "Upstream",
+    "FILLER_JOBS", "LEMMA2_PPO_OVERRIDES", "LOCKS", "METRIC_COLUMNS", "PER_PROMPT_COLUMNS", "Bench", "Stage", "StoreShared", "Upstream",
     "build_candidates", "build_preferences", "built_threads", "cell_status", "check_stage", "code_version", "fitted_normaliser",
     "gold_normaliser", "label_temperature_rm", "label_temperature_rms", "load_reference_samples", "pool_frame", "ppo_against",
     "preference_info", "preference_tensors", "prepare_task", "process_alive", "reference_eval", "reference_logps", "run_cell",

@@ -214,11 +214,11 @@ def variant_preferences_job(bench: Bench, stages: dict, cell: Cell) -> Stage:
 
 def _job_builders(bench: Bench, stages: dict, checks: bool = True) -> dict[str, tuple[Callable[[], Stage], tuple[str, ...]]]:
     """The stages besides the main chain and the grid cells, by name, longest first: how to build
-    each, and which of the pipeline's stages it needs. They are the empirical checks' own stages
-    (the Lemma 2 PPO runs, the reward models at other label temperatures; only with ``checks``: the
-    checks read the first pipeline seed's), the DPO cell trained on shuffled labels (the implicit-reward
-    check's control), and the grid's own preference data (an entry's ``preferences`` override, such
-    as 4-wise rankings)."""
+    each, and which of the pipeline's stages it needs. They are the checks' own stages (the Lemma 2
+    PPO runs, the reward models at other label temperatures, the bandit convergence check; only with
+    ``checks``: the checks read the first pipeline seed's), the DPO cell trained on shuffled labels
+    (the implicit-reward check's control), and the grid's own preference data (an entry's
+    ``preferences`` override, such as 4-wise rankings)."""
     config = bench.config
     builders: dict[str, tuple[Callable[[], Stage], tuple[str, ...]]] = {}
     task = bench.task_summary(stages["task"])
@@ -233,7 +233,15 @@ def _job_builders(bench: Bench, stages: dict, checks: bool = True) -> dict[str, 
         name = f"preferences {cell.display_name}"
         if cell.preferences and get_method(cell.method).needs & {"preferences", "rankings"} and name not in builders:
             builders[name] = (lambda cell=cell: variant_preferences_job(bench, stages, cell), ("sft", "ref_eval"))
+    if checks:
+        # On the bandit task the check starts from the run's own SFT table; on any other, from the bandit config's tables.
+        builders["bandit convergence"] = (lambda: bandit_convergence_stage(bench, stages), ("sft",) if task["exact"] else ())
     return builders
+
+
+# Jobs that are short and need nothing the grid's cells need: a parallel run queues them after the
+# cells, so that they take a worker the last cells leave idle rather than one the pipelines need.
+FILLER_JOBS = frozenset({"bandit convergence"})
 
 
 def worker_jobs(bench: Bench, stages: dict, checks: bool = True) -> list[str]:
@@ -267,10 +275,26 @@ def bandit_reference(bench: Bench, stages: dict) -> tuple[np.ndarray, np.ndarray
     return ref_probs / ref_probs.sum(1, keepdims=True), rewards
 
 
+def bandit_convergence_stage(bench: Bench, stages: dict) -> Stage:
+    """The bandit convergence check's rows (:func:`~dpo_bench.invariance.bandit_checks`): a stage of its
+    own, so that a parallel run computes it on a worker beside the grid rather than after it."""
+    config = bench.config
+    seed = derive_seed(config.seed, "bandit_convergence")
+    exact = bench.task_summary(stages["task"])["exact"]
+    tables = {"sft": stages["sft"].key} if exact else {"bandit": to_dict(config.bandit)}
+
+    def build(out: Path) -> None:
+        rows = [r.row() for r in bandit_checks(*bandit_reference(bench, stages), config.checks, seed)]
+        write_parquet(pd.DataFrame(rows, columns=COLUMNS), out / "checks.parquet")
+
+    return bench.run_stage("bandit_checks", {**tables, "checks": to_dict(config.checks), "seed": seed}, build)
+
+
 def run_invariance_checks(bench: Bench, stages: dict, cells: list | None = None) -> pd.DataFrame:
     """Every check this run's data supports, as rows of ``invariance.parquet``."""
     config = bench.config
-    results = list(bandit_checks(*bandit_reference(bench, stages), config.checks, derive_seed(config.seed, "bandit_convergence")))
+    bandit = pd.read_parquet(check_stage(bench, stages, "bandit convergence").path / "checks.parquet")
+    results: list[CheckResult] = []
     task = bench.task(stages["task"])
     # The empirical checks compare against a gold reward: a task judged only by a proxy has none to compare with.
     if config.checks.empirical and not task.exact and task.has_gold:
@@ -286,4 +310,5 @@ def run_invariance_checks(bench: Bench, stages: dict, cells: list | None = None)
         frames, curves = lemma2_ppo(bench, stages)
         results += lemma2_empirical(frames, config.checks.lemma2_margin_fraction)
         results += lemma2_speed(curves)
-    return pd.DataFrame([r.row() for r in results], columns=COLUMNS)
+    rows = pd.DataFrame([r.row() for r in results], columns=COLUMNS)
+    return pd.concat([bandit, rows], ignore_index=True) if len(rows) else bandit
