@@ -16,12 +16,13 @@ from contextlib import nullcontext
 from functools import partial
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
+from pydantic import PlainValidator, WithJsonSchema
 
 from dpo_bench.bench import BenchConfig, Cell, from_dict_config
 from dpo_bench.run import RunLock, Timings, finish_run, plan_stages, seed_label, start_run, upstream_for
@@ -184,9 +185,23 @@ def quiet_worker_logs() -> None:
         dask.config.set({"distributed.worker.preload": [*preload, "pipelines.dask_quiet"]})
 
 
+def _bench_config(value: Any) -> BenchConfig:
+    """The flow's config from a :class:`BenchConfig` or its plain data (a deployment's parameters,
+    the UI's JSON, ``run.json``'s ``config``); bad data fails the flow run's parameter validation
+    with the config's own error."""
+    return value if isinstance(value, BenchConfig) else from_dict_config(value)
+
+
+#: The flow's config parameter: typed in the flow, plain data (``BenchConfig.to_dict()``: the TOML
+#: file's layout) in the API, a deployment's parameters and the UI.
+RunConfig = Annotated[BenchConfig, PlainValidator(_bench_config), WithJsonSchema({
+    "type": "object", "title": "config",
+    "description": "The run's configuration: a config file's sections and grid as JSON, as in a run's run.json `config`"})]
+
+
 @flow(name="dpo-bench")
 def benchmark_flow(
-    config: dict,
+    config: RunConfig,
     reports_dir: str = "reports",
     run_id: str | None = None,
     cache_dir: str | None = None,
@@ -209,7 +224,7 @@ def benchmark_flow(
     workers, the later seeds' run on them, one pipeline a worker, while this process finishes the
     first seed's, so that no more processes than cores are busy.
     """
-    bench_config: BenchConfig = from_dict_config(config)
+    bench_config = config
     logger = get_run_logger()
     bench, run_dir, run_id, started, started_at = start_run(bench_config, reports_dir, run_id, cache_dir, use_cache, progress)
     timings = Timings()

@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace, config, api, workers: int) -> Path:
 
         with flow_settings(api):
             run_dir = Path(benchmark_flow(
-                config=config.to_dict(), reports_dir=str(args.reports_dir), run_id=args.run_id,
+                config=config, reports_dir=str(args.reports_dir), run_id=args.run_id,
                 cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet,
                 results_db=args.results_db, workers=workers, dask_address=args.dask_address,
             ))

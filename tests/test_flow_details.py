@@ -127,3 +127,24 @@ def test_a_second_flow_run_shows_its_stages_and_cells_as_cached(prefect_harness,
                                      for name in ("first", "second"))
     pd.testing.assert_frame_equal(first_metrics[~first_metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True),
                                   second_metrics[~second_metrics["metric"].isin(WALL_CLOCK_METRICS)].reset_index(drop=True))
+
+
+def test_the_flow_takes_a_typed_config_and_its_plain_data():
+    """The flow's body gets a BenchConfig whether it is called with one (the CLI) or with its plain
+    data (a deployment's parameters, the UI); bad data fails the parameter validation with the config's
+    own error, before the flow runs; the API sees the parameter as a JSON object."""
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+
+    from dpo_bench.bench import BenchConfig, load_config
+    from pipelines.benchmark import benchmark_flow
+
+    config = load_config("quick", overrides={"task": "bandit"})
+    for given in (config, config.to_dict()):
+        validated = benchmark_flow.validate_parameters({"config": given, "reports_dir": "r"})["config"]
+        assert isinstance(validated, BenchConfig) and validated == config
+    bad = dict(config.to_dict(), seeds=[0, 0])
+    with pytest.raises(ParameterTypeError, match="seeds"):
+        benchmark_flow.validate_parameters({"config": bad})
+    assert parameter_schema(benchmark_flow).properties["config"]["type"] == "object"
+    assert benchmark_flow.serialize_parameters({"config": config})["config"] == config.to_dict()
