@@ -290,16 +290,7 @@ class BenchConfig:
 
     def with_methods(self, names: list[str]) -> "BenchConfig":
         """Keep only the grid entries of ``names`` (each must be registered; absent ones get defaults)."""
-        for name in names:
-            get_method(name)
-        # The reference is every frontier's anchor (KL 0): it stays.
-        names = list(dict.fromkeys(["sft", *names]))
-        kept = [e for e in self.grid if e.method in names]
-        kept += [GridEntry(method=n) for n in names if n not in {e.method for e in kept}]
-        entries = {e.name or e.method for e in kept}
-        # Questions whose grid entries are gone cannot be answered by this run.
-        questions = replace(self.questions, **{k: (v if v in entries else "") for k, v in to_dict(self.questions).items()})
-        return replace(self, grid=tuple(kept), questions=questions)
+        return from_dict_config(select_methods(self.to_dict(), names))
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -351,8 +342,25 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
-def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> BenchConfig:
-    """Preset, then the TOML file, then ``overrides`` (e.g. from CLI flags), merged in that order.
+def select_methods(data: dict, names: list[str]) -> dict:
+    """A config's plain data with only the grid entries of ``names`` (each must be registered;
+    absent ones get defaults); the reference, every frontier's anchor, stays. Questions whose grid
+    entries are gone are dropped: this run cannot answer them."""
+    for name in names:
+        get_method(name)
+    names = list(dict.fromkeys(["sft", *names]))
+    kept = [dict(e) for e in data.get("grid", []) if isinstance(e, dict) and e.get("method") in names]
+    kept += [{"method": n} for n in names if n not in {e["method"] for e in kept}]
+    entries = {e.get("name") or e["method"] for e in kept}
+    questions = {k: (v if v in entries else "") for k, v in data.get("questions", {}).items()}
+    return {**data, "grid": kept, **({"questions": questions} if "questions" in data else {})}
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None,
+                methods: list[str] | None = None) -> BenchConfig:
+    """Preset, then the TOML file, then ``overrides`` (e.g. from CLI flags), merged in that order;
+    then only the grid entries of ``methods``, if given, before the config is validated (so that a
+    method left out cannot fail it).
 
     A preset or file may hold ``[task_overrides.<task>]`` tables: settings that apply only when
     that task runs (a table policy wants a learning rate a transformer would not survive). They
@@ -376,7 +384,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
         data = _merge_replacing_grid(data, _task_overrides(layer).get(task, {}))
     data = merge(data, _one_seed(overrides))
     try:
-        return from_dict_config(data)
+        return from_dict_config(select_methods(data, methods) if methods else data)
     except ConfigError as e:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{e}") from None

@@ -207,7 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     data = sub.add_parser("check-data", help="validate a preference dataset (jsonl, parquet, csv, a saved dataset or a hub id)")
-    data.add_argument("file", help="the dataset: a .jsonl/.json/.parquet/.csv file, a folder of such shards, a save_to_disk directory or a hub id")
+    data.add_argument("file", help="the dataset: a .jsonl/.json/.parquet/.csv file, a folder of such shards, a glob of them "
+                                   "(quote it: 'data/train-*.jsonl'), a save_to_disk directory or a hub id")
+    data.add_argument("--split", default="train", help="split of a hub or saved dataset, or of a folder's shards (default: train)")
+    data.add_argument("--data-config", metavar="NAME", default="", help="hub dataset: its configuration (load_dataset's name)")
+    data.add_argument("--data-revision", metavar="REV", default="", help="hub dataset: the branch, tag or commit to read")
+    data.add_argument("--data-files", action="append", metavar="GLOB", default=[],
+                      help="hub dataset: read only these files of the repository (repeat the flag for several)")
+    data.add_argument("--max-rows", type=int, metavar="N", help="check only the first N rows (a hub dataset is then streamed)")
     data.add_argument("--model", metavar="MODEL",
                       help="also check every row's prompt + completion against MODEL's tokenizer and positions (a hub id "
                            "or a local directory; conversational rows through its chat template), as --task hf would")

@@ -347,13 +347,17 @@ def _model_lengths(model: str) -> tuple:
 
 
 def cmd_check_data(args: argparse.Namespace, extra: list[str] | None = None) -> int:
-    from dpo_bench.data import HubUnreachableError, check_data
+    from dpo_bench.data import HubOptions, HubUnreachableError, check_data
 
     try:
         source = _check_data_source(args, extra or [])
         column_map = _parse_column_map(args.column_map or [])
+        if args.max_rows is not None and args.max_rows < 1:
+            raise UsageError(f"--max-rows must be positive, got {args.max_rows}")
         lengths = _model_lengths(args.model) if args.model else None
-        summary = check_data(source, column_map=column_map or None, lengths=lengths)
+        hub = HubOptions(args.data_config, args.data_revision, tuple(args.data_files))
+        summary = check_data(source, column_map=column_map or None, lengths=lengths, split=args.split, max_rows=args.max_rows,
+                             hub=hub)
     except (UsageError, HubUnreachableError) as e:
         print(f"dpo-bench: {e}", file=sys.stderr)
         return 2

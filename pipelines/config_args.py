@@ -48,7 +48,7 @@ def _parse_seeds(text: str) -> list[int]:
 
 def resolve_config(args: argparse.Namespace):
     """Preset (or a previous run's config), then the TOML file, then flags; validated."""
-    from dpo_bench.bench import from_dict_config, load_config, merge
+    from dpo_bench.bench import from_dict_config, load_config, merge, select_methods
     from dpo_bench.configs import ConfigError, TRLNameNote
     from dpo_bench.run import read_run
 
@@ -75,17 +75,18 @@ def resolve_config(args: argparse.Namespace):
         overrides = merge(overrides, _parse_set(assignment))
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", TRLNameNote)
+        methods = _parse_methods(getattr(args, "methods", None))
         if getattr(args, "from_run", None):
-            config = from_dict_config(merge(read_run(Path(args.from_run))["config"], overrides))
+            data = merge(read_run(Path(args.from_run))["config"], overrides)
+            config = from_dict_config(select_methods(data, methods) if methods else data)
         else:
             preset = args.preset or (None if args.config else "default")
-            config = load_config(preset, args.config, overrides)
+            config = load_config(preset, args.config, overrides, methods)
     for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, TRLNameNote)):
         print(f"dpo-bench: note: {note}", file=sys.stderr)
     for other in (n for n in notes if not issubclass(n.category, TRLNameNote)):  # shown as they would have been
         warnings.showwarning(other.message, other.category, other.filename, other.lineno)
-    methods = _parse_methods(getattr(args, "methods", None))
-    return config.with_methods(methods) if methods else config
+    return config
 
 
 def _parse_set(assignment: str) -> dict:

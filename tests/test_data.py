@@ -315,7 +315,7 @@ def test_hub_ids_go_to_load_dataset_without_remote_code(monkeypatch):
     loaded = load_preferences("someone/prefs", split="test")
     assert calls == [("someone/prefs", {"split": "test"})]
     assert loaded.fingerprint == fingerprint_frame(expected_frame(ROWS))
-    load_preferences("someone/prefs", trust_remote_code=True, max_rows=1)
+    load_preferences("someone/prefs", trust_remote_code=True)
     assert calls[-1] == ("someone/prefs", {"split": "train", "trust_remote_code": True})
 
 

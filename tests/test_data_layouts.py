@@ -14,7 +14,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dpo_bench.data import DataValidationError, check_data, check_lengths, load_preferences, render_conversational
+from dpo_bench.data import (
+    DataValidationError, HubOptions, check_data, check_lengths, load_preferences, local_source_exists, render_conversational,
+)
 from pipelines.cli import main
 
 SYSTEM = {"role": "system", "content": "be brief"}
@@ -223,6 +225,99 @@ def test_a_folder_that_is_not_one_dataset_is_refused_clearly(tmp_path, files, pr
 def test_a_save_to_disk_folder_is_still_read_as_a_saved_dataset(tmp_path):
     datasets.Dataset.from_list(STANDARD).save_to_disk(str(tmp_path / "saved"))
     assert load_preferences(tmp_path / "saved").fingerprint == load_preferences(write_jsonl(tmp_path / "a.jsonl", STANDARD)).fingerprint
+
+
+# ---------------------------------------------------------------------------------- globs
+
+
+def test_a_glob_reads_its_files_as_one_dataset_in_name_order(tmp_path):
+    write_jsonl(tmp_path / "data" / "train-00001.jsonl", STANDARD[3:])
+    write_jsonl(tmp_path / "data" / "train-00000.jsonl", STANDARD[:3])
+    write_jsonl(tmp_path / "data" / "test-00000.jsonl", [{**STANDARD[0], "prompt": "not this"}])
+    single = load_preferences(write_jsonl(tmp_path / "all.jsonl", STANDARD))
+    pattern = str(tmp_path / "data" / "train-*.jsonl")
+    globbed = load_preferences(pattern)
+    pd.testing.assert_frame_equal(globbed.frame, single.frame)
+    assert globbed.fingerprint == single.fingerprint
+    assert load_preferences(str(tmp_path / "**" / "train-*.jsonl")).fingerprint == single.fingerprint  # ** spans folders
+    assert load_preferences(pattern, max_rows=4).frame.equals(single.frame.head(4))
+    assert local_source_exists(pattern) and not local_source_exists(str(tmp_path / "data" / "dev-*.jsonl"))
+
+
+def test_a_glob_names_the_file_and_its_own_row_and_refuses_what_it_cannot_read(tmp_path):
+    write_jsonl(tmp_path / "data" / "a.jsonl", STANDARD[:3])
+    bad = write_jsonl(tmp_path / "data" / "b.jsonl", [{**STANDARD[3], "rejected": ""}])
+    with pytest.raises(DataValidationError) as info:
+        load_preferences(str(tmp_path / "data" / "*.jsonl"))
+    assert str(info.value) == f"{bad}: row 0, field 'rejected': empty string"
+    with pytest.raises(FileNotFoundError, match=r"no file matches .*\*\.csv"):
+        load_preferences(str(tmp_path / "data" / "*.csv"))
+    write_parquet(tmp_path / "data" / "c.parquet", STANDARD)
+    with pytest.raises(DataValidationError, match=r"the pattern mixes shard types \(.jsonl, .parquet\)"):
+        load_preferences(str(tmp_path / "data" / "*"))
+
+
+# ---------------------------------------------------------------------------- hub datasets
+
+HUB_ROWS = {"small": [{"prompt": f"small {i}", "chosen": " yes", "rejected": " no"} for i in range(3)],
+            "big": [{"prompt": f"big {i}", "chosen": " yes", "rejected": " no"} for i in range(6)]}
+
+
+@pytest.fixture
+def hub_repo(tmp_path, monkeypatch):
+    """A dataset repository laid out as on the hub (configurations in its README's YAML, the big one
+    in two files), served for the id 'someone/prefs' by the real ``datasets.load_dataset``; the calls'
+    options are recorded."""
+    repo = tmp_path / "repo"
+    write_jsonl(repo / "small" / "train.jsonl", HUB_ROWS["small"])
+    write_jsonl(repo / "big" / "train-0.jsonl", HUB_ROWS["big"][:4])
+    write_jsonl(repo / "big" / "train-1.jsonl", HUB_ROWS["big"][4:])
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: small\n  data_files:\n  - split: train\n    path: small/train.jsonl\n  default: true\n"
+        "- config_name: big\n  data_files:\n  - split: train\n    path: big/*.jsonl\n---\n", encoding="utf-8")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    real, calls = datasets.load_dataset, []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        assert path == "someone/prefs"
+        return real(str(repo), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def prompts(data):
+    return data.frame["prompt"].tolist()
+
+
+def test_a_hub_dataset_is_read_in_the_configuration_and_files_asked_for(hub_repo):
+    assert prompts(load_preferences("someone/prefs")) == [r["prompt"] for r in HUB_ROWS["small"]]
+    assert prompts(load_preferences("someone/prefs", hub=HubOptions(name="big"))) == [r["prompt"] for r in HUB_ROWS["big"]]
+    only = HubOptions(data_files=("big/train-1.jsonl",))
+    assert prompts(load_preferences("someone/prefs", hub=only)) == [r["prompt"] for r in HUB_ROWS["big"][4:]]
+    assert hub_repo[1] == ("someone/prefs", {"split": "train", "name": "big"})
+    assert hub_repo[2] == ("someone/prefs", {"split": "train", "data_files": ["big/train-1.jsonl"]})
+
+
+def test_the_first_rows_of_a_hub_dataset_are_streamed_not_downloaded_whole(hub_repo):
+    whole = load_preferences("someone/prefs", hub=HubOptions(name="big"))
+    first = load_preferences("someone/prefs", hub=HubOptions(name="big"), max_rows=5)
+    assert hub_repo[-1] == ("someone/prefs", {"split": "train", "streaming": True, "name": "big"})
+    pd.testing.assert_frame_equal(first.frame, whole.frame.head(5))
+
+
+def test_a_configuration_the_hub_dataset_lacks_is_one_line(hub_repo, capsys):
+    with pytest.raises(DataValidationError) as info:
+        load_preferences("someone/prefs", hub=HubOptions(name="huge", revision="v2"))
+    message = str(info.value)
+    assert message.startswith("someone/prefs (configuration huge; revision v2): ") and "\n" not in message
+    assert "huge" in message.split(": ", 1)[1]
+    assert main(["check-data", "someone/prefs", "--data-config", "big", "--max-rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok: someone/prefs") and "rows: 2 valid, 0 bad, 2 read" in out
+    assert hub_repo[-1] == ("someone/prefs", {"split": "train", "streaming": True, "name": "big"})
 
 
 # ------------------------------------------------------------------------------------------- CLI

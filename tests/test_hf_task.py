@@ -276,6 +276,28 @@ def test_implicit_prompt_conversations_in_shards_are_rendered_like_explicit_ones
     assert task.encode_prompt(frame["prompt"][0]) == task.tokenizer(frame["prompt"][0], add_special_tokens=False)["input_ids"]
 
 
+def test_a_glob_of_shards_is_local_data_fingerprinted_by_its_files(workspace, tmp_path, capsys):
+    rows = _rows()
+    (tmp_path / "shards").mkdir()
+    _write(rows[:4], tmp_path / "shards" / "train-00000.jsonl")
+    second = _write(rows[4:], tmp_path / "shards" / "train-00001.jsonl")
+    pattern = str(tmp_path / "shards" / "train-*.jsonl")
+    config = HFConfig(model=str(workspace / "model"), data=pattern, max_new_tokens=6, max_length=40)
+    assert config.missing_paths() == [] and ("dataset", f"{pattern} (splits train)", "local") in config.downloads()
+    assert HFConfig(model=str(workspace / "model"), data=str(tmp_path / "none-*.jsonl")).missing_paths() == [
+        ("data", str(tmp_path / "none-*.jsonl"))]
+    HFTask.prepare(config, tmp_path / "task")
+    assert len(pd.read_parquet(tmp_path / "task" / "data.parquet")) == len(rows)
+    before = HFTask.source_fingerprint(config)["data"]
+    _write(rows[4:-1], second)  # a matched file changes: the stages built on it are stale
+    assert HFTask.source_fingerprint(config)["data"] != before
+    # --methods leaves out the default grid's ppo_gt before the config is checked: no judge is needed.
+    assert main(["run", "--task", "hf", "--model", str(workspace / "model"), "--data", pattern, "--methods", "dpo",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would download from the hub:" not in out
+
+
 def test_too_long_rows_stop_the_run_or_are_skipped(workspace, tmp_path):
     rows = _rows()[:6] + [{"prompt": "the film was", "chosen": " great" * 40, "rejected": " dull"}]
     with pytest.raises(DataValidationError, match="row 6, field 'chosen': prompt \\+ completion is .* more than max_length 40"):

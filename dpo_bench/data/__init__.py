@@ -29,7 +29,14 @@ chat templates read them) instead of content, and a tool message a ``name`` or `
 
 A folder is a ``save_to_disk`` directory when it holds ``dataset_info.json``, ``state.json`` or
 ``dataset_dict.json``; otherwise its ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` shards (one
-type) are read in name order as one dataset, and errors name the shard and its own row.
+type) are read in name order as one dataset, and errors name the shard and its own row. A glob
+(``data/train-*.jsonl``) is read the same way. A hub id goes to ``datasets.load_dataset`` with the
+configuration name, revision and data files of :class:`HubOptions`, streamed when only the first
+rows are wanted.
+
+Local files are parsed here rather than by ``datasets``' json and csv builders: those fail a whole
+file on its first malformed line with an Arrow error that names no row, where these readers name the
+file, row and field of each bad row and can skip it (``on_bad_rows="skip"``); see docs/data.md.
 
 Nothing in a dataset is ever executed: local files are parsed here (json, csv, parquet, arrow),
 never unpickled, and ``trust_remote_code`` reaches ``datasets.load_dataset`` only when the caller
@@ -46,7 +53,7 @@ from .dataset import (
     render_conversational, write_preferences,
 )
 from .errors import LOCAL_SUFFIXES, DataValidationError, DataValidationErrors, HubUnreachableError, hub_offline, unreachable
-from .reading import looks_like_path, read_table
+from .reading import HubOptions, glob_matches, local_source_exists, looks_like_path, read_table
 from .rows import CHAT_FORMATS, FORMATS, ROLES, detect_format
 from .validation import BAD_ROW_POLICIES, validate_frame
 
@@ -56,6 +63,7 @@ __all__ = [
     "DataValidationError",
     "DataValidationErrors",
     "FORMATS",
+    "HubOptions",
     "HubUnreachableError",
     "LOCAL_SUFFIXES",
     "PAIR_MODES",
@@ -65,8 +73,10 @@ __all__ = [
     "check_lengths",
     "detect_format",
     "fingerprint_frame",
+    "glob_matches",
     "hub_offline",
     "load_preferences",
+    "local_source_exists",
     "looks_like_path",
     "rankings_to_pairs",
     "read_table",

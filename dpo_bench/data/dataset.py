@@ -15,7 +15,7 @@ import pandas as pd
 from ..files import atomic_path
 
 from .errors import DataValidationError, DataValidationErrors
-from .reading import _apply_column_map, _read_source, _rows_to_frame
+from .reading import HubOptions, _apply_column_map, _read_source, _rows_to_frame
 from .rows import CHAT_FORMATS, _plain
 from .validation import BAD_ROW_POLICIES, _build_frame, _row_error, _row_numbers, _validate
 
@@ -84,13 +84,16 @@ def load_preferences(
     format: str = "auto",
     max_rows: int | None = None,
     trust_remote_code: bool = False,
+    hub: HubOptions | None = None,
 ) -> PreferenceData:
     """Load and validate preference data.
 
     ``source``: a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, a directory
     written by ``datasets.Dataset.save_to_disk`` (``split`` picks from a DatasetDict), a folder
     of such files read as one dataset in name order (``split`` picks ``train-*`` from beside
-    ``test-*``), a DataFrame, or else a hub id passed to ``datasets.load_dataset(source, split=split)``.
+    ``test-*``), a glob of such files (``data/train-*.jsonl``, ``**`` across folders) read the same
+    way, a DataFrame, or else a hub id passed to ``datasets.load_dataset(source, split=split)`` with
+    ``hub``'s configuration name, revision and data files (streamed when ``max_rows`` is set).
     ``column_map`` renames source columns to the schema before the ``format`` is detected
     ("auto") or checked. ``max_rows`` reads only the first rows. See the module docstring for
     ``on_bad_rows``. A missing path raises FileNotFoundError naming it (a path-shaped name, see
@@ -105,7 +108,7 @@ def load_preferences(
         name = str(source.attrs.get("source", "<DataFrame>"))
         frame, parse_problems, shards = source.head(max_rows) if max_rows else source, [], []
     else:
-        name, rows, parse_problems, shards = _read_source(source, split, max_rows, trust_remote_code)
+        name, rows, parse_problems, shards = _read_source(source, split, max_rows, trust_remote_code, hub)
         frame = _rows_to_frame(rows)
     frame = _apply_column_map(frame, column_map, name)
     clean, problems, fmt = _validate(frame, name, on_bad_rows, format, parse_problems, shards)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,27 @@ from .rows import _describe
 
 
 _Rows = list[tuple[int, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Which data of a hub dataset to read: ``datasets.load_dataset``'s ``name`` (the dataset's
+    configuration), ``revision`` (branch, tag or commit) and ``data_files`` (files or globs within the
+    repository). Empty: the dataset's defaults. Local sources ignore them."""
+
+    name: str = ""
+    revision: str = ""
+    data_files: tuple[str, ...] = ()
+
+    def load_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"name": self.name, "revision": self.revision, "data_files": list(self.data_files)}
+        return {k: v for k, v in kwargs.items() if v}
+
+    def describe(self) -> str:
+        """' (configuration x, revision y, files z)', or '' for the defaults."""
+        parts = [f"{what} {value}" for what, value in (("configuration", self.name), ("revision", self.revision),
+                                                      ("files", ", ".join(self.data_files))) if value]
+        return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _bad_utf8(source: str, row: int, line: int, error: UnicodeDecodeError) -> DataValidationError:
@@ -211,13 +234,15 @@ def _read_saved_dataset(path: Path, source: str, split: str, max_rows: int | Non
 
 
 def looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else path-shaped (./x, /x, ~/x, a/b/c, x.jsonl)
-    is a local path, which when missing is a missing file, never a hub lookup."""
+    """Hub ids are 'name' or 'owner/name'; anything else path-shaped (./x, /x, ~/x, a/b/c, x.jsonl,
+    a glob such as data/*.jsonl) is a local path, which when missing is a missing file, never a hub
+    lookup."""
     return (
         source.startswith(("/", "~", "."))
         or "\\" in source
         or source.count("/") > 1
         or source.lower().endswith(LOCAL_SUFFIXES)
+        or glob.has_magic(source)
     )
 
 
@@ -266,11 +291,7 @@ def _shard_files(path: Path, name: str, split: str) -> list[Path]:
             f"folder of shards also holds {', '.join(others[:5])}; keep only {', '.join(LOCAL_SUFFIXES)} shards "
             "(one type) in it, or name a file",
         )
-    types = sorted({p.suffix.lower() for p in shards})
-    if len(types) > 1:
-        raise DataValidationError(
-            name, None, None, f"folder mixes shard types ({', '.join(types)}); keep one type per folder, or name a file"
-        )
+    _one_type(shards, name, "folder")
 
     def split_of(file: Path) -> str | None:
         return next((s for s in _SPLIT_NAMES if file.name.lower().startswith((f"{s}-", f"{s}_", f"{s}."))), None)
@@ -286,17 +307,54 @@ def _shard_files(path: Path, name: str, split: str) -> list[Path]:
     return shards
 
 
+def _one_type(shards: Sequence[Path], name: str, what: str) -> None:
+    types = sorted({p.suffix.lower() for p in shards})
+    if len(types) > 1:
+        raise DataValidationError(
+            name, None, None, f"{what} mixes shard types ({', '.join(types)}); keep one type per dataset, or name a file"
+        )
+
+
+def glob_matches(pattern: str) -> list[Path]:
+    """The files a glob names (``**`` spans folders), in name order; [] for a name that is no glob."""
+    if not glob.has_magic(pattern):
+        return []
+    return sorted(p for p in map(Path, glob.glob(os.path.expanduser(pattern), recursive=True))
+                  if p.is_file() and not p.name.startswith("."))
+
+
+def local_source_exists(name: str) -> bool:
+    """Whether a data name is a local file, folder, or a glob that matches a file."""
+    return bool(name) and (Path(name).expanduser().exists() or bool(glob_matches(name)))
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files a glob names (``**`` spans folders), in name order: one type of data file."""
+    files = glob_matches(pattern)
+    if not files:
+        raise FileNotFoundError(f"preference data not found: no file matches {pattern}")
+    others = [p.name for p in files if p.suffix.lower() not in LOCAL_SUFFIXES]
+    if others:
+        raise DataValidationError(
+            pattern, None, None, f"the pattern also matches {', '.join(others[:5])}; match only {', '.join(LOCAL_SUFFIXES)} files"
+        )
+    _one_type(files, pattern, "the pattern")
+    return files
+
+
 def _read_shards(
-    path: Path, name: str, split: str, max_rows: int | None
+    files: Sequence[Path], name: str, max_rows: int | None, in_folder: bool = True
 ) -> tuple[_Rows, list[DataValidationError], list[tuple[str, int]]]:
+    """Files read as one dataset in the given order; a shard's errors name it (``name``/file in a
+    folder, the file's own path for a glob) and its own row."""
     rows: _Rows = []
     problems: list[DataValidationError] = []
     shards: list[tuple[str, int]] = []
     start = 0
-    for file in _shard_files(path, name, split):
+    for file in files:
         if max_rows is not None and start >= max_rows:
             break
-        shard = os.path.join(name, file.name)
+        shard = os.path.join(name, file.name) if in_folder else str(file)
         shard_rows, shard_problems = _read_file(file, shard, None if max_rows is None else max_rows - start)
         shards.append((shard, start))
         # Rows are numbered across the shards; the errors keep the shard's own row numbers.
@@ -311,39 +369,61 @@ def _read_shards(
 
 
 def _read_source(
-    source: str | os.PathLike, split: str, max_rows: int | None, trust_remote_code: bool
+    source: str | os.PathLike, split: str, max_rows: int | None, trust_remote_code: bool, hub: HubOptions | None = None,
 ) -> tuple[str, _Rows, list[DataValidationError], list[tuple[str, int]]]:
     """(name, rows, problems of rows that could not be parsed, shards): ``shards`` is empty
-    unless ``source`` is a folder of shards (see :data:`_Shards`)."""
+    unless ``source`` is a folder of shards or a glob (see :data:`_Shards`)."""
     name = os.fspath(source)
     path = Path(name).expanduser()
     if path.is_dir():
         if any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS):
             return name, _read_saved_dataset(path, name, split, max_rows), [], []
-        return name, *_read_shards(path, name, split, max_rows)
+        return name, *_read_shards(_shard_files(path, name, split), name, max_rows)
     if path.is_file():
         return name, *_read_file(path, name, max_rows), []
+    if not isinstance(source, os.PathLike) and glob.has_magic(name):
+        return name, *_read_shards(_glob_files(name), name, max_rows, in_folder=False)
     if isinstance(source, os.PathLike) or looks_like_path(name):
         raise FileNotFoundError(f"preference data not found: {name}")
+    return name, _read_hub(name, split, max_rows, trust_remote_code, hub or HubOptions()), [], []
+
+
+def _read_hub(name: str, split: str, max_rows: int | None, trust_remote_code: bool, hub: HubOptions) -> _Rows:
+    """A hub dataset's rows through ``datasets.load_dataset``; with ``max_rows``, streamed, so that
+    only the first rows are downloaded."""
     import datasets
 
     # Hub datasets are data only unless the caller explicitly trusts the repository's code.
-    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    kwargs = {**hub.load_kwargs(), **({"trust_remote_code": True} if trust_remote_code else {})}
     try:
-        dataset = datasets.load_dataset(name, split=split, **extra)
+        if max_rows is None:
+            return _dataset_rows(datasets.load_dataset(name, split=split, **kwargs), None)
+        stream = datasets.load_dataset(name, split=split, streaming=True, **kwargs)
+        records = list(stream.take(max_rows))
+        columns = list(stream.column_names or (records[0] if records else []))
+        return _table_rows(columns, records)
     except ConnectionError:
         raise HubUnreachableError(name, offline=bool(datasets.config.HF_HUB_OFFLINE)) from None
-    return name, _dataset_rows(dataset, max_rows), [], []
+    except (ValueError, FileNotFoundError) as e:
+        # datasets' words for a configuration, split, revision or file the dataset does not have
+        # (DatasetNotFoundError is a FileNotFoundError), one line.
+        raise DataValidationError(name + hub.describe(), None, None, _first_line(e)) from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def read_table(
     source: str | os.PathLike, split: str = "train", max_rows: int | None = None, trust_remote_code: bool = False,
-    column_map: Mapping[str, str] | None = None,
+    column_map: Mapping[str, str] | None = None, hub: HubOptions | None = None,
 ) -> tuple[str, pd.DataFrame, list[DataValidationError]]:
     """(name, frame, problems of rows that could not be parsed): any source the preference loader
-    reads (a file, a folder of shards, a saved dataset, a hub id), its columns renamed by
-    ``column_map``, not validated as preferences: for data of another kind (the hf task's texts)."""
-    name, rows, problems, _ = _read_source(source, split, max_rows, trust_remote_code)
+    reads (a file, a folder of shards, a glob, a saved dataset, a hub id with ``hub``'s options), its
+    columns renamed by ``column_map``, not validated as preferences: for data of another kind (the hf
+    task's texts)."""
+    name, rows, problems, _ = _read_source(source, split, max_rows, trust_remote_code, hub)
     return name, _apply_column_map(_rows_to_frame(rows), column_map, name), problems
 
 

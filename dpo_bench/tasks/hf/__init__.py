@@ -19,11 +19,11 @@ declared the ground truth (``judge_is_gold``, e.g. the paper's sentiment classif
 
 from .config import PREFERENCE_FORMATS, HFConfig
 from .prepare import (
-    DEFAULT_MAX_LENGTH, default_max_length, fitted_max_length, model_positions, path_fingerprint, positions_of, split_prompts,
+    DEFAULT_MAX_LENGTH, default_max_length, fitted_max_length, model_positions, positions_of, source_fingerprint, split_prompts,
 )
 from .task import HFTask
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "PREFERENCE_FORMATS", "HFConfig", "HFTask", "default_max_length", "fitted_max_length", "model_positions",
-    "path_fingerprint", "positions_of", "split_prompts",
+    "positions_of", "source_fingerprint", "split_prompts",
 ]

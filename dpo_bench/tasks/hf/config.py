@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from ...configs import ConfigError, field, positive
-from ...data import looks_like_path
+from ...data import HubOptions, local_source_exists, looks_like_path
 from ...judges import judge_entry_points, known_judges
 from ...policy import LoRASpec
 
@@ -23,8 +22,13 @@ class HFConfig:
     tokenizer: str = field("", "tokenizer hub id or directory; empty: the model's own")
     trust_remote_code: bool = field(False, "run custom code shipped with the model, tokenizer, judge or dataset (trusted repositories only)")
     safetensors_only: bool = field(True, "load weights from safetensors only; false also accepts pickled .bin weights (unpickling can run code)")
-    data: str = field("", "the data: a hub dataset id, a save_to_disk directory, a local .jsonl/.json/.parquet/.csv file or a folder of such shards")
+    data: str = field("", "the data: a hub dataset id, a save_to_disk directory, a local .jsonl/.json/.parquet/.csv file, a "
+                          "folder of such shards or a glob of them (data/train-*.jsonl; ** spans folders)")
     data_split: str = field("train", "split of a hub or saved dataset to read")
+    data_config: str = field("", "hub dataset: its configuration (load_dataset's name, e.g. 'en'); empty: its default")
+    data_revision: str = field("", "hub dataset: the branch, tag or commit to read; empty: the default branch")
+    data_files: tuple[str, ...] = field((), "hub dataset: read only these files or globs of the repository (load_dataset's "
+                                            "data_files); empty: what its configuration names")
     eval_split: str = field("", "split whose prompts are the eval prompts (e.g. test); empty: hold out eval_fraction of the prompts")
     data_format: Literal["auto", "standard", "implicit", "conversational", "implicit_conversational", "rankings", "text"] = field(
         "auto", "TRL format of the preference data (auto detects it), or text: plain texts whose token prefixes are the "
@@ -101,13 +105,19 @@ class HFConfig:
     def revision_or_none(self) -> str | None:
         return self.revision or None
 
+    @property
+    def hub_options(self) -> HubOptions:
+        """What ``datasets.load_dataset`` reads of a hub dataset."""
+        return HubOptions(self.data_config, self.data_revision, tuple(self.data_files))
+
     def downloads(self) -> list[tuple[str, str, str]]:
         """(what, name, where) for every model and dataset a run reads: ``hub`` or ``local``."""
         items = [("model", self.model, _where(self.model))]
         if self.tokenizer and self.tokenizer != self.model:
             items.append(("tokenizer", self.tokenizer, _where(self.tokenizer)))
         split = f" (splits {self.data_split}" + (f", {self.eval_split})" if self.eval_split else ")")
-        items.append(("dataset", self.data + split, _where(self.data)))
+        hub = self.hub_options.describe() if _where(self.data) == "hub" else ""
+        items.append(("dataset", self.data + hub + split, _where(self.data)))
         if self.judge == "classifier":
             items.append(("judge", self.judge_model, _where(self.judge_model)))
         return items
@@ -117,10 +127,10 @@ class HFConfig:
         a path-shaped name is never a hub id, so it is a missing file, not a download."""
         names = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "judge_model": self.judge_model}
         return [(key, name) for key, name in names.items()
-                if name and looks_like_path(name) and not Path(name).expanduser().exists()]
+                if name and looks_like_path(name) and not local_source_exists(name)]
 
 
 def _where(name: str) -> str:
-    return "local" if name and Path(name).expanduser().exists() else "hub"
+    return "local" if local_source_exists(name) else "hub"
 
 

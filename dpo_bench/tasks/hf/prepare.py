@@ -13,7 +13,7 @@ import pandas as pd
 
 from ...configs import ConfigError
 from ...data import (
-    CHAT_FORMATS, DataValidationError, check_lengths, load_preferences, read_table, render_conversational,
+    CHAT_FORMATS, DataValidationError, check_lengths, glob_matches, load_preferences, read_table, render_conversational,
     unreachable,
 )
 from ...files import write_json
@@ -28,6 +28,7 @@ def prepare_preferences(config: HFConfig, tokenizer: Any, workdir: Path) -> dict
         data = load_preferences(
             config.data, split=split, column_map=config.column_map or None, on_bad_rows=config.on_bad_rows,
             format=fmt, max_rows=config.max_rows or None, trust_remote_code=config.trust_remote_code,
+            hub=config.hub_options,
         )
         data = check_lengths(data, tokenizer, config.max_length, on_bad_rows=config.on_bad_rows)
         frame = render_conversational(data, tokenizer) if data.format in CHAT_FORMATS else data.frame
@@ -42,8 +43,9 @@ def prepare_preferences(config: HFConfig, tokenizer: Any, workdir: Path) -> dict
     problems = [str(p) for p in data.problems]
     fingerprints = {"data": data.fingerprint}
     if config.eval_split:
-        if Path(config.data).expanduser().is_file():
-            raise ValueError(f"eval_split: {config.data} is a single file with no splits; use eval_fraction instead")
+        if Path(config.data).expanduser().is_file() or glob_matches(config.data):
+            what = "a single file" if Path(config.data).expanduser().is_file() else "a glob of files"
+            raise ValueError(f"eval_split: {config.data} is {what} with no splits; use eval_fraction instead")
         eval_data, eval_frame = load(config.eval_split)
         fingerprints["eval_data"] = eval_data.fingerprint
         problems += [str(p) for p in eval_data.problems]
@@ -102,7 +104,7 @@ def _read_texts(config: HFConfig, split: str) -> list[str]:
     """The distinct non-empty strings of the data's ``text`` column (after column_map)."""
     # The preference loader's readers: the same file types, hub access and error messages.
     name, frame, problems = read_table(config.data, split, config.max_rows or None, config.trust_remote_code,
-                                       config.column_map or None)
+                                       config.column_map or None, config.hub_options)
     if problems and config.on_bad_rows == "error":
         raise problems[0]
     if "text" not in frame.columns:
@@ -207,6 +209,21 @@ def check_positions(config: HFConfig, info: dict, limit: int | None) -> None:
     if need > limit:
         raise ConfigError(f"hf.max_new_tokens: the longest prompt ({info['longest_prompt_tokens']} tokens) + "
                           f"max_new_tokens ({config.max_new_tokens}) exceed the model's {limit} positions")
+
+
+def source_fingerprint(name: str) -> str | None:
+    """:func:`path_fingerprint` of a local file or folder; of a glob, its matches' paths and contents;
+    None for a name that is neither (a hub id)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path_fingerprint(path)
+    files = glob_matches(name)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for file in files:
+        h.update(f"{file}\x00{path_fingerprint(file)}\n".encode())
+    return h.hexdigest()
 
 
 def path_fingerprint(path: Path) -> str:

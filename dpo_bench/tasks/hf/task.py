@@ -22,8 +22,8 @@ from ...policy import (
 from ..base import Task, register_task
 from .config import HFConfig
 from .prepare import (
-    DEFAULT_MAX_LENGTH, check_positions, fitted_max_length, model_positions, path_fingerprint, prepare_preferences,
-    prepare_texts, write_compact_json,
+    DEFAULT_MAX_LENGTH, check_positions, fitted_max_length, model_positions, prepare_preferences,
+    prepare_texts, source_fingerprint, write_compact_json,
 )
 
 
@@ -59,7 +59,8 @@ class HFTask(Task):
     @classmethod
     def source_fingerprint(cls, config: HFConfig) -> dict[str, str]:
         names = {"model": config.model, "tokenizer": config.tokenizer, "data": config.data, "judge_model": config.judge_model}
-        return {k: path_fingerprint(Path(v).expanduser()) for k, v in names.items() if v and Path(v).expanduser().exists()}
+        fingerprints = {k: source_fingerprint(v) for k, v in names.items() if v}
+        return {k: v for k, v in fingerprints.items() if v is not None}
 
     @classmethod
     def summary(cls, config: HFConfig, workdir: Path) -> dict:
